@@ -1,0 +1,1 @@
+"""The data stage: download, extract, manifest, split, counts, and decoded image arrays."""

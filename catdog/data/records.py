@@ -1,0 +1,79 @@
+"""The manifest: every usable image once, with its class, content hash and split."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from catdog.hashing import sha256_json
+from catdog.io import atomic_write_json, read_json
+
+SPLITS = ("train", "validation", "test")
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    path: str  # relative to the manifest's root, POSIX separators
+    label: int  # index into Manifest.classes (classes are sorted folder names)
+    class_name: str
+    sha256: str  # of the file's bytes
+    source_split: str | None  # the folder it came from (train/validation/test), None for a flat root
+    split: str | None = None  # assigned by the split stage
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str  # relative to the manifest's root
+    reason: str  # why it cannot be used, e.g. "truncated image", "duplicate of train/cats/a.jpg"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: str  # absolute path of the folder that holds the images
+    layout: str  # "train_validation", "train_validation_test" or "single_root"
+    classes: tuple[str, ...]
+    images: tuple[ImageEntry, ...]
+    skipped: tuple[SkippedFile, ...] = ()
+    split_settings: dict[str, Any] = field(default_factory=dict)  # seed and fractions, once split
+
+    def in_split(self, split: str) -> list[ImageEntry]:
+        return [image for image in self.images if image.split == split]
+
+    def paths(self, entries: Iterable[ImageEntry]) -> list[Path]:
+        root = Path(self.root)
+        return [root / entry.path for entry in entries]
+
+    def with_images(self, images: Iterable[ImageEntry], **changes: Any) -> Manifest:
+        return replace(self, images=tuple(images), **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["format"] = MANIFEST_FORMAT
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        return cls(
+            root=data["root"],
+            layout=data["layout"],
+            classes=tuple(data["classes"]),
+            images=tuple(ImageEntry(**entry) for entry in data["images"]),
+            skipped=tuple(SkippedFile(**entry) for entry in data.get("skipped", ())),
+            split_settings=dict(data.get("split_settings", {})),
+        )
+
+    def content_hash(self) -> str:
+        """Identity of the manifest's content, independent of where the images are stored."""
+        data = self.to_json()
+        del data["root"]
+        return sha256_json(data)
+
+    def save(self, path: Path) -> Path:
+        return atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        return cls.from_json(read_json(path))

@@ -1,0 +1,41 @@
+"""Errors a user can act on. Each message names the input and what was wrong with it."""
+
+
+class CatdogError(Exception):
+    """Base class for problems caused by the input or environment, not by a bug."""
+
+
+class DataError(CatdogError):
+    """The dataset (archive, folder or images) cannot be used as given."""
+
+
+class ArchiveError(DataError):
+    """An archive is corrupt, hostile (path traversal, links, zip bomb) or not an archive."""
+
+
+class DownloadError(CatdogError):
+    """A download failed. `transient` says whether trying again may help."""
+
+    transient: bool = False
+
+
+class TransientDownloadError(DownloadError):
+    """A failure that may go away on retry: timeouts, dropped connections, HTTP 5xx and 429."""
+
+    transient = True
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentDownloadError(DownloadError):
+    """A failure that retrying will not fix: 404, 403, a checksum mismatch, a non-zip body."""
+
+
+class WeightsError(CatdogError):
+    """Pretrained weights could not be found, downloaded or loaded."""
+
+
+class ModelError(CatdogError):
+    """An unknown model name or a model file that cannot be loaded."""

@@ -1,0 +1,157 @@
+"""Content hashes for files, folders, JSON-able values and the library's own source code."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+import os
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from catdog.io import atomic_write_json
+
+_CHUNK = 1 << 20
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """Hash a JSON-able value independently of dict ordering."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return sha256_bytes(text.encode("utf-8"))
+
+
+def _sha256_file_uncached(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class HashMemo:
+    """Remembers file hashes by (path, size, mtime) so that unchanged files are hashed once.
+
+    Persisted as JSON when `store` is given, so a fully cached rerun does not re-read gigabytes.
+    """
+
+    def __init__(self, store: Path | None = None) -> None:
+        self._store = Path(store) if store else None
+        self._lock = threading.Lock()
+        self._entries: dict[str, list[Any]] = {}
+        self._dirty = False
+        if self._store and self._store.is_file():
+            try:
+                self._entries = json.loads(self._store.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self._entries = {}
+
+    def sha256(self, path: Path) -> str:
+        path = Path(path).resolve()
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        key = str(path)
+        with self._lock:
+            known = self._entries.get(key)
+        if known and known[:2] == stamp:
+            return str(known[2])
+        digest = _sha256_file_uncached(path)
+        with self._lock:
+            self._entries[key] = [*stamp, digest]
+            self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self._store and self._dirty:
+            with self._lock:
+                atomic_write_json(self._store, self._entries)
+                self._dirty = False
+
+
+_default_memo = HashMemo()
+
+
+def sha256_file(path: Path, memo: HashMemo | None = None) -> str:
+    """SHA-256 of a file's bytes (memoised by path, size and modification time)."""
+    return (memo or _default_memo).sha256(path)
+
+
+def folder_fingerprint(root: Path) -> str:
+    """A cheap fingerprint of a folder tree: every file's relative path, size and mtime.
+
+    Used to notice that a user's image folder changed without reading every image.
+    """
+    root = Path(root)
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            stat = full.stat()
+            rows.append([full.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
+    return sha256_json(rows)
+
+
+def _module_source_path(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _catdog_imports(source: str, module: str) -> set[str]:
+    """The `catdog` modules a source file imports, resolved to module names."""
+    found: set[str] = set()
+    package = module.rsplit(".", 1)[0] if "." in module else module
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "catdog")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            if base.split(".")[0] != "catdog":
+                continue
+            found.add(base)
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                if importlib.util.find_spec(base) and _safe_find(candidate):
+                    found.add(candidate)
+    return found
+
+
+def _safe_find(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@lru_cache(maxsize=None)
+def code_fingerprint(*modules: str) -> str:
+    """Hash the source of `modules` and of every `catdog` module they import, transitively.
+
+    Editing a library function therefore invalidates exactly the pipeline stages whose code
+    reaches it, without importing anything (TensorFlow stays unloaded on a cached run).
+    """
+    seen: dict[str, str] = {}
+    pending = list(modules)
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        path = _module_source_path(name)
+        if path is None:
+            seen[name] = ""
+            continue
+        source = path.read_text(encoding="utf-8")
+        seen[name] = sha256_bytes(source.encode("utf-8"))
+        pending.extend(_catdog_imports(source, name) - seen.keys())
+    return sha256_json(sorted(seen.items()))
