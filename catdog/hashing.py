@@ -8,7 +8,7 @@ import importlib.util
 import json
 import os
 import threading
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ def _safe_find(module: str) -> bool:
         return False
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_fingerprint(*modules: str) -> str:
     """Hash the source of `modules` and of every `catdog` module they import, transitively.
 

@@ -20,7 +20,7 @@ class ImageEntry:
     label: int  # index into Manifest.classes (classes are sorted folder names)
     class_name: str
     sha256: str  # of the file's bytes
-    source_split: str | None  # the folder it came from (train/validation/test), None for a flat root
+    source_split: str | None  # train/validation/test folder it came from; None if flat
     split: str | None = None  # assigned by the split stage
 
 

@@ -1,0 +1,41 @@
+"""What a person looks at first: a few images per class and what augmentation does to one."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from catdog.data.images import load_image
+from catdog.data.records import Manifest
+
+
+def pick_samples(
+    manifest: Manifest, *, per_class: int, seed: int, size: int, split: str = "train"
+) -> dict[str, list[np.ndarray]]:
+    """`per_class` images of each class from `split`, chosen reproducibly for `seed`."""
+    chosen: dict[str, list[np.ndarray]] = {}
+    entries = manifest.in_split(split)
+    for label, name in enumerate(manifest.classes):
+        of_class = [entry for entry in entries if entry.label == label]
+        of_class.sort(key=lambda e: hashlib.sha256(f"{seed}:{e.sha256}".encode()).hexdigest())
+        paths = manifest.paths(of_class[:per_class])
+        chosen[name] = [load_image(path, size) for path in paths]
+    return chosen
+
+
+def augmentation_views(image: np.ndarray, *, draws: int, seed: int) -> list[np.ndarray]:
+    """`draws` outputs of the models' RandomFlip("horizontal") + RandomRotation(0.2)."""
+    import keras
+
+    import catdog.tf_setup  # noqa: F401
+
+    augment = keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.2, seed=seed + 1),
+        ]
+    )
+    batch = np.repeat(image[None].astype("float32"), draws, axis=0)
+    views = np.asarray(augment(batch, training=True))
+    return [np.clip(view, 0, 255).astype(np.uint8) for view in views]

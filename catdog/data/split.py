@@ -1,0 +1,200 @@
+"""Assign every manifest image to train, validation or test, deterministically per seed."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+from catdog.data.records import SPLITS, ImageEntry, Manifest
+from catdog.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def _order_key(seed: int, entry: ImageEntry) -> str:
+    # A per-file hash instead of a shuffled RNG: the order depends only on the seed and the
+    # file itself, not on how many files came before it or on the entries' order, so adding
+    # one image does not reshuffle all the others.
+    return hashlib.sha256(f"{seed}:{entry.sha256}:{entry.path}".encode()).hexdigest()
+
+
+def _round_half_up(value: float) -> int:
+    # Python's round() rounds halves to even (round(2.5) == 2), which surprises people
+    # checking split sizes by hand.
+    return math.floor(value + 0.5)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be between 0 and 1 (exclusive), got {value}")
+
+
+def _split_flat(
+    class_name: str, ordered: Sequence[ImageEntry], fractions: tuple[float, float, float]
+) -> dict[str, list[ImageEntry]]:
+    n = len(ordered)
+    if n < len(SPLITS):
+        raise DataError(
+            f"class {class_name!r} has {n} usable image(s); a folder without train/ and "
+            f"validation/ needs at least {len(SPLITS)} per class to put one in each of "
+            f"{', '.join(SPLITS)}"
+        )
+    _, f_val, f_test = fractions
+    # At least one image per split (and per class), so every split can be evaluated; the
+    # remaining images go to train.
+    n_test = max(1, _round_half_up(n * f_test))
+    n_val = max(1, _round_half_up(n * f_val))
+    while n - n_test - n_val < 1:
+        if n_val >= n_test:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return {
+        "test": list(ordered[:n_test]),
+        "validation": list(ordered[n_test : n_test + n_val]),
+        "train": list(ordered[n_test + n_val :]),
+    }
+
+
+def _split_validation(
+    class_name: str, ordered: Sequence[ImageEntry], test_fraction: float
+) -> tuple[list[ImageEntry], list[ImageEntry]]:
+    """Hold out part of one class's validation images as test: (validation, test)."""
+    n = len(ordered)
+    if n < 2:
+        raise DataError(
+            f"class {class_name!r} has {n} usable image(s) in validation/; at least 2 are "
+            "needed to hold out a test set and keep a validation set"
+        )
+    # Small classes still get one test and one validation image rather than an empty split.
+    n_test = min(n - 1, max(1, _round_half_up(n * test_fraction)))
+    return list(ordered[n_test:]), list(ordered[:n_test])
+
+
+def split_manifest(
+    manifest: Manifest,
+    *,
+    seed: int,
+    test_fraction: float = 0.2,
+    flat_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    max_images_per_class: int | None = None,
+) -> Manifest:
+    """Assign each image a split, deterministically for a given seed and manifest content.
+
+    Each class's files are ordered by `sha256(f"{seed}:{sha256}:{path}")`, so the result does
+    not depend on the entries' order or on where the dataset is stored. Layouts:
+
+    - "train_validation": train/ is train; per class, `round(n * test_fraction)` of the
+      validation/ files (at least 1, and leaving at least 1) go to test, the rest stay in
+      validation.
+    - "train_validation_test": the folders' splits are kept as they are.
+    - "single_root": per class, `flat_fractions` (train, validation, test) with at least one
+      image in every split; test and validation sizes are rounded, train takes the rest.
+
+    Args:
+        manifest: Manifest from `build_manifest`; existing `split` values are recomputed.
+        seed: Seed of the ordering.
+        test_fraction: Share of each class's validation/ files held out as test.
+        flat_fractions: Train, validation and test shares for a single-root dataset.
+        max_images_per_class: Keep at most this many images per split and class (the first
+            in the seeded order); the rest are dropped from the manifest. None keeps all.
+
+    Returns:
+        A manifest whose images all have `split` set, sorted by path, with `split_settings`.
+
+    Raises:
+        ValueError: A fraction is outside (0, 1), the flat fractions do not sum to 1, or the
+            cap is below 1.
+        DataError: A class has no usable images in a split: it has no images at all, too few
+            to fill every split, or a split folder's copy of it is empty after skipping.
+    """
+    _check_fraction("test_fraction", test_fraction)
+    if len(flat_fractions) != 3:
+        raise ValueError(f"flat_fractions needs 3 values (train, val, test), got {flat_fractions}")
+    fractions = (float(flat_fractions[0]), float(flat_fractions[1]), float(flat_fractions[2]))
+    for name, value in zip(SPLITS, fractions, strict=True):
+        _check_fraction(f"flat_fractions[{name}]", value)
+    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"flat_fractions must sum to 1, got {flat_fractions}")
+    if max_images_per_class is not None and max_images_per_class < 1:
+        raise ValueError(f"max_images_per_class must be at least 1, got {max_images_per_class}")
+
+    by_source: dict[tuple[str | None, str], list[ImageEntry]] = defaultdict(list)
+    for entry in manifest.images:
+        by_source[(entry.source_split, entry.class_name)].append(entry)
+    for group in by_source.values():
+        group.sort(key=lambda entry: _order_key(seed, entry))
+
+    assigned: dict[tuple[str, str], list[ImageEntry]] = {}
+    placed = 0
+    for class_name in manifest.classes:
+        if manifest.layout == "single_root":
+            parts = _split_flat(class_name, by_source[(None, class_name)], fractions)
+        elif manifest.layout == "train_validation":
+            validation, test = _split_validation(
+                class_name, by_source[("validation", class_name)], test_fraction
+            )
+            parts = {
+                "train": by_source[("train", class_name)],
+                "validation": validation,
+                "test": test,
+            }
+        elif manifest.layout == "train_validation_test":
+            parts = {split: by_source[(split, class_name)] for split in SPLITS}
+        else:
+            raise DataError(
+                f"manifest of {manifest.root} has an unknown layout {manifest.layout!r}"
+            )
+        for split in SPLITS:
+            entries = parts[split]
+            # Every class must be present in every split: a model never trained on a class,
+            # or a metric computed without it, is silently wrong rather than merely noisy.
+            if not entries:
+                raise DataError(
+                    f"class {class_name!r} has no usable images in the {split} split of "
+                    f"{manifest.root} (all missing, skipped or duplicates); add images or "
+                    "remove the class"
+                )
+            placed += len(entries)
+            if max_images_per_class is not None:
+                entries = entries[:max_images_per_class]
+            assigned[(split, class_name)] = entries
+
+    if placed != len(manifest.images):
+        # Entries whose class or source folder does not fit the layout would vanish silently.
+        raise DataError(
+            f"manifest of {manifest.root} is inconsistent: {len(manifest.images) - placed} "
+            f"image(s) have a class or source split that does not match layout {manifest.layout!r}"
+        )
+
+    images = sorted(
+        (
+            ImageEntry(
+                path=entry.path,
+                label=entry.label,
+                class_name=entry.class_name,
+                sha256=entry.sha256,
+                source_split=entry.source_split,
+                split=split,
+            )
+            for (split, _), entries in assigned.items()
+            for entry in entries
+        ),
+        key=lambda entry: entry.path,
+    )
+    settings = {
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "flat_fractions": list(fractions),
+        "max_images_per_class": max_images_per_class,
+    }
+    logger.info(
+        "split %d images (seed %d): %s",
+        len(images),
+        seed,
+        ", ".join(f"{s} {sum(1 for i in images if i.split == s)}" for s in SPLITS),
+    )
+    return manifest.with_images(images, split_settings=settings)

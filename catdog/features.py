@@ -1,0 +1,96 @@
+"""Frozen-base features, computed once per (images, weights, size) and reused by every epoch."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import catdog.tf_setup  # noqa: F401  (must precede TensorFlow)
+
+logger = logging.getLogger(__name__)
+
+FEATURE_FILES = ("train", "y_train", "val", "y_val")
+
+
+@dataclass
+class FeatureSet:
+    train: np.ndarray  # float32 (views, n_train, dim): view 0 plain, 1 flipped, 2+ augmented
+    y_train: np.ndarray  # int32 (n_train,)
+    val: np.ndarray  # float32 (n_val, dim)
+    y_val: np.ndarray  # int32 (n_val,)
+    num_classes: int
+
+    @property
+    def dim(self) -> int:
+        return int(self.train.shape[-1])
+
+    def save(self, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name in FEATURE_FILES:
+            path = folder / f"{name}.npy"
+            np.save(path, getattr(self, name))
+            paths.append(path)
+        return paths
+
+    @classmethod
+    def load(cls, folder: Path, num_classes: int) -> FeatureSet:
+        arrays = {name: np.load(folder / f"{name}.npy") for name in FEATURE_FILES}
+        return cls(num_classes=num_classes, **arrays)
+
+
+def extract_features(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    num_classes: int,
+    weights: str | None,
+    views: int,
+    seed: int,
+    batch_size: int = 64,
+) -> FeatureSet:
+    """Pooled features of the frozen MobileNetV2 base for train views and validation images.
+
+    View 0 is the image as is, view 1 its mirror image, further views are draws of the
+    model's own augmentation (RandomFlip + RandomRotation), so the head is trained on what
+    the frozen base would have seen through the augmentation layers.
+    """
+    import keras
+
+    from catdog import models
+
+    keras.utils.set_random_seed(seed)
+    model = models.build_model("model4", x_train.shape[1:], num_classes, weights=weights, seed=seed)
+    extractor = models.feature_extractor(model)
+    augment = models.get_augmentation(model)
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        return np.asarray(extractor.predict(images, batch_size=batch_size, verbose=0))
+
+    stacks = []
+    for view in range(max(1, views)):
+        images = x_train.astype(np.float32)
+        if view == 1:
+            images = images[:, :, ::-1, :]
+        elif view >= 2:
+            images = np.concatenate(
+                [
+                    np.asarray(augment(images[i : i + batch_size], training=True))
+                    for i in range(0, len(images), batch_size)
+                ]
+            )
+        stacks.append(embed(images))
+        logger.info("features: train view %d of %d done", view + 1, views)
+    val = embed(x_val.astype(np.float32))
+    return FeatureSet(
+        train=np.stack(stacks).astype(np.float32),
+        y_train=np.asarray(y_train, dtype=np.int32),
+        val=val.astype(np.float32),
+        y_val=np.asarray(y_val, dtype=np.int32),
+        num_classes=num_classes,
+    )

@@ -1,0 +1,588 @@
+"""The assignment's four models, one small builder each, and a registry to build them by name.
+
+model1 is the blog's CNN, model2 adds augmentation, model3 adds MobileNetV2's input scaling in
+front of model2, and model4 is the TensorFlow transfer-learning tutorial: a frozen ImageNet
+MobileNetV2 with a new classification head. model4_finetune has model4's architecture; the
+caller trains it as model4 first and then calls `unfreeze_top` to fine-tune the top of the base.
+
+Every model takes float32 pixel values in 0..255 and outputs logits, and every model saves to
+and loads from the `.keras` format in safe mode: no Lambda layers, only built-in layers.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before TensorFlow is first imported, which happens through keras below.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from catdog.errors import ModelError, WeightsError
+
+BASE_LAYER_NAME = "mobilenetv2_base"  # the MobileNetV2 sub-model inside model4
+PREPROCESS_LAYER_NAME = "preprocess"  # scales 0..255 to -1..1, as mobilenet_v2.preprocess_input
+AUGMENTATION_LAYER_NAME = "augmentation"  # the Sequential of random flip and rotation
+HEAD_LAYER_NAME = "head"  # the final Dense layer that outputs logits
+
+# Where Keras itself downloads MobileNetV2's weights from (keras.applications.mobilenet_v2).
+IMAGENET_WEIGHTS_BASE_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+)
+# Sizes for which Keras publishes MobileNetV2 weights; other sizes use the 224 file, as Keras.
+_IMAGENET_SIZES = (96, 128, 160, 192, 224)
+# Seconds a single connect or read of the weights download may stall. urllib has no timeout
+# of its own, so without this a network that drops packets silently would hang the build.
+DOWNLOAD_TIMEOUT_S = 20.0
+_MIN_MOBILENET_SIZE = 32  # MobileNetV2 refuses smaller inputs
+
+# Models built around a pretrained MobileNetV2 that stays (at least partly) frozen.
+_FROZEN_BASE_MODELS = frozenset({"model4", "model4_finetune"})
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+
+def resolve_weights(weights: str | os.PathLike[str] | None) -> str | None:
+    """Normalise a weights choice for model4.
+
+    Args:
+        weights: None or "none" for random initialisation, "imagenet" for Keras's ImageNet
+            weights (downloaded on first use), or the path of a local `.h5` weights file such
+            as `mobilenet_v2_1.0_224_no_top.h5`.
+
+    Returns:
+        None, "imagenet", or the path as an absolute string.
+
+    Raises:
+        WeightsError: `weights` names a file that does not exist or is not an `.h5` file.
+    """
+    if weights is None:
+        return None
+    text = os.fspath(weights)
+    if text.strip().lower() in {"", "none"}:
+        return None
+    if text.strip().lower() == "imagenet":
+        return "imagenet"
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file {text!r} does not exist or is not a file")
+    # Keras loads a no-top MobileNetV2 from the legacy HDF5 format only; say so up front
+    # rather than letting load_weights fail with a format error deep inside Keras.
+    if path.suffix.lower() != ".h5":
+        raise WeightsError(
+            f"weights file {text!r} is not an .h5 file; expected e.g. "
+            "mobilenet_v2_1.0_224_no_top.h5"
+        )
+    return str(path.resolve())
+
+
+def imagenet_weights_filename(image_size: int) -> str:
+    """The Keras file name of the no-top MobileNetV2 (alpha 1.0) weights for `image_size`."""
+    rows = image_size if image_size in _IMAGENET_SIZES else 224
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"
+
+
+@contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    # The default timeout is process-wide; only set it when nobody else chose one, and put
+    # it back afterwards so the rest of the program keeps its own behaviour.
+    previous = socket.getdefaulttimeout()
+    if previous is None:
+        socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        if previous is None:
+            socket.setdefaulttimeout(None)
+
+
+def fetch_imagenet_weights(
+    image_size: int,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    base_url: str = IMAGENET_WEIGHTS_BASE_URL,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+) -> str:
+    """Return a local path to Keras's ImageNet MobileNetV2 no-top weights, downloading once.
+
+    The file is looked up in (and downloaded to) Keras's cache, `~/.keras/models` or
+    `$KERAS_HOME/models`, exactly where `MobileNetV2(weights="imagenet")` would put it.
+
+    Args:
+        image_size: Input height (= width); picks the weights file as Keras does.
+        cache_dir: Cache folder instead of Keras's (tests).
+        base_url: Folder URL the file is downloaded from.
+        timeout: Seconds a connect or read may stall before the download fails.
+
+    Returns:
+        The path of the weights file.
+
+    Raises:
+        WeightsError: The file is not cached and could not be downloaded.
+    """
+    fname = imagenet_weights_filename(image_size)
+    try:
+        with _socket_timeout(timeout):
+            return keras.utils.get_file(
+                fname,
+                base_url + fname,
+                cache_subdir="models",
+                cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+            )
+    except Exception as exc:  # Keras wraps URLError/HTTPError in a bare Exception
+        raise WeightsError(
+            f"could not download the ImageNet MobileNetV2 weights ({_download_reason(exc)}); "
+            "pass a local file with --weights PATH or CATDOG_WEIGHTS, "
+            "e.g. mobilenet_v2_1.0_224_no_top.h5"
+        ) from exc
+
+
+def _download_reason(exc: BaseException) -> str:
+    # Keras's message is "URL fetch failure on <url>: <errno> -- <reason>"; the URL and errno
+    # add nothing for the user, the reason ("Name or service not known", "timed out") does.
+    # For an HTTP error <errno> is the status code, worth keeping: "HTTP 404 Not Found".
+    text = str(exc) or type(exc).__name__
+    if " -- " in text:
+        head, text = text.split(" -- ", 1)
+        code = head.rsplit(": ", 1)[-1].strip()
+        if code.isdigit():
+            text = f"HTTP {code} {text}"
+    return " ".join(text.split())  # one line, whatever the underlying error looked like
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+
+def _sub_seed(seed: int | None, offset: int) -> int | None:
+    # Distinct seeds per random layer so the flip and the rotation don't draw the same stream.
+    return None if seed is None else seed + offset
+
+
+def make_augmentation(seed: int | None = None) -> keras.Sequential:
+    """The blog's data augmentation: random horizontal flip, then rotation by up to ±20%·2π.
+
+    Active only when the model is called with `training=True` (fit); identity in predict.
+
+    Args:
+        seed: Seed of the random layers; None draws a fresh one.
+
+    Returns:
+        A Sequential named "augmentation".
+    """
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=_sub_seed(seed, 0), name="random_flip"),
+            keras.layers.RandomRotation(0.2, seed=_sub_seed(seed, 1), name="random_rotation"),
+        ],
+        name=AUGMENTATION_LAYER_NAME,
+    )
+
+
+def _preprocess() -> keras.layers.Layer:
+    # Same arithmetic as keras.applications.mobilenet_v2.preprocess_input (x / 127.5 - 1), but
+    # as a built-in layer so the model saves and loads in safe mode, which a Lambda does not.
+    return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name=PREPROCESS_LAYER_NAME)
+
+
+def _cnn_layers(num_classes: int, seed: int | None) -> list[keras.layers.Layer]:
+    # The blog's CNN, layer for layer; names only make summaries and saved files readable.
+    return [
+        keras.layers.Conv2D(32, 3, activation="relu", name="conv1"),
+        keras.layers.MaxPooling2D(name="pool1"),
+        keras.layers.Conv2D(32, 3, activation="relu", name="conv2"),
+        keras.layers.MaxPooling2D(name="pool2"),
+        keras.layers.Conv2D(64, 3, activation="relu", name="conv3"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(64, activation="relu", name="dense1"),
+        keras.layers.Dense(64, activation="relu", name="dense2"),
+        keras.layers.Dropout(0.5, seed=_sub_seed(seed, 2), name="dropout"),
+        keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME),  # logits
+    ]
+
+
+def _input(input_shape: tuple[int, int, int]) -> keras.KerasTensor:
+    return keras.Input(shape=tuple(input_shape), dtype="float32", name="image")
+
+
+# --- the models ------------------------------------------------------------------------------
+
+
+def make_model1(
+    input_shape: tuple[int, int, int], num_classes: int, *, seed: int | None = None, **_: Any
+) -> keras.Model:
+    """The blog's CNN on raw 0..255 pixels (the blog does not rescale; neither do we).
+
+    Args:
+        input_shape: (height, width, channels).
+        num_classes: Number of output logits.
+        seed: Seed of the dropout layer.
+        **_: Ignored, so every builder takes the registry's keyword arguments.
+
+    Returns:
+        A Sequential named "model1".
+    """
+    return keras.Sequential([_input(input_shape), *_cnn_layers(num_classes, seed)], name="model1")
+
+
+def make_model2(
+    input_shape: tuple[int, int, int], num_classes: int, *, seed: int | None = None, **_: Any
+) -> keras.Model:
+    """model1 with random flip and rotation in front, active only while training.
+
+    Args:
+        input_shape: (height, width, channels).
+        num_classes: Number of output logits.
+        seed: Seed of the augmentation and dropout layers.
+        **_: Ignored, so every builder takes the registry's keyword arguments.
+
+    Returns:
+        A Sequential named "model2".
+    """
+    return keras.Sequential(
+        [_input(input_shape), make_augmentation(seed), *_cnn_layers(num_classes, seed)],
+        name="model2",
+    )
+
+
+def make_model3(
+    input_shape: tuple[int, int, int], num_classes: int, *, seed: int | None = None, **_: Any
+) -> keras.Model:
+    """model2 with MobileNetV2's input scaling (0..255 to -1..1) first.
+
+    Args:
+        input_shape: (height, width, channels).
+        num_classes: Number of output logits.
+        seed: Seed of the augmentation and dropout layers.
+        **_: Ignored, so every builder takes the registry's keyword arguments.
+
+    Returns:
+        A Sequential named "model3".
+    """
+    return keras.Sequential(
+        [
+            _input(input_shape),
+            _preprocess(),
+            make_augmentation(seed),
+            *_cnn_layers(num_classes, seed),
+        ],
+        name="model3",
+    )
+
+
+def _check_mobilenet_shape(input_shape: tuple[int, int, int]) -> None:
+    height, width, channels = input_shape
+    if channels != 3 or min(height, width) < _MIN_MOBILENET_SIZE:
+        raise ModelError(
+            f"model4 needs RGB images of at least {_MIN_MOBILENET_SIZE}x{_MIN_MOBILENET_SIZE} "
+            f"(MobileNetV2); got input shape {tuple(input_shape)}"
+        )
+
+
+def _mobilenet_base(input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+    weights = resolve_weights(weights)
+    if weights == "imagenet":
+        weights = fetch_imagenet_weights(input_shape[0] if input_shape[0] == input_shape[1] else 0)
+    # Built without weights and loaded afterwards, so that an error in the weights file is
+    # reported as a WeightsError and an error in the shape is not mistaken for one.
+    base = keras.applications.MobileNetV2(
+        input_shape=tuple(input_shape), include_top=False, weights=None, name=BASE_LAYER_NAME
+    )
+    if weights is not None:
+        try:
+            base.load_weights(weights)
+        except Exception as exc:
+            raise WeightsError(
+                f"could not load MobileNetV2 weights from {weights!r}: "
+                f"{' '.join(str(exc).split())[:300]}"
+            ) from exc
+    return base
+
+
+def make_model4(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    weights: str | None = "imagenet",
+    dropout: float = 0.2,
+    seed: int | None = None,
+    name: str = "model4",
+    **_: Any,
+) -> keras.Model:
+    """Transfer learning as in the TensorFlow tutorial: a frozen MobileNetV2 and a new head.
+
+    Input -> preprocess -> augmentation -> MobileNetV2 (frozen, inference mode) -> global
+    average pooling -> dropout -> Dense logits. Only the head's weights train.
+
+    Args:
+        input_shape: (height, width, 3), at least 32x32.
+        num_classes: Number of output logits.
+        weights: None for random init, "imagenet", or a local `.h5` file (see
+            `resolve_weights`).
+        dropout: Dropout rate before the head.
+        seed: Seed of the augmentation and dropout layers.
+        name: The model's name.
+        **_: Ignored, so every builder takes the registry's keyword arguments.
+
+    Returns:
+        A functional model; its base is `get_base(model)`.
+
+    Raises:
+        WeightsError: The weights cannot be found, downloaded or loaded.
+        ModelError: The input shape is not one MobileNetV2 accepts.
+    """
+    input_shape = tuple(input_shape)
+    _check_mobilenet_shape(input_shape)
+    base = _mobilenet_base(input_shape, weights)
+    base.trainable = False
+
+    inputs = _input(input_shape)
+    x = _preprocess()(inputs)
+    x = make_augmentation(seed)(x)
+    # training=False keeps BatchNormalization in inference mode even after unfreeze_top, so
+    # fine-tuning does not wreck the ImageNet statistics (the tutorial's advice).
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, seed=_sub_seed(seed, 2), name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME)(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def make_model4_finetune(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    weights: str | None = "imagenet",
+    dropout: float = 0.2,
+    seed: int | None = None,
+    **_: Any,
+) -> keras.Model:
+    """model4's architecture under another name; train it as model4, then `unfreeze_top`.
+
+    Args:
+        input_shape: (height, width, 3), at least 32x32.
+        num_classes: Number of output logits.
+        weights: As `make_model4`.
+        dropout: Dropout rate before the head.
+        seed: Seed of the augmentation and dropout layers.
+        **_: Ignored, so every builder takes the registry's keyword arguments.
+
+    Returns:
+        A functional model named "model4_finetune", base frozen.
+    """
+    return make_model4(
+        input_shape,
+        num_classes,
+        weights=weights,
+        dropout=dropout,
+        seed=seed,
+        name="model4_finetune",
+    )
+
+
+def get_base(model: keras.Model) -> keras.Model:
+    """The MobileNetV2 sub-model of a model4 / model4_finetune model.
+
+    Raises:
+        ModelError: `model` has no MobileNetV2 base.
+    """
+    try:
+        return model.get_layer(BASE_LAYER_NAME)
+    except ValueError as exc:
+        raise ModelError(
+            f"model {model.name!r} has no {BASE_LAYER_NAME!r} layer; only model4 and "
+            "model4_finetune have a pretrained base"
+        ) from exc
+
+
+def get_augmentation(model: keras.Model) -> keras.Sequential:
+    """The "augmentation" Sequential of model2, model3, model4 or model4_finetune.
+
+    Call it with `training=True` to draw augmented images; it is the identity otherwise.
+
+    Raises:
+        ModelError: `model` has no augmentation (model1).
+    """
+    try:
+        return model.get_layer(AUGMENTATION_LAYER_NAME)
+    except ValueError as exc:
+        raise ModelError(f"model {model.name!r} has no {AUGMENTATION_LAYER_NAME!r} layer") from exc
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """A model mapping 0..255 images to model4's pooled base features (the head's input).
+
+    It shares layers (and weights) with `model`. In predict the augmentation inside is the
+    identity, so the features are those of the images as given. Because flip and rotation
+    (bilinear, reflect fill) commute with the affine preprocessing, augmenting raw images
+    with `get_augmentation(model)` before extracting matches what the model sees in fit.
+
+    Args:
+        model: A model4 / model4_finetune model.
+
+    Returns:
+        A functional model with output shape (batch, 1280) for MobileNetV2 alpha 1.0.
+
+    Raises:
+        ModelError: `model` has no MobileNetV2 base.
+    """
+    get_base(model)  # a clear error for models without a base
+    return keras.Model(model.inputs, model.get_layer("pool").output, name="feature_extractor")
+
+
+def make_head(
+    feature_dim: int, num_classes: int, *, dropout: float = 0.2, seed: int | None = None
+) -> keras.Model:
+    """model4's classification head alone, to train on cached base features.
+
+    Its layers carry model4's names ("dropout", "head"), so `transplant_head` can copy the
+    trained weights into a full model4.
+
+    Args:
+        feature_dim: Length of a feature vector (1280 for MobileNetV2).
+        num_classes: Number of output logits.
+        dropout: Dropout rate before the Dense layer, as model4's.
+        seed: Seed of the dropout layer.
+
+    Returns:
+        A functional model: features -> dropout -> logits.
+    """
+    inputs = keras.Input(shape=(feature_dim,), dtype="float32", name="features")
+    x = keras.layers.Dropout(dropout, seed=_sub_seed(seed, 2), name="dropout")(inputs)
+    outputs = keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME)(x)
+    return keras.Model(inputs, outputs, name="head_model")
+
+
+def transplant_head(head: keras.Model, model: keras.Model) -> None:
+    """Copy the Dense weights of a `make_head` model into model4's "head" layer.
+
+    Raises:
+        ModelError: Either model lacks a "head" layer or their shapes differ.
+    """
+    try:
+        source = head.get_layer(HEAD_LAYER_NAME)
+        target = model.get_layer(HEAD_LAYER_NAME)
+    except ValueError as exc:
+        raise ModelError(f"both models need a {HEAD_LAYER_NAME!r} layer: {exc}") from exc
+    weights = source.get_weights()
+    expected = [tuple(w.shape) for w in target.get_weights()]
+    if [tuple(w.shape) for w in weights] != expected:
+        raise ModelError(
+            f"head weights {[tuple(w.shape) for w in weights]} do not fit model "
+            f"{model.name!r}'s head {expected}"
+        )
+    target.set_weights(weights)
+
+
+def unfreeze_top(model: keras.Model, fine_tune_at: int = 100) -> None:
+    """Make the base's layers from index `fine_tune_at` on trainable, the rest frozen.
+
+    As the TensorFlow tutorial (whose base has 154 layers, counting the input layer). The base
+    stays called with training=False, so BatchNormalization keeps using its ImageNet moving
+    statistics. Compile the model again afterwards (usually with a smaller learning rate):
+    Keras fixes the trainable weights at compile time.
+
+    Args:
+        model: A model4 / model4_finetune model.
+        fine_tune_at: Index of the first base layer to train.
+
+    Raises:
+        ModelError: `model` has no base or `fine_tune_at` is out of range.
+    """
+    base = get_base(model)
+    if not 0 <= fine_tune_at <= len(base.layers):
+        raise ModelError(
+            f"fine_tune_at={fine_tune_at} is outside the base's 0..{len(base.layers)} layers"
+        )
+    base.trainable = True
+    for layer in base.layers[:fine_tune_at]:
+        layer.trainable = False
+
+
+# --- registry --------------------------------------------------------------------------------
+
+MODEL_BUILDERS: dict[str, Callable[..., keras.Model]] = {
+    "model1": make_model1,
+    "model2": make_model2,
+    "model3": make_model3,
+    "model4": make_model4,
+    "model4_finetune": make_model4_finetune,
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in MODEL_BUILDERS:
+        raise ModelError(f"unknown model {name!r}; choose from {', '.join(MODEL_BUILDERS)}")
+
+
+def build_model(
+    name: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    weights: str | None = None,
+    seed: int | None = None,
+    dropout: float = 0.2,
+) -> keras.Model:
+    """Build a registered model by name.
+
+    Args:
+        name: A key of `MODEL_BUILDERS`.
+        input_shape: (height, width, channels).
+        num_classes: Number of classes (at least 2).
+        weights: For model4 / model4_finetune: None, "imagenet" or a local `.h5` path.
+            Ignored by the other models.
+        seed: Seed of the random layers (augmentation, dropout).
+        dropout: model4's dropout rate before the head.
+
+    Returns:
+        The uncompiled model; see `compile_model`.
+
+    Raises:
+        ModelError: Unknown name, bad input shape or fewer than 2 classes.
+        WeightsError: model4's weights cannot be found, downloaded or loaded.
+    """
+    _check_name(name)
+    if len(tuple(input_shape)) != 3 or min(input_shape) < 1:
+        raise ModelError(f"input shape must be (height, width, channels); got {input_shape}")
+    if num_classes < 2:
+        raise ModelError(f"a classifier needs at least 2 classes; got {num_classes}")
+    return MODEL_BUILDERS[name](
+        tuple(input_shape), num_classes, weights=weights, seed=seed, dropout=dropout
+    )
+
+
+def needs_weights(name: str) -> bool:
+    """Whether model `name` is built on pretrained weights (so `weights` matters for it)."""
+    _check_name(name)
+    return name in _FROZEN_BASE_MODELS
+
+
+def uses_frozen_base(name: str) -> bool:
+    """Whether model `name` has a frozen MobileNetV2 base (model4, model4_finetune)."""
+    _check_name(name)
+    return name in _FROZEN_BASE_MODELS
+
+
+def compile_model(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
+    """Compile as the blog: Adam, sparse categorical cross-entropy on logits, accuracy.
+
+    Args:
+        model: Any model built here.
+        learning_rate: Adam's learning rate.
+
+    Returns:
+        The same model, compiled.
+    """
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model

@@ -1,0 +1,266 @@
+"""The report's figures. Each function returns a matplotlib Figure; `save_figure` writes it.
+
+Figures are built with the object-oriented API (`matplotlib.figure.Figure`), never pyplot:
+no GUI backend is needed, nothing is registered in pyplot's global figure list (so nothing
+leaks when many figures are drawn), and drawing from worker threads is safe.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+# Headless: a server or CI run has no display. Figures below don't touch pyplot, but a caller
+# that does gets a backend that works everywhere, unless it already chose one.
+if "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from catdog.io import atomic_write_bytes
+
+_PANEL_INCHES = 2.4  # width and height of one image panel
+_CURVE_SIZE = (11.0, 4.2)  # two side-by-side metric panels
+
+
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    # Model inputs are float32 0..255; imshow reads floats as 0..1, so convert explicitly.
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
+
+
+def _show(ax: Axes, image: np.ndarray, title: str) -> None:
+    array = _as_uint8(image)
+    ax.imshow(array, cmap="gray" if array.ndim == 2 else None, vmin=0, vmax=255)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def _grid(nrows: int, ncols: int) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(ncols * _PANEL_INCHES, nrows * _PANEL_INCHES), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 100) -> Path:
+    """Write `fig` atomically to `path` (format from the suffix, PNG if none) and close it.
+
+    Args:
+        fig: The figure; it is cleared afterwards and should not be reused.
+        path: Destination file; its folder is created if missing.
+        dpi: Resolution.
+
+    Returns:
+        `path`.
+    """
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
+    # A figure made through pyplot stays in pyplot's registry until closed; ours are not in
+    # it, and clearing frees their artists either way.
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(fig)
+    fig.clear()
+    return path
+
+
+def sample_grid(images_by_class: Mapping[str, Sequence[np.ndarray]], ncols: int = 3) -> Figure:
+    """A few training images per class, one row per class, each titled with its class.
+
+    Args:
+        images_by_class: Class name -> images (uint8 HxWx3); up to `ncols` are shown.
+        ncols: Images per row (the blog shows 3 cats over 3 dogs).
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: No classes given or ncols < 1.
+    """
+    if not images_by_class or ncols < 1:
+        raise ValueError("sample_grid needs at least one class and ncols >= 1")
+    fig, axes = _grid(len(images_by_class), ncols)
+    for row, (name, images) in enumerate(images_by_class.items()):
+        for col in range(ncols):
+            ax = axes[row, col]
+            if col < len(images):
+                _show(ax, images[col], name)
+            else:
+                ax.axis("off")  # a class with fewer images leaves a blank panel
+    return fig
+
+
+def augmentation_preview(image: np.ndarray, views: Sequence[np.ndarray]) -> Figure:
+    """An image next to random augmented versions of it.
+
+    Args:
+        image: The original (uint8 HxWx3).
+        views: Augmented draws of it (e.g. 6).
+
+    Returns:
+        The figure.
+    """
+    panels = [(image, "original")] + [(v, f"augmented {i + 1}") for i, v in enumerate(views)]
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = _grid(nrows, ncols)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (panel, title) in zip(axes.flat, panels, strict=False):
+        _show(ax, panel, title)
+    return fig
+
+
+def _epochs(values: Sequence[float]) -> list[int]:
+    return list(range(1, len(values) + 1))  # Keras counts epochs from 1 in its logs
+
+
+def training_curves(
+    history: Mapping[str, Sequence[float]], title: str, baseline: float | None = None
+) -> Figure:
+    """Training and validation accuracy and loss per epoch, as in the blog.
+
+    Args:
+        history: Keras `History.history`: "accuracy", "val_accuracy", "loss", "val_loss"
+            (missing keys are skipped).
+        title: Figure title, e.g. the model name.
+        baseline: Accuracy of always guessing the majority class, drawn dashed.
+
+    Returns:
+        The figure.
+    """
+    fig = Figure(figsize=_CURVE_SIZE, layout="constrained")
+    ax_acc, ax_loss = fig.subplots(1, 2)
+    for ax, metric, label in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Loss")):
+        for key, name in ((metric, "training"), (f"val_{metric}", "validation")):
+            values = history.get(key)
+            if values:
+                ax.plot(_epochs(values), values, marker="o", markersize=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label}")
+        ax.grid(alpha=0.3)
+    if baseline is not None:
+        ax_acc.axhline(baseline, linestyle="--", color="gray", label=f"baseline {baseline:.3f}")
+    for ax in (ax_acc, ax_loss):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(title)
+    return fig
+
+
+def compare_models(
+    histories: Mapping[str, Mapping[str, Sequence[float]]], baseline: float | None = None
+) -> Figure:
+    """Validation accuracy and loss of several models on one figure.
+
+    Args:
+        histories: Model name -> Keras `History.history`.
+        baseline: Majority-class accuracy, drawn dashed on the accuracy panel.
+
+    Returns:
+        The figure.
+    """
+    fig = Figure(figsize=_CURVE_SIZE, layout="constrained")
+    ax_acc, ax_loss = fig.subplots(1, 2)
+    for name, history in histories.items():
+        for ax, key in ((ax_acc, "val_accuracy"), (ax_loss, "val_loss")):
+            values = history.get(key)
+            if values:
+                ax.plot(_epochs(values), values, marker="o", markersize=3, label=name)
+    if baseline is not None:
+        ax_acc.axhline(baseline, linestyle="--", color="gray", label=f"baseline {baseline:.3f}")
+    for ax, label in ((ax_acc, "Validation accuracy"), (ax_loss, "Validation loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle("Model comparison")
+    return fig
+
+
+def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+    """A confusion matrix as a heat map with the count in each cell.
+
+    Args:
+        cm: Square counts, rows true, columns predicted.
+        class_names: Names in class-index order.
+        title: Figure title.
+
+    Returns:
+        The figure.
+    """
+    matrix = np.asarray(cm)
+    n = matrix.shape[0]
+    side = max(3.5, 0.6 * n + 2.0)  # grow with the class count so labels stay legible
+    fig = Figure(figsize=(side, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="Blues", vmin=0)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_xticks(range(n), labels=list(class_names), rotation=45, ha="right")
+    ax.set_yticks(range(n), labels=list(class_names))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    # White text on dark cells, black on light ones, so every count is readable.
+    threshold = matrix.max() / 2 if matrix.size and matrix.max() > 0 else 0
+    for (row, col), count in np.ndenumerate(matrix):
+        color = "white" if count > threshold and threshold > 0 else "black"
+        ax.text(col, row, f"{int(count)}", ha="center", va="center", color=color)
+    return fig
+
+
+def misclassified_grid(
+    images: Sequence[np.ndarray],
+    true_names: Sequence[str],
+    pred_names: Sequence[str],
+    probs: Sequence[float],
+    ncols: int = 4,
+) -> Figure:
+    """Misclassified images, each titled with its true class, the prediction and its probability.
+
+    Args:
+        images: The images (uint8 HxWx3).
+        true_names: True class name per image.
+        pred_names: Predicted class name per image.
+        probs: Probability the model gave its (wrong) prediction, per image.
+        ncols: Images per row.
+
+    Returns:
+        The figure; a short note instead of images when there are none (a perfect model).
+
+    Raises:
+        ValueError: The sequences differ in length.
+    """
+    if not len(images) == len(true_names) == len(pred_names) == len(probs):
+        raise ValueError("images, true_names, pred_names and probs must have the same length")
+    if not images:
+        fig = Figure(figsize=(4.0, 1.5), layout="constrained")
+        ax = fig.subplots()
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    ncols = max(1, min(ncols, len(images)))
+    fig, axes = _grid(math.ceil(len(images) / ncols), ncols)
+    for ax in axes.flat[len(images) :]:
+        ax.axis("off")
+    for ax, image, true, pred, prob in zip(
+        axes.flat, images, true_names, pred_names, probs, strict=False
+    ):
+        _show(ax, image, f"true: {true}\npred: {pred} ({float(prob):.2f})")
+    return fig

@@ -1,0 +1,116 @@
+"""The run report as Markdown, from the run's summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def leaderboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, model in sorted(
+        summary["models"].items(),
+        key=lambda item: -item[1]["history"]["val_accuracy"][-1],
+    ):
+        rows.append(
+            {
+                "model": name,
+                "epochs": model["epochs"],
+                "val accuracy (last epoch)": round(model["history"]["val_accuracy"][-1], 4),
+                "best val accuracy": round(max(model["history"]["val_accuracy"]), 4),
+                "test accuracy": round(model["test_accuracy"], 4),
+                "test loss": round(model["test_loss"], 4),
+                "trainable params": model["trainable_params"],
+                "total params": model["total_params"],
+                "train seconds": round(model["train_seconds"], 1),
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_none_\n"
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_report(summary: dict[str, Any], figures: dict[str, str]) -> str:
+    """Markdown for people: data, baseline, every model, the best one, promotion, figures."""
+    data = summary["data"]
+    classes = data["classes"]
+    count_rows = [
+        {
+            "split": split,
+            **{c: per[c] for c in classes},
+            "total": sum(per.values()),
+            "majority baseline": _pct(data["baseline"][split]),
+        }
+        for split, per in data["counts"].items()
+    ]
+    lines = [
+        f"# catdog run {summary['run']['name']}",
+        "",
+        f"- data: `{summary['run']['data']}` (layout {data['layout']}, split "
+        f"`{data['split_hash'][:12]}`, seed {summary['run']['seed']})",
+        f"- classes: {', '.join(classes)}; skipped files: {data['skipped']}",
+        f"- majority-class baseline on the test split: {_pct(data['baseline_accuracy'])}",
+        "",
+        "## Data",
+        "",
+        markdown_table(count_rows),
+    ]
+    for skipped in data.get("skipped_files", [])[:20]:
+        lines.append(f"- skipped `{skipped['path']}`: {skipped['reason']}")
+    lines += [
+        "",
+        f"![samples]({figures.get('samples', '')})",
+        "",
+        f"![augmentation]({figures.get('augmentation', '')})",
+        "",
+    ]
+    lines += ["## Models", "", markdown_table(leaderboard_rows(summary))]
+    best = summary.get("best_model")
+    if best:
+        model = summary["models"][best]
+        lines += [
+            f"**Best model (by validation accuracy): {best}**, test accuracy "
+            f"{_pct(model['test_accuracy'])} against a baseline of "
+            f"{_pct(data['baseline_accuracy'])}.",
+            "",
+        ]
+        per_class = model.get("per_class", {})
+        if per_class:
+            lines += [
+                markdown_table(
+                    [
+                        {
+                            "class": name,
+                            "precision": round(m["precision"], 4),
+                            "recall": round(m["recall"], 4),
+                            "f1": round(m["f1"], 4),
+                            "support": m["support"],
+                        }
+                        for name, m in per_class.items()
+                    ]
+                )
+            ]
+    promotion = summary.get("promotion")
+    if promotion:
+        verdict = "promoted" if promotion["promoted"] else "kept"
+        lines += ["## Production model", "", f"**{verdict}**: {promotion['reason']}", ""]
+    if "comparison" in figures:
+        lines += ["## Training curves", "", f"![comparison]({figures['comparison']})", ""]
+    for name in summary["models"]:
+        for kind in ("curves", "confusion", "misclassified"):
+            ref = figures.get(f"{name}:{kind}")
+            if ref:
+                lines += [f"![{name} {kind}]({ref})", ""]
+    lines += ["## Tasks", ""]
+    lines += [f"- {task}: {state}" for task, state in summary["tasks"].items()]
+    return "\n".join(lines) + "\n"

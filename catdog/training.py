@@ -1,0 +1,297 @@
+"""Training: seeded, resumable after a crash, with per-epoch history and timings on disk.
+
+Every model trains end to end on decoded uint8 arrays, except models on a frozen base
+(model4): their head trains on cached base features, which is the same computation as
+running the frozen base every epoch, without repeating it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import catdog.tf_setup  # noqa: F401  (must precede TensorFlow)
+from catdog import models
+from catdog.config import TrainConfig
+from catdog.features import FeatureSet
+
+logger = logging.getLogger(__name__)
+
+HISTORY_KEYS = ("accuracy", "val_accuracy", "loss", "val_loss")
+EpochHook = Callable[[int, int, dict[str, float]], None]  # (epoch done, total, metrics)
+
+
+@dataclass
+class TrainingData:
+    x_train: np.ndarray  # uint8 (n, h, w, 3)
+    y_train: np.ndarray  # int32 (n,)
+    x_val: np.ndarray
+    y_val: np.ndarray
+    num_classes: int
+
+
+@dataclass
+class TrainResult:
+    history: dict[str, list[float]]
+    epoch_seconds: list[float]
+    best_epoch: int  # 1-based, by validation accuracy
+    trainable_params: int
+    total_params: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def image_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
+) -> tf.data.Dataset:
+    """Batches of float32 images from uint8 arrays, reshuffled every epoch when asked."""
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size).map(
+        lambda images, labels: (tf.cast(images, tf.float32), labels),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Keeps the full history on disk, one row per finished epoch, across restarts.
+
+    Keras's own History only knows the epochs of the current process; after a resume we
+    still want epochs 1..N. Rows are keyed by epoch, so a repeated epoch overwrites itself.
+    The best epoch by validation accuracy is saved as `best.keras`, judged against every
+    row on disk, so a restart cannot overwrite it with a worse epoch.
+    """
+
+    def __init__(
+        self, path: Path, total_epochs: int, on_epoch: EpochHook | None, best_path: Path | None
+    ) -> None:
+        super().__init__()
+        self.path = path
+        self.total_epochs = total_epochs
+        self.on_epoch = on_epoch
+        self.best_path = best_path
+        self._started = 0.0
+
+    def rows(self) -> dict[int, dict[str, float]]:
+        if not self.path.is_file():
+            return {}
+        return {int(k): v for k, v in json.loads(self.path.read_text()).items()}
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        row = {key: float(value) for key, value in (logs or {}).items()}
+        row["seconds"] = time.perf_counter() - self._started
+        rows = self.rows()
+        best_so_far = max((r.get("val_accuracy", -1.0) for r in rows.values()), default=-1.0)
+        if self.best_path and row.get("val_accuracy", 0.0) > best_so_far:
+            self.model.save(self.best_path)
+        rows[epoch + 1] = row
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(self.path)
+        if self.on_epoch:
+            self.on_epoch(epoch + 1, self.total_epochs, row)
+
+
+def history_from_rows(rows: dict[int, dict[str, float]]) -> tuple[dict[str, list[float]], list]:
+    """Split per-epoch rows into Keras-style history lists and epoch durations."""
+    ordered = [rows[epoch] for epoch in sorted(rows)]
+    history = {key: [row[key] for row in ordered] for key in HISTORY_KEYS}
+    return history, [row["seconds"] for row in ordered]
+
+
+def fit_resumable(
+    model: keras.Model,
+    train: tf.data.Dataset,
+    val: tf.data.Dataset,
+    *,
+    epochs: int,
+    work_dir: Path,
+    phase: str,
+    on_epoch: EpochHook | None,
+    best_path: Path | None,
+    initial_epoch: int = 0,
+    extra_callbacks: list[keras.callbacks.Callback] = (),  # type: ignore[assignment]
+) -> dict[int, dict[str, float]]:
+    """`model.fit` that continues from the last finished epoch if a previous try died.
+
+    Returns every finished epoch's metrics, keyed by 1-based epoch number.
+    """
+    final_epoch = initial_epoch + epochs
+    log = EpochLog(work_dir / f"{phase}-epochs.json", final_epoch, on_epoch, best_path)
+    done = [epoch for epoch in log.rows() if epoch > initial_epoch]
+    if done:
+        logger.info("resuming %s at epoch %d of %d", phase, max(done) + 1, final_epoch)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(work_dir / f"{phase}-backup")),
+        log,
+        keras.callbacks.TensorBoard(str(work_dir / "tensorboard" / phase), write_graph=False),
+        *extra_callbacks,
+    ]
+    model.fit(
+        train,
+        validation_data=val,
+        epochs=final_epoch,
+        initial_epoch=initial_epoch,
+        callbacks=callbacks,
+        verbose=2,
+    )
+    shutil.rmtree(work_dir / f"{phase}-backup", ignore_errors=True)
+    return log.rows()
+
+
+def count_params(model: keras.Model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    total = trainable + sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+    return trainable, total
+
+
+def _result(model: keras.Model, rows: dict[int, dict[str, float]], **extra: Any) -> TrainResult:
+    history, seconds = history_from_rows(rows)
+    trainable, total = count_params(model)
+    best = int(np.argmax(history["val_accuracy"])) + 1 if history["val_accuracy"] else 0
+    return TrainResult(history, seconds, best, trainable, total, dict(extra))
+
+
+def train_end_to_end(
+    name: str,
+    data: TrainingData,
+    work_dir: Path,
+    *,
+    config: TrainConfig,
+    seed: int,
+    weights: str | None = None,
+    on_epoch: EpochHook | None = None,
+) -> TrainResult:
+    """Train a model on images for `config.epochs`; writes model.keras and best.keras."""
+    keras.utils.set_random_seed(seed)
+    model = models.build_model(
+        name, data.x_train.shape[1:], data.num_classes, weights=weights, seed=seed
+    )
+    models.compile_model(model, config.learning_rate)
+    train = image_dataset(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)
+    val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
+    rows = fit_resumable(
+        model,
+        train,
+        val,
+        epochs=config.epochs,
+        work_dir=work_dir,
+        phase="train",
+        on_epoch=on_epoch,
+        best_path=work_dir / "best.keras",
+    )
+    model.save(work_dir / "model.keras")
+    return _result(model, rows)
+
+
+def train_head_on_features(
+    name: str,
+    features: FeatureSet,
+    work_dir: Path,
+    *,
+    config: TrainConfig,
+    seed: int,
+    weights: str | None,
+    input_shape: tuple[int, int, int],
+    on_epoch: EpochHook | None = None,
+) -> TrainResult:
+    """Train a frozen-base model's head on cached base features, then assemble the full model.
+
+    Each epoch draws, for every training image, one of its cached augmented views, so the
+    head sees augmentation as it would through the frozen base, at a fraction of the cost.
+    """
+    keras.utils.set_random_seed(seed)
+    head = models.make_head(features.dim, features.num_classes, dropout=config.dropout)
+    models.compile_model(head, config.learning_rate)
+    views = features.train.shape[0]
+    by_image = np.transpose(features.train, (1, 0, 2))  # (n, views, dim)
+    train = (
+        tf.data.Dataset.from_tensor_slices((by_image, features.y_train))
+        .shuffle(len(by_image), seed=seed, reshuffle_each_iteration=True)
+        .map(
+            lambda stack, label: (
+                stack[tf.random.uniform((), 0, views, dtype=tf.int32)],
+                label,
+            ),
+        )
+        .batch(config.batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    val = tf.data.Dataset.from_tensor_slices((features.val, features.y_val)).batch(256)
+    rows = fit_resumable(
+        head,
+        train,
+        val,
+        epochs=config.epochs,
+        work_dir=work_dir,
+        phase="head",
+        on_epoch=on_epoch,
+        best_path=work_dir / "best-head.keras",
+    )
+    model = models.build_model(
+        name,
+        input_shape,
+        features.num_classes,
+        weights=weights,
+        seed=seed,
+        dropout=config.dropout,
+    )
+    models.transplant_head(head, model)
+    model.save(work_dir / "model.keras")
+    best_head = keras.models.load_model(work_dir / "best-head.keras", safe_mode=True)
+    models.transplant_head(best_head, model)
+    model.save(work_dir / "best.keras")
+    (work_dir / "best-head.keras").unlink()
+    models.transplant_head(head, model)
+    return _result(model, rows)
+
+
+def fine_tune(
+    start_model: Path,
+    start_history: dict[int, dict[str, float]],
+    data: TrainingData,
+    work_dir: Path,
+    *,
+    config: TrainConfig,
+    seed: int,
+    on_epoch: EpochHook | None = None,
+) -> TrainResult:
+    """Unfreeze the top of a trained frozen-base model and train on at a lower rate.
+
+    The history continues the starting model's epochs, as in the TensorFlow tutorial.
+    """
+    keras.utils.set_random_seed(seed)
+    model = keras.models.load_model(start_model, safe_mode=True)
+    models.unfreeze_top(model, config.finetune_at)
+    models.compile_model(model, config.learning_rate * config.finetune_learning_rate_factor)
+    train = image_dataset(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)
+    val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
+    first = len(start_history)
+    rows = fit_resumable(
+        model,
+        train,
+        val,
+        epochs=config.finetune_epochs,
+        work_dir=work_dir,
+        phase="finetune",
+        on_epoch=on_epoch,
+        best_path=work_dir / "best.keras",
+        initial_epoch=first,
+    )
+    model.save(work_dir / "model.keras")
+    return _result(model, {**start_history, **rows})

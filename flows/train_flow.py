@@ -1,0 +1,382 @@
+"""The catdog training pipeline as a Prefect flow: the recipe, its command line, its schedule.
+
+python flows/train_flow.py --data cats_and_dogs_filtered.zip --models model1 --epochs 2
+python flows/train_flow.py serve --cron "0 3 * * 1"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+try:
+    import catdog
+except ImportError:  # run as a script from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import catdog.tf_setup  # noqa: F401  (quiet TensorFlow, should any task import it)
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
+from prefect import flow
+from prefect.runtime import flow_run
+
+from catdog.config import DEFAULT_MODELS, OFFICIAL_DATA_URL, PipelineConfig, TrainConfig
+from catdog.errors import CatdogError
+from tasks.caching import bind_to_artifacts
+from tasks.data import (
+    build_manifest,
+    count_labels,
+    decode_images,
+    download_dataset,
+    extract_dataset,
+    plot_samples,
+    split_dataset,
+)
+from tasks.layout import STAGES, Layout
+from tasks.report import write_report
+from tasks.training import evaluate_model, extract_features, train_model
+
+MODEL_NAMES = ("model1", "model2", "model3", "model4", "model4_finetune")
+FROZEN_BASE = ("model4", "model4_finetune")
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    models = "+".join(params.get("models") or DEFAULT_MODELS)
+    data = Path(str(params.get("data", "data")).rstrip("/")).name
+    return f"{models} on {data} (seed {params.get('seed')}) {datetime.now(UTC):%Y-%m-%d %H:%M}"
+
+
+def _training_settings(model: str, config: TrainConfig) -> dict[str, Any]:
+    """Only the settings that change this model's result, so others keep their cache."""
+    settings = asdict(config)
+    unused = {"finetune_epochs", "finetune_at", "finetune_learning_rate_factor"}
+    if model not in FROZEN_BASE:
+        unused |= {"feature_views", "dropout"}
+    if model == "model4_finetune":
+        unused = set()
+    return {k: v for k, v in settings.items() if k not in unused}
+
+
+@flow(name="catdog-train", flow_run_name=_run_name, log_prints=True)
+def train_flow(
+    data: str = OFFICIAL_DATA_URL,
+    models: list[str] = list(DEFAULT_MODELS),  # noqa: B006  (Prefect parameters are copied)
+    epochs: int = 20,
+    seed: int = 1337,
+    weights: str = "imagenet",
+    artifacts: str = "artifacts",
+    refresh: str | None = None,
+    sha256: str | None = None,
+    image_size: int = 160,
+    batch_size: int = 32,
+    max_images_per_class: int | None = None,
+    finetune_epochs: int = 10,
+    feature_views: int = 3,
+    promote_margin: float = 0.0,
+    train_retries: int = 0,
+) -> dict[str, Any]:
+    """Download, split, count, look, train every model, evaluate, report."""
+    layout = Layout.at(artifacts)
+    root = str(layout.root)
+    base = PipelineConfig(seed=seed)
+    config = TrainConfig(
+        **{
+            **asdict(base.train),
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "finetune_epochs": finetune_epochs,
+            "feature_views": feature_views,
+        }
+    )
+    first_refreshed = STAGES.index(refresh) if refresh in STAGES else len(STAGES)
+    if refresh == "all":
+        first_refreshed = 0
+    states: dict[str, str] = {}
+
+    def run(task: Any, label: str, stage: str, **kwargs: Any) -> Any:
+        bound = bind_to_artifacts(task, layout, refresh=STAGES.index(stage) >= first_refreshed)
+        if stage == "train" and train_retries:
+            bound = bound.with_options(retries=train_retries)
+        state = bound(**kwargs, artifacts=root, return_state=True)
+        states[label] = state.name
+        return state.result()
+
+    archive = run(download_dataset, "download_dataset", "download", data=data, sha256=sha256)
+    images = run(extract_dataset, "extract_dataset", "extract", archive=archive)
+    manifest = run(build_manifest, "build_manifest", "manifest", images=images)
+    split = run(
+        split_dataset,
+        "split_dataset",
+        "split",
+        manifest=manifest,
+        seed=seed,
+        test_fraction=base.data.test_fraction,
+        flat_fractions=list(base.data.flat_fractions),
+        max_images_per_class=max_images_per_class,
+    )
+    counts = run(count_labels, "count_labels", "count", split=split)
+    figures = run(
+        plot_samples, "plot_samples", "plot", split=split, seed=seed, image_size=image_size
+    )
+    arrays = run(decode_images, "decode_images", "decode", split=split, image_size=image_size)
+
+    needs_weights = any(name in FROZEN_BASE for name in models)
+    weights_arg = weights if needs_weights else None
+    features = None
+    if needs_weights:
+        features = run(
+            extract_features,
+            "extract_features",
+            "features",
+            arrays=arrays,
+            weights=weights_arg,
+            views=feature_views,
+            seed=seed,
+        )
+    to_train = list(models)
+    if "model4_finetune" in to_train and "model4" not in to_train:
+        to_train.insert(to_train.index("model4_finetune"), "model4")
+    trained: dict[str, dict[str, Any]] = {}
+    for name in to_train:
+        trained[name] = run(
+            train_model,
+            f"train_model[{name}]",
+            "train",
+            model=name,
+            arrays=arrays,
+            features=features if name == "model4" else None,
+            start=trained.get("model4") if name == "model4_finetune" else None,
+            settings=_training_settings(name, config),
+            seed=seed,
+            weights=weights_arg if name in FROZEN_BASE else None,
+        )
+    evaluated = {
+        name: run(
+            evaluate_model,
+            f"evaluate_model[{name}]",
+            "evaluate",
+            model=name,
+            trained=trained[name],
+            arrays=arrays,
+        )
+        for name in to_train
+    }
+    return write_report.with_options()(
+        run={
+            "data": data,
+            "models": to_train,
+            "epochs": epochs,
+            "seed": seed,
+            "weights": weights_arg,
+            "image_size": image_size,
+            "name": _run_name_safe(),
+        },
+        manifest=manifest,
+        split=split,
+        counts=counts,
+        figures=figures,
+        arrays=arrays,
+        features=features,
+        trained=trained,
+        evaluated=evaluated,
+        task_states=states,
+        promote_margin=promote_margin,
+        artifacts=root,
+    )
+
+
+def _run_name_safe() -> str:
+    return str(flow_run.get_name() or "local")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class UsageError(Exception):
+    """A bad command-line value; reported in one line with exit code 2."""
+
+
+def _models(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MODEL_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown model {', '.join(unknown) or '(none given)'}; choose from "
+            + ", ".join(MODEL_NAMES)
+        )
+    return list(dict.fromkeys(names))
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python flows/train_flow.py",
+        description="Train and compare image classifiers (default: the cats-vs-dogs "
+        "assignment's four models) as a Prefect flow with cached stages.",
+        epilog="Subcommand: `python flows/train_flow.py serve --cron '0 3 * * 1' [options]` "
+        "serves the same flow on a schedule.",
+    )
+    env = os.environ.get
+    parser.add_argument(
+        "--data",
+        default=env("CATDOG_DATA", OFFICIAL_DATA_URL),
+        help="dataset: http(s) or file URL, a .zip, or a folder of class "
+        "folders (env CATDOG_DATA; default: the official archive URL)",
+    )
+    parser.add_argument(
+        "--sha256",
+        default=env("CATDOG_DATA_SHA256"),
+        help="expected SHA-256 of the downloaded archive",
+    )
+    parser.add_argument(
+        "--models",
+        type=_models,
+        default=list(DEFAULT_MODELS),
+        help=f"comma-separated, from {', '.join(MODEL_NAMES)} (default {','.join(DEFAULT_MODELS)})",
+    )
+    parser.add_argument("--epochs", type=_positive, default=20, help="epochs per model (20)")
+    parser.add_argument(
+        "--finetune-epochs",
+        type=_positive,
+        default=10,
+        help="extra epochs for model4_finetune (10)",
+    )
+    parser.add_argument("--seed", type=int, default=1337, help="split, sampling and training seed")
+    parser.add_argument(
+        "--weights",
+        default=env("CATDOG_WEIGHTS", "imagenet"),
+        help="MobileNetV2 weights for model4*: 'imagenet' (downloaded by Keras) "
+        "or a path to an .h5 file (env CATDOG_WEIGHTS)",
+    )
+    parser.add_argument(
+        "--artifacts",
+        default=env("CATDOG_ARTIFACTS", "artifacts"),
+        help="output folder (env CATDOG_ARTIFACTS; default ./artifacts)",
+    )
+    parser.add_argument(
+        "--refresh",
+        nargs="?",
+        const="all",
+        default=None,
+        choices=["all", *STAGES],
+        metavar="STAGE",
+        help=f"ignore caches: all stages, or STAGE and every later one ({', '.join(STAGES)})",
+    )
+    parser.add_argument("--image-size", type=_positive, default=160, help="square side (160)")
+    parser.add_argument("--batch-size", type=_positive, default=32, help="batch size (32)")
+    parser.add_argument(
+        "--max-images-per-class",
+        type=_positive,
+        default=None,
+        help="use at most this many images per class and split (quick tries)",
+    )
+    parser.add_argument(
+        "--feature-views",
+        type=_positive,
+        default=3,
+        help="cached augmented views per training image for model4 (3)",
+    )
+    parser.add_argument(
+        "--promote-margin",
+        type=float,
+        default=0.0,
+        help="accuracy a new best model must gain over production (0.0)",
+    )
+    parser.add_argument(
+        "--train-retries",
+        type=int,
+        default=0,
+        help="retries of a failed training task; each resumes (0)",
+    )
+    return parser
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Fail before any work on inputs that cannot succeed."""
+    from catdog.data import sources
+
+    source = sources.parse_source(args.data)
+    if source.kind == "zip":
+        sources.check_zip(source.path, args.data)
+    elif source.kind == "folder":
+        from catdog.data.extract import find_dataset_root
+
+        find_dataset_root(source.path)
+    if any(name in FROZEN_BASE for name in args.models) and args.weights not in (
+        "imagenet",
+        "none",
+    ):
+        path = Path(args.weights).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--weights {args.weights}: no such file")
+        args.weights = str(path.resolve())
+    if args.max_images_per_class is not None and args.max_images_per_class < 2:
+        raise UsageError("--max-images-per-class must be at least 2")
+
+
+def _flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "data": args.data,
+        "models": args.models,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "weights": args.weights,
+        "artifacts": str(Path(args.artifacts).expanduser().resolve()),
+        "refresh": args.refresh,
+        "sha256": args.sha256,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "max_images_per_class": args.max_images_per_class,
+        "finetune_epochs": args.finetune_epochs,
+        "feature_views": args.feature_views,
+        "promote_margin": args.promote_margin,
+        "train_retries": args.train_retries,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    serving = bool(argv) and argv[0] == "serve"
+    parser = _parser()
+    if serving:
+        argv = argv[1:]
+        parser.prog += " serve"
+        schedule = parser.add_mutually_exclusive_group(required=True)
+        schedule.add_argument("--cron", help="cron schedule, e.g. '0 3 * * 1'")
+        schedule.add_argument("--interval", type=_positive, help="seconds between runs")
+        parser.add_argument("--name", default="scheduled-retraining", help="deployment name")
+    args = parser.parse_args(argv)
+    try:
+        _check(args)
+        parameters = _flow_parameters(args)
+        if serving:
+            train_flow.serve(
+                name=args.name,
+                cron=args.cron,
+                interval=args.interval,
+                parameters=parameters,
+                tags=["catdog", "scheduled"],
+            )
+            return 0
+        result = train_flow(**parameters)
+    except (CatdogError, UsageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"summary: {result['summary']}\nreport:  {result['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

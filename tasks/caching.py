@@ -1,0 +1,167 @@
+"""Content-addressed caching on top of Prefect's cache machinery.
+
+Prefect's default key (inputs + task source + run id) reuses nothing across runs and ignores
+the library code a task calls. Here a key is the hash of the task's inputs (upstream records
+carry content hashes, never bare paths), its settings, and a fingerprint of the `catdog`
+modules it runs. Before Prefect looks a key up, the policy checks that the folder the key
+names still holds the files its record lists; if not, the stale entry is evicted and the
+task recomputes instead of returning a record that points at nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import Task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.transactions import get_transaction
+
+from catdog.hashing import HashMemo, code_fingerprint, sha256_json
+from catdog.io import atomic_directory, atomic_write_json, replace_directory
+from tasks.layout import Layout
+
+RECORD = "record.json"
+NOT_KEYED = ("artifacts",)  # where results live does not change what they are
+log = logging.getLogger(__name__)
+
+
+def _memo(layout: Layout) -> HashMemo:
+    return HashMemo(layout.hash_memo)
+
+
+@dataclass
+class ContentAddressed(CachePolicy):
+    """Key = hash(stage, inputs, code fingerprint[, source fingerprint])."""
+
+    stage: str = ""
+    code: tuple[str, ...] = ()
+    name_input: str | None = None  # input naming a per-model sub-folder, e.g. "model"
+    fingerprint: Callable[[dict[str, Any]], Any] | None = field(default=None, repr=False)
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        keyed = {name: value for name, value in inputs.items() if name not in NOT_KEYED}
+        parts: dict[str, Any] = {
+            "stage": self.stage,
+            "inputs": keyed,
+            "code": code_fingerprint(*self.code) if self.code else "",
+        }
+        if self.fingerprint is not None:
+            parts["source"] = self.fingerprint(inputs)
+        key = f"{self.stage}-{sha256_json(parts)[:32]}"
+        layout = Layout.at(inputs["artifacts"])
+        name = inputs.get(self.name_input) if self.name_input else None
+        if not outputs_intact(layout, layout.output_dir(self.stage, key, name)):
+            evict(layout, key)
+        return key
+
+
+def outputs_intact(layout: Layout, folder: Path) -> bool:
+    """True when `folder` holds a record and every file it lists, unchanged."""
+    record_path = folder / RECORD
+    if not record_path.is_file():
+        return False
+    try:
+        files = json.loads(record_path.read_text(encoding="utf-8")).get("files", {})
+    except (OSError, ValueError):
+        return False
+    memo = _memo(layout)
+    try:
+        intact = all(memo.sha256(folder / rel) == digest for rel, digest in files.items())
+    except OSError:
+        return False
+    memo.save()
+    return intact
+
+
+def evict(layout: Layout, key: str) -> None:
+    """Forget Prefect's cached result for `key` so that the task runs again."""
+    for folder in (layout.cache_keys_dir, layout.results_dir):
+        (folder / key).unlink(missing_ok=True)
+
+
+def current_key() -> str:
+    """The cache key of the running task (its transaction key)."""
+    transaction = get_transaction()
+    if transaction is None or not transaction.key:
+        raise RuntimeError("current_key() must be called inside a cached task")
+    return transaction.key
+
+
+@contextmanager
+def stage_output(
+    layout: Layout, stage: str, name: str | None = None, *, resumable: bool = False
+) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A working folder that becomes the stage's output folder, with its record, on success.
+
+    Yields (folder, record); the caller writes files into the folder and facts into the
+    record. Every file's hash is added to the record before the folder is moved into place.
+    A `resumable` working folder has a stable name and survives a failure, so that a retry
+    or the next run can continue from what it holds (training checkpoints); otherwise it is
+    temporary and removed on failure.
+    """
+    key = current_key()
+    final = layout.output_dir(stage, key, name)
+    if final.exists():
+        shutil.rmtree(final)  # stale, damaged, or refreshed on request: recompute it whole
+    record: dict[str, Any] = {"key": key, "stage": stage}
+    if resumable:
+        work = final.parent / f".{final.name}.partial"
+        work.mkdir(parents=True, exist_ok=True)
+        yield work, record
+        _seal(layout, work, record)
+        replace_directory(work, final)
+    else:
+        with atomic_directory(final) as work:
+            yield work, record
+            _seal(layout, work, record)
+    # Hashes were taken under the working name; remember them under the final one.
+    outputs_intact(layout, final)
+    record["dir"] = layout.relative(final)
+
+
+def _seal(layout: Layout, folder: Path, record: dict[str, Any]) -> None:
+    memo = _memo(layout)
+    record["files"] = {
+        path.relative_to(folder).as_posix(): memo.sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+    atomic_write_json(folder / RECORD, record)
+
+
+def bind_to_artifacts(task: Task, layout: Layout, *, refresh: bool = False, **options: Any) -> Task:
+    """The task with its results, cache keys and locks stored under the artifacts folder.
+
+    SERIALIZABLE isolation with file locks makes a second concurrent run wait for the first
+    one's result for the same key and reuse it, instead of computing it twice.
+    """
+    policy = task.cache_policy
+    if isinstance(policy, ContentAddressed):
+        policy = policy.configure(
+            key_storage=layout.cache_keys_dir,
+            lock_manager=FileSystemLockManager(lock_files_directory=layout.locks_dir),
+            isolation_level="SERIALIZABLE",
+        )
+    return task.with_options(
+        cache_policy=policy,
+        result_storage=layout.results_dir,
+        result_serializer="json",
+        persist_result=True,
+        refresh_cache=refresh,
+        **options,
+    )

@@ -1,0 +1,78 @@
+"""Where every artifact lives. The only module that knows the artifacts layout.
+
+Each stage's output is a folder named by its cache key, holding the files and a
+`record.json` listing them with their hashes, so a cache hit always points at real files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGE_DIRS = {
+    "download": "01_raw",
+    "extract": "02_images",
+    "manifest": "03_splits/manifests",
+    "split": "03_splits/splits",
+    "count": "03_splits/counts",
+    "plot": "03_splits/figures",
+    "decode": "03_splits/arrays",
+    "features": "03_splits/features",
+    "train": "04_models",
+    "evaluate": "04_models",
+    "report": "05_reports",
+}
+STAGES = tuple(STAGE_DIRS)  # pipeline order; `--refresh STAGE` refreshes this one and later
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str]) -> Layout:
+        return cls(Path(root).expanduser().resolve())
+
+    def output_dir(self, stage: str, key: str, name: str | None = None) -> Path:
+        """The folder for one stage's result: `<stage dir>[/<name>]/<key>`."""
+        base = self.root / STAGE_DIRS[stage]
+        return (base / name / key) if name else base / key
+
+    def relative(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+    def resolve(self, relative: str) -> Path:
+        return self.root / relative
+
+    @property
+    def prefect_dir(self) -> Path:
+        return self.root / ".prefect"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.prefect_dir / "results"
+
+    @property
+    def cache_keys_dir(self) -> Path:
+        return self.prefect_dir / "cache-keys"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.prefect_dir / "locks"
+
+    @property
+    def hash_memo(self) -> Path:
+        return self.prefect_dir / "file-hashes.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "05_reports" / "runs"
+
+    @property
+    def production_dir(self) -> Path:
+        return self.root / "production"

@@ -1,0 +1,230 @@
+"""The last task: summary.json, the Markdown report, the leaderboard, and the promotion gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+
+from catdog.io import atomic_write_json, atomic_write_text, read_json
+from catdog.promotion import best_by_validation, decide
+from catdog.report import leaderboard_rows, render_report
+from tasks import ui
+from tasks.layout import Layout
+
+REGISTRY = "registry.json"
+
+
+def _model_summary(
+    layout: Layout, trained: dict[str, Any], evaluated: dict[str, Any], extra_seconds: float
+) -> dict[str, Any]:
+    return {
+        "epochs": trained["epochs"],
+        "history": trained["history"],
+        "epoch_seconds": trained["epoch_seconds"],
+        "best_epoch": trained["best_epoch"],
+        "train_seconds": trained["seconds"] + extra_seconds,
+        "trainable_params": trained["trainable_params"],
+        "total_params": trained["total_params"],
+        "path": str(layout.resolve(trained["dir"]) / "model.keras"),
+        "test_accuracy": evaluated["accuracy"],
+        "test_loss": evaluated["loss"],
+        "confusion_matrix": evaluated["confusion_matrix"],
+        "per_class": evaluated["per_class"],
+        "macro_f1": evaluated["macro_f1"],
+        "evaluation_dir": str(layout.resolve(evaluated["dir"])),
+    }
+
+
+def _production_accuracy(
+    layout: Layout, registry: dict[str, Any], split: dict[str, Any], arrays: dict[str, Any]
+) -> float:
+    """Production's accuracy on this run's test split, re-measured if the split changed."""
+    if registry.get("split_hash") == split["split_hash"]:
+        return float(registry["test_accuracy"])
+    import keras
+
+    import catdog.tf_setup  # noqa: F401
+    from catdog.evaluation import score
+    from tasks.training import load_arrays
+
+    x_test, y_test = load_arrays(layout, arrays, "test")
+    model = keras.models.load_model(layout.production_dir / "model.keras", safe_mode=True)
+    logits = model.predict(x_test.astype("float32"), batch_size=64, verbose=0)
+    return float(score(logits, y_test, list(arrays["classes"]))["accuracy"])
+
+
+def promote(
+    layout: Layout,
+    name: str,
+    model: dict[str, Any],
+    split: dict[str, Any],
+    arrays: dict[str, Any],
+    margin: float,
+    run_id: str,
+) -> dict[str, Any]:
+    """Apply the gate; on promotion, replace production's model and registry atomically."""
+    registry_path = layout.production_dir / REGISTRY
+    registry = read_json(registry_path) if registry_path.is_file() else None
+    production_accuracy = (
+        _production_accuracy(layout, registry, split, arrays) if registry else None
+    )
+    decision = decide(
+        model["test_accuracy"], production_accuracy, margin=margin, candidate_name=name
+    )
+    if decision.promote:
+        layout.production_dir.mkdir(parents=True, exist_ok=True)
+        staged = layout.production_dir / ".model.keras.tmp"
+        shutil.copyfile(model["path"], staged)
+        staged.replace(layout.production_dir / "model.keras")
+        atomic_write_json(
+            registry_path,
+            {
+                "model": name,
+                "path": str(layout.production_dir / "model.keras"),
+                "source": model["path"],
+                "test_accuracy": model["test_accuracy"],
+                "val_accuracy": model["history"]["val_accuracy"][-1],
+                "split_hash": split["split_hash"],
+                "classes": split["classes"],
+                "image_size": arrays["image_size"],
+                "run_id": run_id,
+                "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
+    return {
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        "candidate": name,
+        "production_accuracy": production_accuracy,
+        "margin": margin,
+    }
+
+
+@task(name="write_report", cache_policy=NONE, persist_result=False)
+def write_report(
+    run: dict[str, Any],
+    manifest: dict[str, Any],
+    split: dict[str, Any],
+    counts: dict[str, Any],
+    figures: dict[str, Any],
+    arrays: dict[str, Any],
+    features: dict[str, Any] | None,
+    trained: dict[str, dict[str, Any]],
+    evaluated: dict[str, dict[str, Any]],
+    task_states: dict[str, str],
+    promote_margin: float,
+    artifacts: str,
+) -> dict[str, Any]:
+    """Write this run's summary.json and report.md, and decide on promotion."""
+    from catdog.plots import compare_models, save_figure, training_curves
+
+    logger = get_run_logger()
+    layout = Layout.at(artifacts)
+    run_id = str(flow_run.get_id() or "local")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = layout.runs_dir / f"{stamp}-{run_id[:8]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    decode_seconds = arrays.get("seconds", 0.0)
+    models: dict[str, dict[str, Any]] = {}
+    for name, record in trained.items():
+        extra = decode_seconds
+        if features and name.startswith("model4"):
+            extra += features.get("seconds", 0.0)
+        models[name] = _model_summary(layout, record, evaluated[name], extra)
+    baseline = counts["baseline"]
+    summary: dict[str, Any] = {
+        "run": {
+            **run,
+            "id": run_id,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "report": str(run_dir / "report.md"),
+        },
+        "data": {
+            "classes": split["classes"],
+            "layout": manifest["layout"],
+            "images": manifest["images"],
+            "skipped": manifest["skipped"],
+            "skipped_files": split.get("skipped", []),
+            "counts": counts["counts"],
+            "baseline": baseline,
+            "baseline_accuracy": baseline["test"],
+            "majority_class": counts["majority_class"],
+            "manifest_hash": manifest["manifest_hash"],
+            "split_hash": split["split_hash"],
+        },
+        "models": models,
+        "tasks": {**task_states, "write_report": "Completed"},
+    }
+    figure_refs: dict[str, str] = {}
+    figures_dir = layout.resolve(figures["dir"])
+    for kind in ("samples", "augmentation"):
+        figure_refs[kind] = str(figures_dir / f"{kind}.png")
+    for name, model in models.items():
+        curves = save_figure(
+            training_curves(model["history"], name, baseline["validation"]),
+            run_dir / f"{name}_curves.png",
+        )
+        figure_refs[f"{name}:curves"] = str(curves)
+        evaluation_dir = Path(model["evaluation_dir"])
+        figure_refs[f"{name}:confusion"] = str(evaluation_dir / "confusion_matrix.png")
+        if (evaluation_dir / "misclassified.png").is_file():
+            figure_refs[f"{name}:misclassified"] = str(evaluation_dir / "misclassified.png")
+    if models:
+        comparison = save_figure(
+            compare_models({n: m["history"] for n, m in models.items()}, baseline["validation"]),
+            run_dir / "comparison.png",
+        )
+        figure_refs["comparison"] = str(comparison)
+        best = best_by_validation(models)
+        summary["best_model"] = best
+        summary["promotion"] = promote(
+            layout, best, models[best], split, arrays, promote_margin, run_id
+        )
+        logger.info(
+            "best model by validation accuracy: %s; %s", best, summary["promotion"]["reason"]
+        )
+    report = render_report(summary, {k: _relative_to(v, run_dir) for k, v in figure_refs.items()})
+    atomic_write_text(run_dir / "report.md", report)
+    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_json(layout.summary, summary)
+    _publish(summary, run_dir, report)
+    logger.info("report: %s", run_dir / "report.md")
+    return {
+        "summary": str(layout.summary),
+        "report": str(run_dir / "report.md"),
+        "best_model": summary.get("best_model"),
+    }
+
+
+def _relative_to(path: str, base: Path) -> str:
+    import os
+
+    return os.path.relpath(path, base)
+
+
+def _publish(summary: dict[str, Any], run_dir: Path, report: str) -> None:
+    if summary["models"]:
+        ui.publish_table(
+            "model-leaderboard",
+            leaderboard_rows(summary),
+            "Models by validation accuracy, with test scores",
+        )
+        if (run_dir / "comparison.png").is_file():
+            ui.publish_image(
+                "training-curves",
+                run_dir / "comparison.png",
+                "Validation accuracy and loss of every model",
+            )
+    lines = [line for line in report.splitlines() if not line.startswith("![")]
+    ui.publish_markdown(
+        "run-report",
+        "\n".join(lines) + "\n" + json.dumps({"best_model": summary.get("best_model")}),
+        "The run report",
+    )

@@ -1,0 +1,238 @@
+"""Model tasks: frozen-base features, training (resumable), and evaluation on the test split."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from catdog.hashing import HashMemo, sha256_file
+from tasks import ui
+from tasks.caching import ContentAddressed, stage_output
+from tasks.layout import Layout
+
+TRAIN_CODE = ("catdog.training", "catdog.models", "catdog.features")
+
+
+def _weights_fingerprint(inputs: dict[str, Any]) -> str | None:
+    """A weights file is identified by its content, not by where it lies."""
+    weights = inputs.get("weights")
+    if weights and weights not in ("imagenet", "none"):
+        return sha256_file(weights, HashMemo(Layout.at(inputs["artifacts"]).hash_memo))
+    return weights
+
+
+def load_arrays(layout: Layout, arrays: dict[str, Any], split: str) -> tuple[Any, Any]:
+    import numpy as np
+
+    folder = layout.resolve(arrays["dir"])
+    return np.load(folder / f"{split}_x.npy"), np.load(folder / f"{split}_y.npy")
+
+
+@task(
+    name="extract_features",
+    cache_policy=ContentAddressed(
+        stage="features", code=TRAIN_CODE, fingerprint=_weights_fingerprint
+    ),
+)
+def extract_features(
+    arrays: dict[str, Any], weights: str | None, views: int, seed: int, artifacts: str
+) -> dict[str, Any]:
+    """Frozen MobileNetV2 features of every training view and validation image, computed once."""
+    from catdog.features import extract_features as embed
+
+    layout = Layout.at(artifacts)
+    started = time.perf_counter()
+    x_train, y_train = load_arrays(layout, arrays, "train")
+    x_val, y_val = load_arrays(layout, arrays, "validation")
+    features = embed(
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        num_classes=len(arrays["classes"]),
+        weights=weights,
+        views=views,
+        seed=seed,
+    )
+    with stage_output(layout, "features") as (folder, record):
+        features.save(folder)
+        record.update(views=views, dim=features.dim, seconds=time.perf_counter() - started)
+    get_run_logger().info(
+        "base features: %d train views x %d images, %d validation images in %.0f s",
+        views,
+        len(y_train),
+        len(y_val),
+        record["seconds"],
+    )
+    return record
+
+
+@task(
+    name="train_model",
+    task_run_name="train_model[{model}]",
+    cache_policy=ContentAddressed(
+        stage="train", code=TRAIN_CODE, name_input="model", fingerprint=_weights_fingerprint
+    ),
+)
+def train_model(
+    model: str,
+    arrays: dict[str, Any],
+    features: dict[str, Any] | None,
+    start: dict[str, Any] | None,
+    settings: dict[str, Any],
+    seed: int,
+    weights: str | None,
+    artifacts: str,
+) -> dict[str, Any]:
+    """Train one model; a run that died continues from its last finished epoch."""
+    import json
+
+    from catdog import training
+    from catdog.config import TrainConfig
+    from catdog.features import FeatureSet
+
+    logger = get_run_logger()
+    layout = Layout.at(artifacts)
+    config = TrainConfig(**settings)
+    started = time.perf_counter()
+    x_train, y_train = load_arrays(layout, arrays, "train")
+    x_val, y_val = load_arrays(layout, arrays, "validation")
+    data = training.TrainingData(x_train, y_train, x_val, y_val, len(arrays["classes"]))
+    total_epochs = config.finetune_epochs if start else config.epochs
+    progress = ui.start_progress(f"{model}: epochs done of {total_epochs}")
+
+    def on_epoch(epoch: int, total: int, row: dict[str, float]) -> None:
+        logger.info(
+            "%s epoch %d/%d: accuracy %.3f, val_accuracy %.3f, loss %.3f, val_loss %.3f (%.1f s)",
+            model,
+            epoch,
+            total,
+            row.get("accuracy", 0),
+            row.get("val_accuracy", 0),
+            row.get("loss", 0),
+            row.get("val_loss", 0),
+            row["seconds"],
+        )
+        first = total - total_epochs
+        ui.update_progress(progress, 100.0 * (epoch - first) / max(total_epochs, 1))
+
+    with stage_output(layout, "train", model, resumable=True) as (folder, record):
+        if start:
+            start_dir = layout.resolve(start["dir"])
+            start_rows = json.loads((start_dir / "history-rows.json").read_text())
+            result = training.fine_tune(
+                start_dir / "model.keras",
+                {int(k): v for k, v in start_rows.items()},
+                data,
+                folder,
+                config=config,
+                seed=seed,
+                on_epoch=on_epoch,
+            )
+        elif features:
+            feature_set = FeatureSet.load(layout.resolve(features["dir"]), data.num_classes)
+            result = training.train_head_on_features(
+                model,
+                feature_set,
+                folder,
+                config=config,
+                seed=seed,
+                weights=weights,
+                input_shape=x_train.shape[1:],
+                on_epoch=on_epoch,
+            )
+        else:
+            result = training.train_end_to_end(
+                model,
+                data,
+                folder,
+                config=config,
+                seed=seed,
+                weights=weights,
+                on_epoch=on_epoch,
+            )
+        seconds = time.perf_counter() - started
+        rows = {
+            str(i + 1): {
+                **{k: v[i] for k, v in result.history.items()},
+                "seconds": result.epoch_seconds[i],
+            }
+            for i in range(len(result.epoch_seconds))
+        }
+        (folder / "history-rows.json").write_text(json.dumps(rows, indent=1))
+        record.update(
+            model=model,
+            epochs=len(result.epoch_seconds),
+            history=result.history,
+            epoch_seconds=result.epoch_seconds,
+            best_epoch=result.best_epoch,
+            trainable_params=result.trainable_params,
+            total_params=result.total_params,
+            seconds=seconds,
+            settings=settings,
+            seed=seed,
+            weights=weights,
+            inputs={
+                "arrays": arrays["key"],
+                "features": features and features["key"],
+                "start": start and start["key"],
+            },
+        )
+        (folder / "config.json").write_text(json.dumps(record, indent=2, default=str))
+    ui.update_progress(progress, 100.0)
+    return record
+
+
+@task(
+    name="evaluate_model",
+    task_run_name="evaluate_model[{model}]",
+    cache_policy=ContentAddressed(
+        stage="evaluate", code=("catdog.evaluation", "catdog.plots"), name_input="model"
+    ),
+)
+def evaluate_model(
+    model: str, trained: dict[str, Any], arrays: dict[str, Any], artifacts: str
+) -> dict[str, Any]:
+    """Score a trained model on the test split: accuracy, loss, confusion matrix, errors."""
+    import keras
+
+    import catdog.tf_setup  # noqa: F401
+    from catdog.evaluation import score
+    from catdog.plots import confusion_matrix_figure, misclassified_grid, save_figure
+
+    layout = Layout.at(artifacts)
+    classes = list(arrays["classes"])
+    x_test, y_test = load_arrays(layout, arrays, "test")
+    network = keras.models.load_model(
+        layout.resolve(trained["dir"]) / "model.keras", safe_mode=True
+    )
+    logits = network.predict(x_test.astype("float32"), batch_size=64, verbose=0)
+    metrics = score(logits, y_test, classes)
+    with stage_output(layout, "evaluate", model) as (folder, record):
+        save_figure(
+            confusion_matrix_figure(metrics["confusion_matrix"], classes, f"{model}: test split"),
+            folder / "confusion_matrix.png",
+        )
+        worst = metrics["most_confident_errors"][:12]
+        if worst:
+            save_figure(
+                misclassified_grid(
+                    [x_test[i] for i in worst],
+                    [classes[y_test[i]] for i in worst],
+                    [classes[metrics["predictions"][i]] for i in worst],
+                    [metrics["confidence"][i] for i in worst],
+                ),
+                folder / "misclassified.png",
+            )
+        summary = {
+            k: v
+            for k, v in metrics.items()
+            if k not in ("predictions", "confidence", "most_confident_errors")
+        }
+        record.update(model=model, **summary)
+    get_run_logger().info(
+        "%s: test accuracy %.3f, test loss %.3f", model, metrics["accuracy"], metrics["loss"]
+    )
+    return record

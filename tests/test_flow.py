@@ -1,0 +1,130 @@
+"""The real flow, under Prefect's real engine, on small generated data."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.train_flow import main, train_flow
+from tests.conftest import REAL_ZIP
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+SMALL = {"image_size": 32, "batch_size": 8, "seed": 7}
+
+
+def run_flow(data: Path, artifacts: Path, **overrides) -> dict:
+    params = {
+        "data": str(data),
+        "models": ["model1"],
+        "epochs": 1,
+        "artifacts": str(artifacts),
+        **SMALL,
+        **overrides,
+    }
+    train_flow(**params)
+    return json.loads((artifacts / "summary.json").read_text())
+
+
+def test_first_run_computes_second_reuses_and_epochs_rerun_only_training(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    started = time.perf_counter()
+    first = run_flow(dataset_zip, artifacts)
+    first_seconds = time.perf_counter() - started
+
+    assert first["data"]["counts"] == {
+        "train": {"cats": 12, "dogs": 12},
+        "validation": {"cats": 8, "dogs": 8},
+        "test": {"cats": 2, "dogs": 2},
+    }
+    assert first["data"]["baseline_accuracy"] == 0.5
+    model = first["models"]["model1"]
+    assert model["epochs"] == 1
+    assert set(model["history"]) >= {"accuracy", "val_accuracy", "loss", "val_loss"}
+    assert 0.0 <= model["test_accuracy"] <= 1.0
+    assert Path(model["path"]).is_file() and model["path"].endswith(".keras")
+    assert set(first["tasks"].values()) == {"Completed"}
+    assert first["best_model"] == "model1"
+
+    started = time.perf_counter()
+    second = run_flow(dataset_zip, artifacts)
+    second_seconds = time.perf_counter() - started
+    states = dict(second["tasks"])
+    assert states.pop("write_report") == "Completed"
+    assert set(states.values()) == {"Cached"}, states
+    assert second["models"]["model1"]["history"] == model["history"]
+    assert second_seconds < first_seconds
+
+    third = run_flow(dataset_zip, artifacts, epochs=2)
+    rerun = {task for task, state in third["tasks"].items() if state == "Completed"}
+    assert rerun == {"train_model[model1]", "evaluate_model[model1]", "write_report"}
+    assert third["models"]["model1"]["epochs"] == 2
+
+
+def test_results_persist_as_json_under_the_artifacts_folder(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    run_flow(dataset_zip, artifacts)
+    results = list((artifacts / ".prefect").rglob("*"))
+    files = [path for path in results if path.is_file() and "locks" not in path.parts]
+    assert files
+    for path in files:
+        if path.name == "file-hashes.json":
+            continue
+        text = path.read_text()
+        assert "pickle" not in text.lower()
+        json.loads(text)
+
+
+def test_real_dataset_slice(tmp_path):
+    if not REAL_ZIP.is_file():
+        pytest.skip("the shared dataset is not present")
+    summary = run_flow(REAL_ZIP, tmp_path / "artifacts", max_images_per_class=6)
+    assert summary["data"]["images"] == 3000
+    assert summary["data"]["skipped"] == 0
+    assert summary["data"]["counts"]["train"] == {"cats": 6, "dogs": 6}
+    assert summary["data"]["classes"] == ["cats", "dogs"]
+
+
+@pytest.mark.parametrize(
+    ("make_data", "expected"),
+    [
+        (lambda tmp: tmp / "missing.zip", "no such file"),
+        (lambda tmp: _write(tmp / "notes.zip", b"hello, not a zip"), "not a zip"),
+        (lambda tmp: _zip_without_classes(tmp), "no class folders"),
+    ],
+)
+def test_bad_data_fails_with_one_line_and_exit_2(tmp_path, capsys, make_data, expected):
+    artifacts = tmp_path / "artifacts"
+    code = main(
+        ["--data", str(make_data(tmp_path)), "--models", "model1", "--artifacts", str(artifacts)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and expected in err[0] and err[0].startswith("error: --data")
+    assert not artifacts.exists() or not any(artifacts.iterdir())
+
+
+@pytest.mark.parametrize("argv", [["--models", "model9"], ["--epochs", "0"]])
+def test_bad_arguments_exit_2_before_any_work(tmp_path, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--artifacts", str(tmp_path / "a")])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "a").exists()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _zip_without_classes(tmp: Path) -> Path:
+    import zipfile
+
+    archive = tmp / "flat.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("readme.txt", "no images here")
+        handle.writestr("photos/a.txt", "still none")
+    return archive
