@@ -21,12 +21,17 @@ except ImportError:  # run as a script from a checkout that is not installed
 
 import catdog.tf_setup  # noqa: F401  (quiet TensorFlow, should any task import it)
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
+# Before Prefect reads its settings: no telemetry (runs are often offline), and the library's
+# own log lines (download progress, skipped images) shown beside the tasks' in terminal and UI.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catdog")
+
 from prefect import flow
 from prefect.runtime import flow_run
 
 from catdog.config import DEFAULT_MODELS, OFFICIAL_DATA_URL, PipelineConfig, TrainConfig
 from catdog.errors import CatdogError
+from catdog.layout import STAGES, Layout
 from tasks.caching import bind_to_artifacts
 from tasks.data import (
     build_manifest,
@@ -37,7 +42,6 @@ from tasks.data import (
     plot_samples,
     split_dataset,
 )
-from tasks.layout import STAGES, Layout
 from tasks.report import write_report
 from tasks.training import evaluate_model, extract_features, train_model
 

@@ -27,7 +27,7 @@ from prefect.transactions import get_transaction
 
 from catdog.hashing import HashMemo, code_fingerprint, sha256_json
 from catdog.io import atomic_directory, atomic_write_json, replace_directory
-from tasks.layout import Layout
+from catdog.layout import Layout
 
 RECORD = "record.json"
 NOT_KEYED = ("artifacts",)  # where results live does not change what they are

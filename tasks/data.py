@@ -16,9 +16,9 @@ from catdog.data import sources
 from catdog.data.records import SPLITS, Manifest
 from catdog.errors import TransientDownloadError
 from catdog.hashing import HashMemo
+from catdog.layout import Layout
 from tasks import ui
 from tasks.caching import ContentAddressed, stage_output
-from tasks.layout import Layout
 
 DOWNLOAD_RETRIES = 4
 MAX_RETRY_AFTER_SECONDS = 60.0

@@ -13,10 +13,10 @@ from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
 from catdog.io import atomic_write_json, atomic_write_text, read_json
+from catdog.layout import Layout
 from catdog.promotion import best_by_validation, decide
 from catdog.report import leaderboard_rows, render_report
 from tasks import ui
-from tasks.layout import Layout
 
 REGISTRY = "registry.json"
 

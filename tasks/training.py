@@ -8,9 +8,9 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from catdog.hashing import HashMemo, sha256_file
+from catdog.layout import Layout
 from tasks import ui
 from tasks.caching import ContentAddressed, stage_output
-from tasks.layout import Layout
 
 TRAIN_CODE = ("catdog.training", "catdog.models", "catdog.features")
 

@@ -1,4 +1,4 @@
-"""Where every artifact lives. The only module that knows the artifacts layout.
+"""Where every artifact lives: the only module that knows the artifacts layout (no Prefect).
 
 Each stage's output is a folder named by its cache key, holding the files and a
 `record.json` listing them with their hashes, so a cache hit always points at real files.
