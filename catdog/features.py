@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-import catdog.tf_setup  # noqa: F401  (must precede TensorFlow)
-
 logger = logging.getLogger(__name__)
 
 FEATURE_FILES = ("train", "y_train", "val", "y_val")

@@ -20,7 +20,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import catdog.tf_setup  # noqa: F401  (must precede TensorFlow)
 from catdog import models
 from catdog.config import TrainConfig
 from catdog.features import FeatureSet
@@ -147,6 +146,7 @@ def fit_resumable(
         epochs=final_epoch,
         initial_epoch=initial_epoch,
         callbacks=callbacks,
+        shuffle=False,  # the dataset reshuffles itself every epoch
         verbose=2,
     )
     shutil.rmtree(work_dir / f"{phase}-backup", ignore_errors=True)

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 try:
-    import catdog
+    import catdog  # noqa: F401  (quiets TensorFlow before any task imports it)
 except ImportError:  # run as a script from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import catdog.tf_setup  # noqa: F401  (quiet TensorFlow, should any task import it)
 
 # Before Prefect reads its settings: no telemetry (runs are often offline), and the library's
 # own log lines (download progress, skipped images) shown beside the tasks' in terminal and UI.
@@ -168,6 +167,7 @@ def train_flow(
             model=name,
             trained=trained[name],
             arrays=arrays,
+            baseline=counts["baseline"]["validation"],
         )
         for name in to_train
     }
@@ -190,6 +190,22 @@ def train_flow(
         trained=trained,
         evaluated=evaluated,
         task_states=states,
+        artifacts_used=[
+            record["dir"]
+            for record in (
+                archive,
+                images,
+                manifest,
+                split,
+                counts,
+                figures,
+                arrays,
+                features,
+                *trained.values(),
+                *evaluated.values(),
+            )
+            if record
+        ],
         promote_margin=promote_margin,
         artifacts=root,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,6 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
+from catdog.hashing import sha256_json
 from catdog.io import atomic_write_json, atomic_write_text, read_json
 from catdog.layout import Layout
 from catdog.promotion import best_by_validation, decide
@@ -50,7 +50,6 @@ def _production_accuracy(
         return float(registry["test_accuracy"])
     import keras
 
-    import catdog.tf_setup  # noqa: F401
     from catdog.evaluation import score
     from tasks.training import load_arrays
 
@@ -119,12 +118,11 @@ def write_report(
     trained: dict[str, dict[str, Any]],
     evaluated: dict[str, dict[str, Any]],
     task_states: dict[str, str],
+    artifacts_used: list[str],
     promote_margin: float,
     artifacts: str,
 ) -> dict[str, Any]:
     """Write this run's summary.json and report.md, and decide on promotion."""
-    from catdog.plots import compare_models, save_figure, training_curves
-
     logger = get_run_logger()
     layout = Layout.at(artifacts)
     run_id = str(flow_run.get_id() or "local")
@@ -161,27 +159,23 @@ def write_report(
         },
         "models": models,
         "tasks": {**task_states, "write_report": "Completed"},
+        "artifacts_used": sorted(set(artifacts_used)),
     }
     figure_refs: dict[str, str] = {}
     figures_dir = layout.resolve(figures["dir"])
     for kind in ("samples", "augmentation"):
         figure_refs[kind] = str(figures_dir / f"{kind}.png")
     for name, model in models.items():
-        curves = save_figure(
-            training_curves(model["history"], name, baseline["validation"]),
-            run_dir / f"{name}_curves.png",
-        )
-        figure_refs[f"{name}:curves"] = str(curves)
         evaluation_dir = Path(model["evaluation_dir"])
-        figure_refs[f"{name}:confusion"] = str(evaluation_dir / "confusion_matrix.png")
-        if (evaluation_dir / "misclassified.png").is_file():
-            figure_refs[f"{name}:misclassified"] = str(evaluation_dir / "misclassified.png")
+        for kind, file in (
+            ("curves", "curves.png"),
+            ("confusion", "confusion_matrix.png"),
+            ("misclassified", "misclassified.png"),
+        ):
+            if (evaluation_dir / file).is_file():
+                figure_refs[f"{name}:{kind}"] = str(evaluation_dir / file)
     if models:
-        comparison = save_figure(
-            compare_models({n: m["history"] for n, m in models.items()}, baseline["validation"]),
-            run_dir / "comparison.png",
-        )
-        figure_refs["comparison"] = str(comparison)
+        figure_refs["comparison"] = str(_comparison_figure(layout, models, baseline))
         best = best_by_validation(models)
         summary["best_model"] = best
         summary["promotion"] = promote(
@@ -190,11 +184,13 @@ def write_report(
         logger.info(
             "best model by validation accuracy: %s; %s", best, summary["promotion"]["reason"]
         )
+    if "comparison" in figure_refs:
+        summary["run"]["comparison_figure"] = figure_refs["comparison"]
     report = render_report(summary, {k: _relative_to(v, run_dir) for k, v in figure_refs.items()})
     atomic_write_text(run_dir / "report.md", report)
     atomic_write_json(run_dir / "summary.json", summary)
     atomic_write_json(layout.summary, summary)
-    _publish(summary, run_dir, report)
+    _publish(summary, report)
     logger.info("report: %s", run_dir / "report.md")
     return {
         "summary": str(layout.summary),
@@ -203,28 +199,37 @@ def write_report(
     }
 
 
+def _comparison_figure(
+    layout: Layout, models: dict[str, dict[str, Any]], baseline: dict[str, float]
+) -> Path:
+    """All models' validation curves on one figure, drawn once per distinct set of histories."""
+    histories = {name: model["history"] for name, model in models.items()}
+    path = layout.runs_dir.parent / "figures" / f"comparison-{sha256_json(histories)[:16]}.png"
+    if not path.is_file():
+        from catdog.plots import compare_models, save_figure
+
+        save_figure(compare_models(histories, baseline["validation"]), path)
+    return path
+
+
 def _relative_to(path: str, base: Path) -> str:
     import os
 
     return os.path.relpath(path, base)
 
 
-def _publish(summary: dict[str, Any], run_dir: Path, report: str) -> None:
+def _publish(summary: dict[str, Any], report: str) -> None:
     if summary["models"]:
         ui.publish_table(
             "model-leaderboard",
             leaderboard_rows(summary),
             "Models by validation accuracy, with test scores",
         )
-        if (run_dir / "comparison.png").is_file():
-            ui.publish_image(
-                "training-curves",
-                run_dir / "comparison.png",
-                "Validation accuracy and loss of every model",
-            )
-    lines = [line for line in report.splitlines() if not line.startswith("![")]
-    ui.publish_markdown(
-        "run-report",
-        "\n".join(lines) + "\n" + json.dumps({"best_model": summary.get("best_model")}),
-        "The run report",
-    )
+        ui.publish_image(
+            "training-curves",
+            Path(summary["run"]["comparison_figure"]),
+            "Validation accuracy and loss of every model",
+        )
+    # Figures are published as their own artifacts; relative image links would not resolve.
+    text = "\n".join(line for line in report.splitlines() if not line.startswith("!["))
+    ui.publish_markdown("run-report", text + "\n", "The run report")

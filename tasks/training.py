@@ -193,14 +193,18 @@ def train_model(
     ),
 )
 def evaluate_model(
-    model: str, trained: dict[str, Any], arrays: dict[str, Any], artifacts: str
+    model: str, trained: dict[str, Any], arrays: dict[str, Any], baseline: float, artifacts: str
 ) -> dict[str, Any]:
     """Score a trained model on the test split: accuracy, loss, confusion matrix, errors."""
     import keras
 
-    import catdog.tf_setup  # noqa: F401
     from catdog.evaluation import score
-    from catdog.plots import confusion_matrix_figure, misclassified_grid, save_figure
+    from catdog.plots import (
+        confusion_matrix_figure,
+        misclassified_grid,
+        save_figure,
+        training_curves,
+    )
 
     layout = Layout.at(artifacts)
     classes = list(arrays["classes"])
@@ -211,6 +215,7 @@ def evaluate_model(
     logits = network.predict(x_test.astype("float32"), batch_size=64, verbose=0)
     metrics = score(logits, y_test, classes)
     with stage_output(layout, "evaluate", model) as (folder, record):
+        save_figure(training_curves(trained["history"], model, baseline), folder / "curves.png")
         save_figure(
             confusion_matrix_figure(metrics["confusion_matrix"], classes, f"{model}: test split"),
             folder / "confusion_matrix.png",

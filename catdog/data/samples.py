@@ -28,8 +28,6 @@ def augmentation_views(image: np.ndarray, *, draws: int, seed: int) -> list[np.n
     """`draws` outputs of the models' RandomFlip("horizontal") + RandomRotation(0.2)."""
     import keras
 
-    import catdog.tf_setup  # noqa: F401
-
     augment = keras.Sequential(
         [
             keras.layers.RandomFlip("horizontal", seed=seed),
