@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import catdog  # noqa: F401  (quiets TensorFlow before any task imports it)
@@ -24,9 +24,14 @@ except ImportError:  # run as a script from a checkout that is not installed
 # own log lines (download progress, skipped images) shown beside the tasks' in terminal and UI.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catdog")
+# The temporary API server can take longer than Prefect's default 20 s on a busy machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow
 from prefect.runtime import flow_run
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
 
 from catdog.config import DEFAULT_MODELS, OFFICIAL_DATA_URL, PipelineConfig, TrainConfig
 from catdog.errors import CatdogError
@@ -366,6 +371,24 @@ def _flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def build_deployment(args: argparse.Namespace) -> RunnerDeployment:
+    """The deployment `serve` registers: this flow, `--cron` or `--interval`, the options given."""
+    from prefect.deployments.runner import RunnerDeployment
+
+    try:
+        deployment = train_flow.to_deployment(
+            name=args.name,
+            cron=args.cron,
+            interval=args.interval,
+            parameters=_flow_parameters(args),
+            tags=["catdog", "scheduled"],
+        )
+    except ValueError as error:  # pydantic rejects a malformed cron string
+        raise UsageError(f"--cron {args.cron!r}: not a valid cron schedule") from error
+    assert isinstance(deployment, RunnerDeployment)
+    return deployment
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     serving = bool(argv) and argv[0] == "serve"
@@ -380,17 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _check(args)
-        parameters = _flow_parameters(args)
         if serving:
-            train_flow.serve(
-                name=args.name,
-                cron=args.cron,
-                interval=args.interval,
-                parameters=parameters,
-                tags=["catdog", "scheduled"],
-            )
+            from prefect import serve
+
+            serve(build_deployment(args))
             return 0
-        result = train_flow(**parameters)
+        result = train_flow(**_flow_parameters(args))
     except (CatdogError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -76,7 +76,7 @@ def download_dataset(data: str, sha256: str | None, artifacts: str) -> dict[str,
             return record
         if source.kind == "zip":
             sources.check_zip(source.path, data)
-        partial = layout.output_dir("download", ".partial") / f"{record['key']}.zip"
+        partial = layout.output_dir("download", ".downloads") / f"{record['key']}.zip"
         partial.parent.mkdir(parents=True, exist_ok=True)
         url = data if source.kind == "url" else source.path.as_uri()
         try:

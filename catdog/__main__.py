@@ -1,0 +1,149 @@
+"""The catdog command line: `python -m catdog <command>` (installed as `catdog` too).
+
+    python -m catdog cache prune [--artifacts DIR] [--keep N] [--dry-run]
+    python -m catdog predict ...        (see `python -m catdog predict --help`)
+
+Each subcommand has an `_add_<name>` function that declares it and a `_run_<name>` function
+that does it. Heavy modules (Prefect, TensorFlow, the predictor) are imported inside the
+`_run_*` functions only, so `--help` is instant and a broken or missing module fails only the
+subcommand that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Handler = Callable[[argparse.Namespace, list[str]], int]
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+# ----------------------------------------------------------------------------- cache prune
+
+
+def _add_cache(commands: Any) -> None:
+    cache = commands.add_parser(
+        "cache",
+        help="manage the artifacts folder's stage outputs and Prefect cache",
+        description="Manage the artifacts folder's stage outputs and Prefect cache.",
+    )
+    actions = cache.add_subparsers(dest="action", metavar="ACTION", required=True)
+    prune = actions.add_parser(
+        "prune",
+        help="remove stage outputs and cache entries the last N runs do not use",
+        description="Remove stage output folders, and Prefect cache-key and result files, "
+        "that none of the last N finished runs used (as listed in their summary.json), and "
+        "leftovers of crashed runs older than a day. production/ and the run reports are "
+        "never touched; a removed stage is recomputed by the next run that needs it.",
+    )
+    prune.add_argument(
+        "--artifacts",
+        default=os.environ.get("CATDOG_ARTIFACTS", "artifacts"),
+        help="artifacts folder (env CATDOG_ARTIFACTS; default ./artifacts)",
+    )
+    prune.add_argument(
+        "--keep",
+        type=_positive,
+        default=3,
+        metavar="N",
+        help="keep what the last N finished runs used (3)",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="only list what would be removed and freed"
+    )
+    prune.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the totals, not every path"
+    )
+    prune.set_defaults(handler=_run_cache_prune)
+
+
+def _run_cache_prune(args: argparse.Namespace, extra: list[str]) -> int:
+    from catdog.errors import CatdogError
+    from catdog.prune import prune
+
+    try:
+        report = prune(args.artifacts, keep=args.keep, dry_run=args.dry_run)
+    except CatdogError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.render(verbose=not args.quiet))
+    return 0
+
+
+# ----------------------------------------------------------------------------- predict
+# The predictor lives in `catdog/predict.py`, which declares its own options:
+#     def add_arguments(parser: argparse.ArgumentParser) -> None
+#     def run(args: argparse.Namespace) -> int
+# It is imported only when `predict` is asked for, so its imports (TensorFlow) cost nothing
+# to the other commands and `python -m catdog --help`.
+
+
+def _add_predict(commands: Any) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="classify images with the production model (see `predict --help`)",
+        add_help=False,  # its options, --help included, are declared by catdog.predict
+        prefix_chars="\0",  # hand every argument through, options included
+    )
+    predict.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        from catdog import predict
+    except ModuleNotFoundError as error:
+        if error.name != "catdog.predict":
+            raise
+        print("error: the predict command is not available in this version", file=sys.stderr)
+        return 2
+    from catdog.errors import CatdogError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m catdog predict",
+        description=(predict.__doc__ or "").strip().splitlines()[0] if predict.__doc__ else None,
+    )
+    predict.add_arguments(parser)
+    parsed = parser.parse_args(extra)
+    try:
+        return int(predict.run(parsed) or 0)
+    except CatdogError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per command."""
+    parser = argparse.ArgumentParser(
+        prog="python -m catdog",
+        description="catdog's tools beside the training flow (flows/train_flow.py).",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_cache(commands)
+    _add_predict(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default: the process's arguments) and run the chosen command."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    if extra and args.handler is not _run_predict:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    handler: Handler = args.handler
+    return handler(args, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Free disk space: remove stage outputs and Prefect cache entries that no recent run uses.
+
+Each finished run leaves `05_reports/runs/<stamp>-<id>/summary.json` whose `artifacts_used`
+lists every stage output folder it read or wrote. Pruning keeps the folders named there by the
+last N runs, removes every other stage folder (`<stage>-<hash>` under `catdog.layout.STAGE_DIRS`)
+with the Prefect cache-key and result files of the same key, and clears leftovers of crashed
+runs (`.<name>.tmp-*`, `.<name>.old-*` and `.partial` folders) once they are a day old.
+
+Never touched: `production/`, run reports and their `summary.json`, files whose names are not
+stage keys, anything outside the artifacts folder (symbolic links are never followed), and
+anything modified after the newest finished run (a run may be in progress). A removed stage is
+simply recomputed by the next run that needs it. No Prefect or TensorFlow import here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from catdog.errors import CatdogError
+from catdog.layout import STAGE_DIRS, Layout
+
+DEFAULT_KEEP = 3
+LEFTOVER_AGE_SECONDS = 24 * 3600.0
+SUMMARY = "summary.json"
+USED = "artifacts_used"
+
+KEY = re.compile(rf"^(?:{'|'.join(map(re.escape, STAGE_DIRS))})-[0-9a-f]{{8,64}}$")
+LEFTOVER = re.compile(r"^(?:\..+\.(?:tmp|old)-[0-9a-f]+|\..+\.partial|\.partial)$")
+NEVER = ("production", "05_reports/runs")  # relative to the root; never listed, never entered
+
+log = logging.getLogger(__name__)
+
+
+class PruneError(CatdogError):
+    """The folder is not a catdog artifacts folder, or its runs do not say what they use."""
+
+
+@dataclass(frozen=True)
+class Removal:
+    """One thing pruning removes (or would remove)."""
+
+    path: Path
+    kind: str  # "stage", "cache" or "leftover"
+    size: int  # bytes
+
+
+@dataclass
+class PruneReport:
+    """What a prune kept, removed and skipped."""
+
+    root: Path
+    kept_runs: list[str]
+    removals: list[Removal] = field(default_factory=list)
+    skipped_recent: list[Path] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(removal.size for removal in self.removals)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for removal in self.removals if removal.kind == kind)
+
+    def render(self, verbose: bool = True) -> str:
+        """A short human-readable account, one removed path a line when `verbose`."""
+        verb = "would remove" if self.dry_run else "removed"
+        lines = [
+            f"artifacts: {self.root}",
+            f"keeping what the last {len(self.kept_runs)} run(s) use: {', '.join(self.kept_runs)}",
+        ]
+        if verbose:
+            for removal in self.removals:
+                lines.append(f"  {verb} {self._rel(removal.path)}  ({_mb(removal.size)})")
+        for path in self.skipped_recent:
+            lines.append(f"  kept {self._rel(path)}: newer than the last finished run")
+        lines.append(
+            f"{verb} {self.count('stage')} stage folder(s), {self.count('cache')} cache file(s), "
+            f"{self.count('leftover')} leftover(s): {len(self.removals)} item(s), "
+            f"{_mb(self.freed_bytes)} {'would be ' if self.dry_run else ''}freed"
+        )
+        return "\n".join(lines)
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def check_artifacts(root: str | os.PathLike[str]) -> Layout:
+    """The layout of `root`, or PruneError unless it looks like a catdog artifacts folder.
+
+    Args:
+        root: the folder given as `--artifacts`.
+
+    Raises:
+        PruneError: the folder is missing, holds none of the stage folders and no `.prefect/`,
+            or has no finished run (whose summary says what must be kept).
+    """
+    layout = Layout.at(root)
+    if not layout.root.is_dir():
+        raise PruneError(f"--artifacts {root}: no such folder")
+    tops = {PurePosixPath(folder).parts[0] for folder in STAGE_DIRS.values()}
+    markers = [name for name in sorted(tops) if (layout.root / name).is_dir()]
+    if layout.prefect_dir.is_dir():
+        markers.append(".prefect")
+    if not markers or not layout.runs_dir.is_dir():
+        raise PruneError(
+            f"--artifacts {root}: does not look like a catdog artifacts folder "
+            "(expected 05_reports/runs/ and stage folders such as 01_raw/ or .prefect/); "
+            "nothing removed"
+        )
+    if not _run_summaries(layout):
+        raise PruneError(
+            f"--artifacts {root}: no finished run (05_reports/runs/*/{SUMMARY}), so nothing "
+            "tells which outputs are in use; nothing removed"
+        )
+    return layout
+
+
+def _run_summaries(layout: Layout) -> list[Path]:
+    """Every finished run's summary, oldest first (run folders are named `<UTC stamp>-<id>`)."""
+    if not layout.runs_dir.is_dir():
+        return []
+    return sorted(
+        (path / SUMMARY for path in layout.runs_dir.iterdir() if (path / SUMMARY).is_file()),
+        key=lambda summary: summary.parent.name,
+    )
+
+
+def used_keys(summaries: Iterable[Path]) -> set[str]:
+    """The stage keys (folder names) that these runs' summaries list in `artifacts_used`.
+
+    Raises:
+        PruneError: a summary cannot be read or has no `artifacts_used` list.
+    """
+    keys: set[str] = set()
+    for summary in summaries:
+        try:
+            data = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise PruneError(f"{summary}: cannot read it ({error}); nothing removed") from error
+        used = data.get(USED) if isinstance(data, dict) else None
+        if not isinstance(used, list):
+            raise PruneError(
+                f"{summary}: no {USED!r} list (written by an older catdog), so what this run "
+                "uses is unknown; nothing removed. Run the flow again, or lower --keep."
+            )
+        for entry in used:
+            keys.update(part for part in PurePosixPath(str(entry)).parts if KEY.match(part))
+    return keys
+
+
+def _production_key(layout: Layout) -> set[str]:
+    """The stage folder production's model was copied from, kept for its lineage."""
+    registry = layout.production_dir / "registry.json"
+    try:
+        source = json.loads(registry.read_text(encoding="utf-8")).get("source", "")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {part for part in Path(str(source)).parts if KEY.match(part)}
+
+
+def _inside(layout: Layout, path: Path) -> bool:
+    """True when `path` is a real (not linked) entry inside the artifacts folder."""
+    if path.is_symlink():
+        return False
+    try:
+        path.resolve().relative_to(layout.root)
+    except ValueError:
+        return False
+    relative = path.resolve().relative_to(layout.root).as_posix()
+    return not any(relative == never or relative.startswith(never + "/") for never in NEVER)
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return sorted(child for child in folder.iterdir() if not child.is_symlink())
+    except OSError:
+        return []
+
+
+def _stage_bases(layout: Layout) -> list[Path]:
+    bases = dict.fromkeys(layout.root / folder for folder in STAGE_DIRS.values())
+    return [base for base in bases if base.is_dir() and _inside(layout, base)]
+
+
+def _entries(layout: Layout) -> Iterator[Path]:
+    """Every entry one or two levels below a stage base (`<base>/x`, `<base>/<name>/x`)."""
+    seen: set[Path] = set()
+    for base in _stage_bases(layout):
+        for child in _children(base):
+            candidates = [child]
+            nested = not child.name.startswith(".") and not KEY.match(child.name)
+            if nested and child.is_dir() and _inside(layout, child):
+                candidates += _children(child)  # per-model sub-folders: 04_models/<model>/
+            for path in candidates:
+                if path not in seen and _inside(layout, path):
+                    seen.add(path)
+                    yield path
+
+
+def stage_folders(layout: Layout) -> list[Path]:
+    """Every `<stage>-<hash>` output folder in the artifacts folder."""
+    return [path for path in _entries(layout) if path.is_dir() and KEY.match(path.name)]
+
+
+def leftovers(layout: Layout) -> list[Path]:
+    """Working folders of crashed or interrupted runs: `.<name>.tmp-*`, `.old-*`, `.partial`."""
+    return [path for path in _entries(layout) if LEFTOVER.match(path.name)]
+
+
+def cache_files(layout: Layout) -> list[Path]:
+    """Prefect's cache-key and result files named by a stage key."""
+    found = []
+    for folder in (layout.cache_keys_dir, layout.results_dir):
+        found += [p for p in _children(folder) if p.is_file() and KEY.match(p.name)]
+    return found
+
+
+def _size(path: Path) -> int:
+    if not path.is_dir():
+        return path.lstat().st_size
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):  # does not follow links
+        for name in files:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                total += (Path(dirpath) / name).lstat().st_size
+    return total
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.lstat().st_mtime
+    if path.is_dir():
+        for dirpath, dirs, files in os.walk(path):
+            for name in [*dirs, *files]:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, (Path(dirpath) / name).lstat().st_mtime)
+    return newest
+
+
+def plan(layout: Layout, keep: int = DEFAULT_KEEP, now: float | None = None) -> PruneReport:
+    """Decide what to remove, without removing anything.
+
+    Args:
+        layout: a checked artifacts folder (see `check_artifacts`).
+        keep: how many of the most recent finished runs to keep the outputs of (at least 1).
+        now: the current time (seconds since the epoch), for the age of leftovers.
+
+    Raises:
+        ValueError: `keep` is below 1.
+        PruneError: one of the kept runs' summaries does not say what it uses.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    now = time.time() if now is None else now
+    summaries = _run_summaries(layout)
+    kept = summaries[-keep:]
+    keys = used_keys(kept) | _production_key(layout)
+    # Anything written after the newest finished run may belong to a run in progress.
+    newest_run = max((summary.stat().st_mtime for summary in summaries), default=now)
+    report = PruneReport(layout.root, [summary.parent.name for summary in kept])
+
+    def consider(path: Path, kind: str) -> None:
+        if path.lstat().st_mtime > newest_run:
+            report.skipped_recent.append(path)
+        else:
+            report.removals.append(Removal(path, kind, _size(path)))
+
+    for folder in stage_folders(layout):
+        if folder.name not in keys:
+            consider(folder, "stage")
+    for path in cache_files(layout):
+        if path.name not in keys:
+            consider(path, "cache")
+    for path in leftovers(layout):
+        if now - _newest_mtime(path) > LEFTOVER_AGE_SECONDS:
+            report.removals.append(Removal(path, "leftover", _size(path)))
+    return report
+
+
+def prune(
+    root: str | os.PathLike[str],
+    keep: int = DEFAULT_KEEP,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> PruneReport:
+    """Remove what the last `keep` runs do not use; with `dry_run`, only say what would go.
+
+    Args:
+        root: the artifacts folder.
+        keep: how many of the most recent finished runs to keep the outputs of.
+        dry_run: report only; delete nothing.
+        now: the current time (seconds since the epoch), for the age of leftovers.
+
+    Returns:
+        What was (or would be) removed, and how many bytes that frees.
+
+    Raises:
+        PruneError: `root` is not a catdog artifacts folder, or a kept run's summary does not
+            list what it uses.
+    """
+    layout = check_artifacts(root)
+    report = plan(layout, keep=keep, now=now)
+    report.dry_run = dry_run
+    if dry_run:
+        return report
+    for removal in report.removals:
+        if not _inside(layout, removal.path):  # re-checked at the last moment
+            continue
+        if removal.path.is_dir():
+            shutil.rmtree(removal.path)
+        else:
+            removal.path.unlink(missing_ok=True)
+        log.info("removed %s (%s)", removal.path, _mb(removal.size))
+    return report

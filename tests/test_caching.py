@@ -1,0 +1,179 @@
+"""Caching across runs: what reruns when what changes, damaged caches, concurrent runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_dataset, zip_folder
+from tests.test_flow import run_flow
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+REPO = Path(__file__).resolve().parents[1]
+DATA_STAGES = {"download_dataset", "extract_dataset", "build_manifest"}
+
+
+def computed(summary: dict) -> set[str]:
+    return {task for task, state in summary["tasks"].items() if state == "Completed"}
+
+
+def test_seed_change_reruns_split_and_later_but_not_download(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    run_flow(dataset_zip, artifacts)
+    summary = run_flow(dataset_zip, artifacts, seed=8)
+    assert not computed(summary) & DATA_STAGES
+    assert {
+        "split_dataset",
+        "count_labels",
+        "plot_samples",
+        "decode_images",
+        "train_model[model1]",
+        "evaluate_model[model1]",
+    } <= computed(summary)
+
+
+def test_changed_data_reruns_everything(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    run_flow(dataset_zip, artifacts)
+    other = zip_folder(make_dataset(tmp_path / "other", seed=5), tmp_path / "other.zip")
+    summary = run_flow(other, artifacts)
+    assert set(summary["tasks"].values()) == {"Completed"}
+
+
+def test_changed_folder_dataset_reruns(tmp_path):
+    folder = make_dataset(tmp_path / "photos")
+    artifacts = tmp_path / "artifacts"
+    first = run_flow(folder, artifacts)
+    assert first["data"]["counts"]["train"] == {"cats": 12, "dogs": 12}
+    again = run_flow(folder, artifacts)
+    assert computed(again) == {"write_report"}
+    shutil.copy(folder / "train/cats/cats.train.0.jpg", folder / "train/dogs/extra.jpg")
+    (folder / "train/dogs/extra.jpg").write_bytes(
+        (folder / "train/dogs/extra.jpg").read_bytes() + b"\0"
+    )
+    changed = run_flow(folder, artifacts)
+    assert "build_manifest" in computed(changed)
+    assert changed["data"]["counts"]["train"] == {"cats": 12, "dogs": 13}
+
+
+def test_deleted_artifact_file_is_recomputed_not_served_stale(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    first = run_flow(dataset_zip, artifacts)
+    model_path = Path(first["models"]["model1"]["path"])
+    model_path.unlink()
+    second = run_flow(dataset_zip, artifacts)
+    assert "train_model[model1]" in computed(second)
+    assert computed(second) & DATA_STAGES == set()
+    assert model_path.is_file()
+
+
+def test_refresh_from_a_stage_recomputes_that_stage_and_later(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    run_flow(dataset_zip, artifacts)
+    summary = run_flow(dataset_zip, artifacts, refresh="train")
+    assert computed(summary) == {"train_model[model1]", "evaluate_model[model1]", "write_report"}
+
+
+def test_promotion_gate_promotes_then_keeps(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    first = run_flow(dataset_zip, artifacts)
+    assert first["promotion"]["promoted"] is True
+    registry = json.loads((artifacts / "production/registry.json").read_text())
+    assert registry["model"] == "model1"
+    assert registry["split_hash"] == first["data"]["split_hash"]
+    assert (artifacts / "production/model.keras").is_file()
+
+    kept = run_flow(dataset_zip, artifacts, epochs=2, promote_margin=1.0)
+    assert kept["promotion"]["promoted"] is False
+    assert "kept production" in kept["promotion"]["reason"]
+    assert json.loads((artifacts / "production/registry.json").read_text()) == registry
+
+    promoted = run_flow(dataset_zip, artifacts, epochs=2, promote_margin=-1.0)
+    assert promoted["promotion"]["promoted"] is True
+    new_registry = json.loads((artifacts / "production/registry.json").read_text())
+    assert new_registry["run_id"] != registry["run_id"]
+
+
+def _flow_subprocess(data: Path, artifacts: Path, home: Path, pythonpath: Path | None = None):
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": ""}
+    env.pop("PREFECT_API_URL")
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    command = [
+        sys.executable,
+        str((pythonpath or REPO) / "flows/train_flow.py"),
+        "--data",
+        str(data),
+        "--models",
+        "model1",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--artifacts",
+        str(artifacts),
+    ]
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=home.parent,
+    )
+
+
+def _run_summaries(artifacts: Path) -> list[dict]:
+    return [
+        json.loads(p.read_text())
+        for p in sorted((artifacts / "05_reports/runs").glob("*/summary.json"))
+    ]
+
+
+def test_two_concurrent_runs_share_work_and_agree(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    runs = [_flow_subprocess(dataset_zip, artifacts, tmp_path / f"home{i}") for i in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    first, second = _run_summaries(artifacts)
+    trained_by = [s["tasks"]["train_model[model1]"] for s in (first, second)]
+    assert sorted(trained_by) == ["Cached", "Completed"]
+    assert first["models"]["model1"]["history"] == second["models"]["model1"]["history"]
+    assert first["models"]["model1"]["path"] == second["models"]["model1"]["path"]
+    assert not list(artifacts.rglob(".*.tmp-*")) and not list(artifacts.rglob(".*.partial"))
+
+
+def test_editing_library_code_invalidates_exactly_the_stages_that_run_it(dataset_zip, tmp_path):
+    checkout = tmp_path / "checkout"
+    for package in ("catdog", "tasks", "flows"):
+        shutil.copytree(
+            REPO / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    artifacts = tmp_path / "artifacts"
+    first = _flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout)
+    assert first.wait(timeout=600) == 0, first.stdout.read()
+
+    split_module = checkout / "catdog/data/split.py"
+    source = split_module.read_text()
+    marker = '    """\n'
+    assert marker in source
+    split_module.write_text(
+        source.replace(
+            "def split_manifest(",
+            "def _unused() -> None:\n    return None\n\n\ndef split_manifest(",
+            1,
+        )
+    )
+    second = _flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout)
+    assert second.wait(timeout=600) == 0, second.stdout.read()
+    latest = _run_summaries(artifacts)[-1]
+    assert not computed(latest) & DATA_STAGES
+    assert "split_dataset" in computed(latest)

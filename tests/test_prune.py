@@ -1,0 +1,235 @@
+"""`python -m catdog cache prune` on a fake artifacts folder of real files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from catdog.__main__ import main
+from catdog.prune import PruneError, prune
+
+DAY = 24 * 3600.0
+NOW = time.time()
+OLD = NOW - 10 * DAY
+CACHE_DIRS = ("cache-keys", "results")
+
+
+def key(stage: str, label: str) -> str:
+    return f"{stage}-{hashlib.sha256(label.encode()).hexdigest()[:32]}"
+
+
+def write(path: Path, size: int, mtime: float = OLD) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def stage_folder(root: Path, relative: str, size: int = 1000, mtime: float = OLD) -> Path:
+    """A stage output folder with a record and one data file, plus its Prefect cache files."""
+    folder = root / relative
+    write(folder / "record.json", 10, mtime)
+    write(folder / "data.bin", size, mtime)
+    os.utime(folder, (mtime, mtime))
+    write(root / ".prefect" / "cache-keys" / folder.name, 100, mtime)
+    write(root / ".prefect" / "results" / folder.name, 200, mtime)
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> dict:
+    """Five runs; runs share the data stages two by two and each has its own model."""
+    root = tmp_path / "artifacts"
+    runs: list[dict] = []
+    for number in range(5):
+        data = number // 2  # runs 0,1 share data 0; 2,3 share data 1; 4 has data 2
+        used = [
+            f"01_raw/{key('download', f'd{data}')}",
+            f"02_images/{key('extract', f'd{data}')}",
+            f"03_splits/arrays/{key('decode', f'd{data}')}",
+            f"04_models/model1/{key('train', f'r{number}')}",
+            f"04_models/model1/{key('evaluate', f'r{number}')}",
+        ]
+        for relative in used:
+            if not (root / relative).exists():
+                stage_folder(root, relative, size=200_000 * (number + 1))
+        run_dir = root / "05_reports" / "runs" / f"2026112{number}T030000Z-abcdef0{number}"
+        summary = run_dir / "summary.json"
+        summary.parent.mkdir(parents=True)
+        summary.write_text(json.dumps({"artifacts_used": used, "run": {"id": str(number)}}))
+        os.utime(summary, (OLD + 60 * (number + 1), OLD + 60 * (number + 1)))
+        write(run_dir / "report.md", 50)
+        runs.append({"used": used, "dir": run_dir})
+    write(root / "summary.json", 30)
+    write(root / "production" / "model.keras", 500)
+    (root / "production" / "registry.json").write_text(json.dumps({"source": "elsewhere"}))
+    write(root / ".prefect" / "file-hashes.json", 40)
+    write(root / ".prefect" / "results" / "not-a-stage-key", 40)
+    write(root / "05_reports" / "figures" / "comparison-0123456789abcdef.png", 40)
+    return {"root": root, "runs": runs}
+
+
+def test_prune_keeps_the_last_runs_and_removes_the_rest(artifacts: dict) -> None:
+    root, runs = artifacts["root"], artifacts["runs"]
+    kept = {rel for run in runs[-3:] for rel in run["used"]}
+    dropped = {rel for run in runs[:2] for rel in run["used"]} - kept
+    assert dropped and kept
+    expected_bytes = sum(folder_bytes(root / rel) + 300 for rel in dropped)
+    before = sorted(p for p in root.rglob("*") if p.is_file())
+
+    report = prune(root, keep=3, now=NOW)
+
+    assert report.kept_runs == [run["dir"].name for run in runs[-3:]]
+    assert report.freed_bytes == expected_bytes
+    assert report.count("stage") == len(dropped)
+    assert report.count("cache") == 2 * len(dropped)
+    for rel in kept:
+        assert (root / rel / "data.bin").is_file(), rel
+        name = Path(rel).name
+        assert (root / ".prefect" / "cache-keys" / name).is_file()
+        assert (root / ".prefect" / "results" / name).is_file()
+    for rel in dropped:
+        name = Path(rel).name
+        assert not (root / rel).exists(), rel
+        assert not (root / ".prefect" / "cache-keys" / name).exists()
+        assert not (root / ".prefect" / "results" / name).exists()
+    # Everything that is not a stage output or its cache entry is untouched.
+    after = sorted(p for p in root.rglob("*") if p.is_file())
+    removed = set(before) - set(after)
+    for survivor in (
+        "summary.json",
+        "production/model.keras",
+        "production/registry.json",
+        ".prefect/file-hashes.json",
+        ".prefect/results/not-a-stage-key",
+        "05_reports/figures/comparison-0123456789abcdef.png",
+        *(f"{run['dir'].relative_to(root)}/summary.json" for run in runs),
+    ):
+        assert (root / survivor).is_file(), survivor
+    assert removed == {
+        *(root / rel / name for rel in dropped for name in ("record.json", "data.bin")),
+        *(root / ".prefect" / sub / Path(rel).name for rel in dropped for sub in CACHE_DIRS),
+    }
+
+    again = prune(root, keep=3, now=NOW)
+    assert again.removals == [] and again.freed_bytes == 0
+
+
+def test_dry_run_deletes_nothing_and_reports_the_same(artifacts: dict) -> None:
+    root = artifacts["root"]
+    before = sorted((p, p.stat().st_size) for p in root.rglob("*"))
+    dry = prune(root, keep=2, dry_run=True, now=NOW)
+    assert sorted((p, p.stat().st_size) for p in root.rglob("*")) == before
+    assert dry.dry_run and dry.freed_bytes > 0
+    assert "would remove" in dry.render()
+    real = prune(root, keep=2, now=NOW)
+    assert [r.path for r in real.removals] == [r.path for r in dry.removals]
+    assert real.freed_bytes == dry.freed_bytes
+
+
+def test_keep_more_runs_than_exist_removes_no_stage(artifacts: dict) -> None:
+    report = prune(artifacts["root"], keep=10, now=NOW)
+    assert report.removals == []
+    assert len(report.kept_runs) == 5
+
+
+def test_production_source_and_recent_outputs_are_kept(artifacts: dict) -> None:
+    root, runs = artifacts["root"], artifacts["runs"]
+    source = root / runs[0]["used"][3]
+    (root / "production" / "registry.json").write_text(
+        json.dumps({"source": str(source / "model.keras")})
+    )
+    in_progress = stage_folder(root, f"04_models/model2/{key('train', 'live')}", mtime=NOW)
+    report = prune(root, keep=1, now=NOW)
+    assert source.is_dir()
+    assert in_progress.is_dir() and in_progress in report.skipped_recent
+    assert (root / ".prefect" / "results" / in_progress.name).is_file()
+    assert not (root / runs[0]["used"][4]).exists()
+
+
+def test_leftovers_older_than_a_day_are_removed(artifacts: dict) -> None:
+    root = artifacts["root"]
+    stale = [
+        write(root / "04_models" / "model1" / ".train-0123abcd.partial" / "ckpt", 70).parent,
+        write(root / "03_splits" / "arrays" / ".decode-0123.tmp-1a2b3c4d" / "x.npy", 80).parent,
+        write(root / "01_raw" / ".partial" / "download-0123abcd.zip", 90).parent,
+    ]
+    for folder in stale:
+        os.utime(folder, (OLD, OLD))
+    fresh = write(root / "04_models" / "model2" / ".train-4567.partial" / "ckpt", 60, NOW).parent
+    report = prune(root, keep=5, now=NOW)
+    assert report.count("leftover") == 3
+    assert report.freed_bytes == 70 + 80 + 90
+    assert not any(path.exists() for path in stale)
+    assert fresh.is_dir()
+
+
+def test_links_out_of_the_artifacts_folder_are_not_followed(artifacts: dict, tmp_path) -> None:
+    outside = stage_folder(tmp_path / "elsewhere", f"model9/{key('train', 'outside')}").parent
+    (artifacts["root"] / "04_models" / "model9").symlink_to(outside, target_is_directory=True)
+    prune(artifacts["root"], keep=1, now=NOW)
+    assert (outside / key("train", "outside") / "data.bin").is_file()
+
+
+def test_refuses_a_folder_that_is_not_an_artifacts_folder(tmp_path: Path, capsys) -> None:
+    other = tmp_path / "photos"
+    write(other / "cat.jpg", 10)
+    with pytest.raises(PruneError, match="does not look like a catdog artifacts folder"):
+        prune(other)
+    assert main(["cache", "prune", "--artifacts", str(other)]) == 2
+    assert "does not look like a catdog artifacts folder" in capsys.readouterr().err
+    assert (other / "cat.jpg").is_file()
+    assert main(["cache", "prune", "--artifacts", str(tmp_path / "missing")]) == 2
+
+
+def test_refuses_when_a_kept_run_does_not_say_what_it_uses(artifacts: dict) -> None:
+    root, runs = artifacts["root"], artifacts["runs"]
+    (runs[-1]["dir"] / "summary.json").write_text(json.dumps({"run": {}}))
+    before = sorted(root.rglob("*"))
+    with pytest.raises(PruneError, match="artifacts_used"):
+        prune(root, keep=3)
+    assert sorted(root.rglob("*")) == before
+
+
+def test_cli_reports_count_and_megabytes(artifacts: dict, capsys) -> None:
+    root = artifacts["root"]
+    args = ["cache", "prune", "--artifacts", str(root), "--keep", "3"]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would remove 7 stage folder(s), 14 cache file(s)" in out
+    assert "MB would be freed" in out
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "removed 7 stage folder(s), 14 cache file(s), 0 leftover(s): 21 item(s)" in out
+    assert "MB freed" in out
+
+
+def test_cli_rejects_keep_below_one(artifacts: dict) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cache", "prune", "--artifacts", str(artifacts["root"]), "--keep", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_cli_help_imports_neither_prefect_nor_tensorflow() -> None:
+    code = (
+        "import sys, contextlib, io\n"
+        "from catdog.__main__ import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['cache', 'prune', '--help'])\n"
+        "heavy = [m for m in ('prefect', 'tensorflow', 'keras') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
