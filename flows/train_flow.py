@@ -389,18 +389,25 @@ def build_deployment(args: argparse.Namespace) -> RunnerDeployment:
     return deployment
 
 
+def _serve_parser() -> argparse.ArgumentParser:
+    """The run options plus a schedule and a deployment name, for `serve`."""
+    parser = _parser()
+    parser.prog += " serve"
+    parser.description = "Serve the flow on a schedule: register the deployment, then run "
+    parser.description += "each scheduled run in this process until stopped (Ctrl-C)."
+    parser.epilog = None
+    schedule = parser.add_mutually_exclusive_group(required=True)
+    schedule.add_argument("--cron", help="cron schedule in UTC, e.g. '0 3 * * 1'")
+    schedule.add_argument("--interval", type=_positive, help="seconds between runs")
+    parser.add_argument("--name", default="scheduled-retraining", help="deployment name")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     serving = bool(argv) and argv[0] == "serve"
-    parser = _parser()
-    if serving:
-        argv = argv[1:]
-        parser.prog += " serve"
-        schedule = parser.add_mutually_exclusive_group(required=True)
-        schedule.add_argument("--cron", help="cron schedule, e.g. '0 3 * * 1'")
-        schedule.add_argument("--interval", type=_positive, help="seconds between runs")
-        parser.add_argument("--name", default="scheduled-retraining", help="deployment name")
-    args = parser.parse_args(argv)
+    parser = _serve_parser() if serving else _parser()
+    args = parser.parse_args(argv[1:] if serving else argv)
     try:
         _check(args)
         if serving:
