@@ -15,8 +15,6 @@ class DataConfig:
     test_fraction: float = 0.2  # of validation/ held out as test (the blog's val_batches // 5)
     flat_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train/val/test, flat roots
     max_images_per_class: int | None = None  # cap per class and split (smoke runs, scaling tests)
-    max_extract_bytes: int = 20 * 1024**3  # refuse archives that unpack to more than this
-    max_compression_ratio: float = 200.0  # refuse archive members compressed more than this
 
 
 @dataclass(frozen=True)
@@ -29,6 +27,9 @@ class TrainConfig:
     finetune_learning_rate_factor: float = 0.1  # fine-tuning trains at a tenth of the rate
     feature_views: int = 3  # cached augmented views per training image for frozen-base models
     dropout: float = 0.2  # dropout before model4's classification head
+    # "auto": mixed_bfloat16 where the hardware computes bf16 natively (AVX512-BF16/AMX CPUs,
+    # GPUs), else float32; or name a Keras dtype policy ("float32", "mixed_bfloat16").
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -203,7 +203,8 @@ def _cnn_layers(num_classes: int, seed: int | None) -> list[keras.layers.Layer]:
         keras.layers.Dense(64, activation="relu", name="dense1"),
         keras.layers.Dense(64, activation="relu", name="dense2"),
         keras.layers.Dropout(0.5, seed=_sub_seed(seed, 2), name="dropout"),
-        keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME),  # logits
+        # float32 logits keep the loss numerically stable under a mixed-precision policy.
+        keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME, dtype="float32"),  # logits
     ]
 
 
@@ -350,7 +351,7 @@ def make_model4(
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, seed=_sub_seed(seed, 2), name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME)(x)
+    outputs = keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME, dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -455,7 +456,7 @@ def make_head(
     """
     inputs = keras.Input(shape=(feature_dim,), dtype="float32", name="features")
     x = keras.layers.Dropout(dropout, seed=_sub_seed(seed, 2), name="dropout")(inputs)
-    outputs = keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME)(x)
+    outputs = keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME, dtype="float32")(x)
     return keras.Model(inputs, outputs, name="head_model")
 
 

@@ -11,7 +11,8 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,31 @@ class TrainResult:
     trainable_params: int
     total_params: int
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_precision(precision: str) -> str:
+    """The Keras dtype policy for `precision` on this machine."""
+    if precision != "auto":
+        return precision
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+@contextmanager
+def dtype_policy(precision: str) -> Iterator[str]:
+    """Build and train under `precision`'s policy, restoring the previous one afterwards."""
+    previous = keras.mixed_precision.global_policy()
+    policy = resolve_precision(precision)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield policy
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def image_dataset(
@@ -179,9 +205,11 @@ def train_end_to_end(
 ) -> TrainResult:
     """Train a model on images for `config.epochs`; writes model.keras and best.keras."""
     keras.utils.set_random_seed(seed)
-    model = models.build_model(
-        name, data.x_train.shape[1:], data.num_classes, weights=weights, seed=seed
-    )
+    with dtype_policy(config.precision) as policy:
+        model = models.build_model(
+            name, data.x_train.shape[1:], data.num_classes, weights=weights, seed=seed
+        )
+    logger.info("%s: training under the %s dtype policy", name, policy)
     models.compile_model(model, config.learning_rate)
     train = image_dataset(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)
     val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
@@ -276,7 +304,19 @@ def fine_tune(
     The history continues the starting model's epochs, as in the TensorFlow tutorial.
     """
     keras.utils.set_random_seed(seed)
-    model = keras.models.load_model(start_model, safe_mode=True)
+    trained = keras.models.load_model(start_model, safe_mode=True)
+    with dtype_policy(config.precision) as policy:
+        # Rebuilt (no download: weights=None) so that the policy applies to every layer.
+        model = models.build_model(
+            "model4_finetune",
+            data.x_train.shape[1:],
+            data.num_classes,
+            weights=None,
+            seed=seed,
+            dropout=config.dropout,
+        )
+    model.set_weights(trained.get_weights())
+    logger.info("fine-tuning under the %s dtype policy", policy)
     models.unfreeze_top(model, config.finetune_at)
     models.compile_model(model, config.learning_rate * config.finetune_learning_rate_factor)
     train = image_dataset(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)

@@ -88,6 +88,7 @@ def train_flow(
     feature_views: int = 3,
     promote_margin: float = 0.0,
     train_retries: int = 0,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Download, split, count, look, train every model, evaluate, report."""
     layout = Layout.at(artifacts)
@@ -100,6 +101,7 @@ def train_flow(
             "batch_size": batch_size,
             "finetune_epochs": finetune_epochs,
             "feature_views": feature_views,
+            "precision": precision,
         }
     )
     first_refreshed = STAGES.index(refresh) if refresh in STAGES else len(STAGES)
@@ -320,6 +322,13 @@ def _parser() -> argparse.ArgumentParser:
         help="accuracy a new best model must gain over production (0.0)",
     )
     parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "mixed_bfloat16"],
+        help="training dtype policy; auto uses bfloat16 where the CPU or GPU computes it "
+        "natively (default auto)",
+    )
+    parser.add_argument(
         "--train-retries",
         type=int,
         default=0,
@@ -368,23 +377,25 @@ def _flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
         "feature_views": args.feature_views,
         "promote_margin": args.promote_margin,
         "train_retries": args.train_retries,
+        "precision": args.precision,
     }
 
 
 def build_deployment(args: argparse.Namespace) -> RunnerDeployment:
     """The deployment `serve` registers: this flow, `--cron` or `--interval`, the options given."""
     from prefect.deployments.runner import RunnerDeployment
+    from prefect.schedules import Cron, Interval
 
     try:
-        deployment = train_flow.to_deployment(
-            name=args.name,
-            cron=args.cron,
-            interval=args.interval,
-            parameters=_flow_parameters(args),
-            tags=["catdog", "scheduled"],
-        )
-    except ValueError as error:  # pydantic rejects a malformed cron string
+        schedule = Cron(args.cron, timezone="UTC") if args.cron else Interval(args.interval)
+    except ValueError as error:
         raise UsageError(f"--cron {args.cron!r}: not a valid cron schedule") from error
+    deployment = train_flow.to_deployment(
+        name=args.name,
+        schedules=[schedule],
+        parameters=_flow_parameters(args),
+        tags=["catdog", "scheduled"],
+    )
     assert isinstance(deployment, RunnerDeployment)
     return deployment
 
