@@ -27,7 +27,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catdog")
 # The temporary API server can take longer than Prefect's default 20 s on a busy machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from prefect import flow
+from prefect import flow, tags
 from prefect.runtime import flow_run
 
 if TYPE_CHECKING:
@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(build_deployment(args))
             return 0
-        result = train_flow(**_flow_parameters(args))
+        with tags("catdog", *args.models):
+            result = train_flow(**_flow_parameters(args))
     except (CatdogError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
