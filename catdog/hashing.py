@@ -27,7 +27,8 @@ def sha256_json(value: Any) -> str:
     return sha256_bytes(text.encode("utf-8"))
 
 
-def _sha256_file_uncached(path: Path) -> str:
+def sha256_file_uncached(path: Path) -> str:
+    """SHA-256 of a file's bytes, read now (for files that are still changing)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
@@ -61,7 +62,7 @@ class HashMemo:
             known = self._entries.get(key)
         if known and known[:2] == stamp:
             return str(known[2])
-        digest = _sha256_file_uncached(path)
+        digest = sha256_file_uncached(path)
         with self._lock:
             self._entries[key] = [*stamp, digest]
             self._dirty = True

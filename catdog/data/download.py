@@ -9,7 +9,6 @@ nothing is left behind). `dest` only ever appears complete and verified.
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import http
 import logging
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from catdog.errors import PermanentDownloadError, TransientDownloadError
+from catdog.hashing import sha256_file_uncached
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ _EOCD_SIGNATURE = b"PK\x05\x06"
 _EOCD_SEARCH_BYTES = 22 + 0xFFFF
 _HEAD_BYTES = 32
 _LOG_INTERVAL_S = 2.0
-_HASH_CHUNK = 1 << 20
 _MB = 1_000_000
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 # 408 is the server timing out our request, so it is as retryable as a 5xx.
@@ -340,7 +339,7 @@ def _verify(
             )
     if sha256:
         expected = sha256.strip().lower()
-        actual = _sha256_file(part)
+        actual = sha256_file_uncached(part)
         if actual != expected:
             part.unlink(missing_ok=True)
             raise PermanentDownloadError(
@@ -363,14 +362,6 @@ def _has_zip_end_record(path: Path) -> bool:
     with open(path, "rb") as handle:
         handle.seek(max(0, size - _EOCD_SEARCH_BYTES))
         return _EOCD_SIGNATURE in handle.read()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _transient_body_error(
