@@ -348,14 +348,18 @@ def _check(args: argparse.Namespace) -> None:
         from catdog.data.extract import find_dataset_root
 
         find_dataset_root(source.path)
-    if any(name in FROZEN_BASE for name in args.models) and args.weights not in (
-        "imagenet",
-        "none",
-    ):
-        path = Path(args.weights).expanduser()
-        if not path.is_file():
-            raise UsageError(f"--weights {args.weights}: no such file")
-        args.weights = str(path.resolve())
+    if any(name in FROZEN_BASE for name in args.models):
+        if args.weights == "imagenet":
+            # Fetched (or found in Keras's cache) now, so that no network failure can stop
+            # the run half-way; the file then keys the cache by its content like any other.
+            from catdog.models import fetch_imagenet_weights
+
+            args.weights = fetch_imagenet_weights(args.image_size)
+        elif args.weights != "none":
+            path = Path(args.weights).expanduser()
+            if not path.is_file():
+                raise UsageError(f"--weights {args.weights}: no such file")
+            args.weights = str(path.resolve())
     if args.max_images_per_class is not None and args.max_images_per_class < 2:
         raise UsageError("--max-images-per-class must be at least 2")
 
