@@ -51,6 +51,7 @@ def extract_features(
     views: int,
     seed: int,
     batch_size: int = 64,
+    chunk: int = 512,
 ) -> FeatureSet:
     """Pooled features of the frozen MobileNetV2 base for train views and validation images.
 
@@ -67,24 +68,23 @@ def extract_features(
     extractor = models.feature_extractor(model)
     augment = models.get_augmentation(model)
 
-    def embed(images: np.ndarray) -> np.ndarray:
-        return np.asarray(extractor.predict(images, batch_size=batch_size, verbose=0))
+    def embed(images: np.ndarray, view: int) -> np.ndarray:
+        """Features of one view of `images`, a chunk at a time to bound memory."""
+        out = []
+        for start in range(0, len(images), chunk):
+            batch = images[start : start + chunk].astype(np.float32)
+            if view == 1:
+                batch = batch[:, :, ::-1, :]
+            elif view >= 2:
+                batch = np.asarray(augment(batch, training=True))
+            out.append(np.asarray(extractor.predict(batch, batch_size=batch_size, verbose=0)))
+        return np.concatenate(out) if out else np.zeros((0, 1280), np.float32)
 
     stacks = []
     for view in range(max(1, views)):
-        images = x_train.astype(np.float32)
-        if view == 1:
-            images = images[:, :, ::-1, :]
-        elif view >= 2:
-            images = np.concatenate(
-                [
-                    np.asarray(augment(images[i : i + batch_size], training=True))
-                    for i in range(0, len(images), batch_size)
-                ]
-            )
-        stacks.append(embed(images))
+        stacks.append(embed(x_train, view))
         logger.info("features: train view %d of %d done", view + 1, views)
-    val = embed(x_val.astype(np.float32))
+    val = embed(x_val, 0)
     return FeatureSet(
         train=np.stack(stacks).astype(np.float32),
         y_train=np.asarray(y_train, dtype=np.int32),
