@@ -45,6 +45,7 @@ class ContentAddressed(CachePolicy):
     stage: str = ""
     code: tuple[str, ...] = ()
     name_input: str | None = None  # input naming a per-model sub-folder, e.g. "model"
+    unkeyed: tuple[str, ...] = ()  # inputs the fingerprint stands in for
     fingerprint: Callable[[dict[str, Any]], Any] | None = field(default=None, repr=False)
 
     def compute_key(
@@ -54,7 +55,8 @@ class ContentAddressed(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        keyed = {name: value for name, value in inputs.items() if name not in NOT_KEYED}
+        skip = (*NOT_KEYED, *self.unkeyed)
+        keyed = {name: value for name, value in inputs.items() if name not in skip}
         parts: dict[str, Any] = {
             "stage": self.stage,
             "inputs": keyed,

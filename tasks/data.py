@@ -55,7 +55,10 @@ def _manifest(layout: Layout, record: dict[str, Any], name: str) -> Manifest:
 @task(
     name="download_dataset",
     cache_policy=ContentAddressed(
-        stage="download", code=("catdog.data.download",), fingerprint=_source_fingerprint
+        stage="download",
+        code=("catdog.data.download",),
+        fingerprint=_source_fingerprint,
+        unkeyed=("data",),  # the same archive, however its path is spelled, is one result
     ),
     retries=DOWNLOAD_RETRIES,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
@@ -70,7 +73,7 @@ def download_dataset(data: str, sha256: str | None, artifacts: str) -> dict[str,
     layout = Layout.at(artifacts)
     source = sources.parse_source(data)
     with stage_output(layout, "download") as (folder, record):
-        record.update(kind=source.kind, source=data)
+        record["kind"] = source.kind
         if source.kind == "folder":
             record["root"] = source.location
             return record

@@ -177,3 +177,14 @@ def test_editing_library_code_invalidates_exactly_the_stages_that_run_it(dataset
     latest = _run_summaries(artifacts)[-1]
     assert not computed(latest) & DATA_STAGES
     assert "split_dataset" in computed(latest)
+
+
+def test_same_archive_spelled_differently_is_one_cache_entry(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    run_flow(dataset_zip, artifacts)
+    respelled = dataset_zip.parent / ".." / dataset_zip.parent.name / dataset_zip.name
+    copy = tmp_path / "copy-of-tiny.zip"
+    shutil.copyfile(dataset_zip, copy)
+    for data in (respelled, copy):
+        summary = run_flow(data, artifacts)
+        assert computed(summary) == {"write_report"}, data

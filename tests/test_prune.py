@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,29 @@ def test_cli_help_imports_neither_prefect_nor_tensorflow() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_cli_hands_predict_its_own_arguments(monkeypatch) -> None:
+    import catdog
+
+    received: list = []
+    fake = types.ModuleType("catdog.predict")
+    fake.add_arguments = lambda parser: (  # type: ignore[attr-defined]
+        parser.add_argument("inputs", nargs="+"),
+        parser.add_argument("--top", type=int),
+    )
+    fake.run = lambda args: received.append(args) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "catdog.predict", fake)
+    monkeypatch.setattr(catdog, "predict", fake, raising=False)
+    assert main(["predict", "a.jpg", "b", "--top", "2"]) == 0
+    assert received[0].inputs == ["a.jpg", "b"] and received[0].top == 2
+
+
+def test_cli_without_a_predict_module_fails_only_predict(monkeypatch, capsys, artifacts) -> None:
+    import catdog
+
+    monkeypatch.setitem(sys.modules, "catdog.predict", None)
+    monkeypatch.delattr(catdog, "predict", raising=False)
+    assert main(["predict", "a.jpg"]) == 2
+    assert "predict command is not available" in capsys.readouterr().err
+    assert main(["cache", "prune", "--artifacts", str(artifacts["root"]), "--dry-run"]) == 0

@@ -40,12 +40,15 @@ def parse_source(value: str) -> Source:
 
 
 def fingerprint(source: Source, memo: HashMemo | None = None) -> str:
-    """What identifies the data's content: the URL, the zip's hash, or the folder's listing."""
+    """What identifies the data: the URL, the zip's hash, or the folder and its listing.
+
+    A folder is used in place, so its location is part of its identity.
+    """
     if source.kind == "url":
         return source.location
     if source.kind == "zip":
         return sha256_file(source.path, memo)
-    return folder_fingerprint(source.path)
+    return f"{source.location}:{folder_fingerprint(source.path)}"
 
 
 def check_zip(path: Path, label: str | None = None) -> None:

@@ -1,0 +1,112 @@
+"""Scheduled retraining: the deployment `serve` registers, and the one prefect.yaml declares."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import prefect
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+
+from flows.train_flow import _serve_parser, build_deployment, main, train_flow
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+ROOT = Path(__file__).resolve().parents[1]
+CRON = "0 3 * * 1"
+ENTRYPOINT = "flows/train_flow.py:train_flow"
+
+
+def serve_args(dataset_zip: Path, artifacts: Path, *schedule: str) -> list[str]:
+    return [
+        *schedule,
+        "--data",
+        str(dataset_zip),
+        "--models",
+        "model1,model2",
+        "--epochs",
+        "3",
+        "--artifacts",
+        str(artifacts),
+    ]
+
+
+def read_back(deployment_id: Any) -> Any:
+    with get_client(sync_client=True) as client:
+        return client.read_deployment(deployment_id)
+
+
+def test_serve_deployment_has_the_cron_schedule_and_the_options(dataset_zip, tmp_path) -> None:
+    args = _serve_parser().parse_args(
+        serve_args(dataset_zip, tmp_path / "artifacts", "--cron", CRON)
+    )
+    deployment = build_deployment(args)
+    assert deployment.entrypoint is not None and deployment.entrypoint.endswith(ENTRYPOINT)
+
+    saved = read_back(deployment.apply())
+
+    assert saved.name == "scheduled-retraining"
+    assert saved.tags == ["catdog", "scheduled"]
+    [schedule] = saved.schedules
+    assert schedule.active
+    assert schedule.schedule.cron == CRON
+    assert str(schedule.schedule.timezone) == "UTC"
+    assert saved.parameters["data"] == str(dataset_zip)
+    assert saved.parameters["models"] == ["model1", "model2"]
+    assert saved.parameters["epochs"] == 3
+    assert saved.parameters["artifacts"] == str((tmp_path / "artifacts").resolve())
+    assert set(saved.parameters) <= set(inspect.signature(train_flow.fn).parameters)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow(saved.flow_id).name == "catdog-train"
+
+
+def test_serve_deployment_with_an_interval(dataset_zip, tmp_path) -> None:
+    args = _serve_parser().parse_args(
+        [*serve_args(dataset_zip, tmp_path, "--interval", "600"), "--name", "every-ten"]
+    )
+    saved = read_back(build_deployment(args).apply())
+    assert saved.name == "every-ten"
+    [schedule] = saved.schedules
+    assert schedule.schedule.interval.total_seconds() == 600
+
+
+def test_main_serve_registers_the_deployment_it_serves(monkeypatch, dataset_zip, tmp_path):
+    served: list[Any] = []
+    monkeypatch.setattr(prefect, "serve", lambda *deployments: served.extend(deployments))
+    argv = ["serve", *serve_args(dataset_zip, tmp_path, "--cron", CRON)]
+    assert main(argv) == 0
+    [deployment] = served
+    assert deployment.name == "scheduled-retraining"
+    assert deployment.schedules[0].schedule.cron == CRON
+    assert deployment.parameters["models"] == ["model1", "model2"]
+
+
+def test_serve_rejects_a_bad_schedule_in_one_line(capsys, dataset_zip, tmp_path) -> None:
+    argv = ["serve", *serve_args(dataset_zip, tmp_path, "--cron", "every monday")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cron 'every monday'") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--data", str(dataset_zip)])  # a schedule is required
+    assert exit_info.value.code == 2
+
+
+def test_prefect_yaml_declares_the_same_deployment() -> None:
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    [deployment] = config["deployments"]
+    assert deployment["name"] == _serve_parser().get_default("name") == "scheduled-retraining"
+    assert deployment["entrypoint"] == ENTRYPOINT
+    assert deployment["work_pool"]["name"] == "catdog-process"
+    assert deployment["schedules"] == [{"cron": CRON, "timezone": "UTC", "active": True}]
+    assert deployment["tags"] == ["catdog", "scheduled"]
+    flow_parameters = inspect.signature(train_flow.fn).parameters
+    assert set(deployment["parameters"]) <= set(flow_parameters)
+    assert deployment["parameters"]["data"] == flow_parameters["data"].default
+    assert deployment["parameters"]["models"] == flow_parameters["models"].default
+    path, function = deployment["entrypoint"].split(":")
+    assert (ROOT / path).is_file() and train_flow.fn.__name__ == function
+    [pull] = config["pull"]
+    assert "prefect.deployments.steps.set_working_directory" in pull
