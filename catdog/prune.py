@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from catdog.errors import CatdogError
+from catdog.io import atomic_write_json
 from catdog.layout import STAGE_DIRS, Layout
 
 DEFAULT_KEEP = 3
@@ -323,4 +324,17 @@ def prune(
         else:
             removal.path.unlink(missing_ok=True)
         log.info("removed %s (%s)", removal.path, _mb(removal.size))
+    _forget_missing_hashes(layout)
     return report
+
+
+def _forget_missing_hashes(layout: Layout) -> None:
+    """Drop remembered file hashes of files that no longer exist."""
+    memo = layout.hash_memo
+    try:
+        entries = json.loads(memo.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    kept = {path: entry for path, entry in entries.items() if Path(path).exists()}
+    if len(kept) != len(entries):
+        atomic_write_json(memo, kept)

@@ -175,7 +175,9 @@ def write_report(
             if (evaluation_dir / file).is_file():
                 figure_refs[f"{name}:{kind}"] = str(evaluation_dir / file)
     if models:
-        figure_refs["comparison"] = str(_comparison_figure(layout, models, baseline))
+        comparison = _comparison_figure(layout, models, baseline)
+        figure_refs["comparison"] = str(comparison)
+        summary["artifacts_used"].append(layout.relative(comparison.parent))
         best = best_by_validation(models)
         summary["best_model"] = best
         summary["promotion"] = promote(
@@ -204,7 +206,9 @@ def _comparison_figure(
 ) -> Path:
     """All models' validation curves on one figure, drawn once per distinct set of histories."""
     histories = {name: model["history"] for name, model in models.items()}
-    path = layout.runs_dir.parent / "figures" / f"comparison-{sha256_json(histories)[:16]}.png"
+    # A keyed folder of the report stage, so `cache prune` treats it like any stage output.
+    folder = layout.output_dir("report", f"report-{sha256_json(histories)[:32]}")
+    path = folder / "comparison.png"
     if not path.is_file():
         from catdog.plots import compare_models, save_figure
 
