@@ -38,6 +38,7 @@ from catdog.errors import CatdogError
 from catdog.layout import STAGES, Layout
 from tasks.caching import bind_to_artifacts
 from tasks.data import (
+    DOWNLOAD_RETRIES,
     build_manifest,
     count_labels,
     decode_images,
@@ -88,6 +89,7 @@ def train_flow(
     feature_views: int = 3,
     promote_margin: float = 0.0,
     train_retries: int = 0,
+    download_retries: int = DOWNLOAD_RETRIES,
     precision: str = "auto",
 ) -> dict[str, Any]:
     """Download, split, count, look, train every model, evaluate, report."""
@@ -113,6 +115,8 @@ def train_flow(
         bound = bind_to_artifacts(task, layout, refresh=STAGES.index(stage) >= first_refreshed)
         if stage == "train" and train_retries:
             bound = bound.with_options(retries=train_retries)
+        if stage == "download":
+            bound = bound.with_options(retries=download_retries)
         state = bound(**kwargs, artifacts=root, return_state=True)
         states[label] = state.name
         return state.result()
@@ -329,6 +333,12 @@ def _parser() -> argparse.ArgumentParser:
         "natively (default auto)",
     )
     parser.add_argument(
+        "--download-retries",
+        type=int,
+        default=DOWNLOAD_RETRIES,
+        help=f"retries of a transient download failure, with backoff ({DOWNLOAD_RETRIES})",
+    )
+    parser.add_argument(
         "--train-retries",
         type=int,
         default=0,
@@ -381,6 +391,7 @@ def _flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
         "feature_views": args.feature_views,
         "promote_margin": args.promote_margin,
         "train_retries": args.train_retries,
+        "download_retries": args.download_retries,
         "precision": args.precision,
     }
 
