@@ -7,6 +7,7 @@ python flows/train_flow.py serve --cron "0 3 * * 1"
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import asdict
@@ -23,7 +24,7 @@ except ImportError:  # run as a script from a checkout that is not installed
 # Before Prefect reads its settings: no telemetry (runs are often offline), and the library's
 # own log lines (download progress, skipped images) shown beside the tasks' in terminal and UI.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catdog")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catdog,tasks")
 # The temporary API server can take longer than Prefect's default 20 s on a busy machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
@@ -49,6 +50,9 @@ from tasks.data import (
 )
 from tasks.report import write_report
 from tasks.training import evaluate_model, extract_features, train_model
+
+for _library in ("catdog", "tasks"):  # Prefect gives them its handlers, not a level
+    logging.getLogger(_library).setLevel(logging.INFO)
 
 MODEL_NAMES = ("model1", "model2", "model3", "model4", "model4_finetune")
 FROZEN_BASE = ("model4", "model4_finetune")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -146,6 +148,64 @@ def _seal(layout: Layout, folder: Path, record: dict[str, Any]) -> None:
     atomic_write_json(folder / RECORD, record)
 
 
+class CrashSafeLockManager(FileSystemLockManager):
+    """File locks that a crashed run cannot leave behind.
+
+    Prefect's file locks never expire by default, so a run killed while holding one (a kill,
+    an out-of-memory crash, a reboot) would make every later run wait forever. Each lock here
+    gets a sidecar naming the process that holds it; a lock whose process, on this machine,
+    no longer exists is released.
+    """
+
+    def _owner_path(self, key: str) -> Path:
+        return Path(f"{self._lock_path_for_key(key)}.owner")
+
+    def acquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            self._owner_path(key).write_text(f"{socket.gethostname()}:{os.getpid()}")
+        return acquired
+
+    def release_lock(self, key: str, holder: str) -> None:
+        super().release_lock(key, holder)
+        self._owner_path(key).unlink(missing_ok=True)
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        if not super().is_locked(key, use_cache=use_cache):
+            return False
+        try:
+            owner = self._owner_path(key).read_text()
+        except OSError:
+            return True  # just taken, owner not written yet: alive
+        if _process_is_gone(owner):
+            log.warning("releasing the lock on %s left by a run that died", key)
+            Path(self._lock_path_for_key(key)).unlink(missing_ok=True)
+            self._owner_path(key).unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return True
+
+
+def _process_is_gone(owner: str) -> bool:
+    """True when `owner` ("host:pid") names a process of this machine that has ended."""
+    host, _, pid = owner.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def bind_to_artifacts(task: Task, layout: Layout, *, refresh: bool = False, **options: Any) -> Task:
     """The task with its results, cache keys and locks stored under the artifacts folder.
 
@@ -156,7 +216,7 @@ def bind_to_artifacts(task: Task, layout: Layout, *, refresh: bool = False, **op
     if isinstance(policy, ContentAddressed):
         policy = policy.configure(
             key_storage=layout.cache_keys_dir,
-            lock_manager=FileSystemLockManager(lock_files_directory=layout.locks_dir),
+            lock_manager=CrashSafeLockManager(lock_files_directory=layout.locks_dir),
             isolation_level="SERIALIZABLE",
         )
     return task.with_options(

@@ -1,0 +1,63 @@
+"""A flow run killed mid-training: the next run continues from the last finished epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_caching import REPO
+
+EPOCHS = 30
+
+
+def test_killed_run_resumes_at_the_next_epoch(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    command = [
+        sys.executable,
+        str(REPO / "flows/train_flow.py"),
+        "--data",
+        str(dataset_zip),
+        "--models",
+        "model1",
+        "--epochs",
+        str(EPOCHS),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--artifacts",
+        str(artifacts),
+    ]
+    run = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    assert run.stdout is not None
+    for line in run.stdout:
+        if f"model1 epoch 2/{EPOCHS}" in line:
+            os.killpg(run.pid, signal.SIGKILL)
+            break
+    run.wait(timeout=60)
+    partial = next((artifacts / "04_models/model1").glob(".*.partial"))
+    done = len(json.loads((partial / "train-epochs.json").read_text()))
+    assert 2 <= done < EPOCHS
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    log = rerun.stdout + rerun.stderr
+    assert f"resuming train at epoch {done + 1} of {EPOCHS}" in log
+    assert f"model1 epoch 1/{EPOCHS}" not in log
+    summary = json.loads((artifacts / "summary.json").read_text())
+    assert summary["models"]["model1"]["epochs"] == EPOCHS
+    assert len(summary["models"]["model1"]["history"]["val_accuracy"]) == EPOCHS
+    assert not partial.exists()
