@@ -94,8 +94,9 @@ class EpochLog(keras.callbacks.Callback):
 
     Keras's own History only knows the epochs of the current process; after a resume we
     still want epochs 1..N. Rows are keyed by epoch, so a repeated epoch overwrites itself.
-    The best epoch by validation accuracy is saved as `best.keras`, judged against every
-    row on disk, so a restart cannot overwrite it with a worse epoch.
+    The best epoch by validation accuracy is saved (as `model.keras`, the model the pipeline
+    evaluates and promotes, like Keras's `restore_best_weights`), judged against every row on
+    disk, so a restart cannot overwrite it with a worse epoch.
     """
 
     def __init__(
@@ -203,7 +204,11 @@ def train_end_to_end(
     weights: str | None = None,
     on_epoch: EpochHook | None = None,
 ) -> TrainResult:
-    """Train a model on images for `config.epochs`; writes model.keras and best.keras."""
+    """Train a model on images for `config.epochs`.
+
+    Writes `model.keras` (the epoch with the best validation accuracy) and `final.keras`
+    (the last epoch).
+    """
     keras.utils.set_random_seed(seed)
     with dtype_policy(config.precision) as policy:
         model = models.build_model(
@@ -221,9 +226,9 @@ def train_end_to_end(
         work_dir=work_dir,
         phase="train",
         on_epoch=on_epoch,
-        best_path=work_dir / "best.keras",
+        best_path=work_dir / "model.keras",
     )
-    model.save(work_dir / "model.keras")
+    model.save(work_dir / "final.keras")
     return _result(model, rows)
 
 
@@ -280,12 +285,11 @@ def train_head_on_features(
         dropout=config.dropout,
     )
     models.transplant_head(head, model)
-    model.save(work_dir / "model.keras")
+    model.save(work_dir / "final.keras")
     best_head = keras.models.load_model(work_dir / "best-head.keras", safe_mode=True)
     models.transplant_head(best_head, model)
-    model.save(work_dir / "best.keras")
+    model.save(work_dir / "model.keras")
     (work_dir / "best-head.keras").unlink()
-    models.transplant_head(head, model)
     return _result(model, rows)
 
 
@@ -318,7 +322,7 @@ def fine_tune(
     model.set_weights(trained.get_weights())
     logger.info("fine-tuning under the %s dtype policy", policy)
     models.unfreeze_top(model, config.finetune_at)
-    models.compile_model(model, config.learning_rate * config.finetune_learning_rate_factor)
+    models.compile_model(model, config.finetune_learning_rate)
     train = image_dataset(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)
     val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
     first = len(start_history)
@@ -330,8 +334,8 @@ def fine_tune(
         work_dir=work_dir,
         phase="finetune",
         on_epoch=on_epoch,
-        best_path=work_dir / "best.keras",
+        best_path=work_dir / "model.keras",
         initial_epoch=first,
     )
-    model.save(work_dir / "model.keras")
+    model.save(work_dir / "final.keras")
     return _result(model, {**start_history, **rows})

@@ -68,7 +68,7 @@ def _run_name() -> str:
 def _training_settings(model: str, config: TrainConfig) -> dict[str, Any]:
     """Only the settings that change this model's result, so others keep their cache."""
     settings = asdict(config)
-    unused = {"finetune_epochs", "finetune_at", "finetune_learning_rate_factor"}
+    unused = {"finetune_epochs", "finetune_at", "finetune_learning_rate"}
     if model not in FROZEN_BASE:
         unused |= {"feature_views", "dropout"}
     if model == "model4_finetune":
@@ -90,7 +90,7 @@ def train_flow(
     batch_size: int = 32,
     max_images_per_class: int | None = None,
     finetune_epochs: int = 10,
-    feature_views: int = 3,
+    feature_views: int = 2,
     promote_margin: float = 0.0,
     train_retries: int = 0,
     download_retries: int = DOWNLOAD_RETRIES,
@@ -320,8 +320,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--feature-views",
         type=_positive,
-        default=3,
-        help="cached augmented views per training image for model4 (3)",
+        default=2,
+        help="cached views per training image for model4: the image, its mirror image, then "
+        "draws of the augmentation (2)",
     )
     parser.add_argument(
         "--promote-margin",

@@ -44,7 +44,7 @@ def test_training_killed_after_epoch_2_of_4_resumes_at_epoch_3(data, tmp_path):
             "model1", data, tmp_path, config=config, seed=1, on_epoch=crash_after_second
         )
     assert seen == [1, 2]
-    assert not (tmp_path / "model.keras").exists()
+    assert not (tmp_path / "final.keras").exists()
 
     resumed: list[int] = []
     result = train_end_to_end(
@@ -59,7 +59,7 @@ def test_training_killed_after_epoch_2_of_4_resumes_at_epoch_3(data, tmp_path):
     assert len(result.history["val_accuracy"]) == 4
     assert len(result.epoch_seconds) == 4
     assert (tmp_path / "model.keras").is_file()
-    assert (tmp_path / "best.keras").is_file()
+    assert (tmp_path / "final.keras").is_file()
     assert 1 <= result.best_epoch <= 4
     assert not (tmp_path / "train-backup").exists()
 
@@ -94,7 +94,7 @@ def test_head_on_cached_features_then_fine_tune(data, tmp_path):
     )
     assert result.trainable_params == 1280 * 2 + 2
     assert len(result.history["accuracy"]) == 2
-    assert (head_dir / "model.keras").is_file() and (head_dir / "best.keras").is_file()
+    assert (head_dir / "model.keras").is_file() and (head_dir / "final.keras").is_file()
 
     rows = {
         i + 1: {k: v[i] for k, v in result.history.items()} | {"seconds": 0.0} for i in range(2)
