@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -22,6 +23,7 @@ from prefect.artifacts import (
 )
 
 MAX_EMBED_WIDTH = 900
+log = logging.getLogger(__name__)
 
 
 def embedded_png(path: Path, max_width: int = MAX_EMBED_WIDTH) -> str:
@@ -55,13 +57,23 @@ def publish_counts(counts: dict[str, Any]) -> None:
 
 
 def start_progress(description: str) -> UUID | None:
-    artifact_id = create_progress_artifact(progress=0.0, description=description)
+    """A progress artifact, or None if the API cannot take one now (progress is optional)."""
+    try:
+        artifact_id = create_progress_artifact(progress=0.0, description=description)
+    except Exception as error:  # a progress bar must never fail a training run
+        log.warning("no progress artifact (%s)", error)
+        return None
     return artifact_id if isinstance(artifact_id, UUID) else None
 
 
 def update_progress(artifact_id: UUID | None, percent: float) -> None:
-    if artifact_id is not None:
+    """Best effort: an unreachable API costs the progress bar, never the training run."""
+    if artifact_id is None:
+        return
+    try:
         update_progress_artifact(artifact_id=artifact_id, progress=percent)
+    except Exception as error:
+        log.warning("progress artifact not updated (%s)", error)
 
 
 def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
