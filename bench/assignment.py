@@ -1,0 +1,367 @@
+"""The assignment's protocol with catdog on the real data, scored against its targets.
+
+    python bench/assignment.py [--data ../shared/data/cats_and_dogs_filtered.zip] \
+        [--weights ../shared/weights/mobilenet_v2_1.0_224_no_top.h5] [--epochs 20] \
+        [--finetune-epochs 10] [--out bench/ASSIGNMENT.md]
+
+Runs `flows/train_flow.py --models model1,model2,model3,model4,model4_finetune` on a fresh
+artifacts folder (wall time and peak memory measured from here), then the same command again
+(fully cached) and the default four-model flow on the same folder (also all cache hits), and
+writes a Markdown section: validation accuracy at the last epoch, test accuracy, train seconds
+and parameters per model, the best model's test accuracy, and each target's verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    BENCH,
+    REPO,
+    RawLog,
+    catdog_env,
+    command_line,
+    environment_markdown,
+    feature_seconds,
+    flow_script,
+    fmt,
+    fmt_gib,
+    keep_logs,
+    log,
+    measure,
+    median_after_first,
+    now,
+    ratio,
+    read_summary,
+    snapshot_sources,
+    table,
+    verdict,
+    write_section,
+)
+
+MODELS = ("model1", "model2", "model3", "model4", "model4_finetune")
+DEFAULT_MODELS = ("model1", "model2", "model3", "model4")
+# (model, metric, threshold): the assignment's targets.
+TARGETS = (
+    ("model1", "val_acc", 0.60),
+    ("model2", "val_acc", 0.60),
+    ("model3", "val_acc", 0.70),
+    ("model4", "val_acc", 0.95),
+    ("model4_finetune", "test_acc", 0.98),
+)
+METRIC_LABEL = {"val_acc": "validation accuracy, last epoch", "test_acc": "test accuracy"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    shared = REPO.parent / "shared"
+    parser = argparse.ArgumentParser(
+        prog="python bench/assignment.py", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--data", type=Path, default=shared / "data" / "cats_and_dogs_filtered.zip")
+    parser.add_argument(
+        "--weights", default=str(shared / "weights" / "mobilenet_v2_1.0_224_no_top.h5")
+    )
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument(
+        "--max-images-per-class", type=int, default=None, help="quick checks on a slice"
+    )
+    parser.add_argument("--out", type=Path, default=BENCH / "ASSIGNMENT.md")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--no-snapshot", action="store_true", help="run from the checkout")
+    parser.add_argument("--no-rerun", action="store_true", help="skip the cached reruns")
+    parser.add_argument("--timeout", type=float, default=4 * 3600)
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="only re-render --out from an earlier run's raw JSON (bench/ASSIGNMENT.json)",
+    )
+    args = parser.parse_args(argv)
+    args.data = args.data.expanduser().resolve()
+    if args.weights not in ("imagenet", "none"):
+        args.weights = str(Path(args.weights).expanduser().resolve())
+    return args
+
+
+def flow_command(
+    args: argparse.Namespace, source: Path | None, artifacts: Path, models: tuple[str, ...]
+) -> list[str]:
+    """The catdog command line of the protocol."""
+    return [
+        sys.executable,
+        str(flow_script(source)),
+        "--data",
+        str(args.data),
+        "--weights",
+        args.weights,
+        "--models",
+        ",".join(models),
+        "--epochs",
+        str(args.epochs),
+        "--finetune-epochs",
+        str(args.finetune_epochs),
+        "--seed",
+        str(args.seed),
+        "--artifacts",
+        str(artifacts),
+        *(
+            ["--max-images-per-class", str(args.max_images_per_class)]
+            if args.max_images_per_class
+            else []
+        ),
+    ]
+
+
+def model_rows(summary: dict[str, Any]) -> tuple[list[list[str]], dict[str, dict[str, Any]]]:
+    """One table row per model, and the figures the targets are judged on."""
+    rows: list[list[str]] = []
+    figures: dict[str, dict[str, Any]] = {}
+    everything = summary.get("models", {})
+    for name, model in everything.items():
+        val = model["history"]["val_accuracy"]
+        seconds = model["epoch_seconds"]
+        if name == "model4_finetune" and "model4" in everything:
+            # Its history starts with model4's epochs; time only its own fine-tuning epochs.
+            seconds = seconds[len(everything["model4"]["epoch_seconds"]) :]
+        figures[name] = {"val_acc": val[-1] if val else None, "test_acc": model["test_accuracy"]}
+        rows.append(
+            [
+                name,
+                str(model["epochs"]),
+                fmt(100 * val[-1], 1, "%") if val else "–",
+                fmt(100 * max(val), 1, "%") if val else "–",
+                fmt(100 * model["test_accuracy"], 1, "%"),
+                fmt(model["train_seconds"], 1, " s"),
+                fmt(median_after_first(seconds), 2, " s"),
+                f"{model['trainable_params']:,} / {model['total_params']:,}",
+            ]
+        )
+    return rows, figures
+
+
+def states(summary: dict[str, Any] | None) -> str:
+    """Tally of task states, e.g. '14/15 Cached, 1/15 Completed'."""
+    values = list(((summary or {}).get("tasks") or {}).values())
+    tally: dict[str, int] = {}
+    for value in values:
+        tally[value] = tally.get(value, 0) + 1
+    return ", ".join(f"{n}/{len(values)} {k}" for k, n in sorted(tally.items())) or "–"
+
+
+def rerender(args: argparse.Namespace) -> str:
+    """Write the section again from the raw JSON of an earlier run."""
+    data = json.loads(args.from_json.read_text())
+    snapshot = data.get("snapshot") or {}
+    command = data.get("catdog_command")
+    if command is None:  # written before the command was stored: rebuild it
+        source = Path(snapshot["path"]) if snapshot else None
+        work = source.parent if source else Path("<work>")
+        command = flow_command(args, source, work / "artifacts", MODELS)
+    first = data["first"]
+    body = render(
+        args,
+        first,
+        first.get("summary"),
+        data.get("reruns") or {},
+        snapshot,
+        command,
+        command_text=data.get("command"),
+        finished=data.get("finished"),
+    )
+    write_section(args.out, "assignment", body, "catdog: the assignment's protocol")
+    return body
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        print(rerender(args))
+        return 0
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="catdog-assignment-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    source = None
+    snapshot: dict[str, Any] = {}
+    if not args.no_snapshot:
+        source = work / "src"
+        shutil.rmtree(source, ignore_errors=True)
+        snapshot = snapshot_sources(source)
+    artifacts = work / "artifacts"
+    # A Prefect home of its own: no SQLite database shared with anyone else's runs.
+    env = catdog_env(source, work / "prefect-home")
+    raw = RawLog(args.out.with_suffix(".json"))
+    raw.data.update(command=command_line(), snapshot=snapshot)
+    log(f"work folder {work}")
+    try:
+        command = flow_command(args, source, artifacts, MODELS)
+        raw.data["catdog_command"] = command
+        log(f"assignment protocol: {args.epochs} epochs (+{args.finetune_epochs} fine-tuning) ...")
+        first = measure(command, work / "first.log", timeout=args.timeout, env=env)
+        log(
+            f"first run: {first.wall_seconds:.0f} s"
+            + (f" ERROR {first.error}" if first.error else "")
+        )
+        summary = None
+        if first.error is None:
+            try:
+                summary = read_summary(artifacts)
+            except (OSError, ValueError) as exc:
+                first.error = f"no summary.json: {exc}"
+        raw.data["first"] = {
+            "run": first.to_json(),
+            "summary": summary,
+            "feature_seconds": feature_seconds(work / "first.log"),
+        }
+        raw.save()
+        reruns: dict[str, Any] = {}
+        if first.error is None and not args.no_rerun:
+            for label, models in (("cached", MODELS), ("cached-default", DEFAULT_MODELS)):
+                (artifacts / "summary.json").unlink(missing_ok=True)
+                log(f"{label} rerun ({','.join(models)}) ...")
+                run = measure(
+                    flow_command(args, source, artifacts, models),
+                    work / f"{label}.log",
+                    timeout=args.timeout,
+                    env=env,
+                )
+                rerun_summary = None
+                if run.error is None:
+                    try:
+                        rerun_summary = read_summary(artifacts)
+                    except (OSError, ValueError) as exc:
+                        run.error = f"no summary.json: {exc}"
+                log(f"{label} rerun: {run.wall_seconds:.1f} s")
+                reruns[label] = {"run": run.to_json(), "states": states(rerun_summary)}
+            raw.data["reruns"] = reruns
+            raw.save()
+        raw.data["finished"] = now()
+        raw.save()
+        body = render(args, raw.data["first"], summary, reruns, snapshot, command)
+        write_section(args.out, "assignment", body, "catdog: the assignment's protocol")
+        log(f"wrote {args.out} and {raw.path}")
+    finally:
+        kept = keep_logs(work, "assignment")
+        if kept:
+            log(f"logs kept in {kept}")
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(body)
+    return 0
+
+
+def render(
+    args: argparse.Namespace,
+    measured: dict[str, Any],
+    summary: dict[str, Any] | None,
+    reruns: dict[str, Any],
+    snapshot: dict[str, Any],
+    command: list[str],
+    *,
+    command_text: str | None = None,
+    finished: str | None = None,
+) -> str:
+    """The Markdown section (fit to paste into bench/RESULTS.md)."""
+    import shlex
+
+    first = measured["run"]
+    facts = {}
+    if snapshot:
+        dirty = snapshot["git_status"].replace("\n", "; ") or "clean"
+        facts["catdog sources"] = (
+            f"copy taken at start, git HEAD {snapshot['git_head'][:10]}, sources sha256 "
+            f"{snapshot['sources_sha256']}, uncommitted: {dirty}"
+        )
+    lines = [
+        f"## The assignment's protocol with catdog ({finished or now()})",
+        "",
+        environment_markdown(facts),
+        f"- command: `{command_text or command_line()}`",
+        f"- catdog command: `{shlex.join(command)}`",
+        "",
+    ]
+    if summary is None:
+        lines.append(f"The run failed: {first['error']}")
+        return "\n".join(lines)
+    rows, figures = model_rows(summary)
+    lines += [
+        table(
+            [
+                "model",
+                "epochs",
+                "val acc (last epoch)",
+                "val acc (best)",
+                "test acc",
+                "train seconds",
+                "epoch (median 2..N)",
+                "params (trainable / total)",
+            ],
+            rows,
+        ),
+        "",
+        "`train seconds` is summary.json's `train_seconds`: training plus the shared decode "
+        "stage (and feature extraction for model4*). model4_finetune's epochs continue "
+        "model4's (its history holds both, as in the TensorFlow tutorial; its epoch time is "
+        "the median of its own fine-tuning epochs after the first).",
+        "",
+    ]
+    best = summary.get("best_model")
+    if best:
+        lines.append(
+            f"- best model by validation accuracy: **{best}**, test accuracy "
+            f"**{100 * summary['models'][best]['test_accuracy']:.1f}%**"
+        )
+    baseline = summary.get("data", {}).get("baseline_accuracy")
+    if baseline is not None:
+        lines.append(f"- majority-class baseline on the test split: {100 * baseline:.1f}%")
+    wall = first["wall_seconds"]
+    lines += [
+        f"- whole flow, first run: {wall:.1f} s wall, peak memory {fmt_gib(first['peak_bytes'])}"
+        f" (largest process {fmt_gib(first['max_rss_bytes'])}, sampled process-tree sum "
+        f"{fmt_gib(first['tree_rss_bytes'])}), other processes' CPU meanwhile "
+        f"{fmt(first.get('others_cores'), 2)} cores",
+    ]
+    if measured.get("feature_seconds") is not None:
+        lines.append(
+            f"- of which MobileNetV2 feature extraction (extract_features, shared by model4 and "
+            f"counted in its train seconds): {measured['feature_seconds']:.0f} s"
+        )
+    for label, text in (
+        ("cached", "same command again (fully cached)"),
+        ("cached-default", "default four-model flow on the same artifacts"),
+    ):
+        rerun = reruns.get(label)
+        if rerun:
+            run = rerun["run"]
+            lines.append(
+                f"- {text}: {run['wall_seconds']:.1f} s wall "
+                f"(**{fmt(ratio(run['wall_seconds'], wall), 4)}x** the first run), task "
+                f"states {rerun['states']}, peak memory {fmt_gib(run['peak_bytes'])}"
+                + (f", error: {run['error']}" if run["error"] else "")
+            )
+    checks = []
+    for model, metric, threshold in TARGETS:
+        value = figures.get(model, {}).get(metric)
+        checks.append(
+            [
+                f"{model} {METRIC_LABEL[metric]} ≥ {threshold:.2f}",
+                "not run" if value is None else f"{value:.4f}",
+                verdict(None if value is None else value >= threshold),
+            ]
+        )
+    lines += ["", "### Targets", "", table(["target", "measured", "verdict"], checks)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
