@@ -186,7 +186,7 @@ def train_flow(
         )
         for name in to_train
     }
-    return write_report.with_options()(
+    return write_report(
         run={
             "data": data,
             "models": to_train,
