@@ -100,20 +100,17 @@ def test_promotion_gate_promotes_then_keeps(dataset_zip, tmp_path):
     assert new_registry["run_id"] != registry["run_id"]
 
 
-def _flow_subprocess(data: Path, artifacts: Path, home: Path, pythonpath: Path | None = None):
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": ""}
-    env.pop("PREFECT_API_URL")
-    if pythonpath:
-        env["PYTHONPATH"] = str(pythonpath)
-    command = [
+def flow_command(data: Path, artifacts: Path, *, epochs: int, checkout: Path = REPO) -> list:
+    """`python flows/train_flow.py` for model1 on tiny images, as a user would type it."""
+    return [
         sys.executable,
-        str((pythonpath or REPO) / "flows/train_flow.py"),
+        str(checkout / "flows/train_flow.py"),
         "--data",
         str(data),
         "--models",
         "model1",
         "--epochs",
-        "1",
+        str(epochs),
         "--image-size",
         "32",
         "--batch-size",
@@ -121,6 +118,14 @@ def _flow_subprocess(data: Path, artifacts: Path, home: Path, pythonpath: Path |
         "--artifacts",
         str(artifacts),
     ]
+
+
+def _flow_subprocess(data: Path, artifacts: Path, home: Path, pythonpath: Path | None = None):
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": ""}
+    env.pop("PREFECT_API_URL")
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    command = flow_command(data, artifacts, epochs=1, checkout=pythonpath or REPO)
     return subprocess.Popen(
         command,
         env=env,

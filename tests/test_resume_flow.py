@@ -6,9 +6,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
-from tests.test_caching import REPO
+from tests.test_caching import flow_command
 
 EPOCHS = 30
 
@@ -17,22 +16,7 @@ def test_killed_run_resumes_at_the_next_epoch(dataset_zip, tmp_path):
     artifacts = tmp_path / "artifacts"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)
-    command = [
-        sys.executable,
-        str(REPO / "flows/train_flow.py"),
-        "--data",
-        str(dataset_zip),
-        "--models",
-        "model1",
-        "--epochs",
-        str(EPOCHS),
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--artifacts",
-        str(artifacts),
-    ]
+    command = flow_command(dataset_zip, artifacts, epochs=EPOCHS)
     run = subprocess.Popen(
         command,
         env=env,
