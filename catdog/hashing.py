@@ -47,22 +47,30 @@ class HashMemo:
         self._lock = threading.Lock()
         self._entries: dict[str, list[Any]] = {}
         self._dirty = False
+        self._real_dirs: dict[str, str] = {}
         if self._store and self._store.is_file():
             try:
                 self._entries = json.loads(self._store.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 self._entries = {}
 
+    def _canonical(self, path: Path) -> str:
+        # Resolving each folder once, not each file, matters: a record lists thousands of images.
+        folder, name = os.path.split(os.path.abspath(path))
+        real = self._real_dirs.get(folder)
+        if real is None:
+            real = self._real_dirs[folder] = os.path.realpath(folder)
+        return os.path.join(real, name)
+
     def sha256(self, path: Path) -> str:
-        path = Path(path).resolve()
-        stat = path.stat()
+        key = self._canonical(path)
+        stat = os.stat(key)
         stamp = [stat.st_size, stat.st_mtime_ns]
-        key = str(path)
         with self._lock:
             known = self._entries.get(key)
         if known and known[:2] == stamp:
             return str(known[2])
-        digest = sha256_file_uncached(path)
+        digest = sha256_file_uncached(Path(key))
         with self._lock:
             self._entries[key] = [*stamp, digest]
             self._dirty = True
@@ -106,6 +114,14 @@ def _module_source_path(module: str) -> Path | None:
     return Path(spec.origin)
 
 
+def _is_module(base: str, name: str) -> bool:
+    """Whether `from base import name` names a module, judged from files without importing."""
+    path = _module_source_path(base)
+    if path is None or path.name != "__init__.py":
+        return False
+    return (path.parent / f"{name}.py").is_file() or (path.parent / name / "__init__.py").is_file()
+
+
 def _catdog_imports(source: str, module: str) -> set[str]:
     """The `catdog` modules a source file imports, resolved to module names."""
     found: set[str] = set()
@@ -121,18 +137,18 @@ def _catdog_imports(source: str, module: str) -> set[str]:
             if base.split(".")[0] != "catdog":
                 continue
             found.add(base)
-            for alias in node.names:
-                candidate = f"{base}.{alias.name}"
-                if importlib.util.find_spec(base) and _safe_find(candidate):
-                    found.add(candidate)
+            found.update(f"{base}.{a.name}" for a in node.names if _is_module(base, a.name))
     return found
 
 
-def _safe_find(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+@cache
+def _module_digest(module: str) -> tuple[str, frozenset[str]]:
+    """A module's source hash and the `catdog` modules it imports (parsed once per process)."""
+    path = _module_source_path(module)
+    if path is None:
+        return "", frozenset()
+    source = path.read_text(encoding="utf-8")
+    return sha256_bytes(source.encode("utf-8")), frozenset(_catdog_imports(source, module))
 
 
 @cache
@@ -148,11 +164,6 @@ def code_fingerprint(*modules: str) -> str:
         name = pending.pop()
         if name in seen:
             continue
-        path = _module_source_path(name)
-        if path is None:
-            seen[name] = ""
-            continue
-        source = path.read_text(encoding="utf-8")
-        seen[name] = sha256_bytes(source.encode("utf-8"))
-        pending.extend(_catdog_imports(source, name) - seen.keys())
+        seen[name], imports = _module_digest(name)
+        pending.extend(imports - seen.keys())
     return sha256_json(sorted(seen.items()))

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,19 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catdog,tasks")
 # The temporary API server can take longer than Prefect's default 20 s on a busy machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _is_plain_run(argv: list[str]) -> bool:
+    return argv[:1] != ["serve"] and not {"-h", "--help"} & set(argv)
+
+
+# A plain run starts its temporary API server first, so that the server starts up while this
+# process imports Prefect and the tasks (see flows/local_api.py).
+_EARLY_API = None
+if __name__ == "__main__" and _is_plain_run(sys.argv[1:]):
+    from flows.local_api import EarlyApiServer
+
+    _EARLY_API = EarlyApiServer.spawn()
 
 from prefect import flow, tags
 from prefect.runtime import flow_run
@@ -446,11 +460,14 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(build_deployment(args))
             return 0
-        with tags("catdog", *args.models):
+        with _EARLY_API.in_use() if _EARLY_API else nullcontext(), tags("catdog", *args.models):
             result = train_flow(**_flow_parameters(args))
     except (CatdogError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if _EARLY_API:
+            _EARLY_API.stop()
     print(f"summary: {result['summary']}\nreport:  {result['report']}")
     return 0
 

@@ -1,0 +1,76 @@
+"""File hashes remembered by size and mtime; the code fingerprint that keys each stage."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from catdog.hashing import HashMemo, _module_digest, code_fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_memo_rehashes_a_changed_file_and_persists(tmp_path):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"first")
+    store = tmp_path / "memo.json"
+    memo = HashMemo(store)
+    assert memo.sha256(image) == hashlib.sha256(b"first").hexdigest()
+    memo.save()
+
+    image.write_bytes(b"second, longer")
+    assert HashMemo(store).sha256(image) == hashlib.sha256(b"second, longer").hexdigest()
+
+
+def test_memo_trusts_size_and_mtime_so_unchanged_files_are_not_read(tmp_path):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"original")
+    store = tmp_path / "memo.json"
+    memo = HashMemo(store)
+    remembered = memo.sha256(image)
+    memo.save()
+    # Same size and mtime, different bytes: only a read could tell, and the memo does not read.
+    stat = image.stat()
+    image.write_bytes(b"ORIGINAL")
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert HashMemo(store).sha256(image) == remembered
+
+
+def test_memo_keys_a_file_by_its_real_folder(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.jpg").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    memo = HashMemo(tmp_path / "memo.json")
+    memo.sha256(tmp_path / "link" / "a.jpg")
+    memo.sha256(real / "a.jpg")
+    memo.sha256(tmp_path / "real" / ".." / "real" / "a.jpg")
+    memo.save()
+    assert list(HashMemo(tmp_path / "memo.json")._entries) == [str(real.resolve() / "a.jpg")]
+
+
+def test_code_fingerprint_follows_catdog_imports_transitively():
+    _, imports = _module_digest("catdog.training")
+    # `from catdog import models` names a module and is followed; `from catdog.config import
+    # TrainConfig` names a class, so only catdog.config is.
+    assert {"catdog.models", "catdog.config"} <= imports
+    assert "catdog.config.TrainConfig" not in imports
+    _, features_imports = _module_digest("catdog.features")
+    assert "catdog.models" in features_imports  # imported inside a function
+    assert code_fingerprint("catdog.training") != code_fingerprint("catdog.config")
+    assert code_fingerprint("catdog.training") == code_fingerprint("catdog.training")
+
+
+def test_code_fingerprint_imports_nothing_heavy():
+    code = (
+        "import sys; from catdog.hashing import code_fingerprint; "
+        "code_fingerprint('catdog.training', 'catdog.models', 'catdog.features'); "
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
