@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     BENCH,
-    REPO,
     RawLog,
+    add_input_arguments,
     catdog_env,
     command_line,
     environment_markdown,
@@ -41,6 +41,8 @@ from common import (
     now,
     ratio,
     read_summary,
+    resolve_inputs,
+    snapshot_facts,
     snapshot_sources,
     table,
     verdict,
@@ -62,14 +64,10 @@ METRIC_LABEL = {"val_acc": "validation accuracy, last epoch", "test_acc": "test 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    shared = REPO.parent / "shared"
     parser = argparse.ArgumentParser(
         prog="python bench/assignment.py", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--data", type=Path, default=shared / "data" / "cats_and_dogs_filtered.zip")
-    parser.add_argument(
-        "--weights", default=str(shared / "weights" / "mobilenet_v2_1.0_224_no_top.h5")
-    )
+    add_input_arguments(parser)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1337)
@@ -89,9 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only re-render --out from an earlier run's raw JSON (bench/ASSIGNMENT.json)",
     )
     args = parser.parse_args(argv)
-    args.data = args.data.expanduser().resolve()
-    if args.weights not in ("imagenet", "none"):
-        args.weights = str(Path(args.weights).expanduser().resolve())
+    resolve_inputs(args)
     return args
 
 
@@ -275,13 +271,7 @@ def render(
     import shlex
 
     first = measured["run"]
-    facts = {}
-    if snapshot:
-        dirty = snapshot["git_status"].replace("\n", "; ") or "clean"
-        facts["catdog sources"] = (
-            f"copy taken at start, git HEAD {snapshot['git_head'][:10]}, sources sha256 "
-            f"{snapshot['sources_sha256']}, uncommitted: {dirty}"
-        )
+    facts = snapshot_facts(snapshot)
     lines = [
         f"## The assignment's protocol with catdog ({finished or now()})",
         "",

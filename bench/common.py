@@ -5,6 +5,7 @@ Nothing here imports TensorFlow: the parent process stays small and quiet while 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -26,6 +27,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
+SHARED = REPO.parent / "shared"
 SNAPSHOT_PARTS = ("catdog", "tasks", "flows")
 GIB = 1024**3
 MIB = 1024**2
@@ -226,6 +228,32 @@ def snapshot_sources(dest: Path) -> dict[str, Any]:
         "git_status": _git("status", "--short", "--", *SNAPSHOT_PARTS),
         "sources_sha256": digest.hexdigest()[:16],
     }
+
+
+def snapshot_facts(snapshot: dict[str, Any]) -> dict[str, str]:
+    """The 'catdog sources' line of a section: which code it measured."""
+    if not snapshot:
+        return {"catdog sources": "the checkout itself (--no-snapshot)"}
+    dirty = snapshot["git_status"].replace("\n", "; ") or "clean"
+    return {
+        "catdog sources": f"copy taken at start, git HEAD {snapshot['git_head'][:10]}, "
+        f"sources sha256 {snapshot['sources_sha256']}, uncommitted: {dirty}"
+    }
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data and --weights, by default the copies in ../shared."""
+    parser.add_argument("--data", type=Path, default=SHARED / "data" / "cats_and_dogs_filtered.zip")
+    parser.add_argument(
+        "--weights", default=str(SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.h5")
+    )
+
+
+def resolve_inputs(args: argparse.Namespace) -> None:
+    """Absolute --data and --weights paths, since runs start in other folders."""
+    args.data = args.data.expanduser().resolve()
+    if args.weights not in ("imagenet", "none"):
+        args.weights = str(Path(args.weights).expanduser().resolve())
 
 
 def _git(*args: str) -> str:

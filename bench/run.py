@@ -44,6 +44,7 @@ from common import (
     now,
     ratio,
     read_summary,
+    snapshot_facts,
     snapshot_sources,
     table,
     verdict,
@@ -649,16 +650,6 @@ def render_comparison(data: dict[str, Any]) -> str:
     return "\n".join(body)
 
 
-def _snapshot_facts(snapshot: dict[str, Any]) -> dict[str, str]:
-    if not snapshot:
-        return {"catdog sources": "the checkout itself (--no-snapshot)"}
-    dirty = snapshot["git_status"].replace("\n", "; ") or "clean"
-    return {
-        "catdog sources": f"copy taken at start, git HEAD {snapshot['git_head'][:10]}, "
-        f"sources sha256 {snapshot['sources_sha256']}, uncommitted: {dirty}"
-    }
-
-
 def scaling(bench: Bench, raw: RawLog) -> None:
     """catdog on growing fractions of the training set, each on fresh artifacts."""
     args = bench.args
@@ -869,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
         mode=mode,
         started=now(),
         snapshot=bench.snapshot,
-        environment=environment_markdown(_snapshot_facts(bench.snapshot)),
+        environment=environment_markdown(snapshot_facts(bench.snapshot)),
         args={
             "epochs": args.epochs,
             "models": args.models,

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     BENCH,
-    REPO,
     RawLog,
+    add_input_arguments,
     catdog_env,
     command_line,
     environment_markdown,
@@ -41,6 +41,8 @@ from common import (
     median_after_first,
     now,
     read_summary,
+    resolve_inputs,
+    snapshot_facts,
     snapshot_sources,
     table,
     write_section,
@@ -56,14 +58,10 @@ def _variant(value: str) -> tuple[str, list[str]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    shared = REPO.parent / "shared"
     parser = argparse.ArgumentParser(
         prog="python bench/seeds.py", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--data", type=Path, default=shared / "data" / "cats_and_dogs_filtered.zip")
-    parser.add_argument(
-        "--weights", default=str(shared / "weights" / "mobilenet_v2_1.0_224_no_top.h5")
-    )
+    add_input_arguments(parser)
     parser.add_argument("--models", default="model1", help="comma-separated (model1)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--finetune-epochs", type=int, default=10)
@@ -89,9 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="per run, seconds")
     args = parser.parse_args(argv)
-    args.data = args.data.expanduser().resolve()
-    if args.weights not in ("imagenet", "none"):
-        args.weights = str(Path(args.weights).expanduser().resolve())
+    resolve_inputs(args)
     args.seed_list = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     args.variants = args.variant or [("defaults", [])]
     return args
@@ -205,13 +201,7 @@ def render(args: argparse.Namespace, data: dict[str, Any]) -> str:
     """The Markdown section."""
     snapshot = data.get("snapshot") or {}
     runs = data.get("runs") or []
-    facts = {}
-    if snapshot:
-        dirty = snapshot["git_status"].replace("\n", "; ") or "clean"
-        facts["catdog sources"] = (
-            f"copy taken at start, git HEAD {snapshot['git_head'][:10]}, sources sha256 "
-            f"{snapshot['sources_sha256']}, uncommitted: {dirty}"
-        )
+    facts = snapshot_facts(snapshot)
     variants = [name for name, _ in args.variants]
     lines = [
         f"## Across seeds: {args.models}, {args.epochs} epochs ({data.get('finished') or now()})",

@@ -571,12 +571,6 @@ def uses_frozen_base(name: str) -> bool:
     return name in _FROZEN_BASE_MODELS
 
 
-def scales_inputs(name: str) -> bool:
-    """Whether model `name` maps its 0..255 pixels to -1..1 before any weight sees them."""
-    _check_name(name)
-    return name in ("model3", *_FROZEN_BASE_MODELS)
-
-
 def compile_model(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
     """Compile as the blog: Adam, sparse categorical cross-entropy on logits, accuracy.
 

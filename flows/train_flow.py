@@ -348,8 +348,8 @@ def _parser() -> argparse.ArgumentParser:
         "--precision",
         default="auto",
         choices=["auto", "float32", "mixed_bfloat16"],
-        help="training dtype policy; auto uses bfloat16 for models that scale their inputs "
-        "(model3, model4_finetune) where the CPU or GPU computes it natively (default auto)",
+        help="training dtype policy; auto uses bfloat16 for model1, model3 and model4* where "
+        "the CPU or GPU computes it natively, float32 otherwise (default auto)",
     )
     parser.add_argument(
         "--download-retries",

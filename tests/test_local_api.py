@@ -43,6 +43,18 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _server_of(run: subprocess.Popen, timeout: float = 60) -> int | None:
+    """The Prefect server `run` starts, once it appears, while `run` is still going."""
+    deadline = time.monotonic() + timeout
+    while run.poll() is None and time.monotonic() < deadline:
+        servers = _servers_started_by(run.pid)
+        if servers:
+            assert len(servers) == 1, servers
+            return servers[0]
+        time.sleep(0.05)
+    return None
+
+
 def _cli_env(home: Path) -> dict[str, str]:
     env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)
@@ -58,15 +70,11 @@ def test_a_run_uses_its_early_server_and_stops_it(dataset_zip, tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    servers: list[int] = []
-    while not servers and run.poll() is None and time.monotonic() < deadline:
-        servers = _servers_started_by(run.pid)
-        time.sleep(0.05)
+    server = _server_of(run)
     output = run.communicate(timeout=600)[0]
     assert run.returncode == 0, output
-    assert len(servers) == 1, "the run started no server of its own"
-    assert not _alive(servers[0])
+    assert server is not None, "the run started no server of its own"
+    assert not _alive(server)
     # Prefect's own temporary server was not needed, and nothing was sent after ours stopped.
     assert "Starting temporary server" not in output
     assert "Error logging to API" not in output
@@ -81,18 +89,14 @@ def test_a_killed_run_takes_its_server_with_it(dataset_zip, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    servers: list[int] = []
-    while not servers and time.monotonic() < deadline:
-        servers = _servers_started_by(run.pid)
-        time.sleep(0.05)
-    assert servers, "the run started no server of its own"
+    server = _server_of(run)
+    assert server is not None, "the run started no server of its own"
     run.send_signal(signal.SIGKILL)  # no atexit, no finally: only the kernel can stop it now
     run.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while _alive(servers[0]) and time.monotonic() < deadline:
+    while _alive(server) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(servers[0])
+    assert not _alive(server)
 
 
 def test_no_early_server_when_the_environment_names_an_api(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,10 +11,39 @@ from catdog.config import TrainConfig
 from catdog.features import extract_features
 from catdog.training import (
     TrainingData,
+    dtype_policy,
     fine_tune,
+    resolve_precision,
     train_end_to_end,
     train_head_on_features,
 )
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@pytest.mark.parametrize("model", ["model1", "model2", "model3", "model4", "model4_finetune"])
+def test_auto_precision_is_bf16_only_where_measured_equal_and_native(model):
+    native = _cpu_has_native_bf16()  # this suite never sees a GPU (tensorflow-cpu)
+    expected = "mixed_bfloat16" if native and model != "model2" else "float32"
+    assert resolve_precision("auto", model) == expected
+    for explicit in ("float32", "mixed_bfloat16"):
+        assert resolve_precision(explicit, model) == explicit
+
+
+def test_dtype_policy_restores_the_previous_policy():
+    import keras
+
+    before = keras.mixed_precision.global_policy().name
+    with dtype_policy("mixed_bfloat16", "model2") as policy:
+        assert policy == "mixed_bfloat16"
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == before
 
 
 class Crash(Exception):
