@@ -17,6 +17,7 @@ Markdown section into --out (default bench/RESULTS.md) and the raw figures besid
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -86,7 +87,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="per run, seconds")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="only re-render the section of an earlier run from its raw JSON into --out",
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())["args"]
+        for key in ("models", "epochs", "section"):
+            setattr(args, key, saved[key])
+        args.variants = [(name, list(extra)) for name, extra in saved["variants"]]
+        return args
     resolve_inputs(args)
     args.seed_list = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     args.variants = args.variant or [("defaults", [])]
@@ -308,11 +321,12 @@ def render(args: argparse.Namespace, data: dict[str, Any]) -> str:
             last, last5 = deltas("val_last"), deltas("val_last5")
             lines.append(
                 f"- {model}, {variant} − {reference} over {len(paired)} paired seeds: validation "
-                f"accuracy {100 * statistics.fmean(last):+.1f} points at the last epoch (per "
-                f"seed {', '.join(f'{100 * d:+.1f}' for d in last)}), "
+                f"accuracy {100 * statistics.fmean(last):+.1f} points at the last epoch ("
+                + ", ".join(f"seed {s}: {100 * d:+.1f}" for s, d in zip(paired, last, strict=True))
+                + f"), "
                 f"{100 * statistics.fmean(last5):+.1f} over the last 5 epochs; test "
                 f"{100 * statistics.fmean(deltas('test')):+.1f} points; epoch time "
-                f"{statistics.median(epoch_ratios):.3f}x (median of per-seed ratios "
+                f"{statistics.median(epoch_ratios):.3f}x (median of the per-seed ratios "
                 f"{', '.join(f'{r:.3f}' for r in epoch_ratios)})"
             )
     return "\n".join(lines) + "\n"
@@ -320,6 +334,11 @@ def render(args: argparse.Namespace, data: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        body = render(args, json.loads(args.from_json.read_text()))
+        write_section(args.out, args.section, body, "catdog benchmark results")
+        print(body)
+        return 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="catdog-seeds-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     raw = RawLog(args.out.with_name(f"RESULTS.{args.section}.json"))

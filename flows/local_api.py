@@ -123,6 +123,7 @@ class EarlyApiServer:
         from prefect.logging.handlers import APILogWorker
         from prefect.settings import (
             PREFECT_API_URL,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
             PREFECT_SERVER_EPHEMERAL_ENABLED,
             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
             PREFECT_UI_URL,
@@ -136,8 +137,15 @@ class EarlyApiServer:
             yield False
             return
         try:
-            # No UI is served by a temporary server, so no "View at" link to a dead page.
-            with temporary_settings(updates={PREFECT_API_URL: self.api_url, PREFECT_UI_URL: ""}):
+            # A temporary server serves no UI, so no "View at" link to a dead page; and it dies
+            # with the run, so nothing would watch for the flow's heartbeats (which detect
+            # crashed runs on a server that outlives them; stopping their thread costs ~1 s).
+            updates = {
+                PREFECT_API_URL: self.api_url,
+                PREFECT_UI_URL: "",
+                PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+            }
+            with temporary_settings(updates=updates):
                 try:
                     yield True
                 finally:
