@@ -36,7 +36,7 @@ def _is_plain_run(argv: list[str]) -> bool:
 
 # A plain run starts its temporary API server first, so that the server starts up while this
 # process imports Prefect and the tasks (see flows/local_api.py).
-_EARLY_API = None
+_EARLY_API: EarlyApiServer | None = None
 if __name__ == "__main__" and _is_plain_run(sys.argv[1:]):
     from flows.local_api import EarlyApiServer
 
@@ -47,6 +47,8 @@ from prefect.runtime import flow_run
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
+
+    from flows.local_api import EarlyApiServer
 
 from catdog.config import DEFAULT_MODELS, OFFICIAL_DATA_URL, PipelineConfig, TrainConfig
 from catdog.errors import CatdogError
