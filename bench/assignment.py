@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     BENCH,
     RawLog,
+    add_from_json_argument,
     add_input_arguments,
     catdog_env,
     command_line,
@@ -36,11 +37,11 @@ from common import (
     fmt_gib,
     keep_logs,
     log,
-    measure,
+    measure_catdog,
     median_after_first,
     now,
+    own_epoch_seconds,
     ratio,
-    read_summary,
     resolve_inputs,
     snapshot_facts,
     snapshot_sources,
@@ -80,12 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-snapshot", action="store_true", help="run from the checkout")
     parser.add_argument("--no-rerun", action="store_true", help="skip the cached reruns")
     parser.add_argument("--timeout", type=float, default=4 * 3600)
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        default=None,
-        help="only re-render --out from an earlier run's raw JSON (bench/ASSIGNMENT.json)",
-    )
+    add_from_json_argument(parser)
     args = parser.parse_args(argv)
     resolve_inputs(args)
     return args
@@ -127,10 +123,7 @@ def model_rows(summary: dict[str, Any]) -> tuple[list[list[str]], dict[str, dict
     everything = summary.get("models", {})
     for name, model in everything.items():
         val = model["history"]["val_accuracy"]
-        seconds = model["epoch_seconds"]
-        if name == "model4_finetune" and "model4" in everything:
-            # Its history starts with model4's epochs; time only its own fine-tuning epochs.
-            seconds = seconds[len(everything["model4"]["epoch_seconds"]) :]
+        seconds = own_epoch_seconds(everything, name)
         figures[name] = {"val_acc": val[-1] if val else None, "test_acc": model["test_accuracy"]}
         rows.append(
             [
@@ -203,17 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         command = flow_command(args, source, artifacts, MODELS)
         raw.data["catdog_command"] = command
         log(f"assignment protocol: {args.epochs} epochs (+{args.finetune_epochs} fine-tuning) ...")
-        first = measure(command, work / "first.log", timeout=args.timeout, env=env)
+        first, summary = measure_catdog(
+            command, work / "first.log", artifacts, timeout=args.timeout, env=env
+        )
         log(
             f"first run: {first.wall_seconds:.0f} s"
             + (f" ERROR {first.error}" if first.error else "")
         )
-        summary = None
-        if first.error is None:
-            try:
-                summary = read_summary(artifacts)
-            except (OSError, ValueError) as exc:
-                first.error = f"no summary.json: {exc}"
         raw.data["first"] = {
             "run": first.to_json(),
             "summary": summary,
@@ -223,20 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         reruns: dict[str, Any] = {}
         if first.error is None and not args.no_rerun:
             for label, models in (("cached", MODELS), ("cached-default", DEFAULT_MODELS)):
-                (artifacts / "summary.json").unlink(missing_ok=True)
                 log(f"{label} rerun ({','.join(models)}) ...")
-                run = measure(
+                run, rerun_summary = measure_catdog(
                     flow_command(args, source, artifacts, models),
                     work / f"{label}.log",
+                    artifacts,
                     timeout=args.timeout,
                     env=env,
                 )
-                rerun_summary = None
-                if run.error is None:
-                    try:
-                        rerun_summary = read_summary(artifacts)
-                    except (OSError, ValueError) as exc:
-                        run.error = f"no summary.json: {exc}"
                 log(f"{label} rerun: {run.wall_seconds:.1f} s")
                 reruns[label] = {"run": run.to_json(), "states": states(rerun_summary)}
             raw.data["reruns"] = reruns

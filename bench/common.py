@@ -249,6 +249,16 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_from_json_argument(parser: argparse.ArgumentParser) -> None:
+    """--from-json: render a section again from an earlier run's raw JSON, measuring nothing."""
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="only re-render the section of an earlier run from its raw JSON into --out",
+    )
+
+
 def resolve_inputs(args: argparse.Namespace) -> None:
     """Absolute --data and --weights paths, since runs start in other folders."""
     args.data = args.data.expanduser().resolve()
@@ -293,6 +303,39 @@ def flow_script(source_root: Path | None) -> Path:
 def read_summary(artifacts: Path) -> dict[str, Any]:
     """`<artifacts>/summary.json` of a finished catdog run."""
     return json.loads((artifacts / "summary.json").read_text())
+
+
+def measure_catdog(
+    command: list[str],
+    log_path: Path,
+    artifacts: Path,
+    *,
+    timeout: float | None,
+    env: dict[str, str],
+) -> tuple[Run, dict[str, Any] | None]:
+    """Measure one catdog command and read the summary.json it wrote.
+
+    An earlier summary.json is removed first, since a cached rerun must write its own; a run
+    that leaves none (or an unreadable one) gets that as its error and no summary.
+    """
+    (artifacts / "summary.json").unlink(missing_ok=True)
+    run = measure(command, log_path, timeout=timeout, env=env)
+    summary = None
+    if run.error is None:
+        try:
+            summary = read_summary(artifacts)
+        except (OSError, ValueError) as exc:
+            run.error = f"no summary.json: {exc}"
+    return run, summary
+
+
+def own_epoch_seconds(models: dict[str, Any], name: str) -> list[float]:
+    """A model's epoch times from summary.json's `models`. model4_finetune's history starts
+    with model4's epochs; only its own fine-tuning epochs are its to time."""
+    seconds = models[name]["epoch_seconds"]
+    if name == "model4_finetune" and "model4" in models:
+        return seconds[len(models["model4"]["epoch_seconds"]) :]
+    return seconds
 
 
 # ----------------------------------------------------------------------------- figures

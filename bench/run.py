@@ -30,6 +30,7 @@ from common import (
     BENCH,
     RawLog,
     Run,
+    add_from_json_argument,
     catdog_env,
     command_line,
     environment_markdown,
@@ -40,10 +41,10 @@ from common import (
     keep_logs,
     log,
     measure,
+    measure_catdog,
     median_after_first,
     now,
     ratio,
-    read_summary,
     snapshot_facts,
     snapshot_sources,
     table,
@@ -154,12 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="name of the section of --out to write (default: the mode)",
     )
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        default=None,
-        help="only re-render the section of an earlier run from its raw JSON into --out",
-    )
+    add_from_json_argument(parser)
     args = parser.parse_args(argv)
     if args.from_json:
         return args
@@ -276,20 +272,13 @@ class Bench:
             *extra,
         ]
         log(f"catdog {label} ({','.join(models or ['default'])}, {epochs} epochs) ...")
-        summary_path = artifacts / "summary.json"
-        summary_path.unlink(missing_ok=True)  # a cached rerun must write its own
-        run = measure(
+        run, summary = measure_catdog(
             command,
             folder / "log.txt",
+            artifacts,
             timeout=self.args.timeout,
             env=catdog_env(self.source, self.prefect_home),
         )
-        summary = None
-        if run.error is None:
-            try:
-                summary = read_summary(artifacts)
-            except (OSError, ValueError) as exc:
-                run.error = f"no summary.json: {exc}"
         log(f"catdog {label}: {run.wall_seconds:.0f} s wall" + _err(run))
         return {
             "kind": label,
@@ -345,40 +334,17 @@ def _epoch_stats(seconds: list[float]) -> tuple[float | None, float | None]:
     return median_after_first(seconds), (min(rest) if rest else None)
 
 
-def blog_figures(entry: dict[str, Any]) -> dict[str, Any]:
-    """Per-epoch times, time to a trained model, accuracies and memory of a blog run."""
-    result = entry.get("result") or {}
-    run = entry["run"]
-    val = (result.get("history") or {}).get("val_accuracy") or []
-    epoch_median, epoch_min = _epoch_stats(result.get("epoch_seconds") or [])
-    return {
-        "epoch_s": epoch_median,
-        "epoch_min_s": epoch_min,
-        "trained_s": result.get("total_seconds"),
-        "wall_s": run["wall_seconds"],
-        "cpu_s": run.get("cpu_seconds"),
-        "val_acc": val[-1] if val else None,
-        "val_acc_last5": sum(val[-5:]) / len(val[-5:]) if val else None,
-        "test_acc": result.get("test_accuracy"),
-        "peak": run["peak_bytes"],
-        "others": run.get("others_cores"),
-        "params": (result.get("trainable_params"), result.get("total_params")),
-        "error": run["error"],
-    }
-
-
-def catdog_figures(entry: dict[str, Any], model: str) -> dict[str, Any]:
-    """The same figures for one model of a catdog run."""
-    run = entry["run"]
-    summary = entry.get("summary") or {}
-    record = summary.get("models", {}).get(model) or {}
+def _figures(
+    run: dict[str, Any], record: dict[str, Any], trained_s: float | None, error: str | None
+) -> dict[str, Any]:
+    """The table's figures from a run and a model's record (blog result or summary.json entry),
+    which share the keys history, epoch_seconds, test_accuracy and the parameter counts."""
     val = (record.get("history") or {}).get("val_accuracy") or []
     epoch_median, epoch_min = _epoch_stats(record.get("epoch_seconds") or [])
-    error = run["error"] or (None if record or not summary else f"{model} not in summary")
     return {
         "epoch_s": epoch_median,
         "epoch_min_s": epoch_min,
-        "trained_s": record.get("train_seconds"),
+        "trained_s": trained_s,
         "wall_s": run["wall_seconds"],
         "cpu_s": run.get("cpu_seconds"),
         "val_acc": val[-1] if val else None,
@@ -389,6 +355,21 @@ def catdog_figures(entry: dict[str, Any], model: str) -> dict[str, Any]:
         "params": (record.get("trainable_params"), record.get("total_params")),
         "error": error,
     }
+
+
+def blog_figures(entry: dict[str, Any]) -> dict[str, Any]:
+    """Per-epoch times, time to a trained model, accuracies and memory of a blog run."""
+    result = entry.get("result") or {}
+    return _figures(entry["run"], result, result.get("total_seconds"), entry["run"]["error"])
+
+
+def catdog_figures(entry: dict[str, Any], model: str) -> dict[str, Any]:
+    """The same figures for one model of a catdog run."""
+    run = entry["run"]
+    summary = entry.get("summary") or {}
+    record = summary.get("models", {}).get(model) or {}
+    error = run["error"] or (None if record or not summary else f"{model} not in summary")
+    return _figures(run, record, record.get("train_seconds"), error)
 
 
 def task_states(entry: dict[str, Any]) -> str:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     BENCH,
     RawLog,
+    add_from_json_argument,
     add_input_arguments,
     catdog_env,
     command_line,
@@ -38,10 +39,10 @@ from common import (
     fmt,
     keep_logs,
     log,
-    measure,
+    measure_catdog,
     median_after_first,
     now,
-    read_summary,
+    own_epoch_seconds,
     resolve_inputs,
     snapshot_facts,
     snapshot_sources,
@@ -87,12 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="per run, seconds")
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        default=None,
-        help="only re-render the section of an earlier run from its raw JSON into --out",
-    )
+    add_from_json_argument(parser)
     args = parser.parse_args(argv)
     if args.from_json:
         saved = json.loads(args.from_json.read_text())["args"]
@@ -111,14 +107,11 @@ def model_figures(summary: dict[str, Any], model: str) -> dict[str, Any]:
     everything = summary["models"]
     entry = everything[model]
     val = entry["history"]["val_accuracy"]
-    seconds = entry["epoch_seconds"]
-    if model == "model4_finetune" and "model4" in everything:
-        seconds = seconds[len(everything["model4"]["epoch_seconds"]) :]
     return {
         "val_last": val[-1],
         "val_last5": statistics.fmean(val[-5:]),
         "test": entry["test_accuracy"],
-        "epoch": median_after_first(seconds),
+        "epoch": median_after_first(own_epoch_seconds(everything, model)),
         "train_seconds": entry["train_seconds"],
         "best_epoch_val": max(val),
     }
@@ -158,12 +151,14 @@ def run_all(args: argparse.Namespace, work: Path, raw: RawLog) -> list[dict[str,
                 *extra,
             ]
             log(f"seed {seed}, {name} ...")
-            (work / f"seed-{seed}" / "summary.json").unlink(missing_ok=True)
-            run = measure(command, work / f"seed-{seed}-{name}.log", timeout=args.timeout, env=env)
-            figures = None
-            if run.error is None:
-                summary = read_summary(work / f"seed-{seed}")
-                figures = {m: model_figures(summary, m) for m in summary["models"]}
+            run, summary = measure_catdog(
+                command,
+                work / f"seed-{seed}-{name}.log",
+                work / f"seed-{seed}",
+                timeout=args.timeout,
+                env=env,
+            )
+            figures = summary and {m: model_figures(summary, m) for m in summary["models"]}
             log(
                 f"seed {seed}, {name}: {run.wall_seconds:.0f} s"
                 + (f" ERROR {run.error}" if run.error else "")
