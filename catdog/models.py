@@ -24,6 +24,7 @@ from typing import Any
 
 import keras
 
+from catdog.config import MIN_MOBILENET_SIZE
 from catdog.errors import ModelError, WeightsError
 
 BASE_LAYER_NAME = "mobilenetv2_base"  # the MobileNetV2 sub-model inside model4
@@ -40,7 +41,6 @@ _IMAGENET_SIZES = (96, 128, 160, 192, 224)
 # Seconds a single connect or read of the weights download may stall. urllib has no timeout
 # of its own, so without this a network that drops packets silently would hang the build.
 DOWNLOAD_TIMEOUT_S = 20.0
-_MIN_MOBILENET_SIZE = 32  # MobileNetV2 refuses smaller inputs
 
 # Models built around a pretrained MobileNetV2 that stays (at least partly) frozen.
 _FROZEN_BASE_MODELS = frozenset({"model4", "model4_finetune"})
@@ -279,9 +279,9 @@ def make_model3(
 
 def _check_mobilenet_shape(input_shape: tuple[int, int, int]) -> None:
     height, width, channels = input_shape
-    if channels != 3 or min(height, width) < _MIN_MOBILENET_SIZE:
+    if channels != 3 or min(height, width) < MIN_MOBILENET_SIZE:
         raise ModelError(
-            f"model4 needs RGB images of at least {_MIN_MOBILENET_SIZE}x{_MIN_MOBILENET_SIZE} "
+            f"model4 needs RGB images of at least {MIN_MOBILENET_SIZE}x{MIN_MOBILENET_SIZE} "
             f"(MobileNetV2); got input shape {tuple(input_shape)}"
         )
 

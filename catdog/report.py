@@ -9,6 +9,11 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _input_size(model: dict[str, Any]) -> str:
+    size = model.get("image_size")  # absent from summaries written before it was recorded
+    return f"{size}x{size}" if size else "n/a"
+
+
 def leaderboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, model in sorted(
@@ -18,6 +23,7 @@ def leaderboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "model": name,
+                "input": _input_size(model),
                 "epochs": model["epochs"],
                 "val accuracy (last epoch)": round(model["history"]["val_accuracy"][-1], 4),
                 "best val accuracy": round(max(model["history"]["val_accuracy"]), 4),

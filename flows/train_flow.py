@@ -50,7 +50,13 @@ if TYPE_CHECKING:
 
     from flows.local_api import EarlyApiServer
 
-from catdog.config import DEFAULT_MODELS, OFFICIAL_DATA_URL, PipelineConfig, TrainConfig
+from catdog.config import (
+    DEFAULT_MODELS,
+    MIN_MOBILENET_SIZE,
+    OFFICIAL_DATA_URL,
+    PipelineConfig,
+    TrainConfig,
+)
 from catdog.errors import CatdogError
 from catdog.layout import STAGES, Layout
 from tasks.caching import bind_to_artifacts
@@ -103,6 +109,7 @@ def train_flow(
     refresh: str | None = None,
     sha256: str | None = None,
     image_size: int = 160,
+    transfer_image_size: int = 224,
     batch_size: int = 32,
     max_images_per_class: int | None = None,
     finetune_epochs: int = 10,
@@ -158,9 +165,19 @@ def train_flow(
     figures = run(
         plot_samples, "plot_samples", "plot", split=split, seed=seed, image_size=image_size
     )
-    arrays = run(decode_images, "decode_images", "decode", split=split, image_size=image_size)
+    to_train = list(models)
+    if "model4_finetune" in to_train and "model4" not in to_train:
+        to_train.insert(to_train.index("model4_finetune"), "model4")
+    input_size = {
+        name: transfer_image_size if name in FROZEN_BASE else image_size for name in to_train
+    }
+    arrays_of_size = {
+        size: run(decode_images, f"decode_images[{size}]", "decode", split=split, image_size=size)
+        for size in dict.fromkeys(input_size.values())
+    }
+    arrays = {name: arrays_of_size[size] for name, size in input_size.items()}
 
-    needs_weights = any(name in FROZEN_BASE for name in models)
+    needs_weights = any(name in FROZEN_BASE for name in to_train)
     weights_arg = weights if needs_weights else None
     features = None
     if needs_weights:
@@ -168,14 +185,11 @@ def train_flow(
             extract_features,
             "extract_features",
             "features",
-            arrays=arrays,
+            arrays=arrays_of_size[transfer_image_size],
             weights=weights_arg,
             views=feature_views,
             seed=seed,
         )
-    to_train = list(models)
-    if "model4_finetune" in to_train and "model4" not in to_train:
-        to_train.insert(to_train.index("model4_finetune"), "model4")
     trained: dict[str, dict[str, Any]] = {}
     for name in to_train:
         trained[name] = run(
@@ -183,7 +197,7 @@ def train_flow(
             f"train_model[{name}]",
             "train",
             model=name,
-            arrays=arrays,
+            arrays=arrays[name],
             features=features if name == "model4" else None,
             start=trained.get("model4") if name == "model4_finetune" else None,
             settings=_training_settings(name, config),
@@ -197,7 +211,7 @@ def train_flow(
             "evaluate",
             model=name,
             trained=trained[name],
-            arrays=arrays,
+            arrays=arrays[name],
             baseline=counts["baseline"]["validation"],
         )
         for name in to_train
@@ -210,6 +224,7 @@ def train_flow(
             "seed": seed,
             "weights": weights_arg,
             "image_size": image_size,
+            "transfer_image_size": transfer_image_size if needs_weights else None,
             "name": _run_name_safe(),
         },
         manifest=manifest,
@@ -230,7 +245,7 @@ def train_flow(
                 split,
                 counts,
                 figures,
-                arrays,
+                *arrays_of_size.values(),
                 features,
                 *trained.values(),
                 *evaluated.values(),
@@ -325,7 +340,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="STAGE",
         help=f"ignore caches: all stages, or STAGE and every later one ({', '.join(STAGES)})",
     )
-    parser.add_argument("--image-size", type=_positive, default=160, help="square side (160)")
+    parser.add_argument(
+        "--image-size", type=_positive, default=160, help="square side of the images (160)"
+    )
+    parser.add_argument(
+        "--transfer-image-size",
+        type=_positive,
+        default=224,
+        help="square side of the images for model4*, the size MobileNetV2's ImageNet weights "
+        "were trained at (224)",
+    )
     parser.add_argument("--batch-size", type=_positive, default=32, help="batch size (32)")
     parser.add_argument(
         "--max-images-per-class",
@@ -380,12 +404,17 @@ def _check(args: argparse.Namespace) -> None:
 
         find_dataset_root(source.path)
     if any(name in FROZEN_BASE for name in args.models):
+        if args.transfer_image_size < MIN_MOBILENET_SIZE:
+            raise UsageError(
+                f"--transfer-image-size {args.transfer_image_size}: MobileNetV2 needs at least "
+                f"{MIN_MOBILENET_SIZE}"
+            )
         if args.weights == "imagenet":
             # Fetched (or found in Keras's cache) now, so that no network failure can stop
             # the run half-way; the file then keys the cache by its content like any other.
             from catdog.models import fetch_imagenet_weights
 
-            args.weights = fetch_imagenet_weights(args.image_size)
+            args.weights = fetch_imagenet_weights(args.transfer_image_size)
         elif args.weights != "none":
             path = Path(args.weights).expanduser()
             if not path.is_file():
@@ -406,6 +435,7 @@ def _flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
         "refresh": args.refresh,
         "sha256": args.sha256,
         "image_size": args.image_size,
+        "transfer_image_size": args.transfer_image_size,
         "batch_size": args.batch_size,
         "max_images_per_class": args.max_images_per_class,
         "finetune_epochs": args.finetune_epochs,

@@ -52,6 +52,11 @@ def _manifest(layout: Layout, record: dict[str, Any], name: str) -> Manifest:
     return replace(manifest, root=str(layout.resolve(record["root"])))
 
 
+def split_manifest_of(layout: Layout, split: dict[str, Any]) -> Manifest:
+    """The split manifest that a `split_dataset` result points to."""
+    return _manifest(layout, split, "split.json")
+
+
 @task(
     name="download_dataset",
     cache_policy=ContentAddressed(
@@ -189,7 +194,7 @@ def count_labels(split: dict[str, Any], artifacts: str) -> dict[str, Any]:
 
     logger = get_run_logger()
     layout = Layout.at(artifacts)
-    counts = count(_manifest(layout, split, "split.json")).to_json()
+    counts = count(split_manifest_of(layout, split)).to_json()
     with stage_output(layout, "count") as (folder, record):
         (folder / "counts.json").write_text(json.dumps(counts, indent=2))
         record.update(counts)
@@ -211,7 +216,7 @@ def plot_samples(
     from catdog.plots import augmentation_preview, sample_grid, save_figure
 
     layout = Layout.at(artifacts)
-    manifest = _manifest(layout, split, "split.json")
+    manifest = split_manifest_of(layout, split)
     samples = pick_samples(manifest, per_class=3, seed=seed, size=image_size)
     first = next(iter(samples.values()))[0]
     with stage_output(layout, "plot") as (folder, record):
@@ -230,6 +235,7 @@ def plot_samples(
 
 @task(
     name="decode_images",
+    task_run_name="decode_images[{image_size}]",
     cache_policy=ContentAddressed(stage="decode", code=("catdog.data.images",)),
 )
 def decode_images(split: dict[str, Any], image_size: int, artifacts: str) -> dict[str, Any]:
@@ -239,7 +245,7 @@ def decode_images(split: dict[str, Any], image_size: int, artifacts: str) -> dic
     from catdog.data.images import decode_split
 
     layout = Layout.at(artifacts)
-    manifest = _manifest(layout, split, "split.json")
+    manifest = split_manifest_of(layout, split)
     started = time.perf_counter()
     with stage_output(layout, "decode") as (folder, record):
         for name in SPLITS:

@@ -22,9 +22,14 @@ REGISTRY = "registry.json"
 
 
 def _model_summary(
-    layout: Layout, trained: dict[str, Any], evaluated: dict[str, Any], extra_seconds: float
+    layout: Layout,
+    trained: dict[str, Any],
+    evaluated: dict[str, Any],
+    image_size: int,
+    extra_seconds: float,
 ) -> dict[str, Any]:
     return {
+        "image_size": image_size,
         "epochs": trained["epochs"],
         "history": trained["history"],
         "epoch_seconds": trained["epoch_seconds"],
@@ -42,21 +47,21 @@ def _model_summary(
     }
 
 
-def _production_accuracy(
-    layout: Layout, registry: dict[str, Any], split: dict[str, Any], arrays: dict[str, Any]
-) -> float:
+def _production_accuracy(layout: Layout, registry: dict[str, Any], split: dict[str, Any]) -> float:
     """Production's accuracy on this run's test split, re-measured if the split changed."""
     if registry.get("split_hash") == split["split_hash"]:
         return float(registry["test_accuracy"])
     import keras
 
+    from catdog.data.images import decode_split
     from catdog.evaluation import score
-    from tasks.training import load_arrays
+    from tasks.data import split_manifest_of
 
-    x_test, y_test = load_arrays(layout, arrays, "test")
     model = keras.models.load_model(layout.production_dir / "model.keras", safe_mode=True)
+    # Decoded at production's own input size, which need not be any size this run decoded.
+    x_test, y_test = decode_split(split_manifest_of(layout, split), "test", model.input_shape[1])
     logits = model.predict(x_test.astype("float32"), batch_size=64, verbose=0)
-    return float(score(logits, y_test, list(arrays["classes"]))["accuracy"])
+    return float(score(logits, y_test, list(split["classes"]))["accuracy"])
 
 
 def promote(
@@ -64,16 +69,13 @@ def promote(
     name: str,
     model: dict[str, Any],
     split: dict[str, Any],
-    arrays: dict[str, Any],
     margin: float,
     run_id: str,
 ) -> dict[str, Any]:
     """Apply the gate; on promotion, replace production's model and registry atomically."""
     registry_path = layout.production_dir / REGISTRY
     registry = read_json(registry_path) if registry_path.is_file() else None
-    production_accuracy = (
-        _production_accuracy(layout, registry, split, arrays) if registry else None
-    )
+    production_accuracy = _production_accuracy(layout, registry, split) if registry else None
     decision = decide(
         model["test_accuracy"], production_accuracy, margin=margin, candidate_name=name
     )
@@ -92,7 +94,7 @@ def promote(
                 "val_accuracy": model["history"]["val_accuracy"][-1],
                 "split_hash": split["split_hash"],
                 "classes": split["classes"],
-                "image_size": arrays["image_size"],
+                "image_size": model["image_size"],
                 "run_id": run_id,
                 "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
             },
@@ -113,7 +115,7 @@ def write_report(
     split: dict[str, Any],
     counts: dict[str, Any],
     figures: dict[str, Any],
-    arrays: dict[str, Any],
+    arrays: dict[str, dict[str, Any]],
     features: dict[str, Any] | None,
     trained: dict[str, dict[str, Any]],
     evaluated: dict[str, dict[str, Any]],
@@ -129,13 +131,16 @@ def write_report(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = layout.runs_dir / f"{stamp}-{run_id[:8]}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    decode_seconds = arrays.get("seconds", 0.0)
     models: dict[str, dict[str, Any]] = {}
     for name, record in trained.items():
-        extra = decode_seconds
+        # A model's time includes the stages only it needs: its images' decode, and for
+        # model4* the base's features. A stage two models share counts for each of them.
+        extra = arrays[name].get("seconds", 0.0)
         if features and name.startswith("model4"):
             extra += features.get("seconds", 0.0)
-        models[name] = _model_summary(layout, record, evaluated[name], extra)
+        models[name] = _model_summary(
+            layout, record, evaluated[name], arrays[name]["image_size"], extra
+        )
     baseline = counts["baseline"]
     summary: dict[str, Any] = {
         "run": {
@@ -180,9 +185,7 @@ def write_report(
         summary["artifacts_used"].append(layout.relative(comparison.parent))
         best = best_by_validation(models)
         summary["best_model"] = best
-        summary["promotion"] = promote(
-            layout, best, models[best], split, arrays, promote_margin, run_id
-        )
+        summary["promotion"] = promote(layout, best, models[best], split, promote_margin, run_id)
         logger.info(
             "best model by validation accuracy: %s; %s", best, summary["promotion"]["reason"]
         )

@@ -32,7 +32,7 @@ def test_seed_change_reruns_split_and_later_but_not_download(dataset_zip, tmp_pa
         "split_dataset",
         "count_labels",
         "plot_samples",
-        "decode_images",
+        "decode_images[32]",
         "train_model[model1]",
         "evaluate_model[model1]",
     } <= computed(summary)

@@ -64,6 +64,33 @@ def test_first_run_computes_second_reuses_and_epochs_rerun_only_training(dataset
     assert third["models"]["model1"]["epochs"] == 2
 
 
+def test_transfer_models_get_images_at_their_own_size(dataset_zip, tmp_path):
+    summary = run_flow(
+        dataset_zip,
+        tmp_path / "artifacts",
+        models=["model1", "model4"],
+        weights="none",
+        transfer_image_size=48,
+    )
+    assert {"decode_images[32]", "decode_images[48]", "extract_features"} <= set(summary["tasks"])
+    assert summary["models"]["model1"]["image_size"] == 32
+    assert summary["models"]["model4"]["image_size"] == 48
+    assert summary["run"]["transfer_image_size"] == 48
+    import keras
+
+    model4 = keras.models.load_model(summary["models"]["model4"]["path"], safe_mode=True)
+    assert model4.input_shape == (None, 48, 48, 3)
+
+
+def test_transfer_image_size_below_mobilenet_minimum_exits_2(tmp_path, capsys, dataset_zip):
+    argv = ["--data", str(dataset_zip), "--models", "model4", "--weights", "none"]
+    code = main([*argv, "--transfer-image-size", "16", "--artifacts", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "--transfer-image-size 16" in err[0]
+    assert not (tmp_path / "a").exists()
+
+
 def test_results_persist_as_json_under_the_artifacts_folder(dataset_zip, tmp_path):
     artifacts = tmp_path / "artifacts"
     run_flow(dataset_zip, artifacts)
