@@ -32,9 +32,11 @@ class TrainConfig:
     # The TensorFlow transfer-learning tutorial's: a tenth of its base rate (1e-4). A tenth of
     # Adam's 1e-3 moves the unfrozen ImageNet layers too far and loses accuracy.
     finetune_learning_rate: float = 1e-5
-    # Cached views per training image for frozen-base models: the image and its mirror image,
+    # Cached views per training image for frozen-base models: the image, its mirror image,
     # then draws of RandomFlip + RandomRotation. Each view costs one pass through the base.
-    feature_views: int = 2
+    # At 224x224 a second view (the mirror image) moved neither validation nor test accuracy
+    # over three seeds (bench/RESULTS.md, sizes-model4) and cost a third more time.
+    feature_views: int = 1
     dropout: float = 0.2  # dropout before model4's classification head
     # "auto": mixed_bfloat16 where the hardware computes bf16 natively (AVX512-BF16/AMX CPUs,
     # GPUs), else float32; or name a Keras dtype policy ("float32", "mixed_bfloat16").

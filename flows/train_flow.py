@@ -113,7 +113,7 @@ def train_flow(
     batch_size: int = 32,
     max_images_per_class: int | None = None,
     finetune_epochs: int = 10,
-    feature_views: int = 2,
+    feature_views: int = 1,
     promote_margin: float = 0.0,
     train_retries: int = 0,
     download_retries: int = DOWNLOAD_RETRIES,
@@ -360,9 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--feature-views",
         type=_positive,
-        default=2,
+        default=1,
         help="cached views per training image for model4: the image, its mirror image, then "
-        "draws of the augmentation (2)",
+        "draws of the augmentation (1)",
     )
     parser.add_argument(
         "--promote-margin",
