@@ -584,11 +584,14 @@ def render_comparison(data: dict[str, Any]) -> str:
                     f"- cached rerun / first run wall: **{fmt(r_cache, 3)}x** "
                     f"(task states of the rerun: {task_states(cached)})"
                 )
+                # The ≤ 0.05x target is the default flow's (`--full-flow`, bench/assignment.py);
+                # a one-model flow's first run is short, so its ratio is shown, not judged.
                 checks.append(
                     [
-                        f"cached rerun ≤ 0.05x first run ({model} alone){label}",
+                        f"cached rerun / first run, {model} alone (the target is the "
+                        f"default flow's){label}",
                         f"{fmt(r_cache, 3)}x",
-                        verdict(None if r_cache is None else r_cache <= 0.05),
+                        verdict(None),
                     ]
                 )
             lines += retries_note(first) + retries_note(cached)

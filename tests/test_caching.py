@@ -100,6 +100,29 @@ def test_promotion_gate_promotes_then_keeps(dataset_zip, tmp_path):
     assert new_registry["run_id"] != registry["run_id"]
 
 
+def test_production_is_remeasured_at_its_own_input_size_on_a_new_split(dataset_zip, tmp_path):
+    import keras
+    import numpy as np
+
+    from catdog.data.images import load_images
+    from catdog.data.records import Manifest
+    from catdog.evaluation import score
+
+    artifacts = tmp_path / "artifacts"
+    run_flow(dataset_zip, artifacts)  # production: model1 on 32x32 images
+    summary = run_flow(dataset_zip, artifacts, seed=8, image_size=40, promote_margin=1.0)
+    assert summary["models"]["model1"]["image_size"] == 40
+    assert summary["promotion"]["promoted"] is False
+
+    split_dir = next(d for d in summary["artifacts_used"] if "/splits/" in f"/{d}/")
+    manifest = Manifest.load(artifacts / split_dir / "split.json")
+    test = manifest.in_split("test")
+    production = keras.models.load_model(artifacts / "production/model.keras", safe_mode=True)
+    images = load_images(manifest.paths(test), 32).astype(np.float32)
+    expected = score(production.predict(images, verbose=0), [e.label for e in test], ["c", "d"])
+    assert summary["promotion"]["production_accuracy"] == pytest.approx(expected["accuracy"])
+
+
 def flow_command(data: Path, artifacts: Path, *, epochs: int, checkout: Path = REPO) -> list:
     """`python flows/train_flow.py` for model1 on tiny images, as a user would type it."""
     return [
