@@ -97,9 +97,15 @@ def train_model(
     layout = Layout.at(artifacts)
     config = TrainConfig(**settings)
     started = time.perf_counter()
-    x_train, y_train = load_arrays(layout, arrays, "train")
-    x_val, y_val = load_arrays(layout, arrays, "validation")
-    data = training.TrainingData(x_train, y_train, x_val, y_val, len(arrays["classes"]))
+    num_classes = len(arrays["classes"])
+
+    def training_data() -> training.TrainingData:
+        # Loaded only for models that train on images: model4's head trains on cached
+        # features, and the 224x224 arrays would cost it about 0.4 GiB for nothing.
+        x_train, y_train = load_arrays(layout, arrays, "train")
+        x_val, y_val = load_arrays(layout, arrays, "validation")
+        return training.TrainingData(x_train, y_train, x_val, y_val, num_classes)
+
     total_epochs = config.finetune_epochs if start else config.epochs
     progress = ui.start_progress(f"{model}: epochs done of {total_epochs}")
 
@@ -125,14 +131,14 @@ def train_model(
             result = training.fine_tune(
                 start_dir / "model.keras",
                 {int(k): v for k, v in start_rows.items()},
-                data,
+                training_data(),
                 folder,
                 config=config,
                 seed=seed,
                 on_epoch=on_epoch,
             )
         elif features:
-            feature_set = FeatureSet.load(layout.resolve(features["dir"]), data.num_classes)
+            feature_set = FeatureSet.load(layout.resolve(features["dir"]), num_classes)
             result = training.train_head_on_features(
                 model,
                 feature_set,
@@ -140,13 +146,13 @@ def train_model(
                 config=config,
                 seed=seed,
                 weights=weights,
-                input_shape=x_train.shape[1:],
+                input_shape=(arrays["image_size"], arrays["image_size"], 3),
                 on_epoch=on_epoch,
             )
         else:
             result = training.train_end_to_end(
                 model,
-                data,
+                training_data(),
                 folder,
                 config=config,
                 seed=seed,
