@@ -133,8 +133,8 @@ def write_report(
     run_dir.mkdir(parents=True, exist_ok=True)
     models: dict[str, dict[str, Any]] = {}
     for name, record in trained.items():
-        # A model's time includes the stages only it needs: its images' decode, and for
-        # model4* the base's features. A stage two models share counts for each of them.
+        # A model's time includes the stages it needs: its images' decode, and for model4*
+        # the base's features. A stage that two models share counts for each of them.
         extra = arrays[name].get("seconds", 0.0)
         if features and name.startswith("model4"):
             extra += features.get("seconds", 0.0)

@@ -107,6 +107,7 @@ def test_production_is_remeasured_at_its_own_input_size_on_a_new_split(dataset_z
     from catdog.data.images import load_images
     from catdog.data.records import Manifest
     from catdog.evaluation import score
+    from catdog.layout import STAGE_DIRS
 
     artifacts = tmp_path / "artifacts"
     run_flow(dataset_zip, artifacts)  # production: model1 on 32x32 images
@@ -114,7 +115,7 @@ def test_production_is_remeasured_at_its_own_input_size_on_a_new_split(dataset_z
     assert summary["models"]["model1"]["image_size"] == 40
     assert summary["promotion"]["promoted"] is False
 
-    split_dir = next(d for d in summary["artifacts_used"] if "/splits/" in f"/{d}/")
+    split_dir = next(d for d in summary["artifacts_used"] if d.startswith(STAGE_DIRS["split"]))
     manifest = Manifest.load(artifacts / split_dir / "split.json")
     test = manifest.in_split("test")
     production = keras.models.load_model(artifacts / "production/model.keras", safe_mode=True)
