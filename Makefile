@@ -9,7 +9,7 @@ WEIGHTS ?=
 ARGS ?=
 run_args = $(if $(DATA),--data "$(DATA)") $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(ARGS)
 
-.PHONY: setup run test lint smoke clean
+.PHONY: setup run test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q
+	$(BIN)/ruff check .
+
+# Every test not marked slow (no TensorFlow training, no flow run): a quick check while editing.
+test-fast: $(STAMP)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -m "not slow"
 	$(BIN)/ruff check .
 
 lint: $(STAMP)

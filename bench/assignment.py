@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from catdog import catalog
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
@@ -50,8 +52,8 @@ from common import (
     write_section,
 )
 
-MODELS = ("model1", "model2", "model3", "model4", "model4_finetune")
-DEFAULT_MODELS = ("model1", "model2", "model3", "model4")
+MODELS = catalog.MODEL_NAMES
+DEFAULT_MODELS = catalog.DEFAULT_MODELS
 # (model, metric, threshold): the assignment's targets.
 TARGETS = (
     ("model1", "val_acc", 0.60),

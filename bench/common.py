@@ -25,6 +25,8 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from catdog import catalog
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 SHARED = REPO.parent / "shared"
@@ -330,11 +332,12 @@ def measure_catdog(
 
 
 def own_epoch_seconds(models: dict[str, Any], name: str) -> list[float]:
-    """A model's epoch times from summary.json's `models`. model4_finetune's history starts
-    with model4's epochs; only its own fine-tuning epochs are its to time."""
+    """A model's epoch times from summary.json's `models`. The history of a model that starts
+    from another begins with that model's epochs; only its own epochs are its to time."""
     seconds = models[name]["epoch_seconds"]
-    if name == "model4_finetune" and "model4" in models:
-        return seconds[len(models["model4"]["epoch_seconds"]) :]
+    start = catalog.spec(name).starts_from
+    if start and start in models:
+        return seconds[len(models[start]["epoch_seconds"]) :]
     return seconds
 
 

@@ -24,8 +24,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from catdog import catalog
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from blog_recipe import BLOG_MODELS
 from common import (
     BENCH,
     RawLog,
@@ -53,8 +56,7 @@ from common import (
 )
 
 TITLE = "catdog benchmark results"
-CATDOG_MODELS = ("model1", "model2", "model3", "model4", "model4_finetune")
-BLOG_MODELS = ("model1", "model2", "model3", "model4")
+CATDOG_MODELS = catalog.MODEL_NAMES
 
 
 # ----------------------------------------------------------------------------- settings
@@ -537,7 +539,11 @@ def render_comparison(data: dict[str, Any]) -> str:
                 r_mem = ratio(c["peak"], b["peak"])
                 d_val = (c["val_acc"] - b["val_acc"]) * 100
                 d_val5 = (c["val_acc_last5"] - b["val_acc_last5"]) * 100
-                what = "decoding and feature extraction" if model == "model4" else "decoding"
+                what = (
+                    "decoding and feature extraction"
+                    if catalog.spec(model).trains_on_features
+                    else "decoding"
+                )
                 if first.get("feature_seconds") is not None:
                     lines.append(
                         f"- catdog's MobileNetV2 feature extraction (in its time to a trained "

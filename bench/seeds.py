@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from catdog import catalog
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
@@ -225,9 +227,7 @@ def render(args: argparse.Namespace, data: dict[str, Any]) -> str:
         "variants of a seed share its decoded images. Epoch = median of epochs 2..N.",
         "",
     ]
-    models = [m.strip() for m in args.models.split(",")]
-    if "model4_finetune" in models and "model4" not in models:
-        models.insert(models.index("model4_finetune"), "model4")
+    models = catalog.with_prerequisites([m.strip() for m in args.models.split(",")])
     rows = []
     for run in runs:
         for model in models:

@@ -1,7 +1,9 @@
-"""Metrics on predictions, in plain numpy so they are cheap to test and need no TensorFlow."""
+"""Metrics on predictions, in plain numpy so they are cheap to test; TensorFlow is imported only
+to load and run a saved model."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -185,3 +187,18 @@ def score(logits: ArrayLike, y_true: ArrayLike, class_names: Sequence[str]) -> d
         "confidence": [float(c) for c in probs[np.arange(len(true)), predicted]],
         "most_confident_errors": most_confident_errors(true, probs, len(true)),
     }
+
+
+def load_model(path: str | os.PathLike[str]) -> Any:
+    """A saved `.keras` model, loaded in safe mode (no Lambda layers, no arbitrary code)."""
+    import keras  # here, so that the metrics above stay importable without TensorFlow
+
+    return keras.models.load_model(path, safe_mode=True)
+
+
+def score_model(
+    model: Any, images: np.ndarray, labels: ArrayLike, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Predict `images` (uint8, at the model's input size) with a Keras model and `score` it."""
+    logits = model.predict(np.asarray(images, dtype=np.float32), batch_size=64, verbose=0)
+    return score(logits, labels, class_names)

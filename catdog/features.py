@@ -46,6 +46,7 @@ def extract_features(
     x_val: np.ndarray,
     y_val: np.ndarray,
     *,
+    model_name: str,
     num_classes: int,
     weights: str | None,
     views: int,
@@ -53,6 +54,8 @@ def extract_features(
     batch_size: int = 64,
 ) -> FeatureSet:
     """Pooled features of the frozen MobileNetV2 base for train views and validation images.
+
+    The base and augmentation are those of model `model_name`, a frozen-base model.
 
     View 0 is the image as is, view 1 its mirror image, further views are draws of the
     model's own augmentation (RandomFlip + RandomRotation), so the head is trained on what
@@ -63,7 +66,9 @@ def extract_features(
     from catdog import models
 
     keras.utils.set_random_seed(seed)
-    model = models.build_model("model4", x_train.shape[1:], num_classes, weights=weights, seed=seed)
+    model = models.build_model(
+        model_name, x_train.shape[1:], num_classes, weights=weights, seed=seed
+    )
     extractor = models.feature_extractor(model)
     augment = models.get_augmentation(model)
     dim = int(extractor.output_shape[-1])

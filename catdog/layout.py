@@ -24,6 +24,17 @@ STAGE_DIRS = {
     "report": "05_reports",
 }
 STAGES = tuple(STAGE_DIRS)  # pipeline order; `--refresh STAGE` refreshes this one and later
+# Stages whose outputs are cached; the report is written anew by every run.
+CACHED_STAGES = tuple(stage for stage in STAGES if stage != "report")
+
+MODEL_FILE = "model.keras"  # a training folder's model: its best epoch by validation accuracy
+FINAL_MODEL_FILE = "final.keras"  # a training folder's last epoch
+HISTORY_ROWS_FILE = "history-rows.json"  # a training folder's per-epoch metrics
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.md"
+REGISTRY_FILE = "registry.json"
+RUNS_DIR = "05_reports/runs"
+PRODUCTION_DIR = "production"
 
 
 @dataclass(frozen=True)
@@ -67,12 +78,20 @@ class Layout:
 
     @property
     def summary(self) -> Path:
-        return self.root / "summary.json"
+        return self.root / SUMMARY_FILE
 
     @property
     def runs_dir(self) -> Path:
-        return self.root / "05_reports" / "runs"
+        return self.root / RUNS_DIR
 
     @property
     def production_dir(self) -> Path:
-        return self.root / "production"
+        return self.root / PRODUCTION_DIR
+
+    @property
+    def production_model(self) -> Path:
+        return self.production_dir / MODEL_FILE
+
+    @property
+    def registry(self) -> Path:
+        return self.production_dir / REGISTRY_FILE

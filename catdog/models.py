@@ -16,16 +16,18 @@ import os
 # Set before TensorFlow is first imported, which happens through keras below.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import importlib
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import keras
 
+from catdog import catalog
 from catdog.config import MIN_MOBILENET_SIZE
 from catdog.errors import ModelError, WeightsError
+from catdog.weights import resolve_weights
 
 BASE_LAYER_NAME = "mobilenetv2_base"  # the MobileNetV2 sub-model inside model4
 PREPROCESS_LAYER_NAME = "preprocess"  # scales 0..255 to -1..1, as mobilenet_v2.preprocess_input
@@ -42,45 +44,7 @@ _IMAGENET_SIZES = (96, 128, 160, 192, 224)
 # of its own, so without this a network that drops packets silently would hang the build.
 DOWNLOAD_TIMEOUT_S = 20.0
 
-# Models built around a pretrained MobileNetV2 that stays (at least partly) frozen.
-_FROZEN_BASE_MODELS = frozenset({"model4", "model4_finetune"})
-
-
 # --- weights ---------------------------------------------------------------------------------
-
-
-def resolve_weights(weights: str | os.PathLike[str] | None) -> str | None:
-    """Normalise a weights choice for model4.
-
-    Args:
-        weights: None or "none" for random initialisation, "imagenet" for Keras's ImageNet
-            weights (downloaded on first use), or the path of a local `.h5` weights file such
-            as `mobilenet_v2_1.0_224_no_top.h5`.
-
-    Returns:
-        None, "imagenet", or the path as an absolute string.
-
-    Raises:
-        WeightsError: `weights` names a file that does not exist or is not an `.h5` file.
-    """
-    if weights is None:
-        return None
-    text = os.fspath(weights)
-    if text.strip().lower() in {"", "none"}:
-        return None
-    if text.strip().lower() == "imagenet":
-        return "imagenet"
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"weights file {text!r} does not exist or is not a file")
-    # Keras loads a no-top MobileNetV2 from the legacy HDF5 format only; say so up front
-    # rather than letting load_weights fail with a format error deep inside Keras.
-    if path.suffix.lower() != ".h5":
-        raise WeightsError(
-            f"weights file {text!r} is not an .h5 file; expected e.g. "
-            "mobilenet_v2_1.0_224_no_top.h5"
-        )
-    return str(path.resolve())
 
 
 def imagenet_weights_filename(image_size: int) -> str:
@@ -325,7 +289,7 @@ def make_model4(
         input_shape: (height, width, 3), at least 32x32.
         num_classes: Number of output logits.
         weights: None for random init, "imagenet", or a local `.h5` file (see
-            `resolve_weights`).
+            `catdog.weights.resolve_weights`).
         dropout: Dropout rate before the head.
         seed: Seed of the augmentation and dropout layers.
         name: The model's name.
@@ -506,20 +470,22 @@ def unfreeze_top(model: keras.Model, fine_tune_at: int = 100) -> None:
         layer.trainable = False
 
 
-# --- registry --------------------------------------------------------------------------------
-
-MODEL_BUILDERS: dict[str, Callable[..., keras.Model]] = {
-    "model1": make_model1,
-    "model2": make_model2,
-    "model3": make_model3,
-    "model4": make_model4,
-    "model4_finetune": make_model4_finetune,
-}
+# --- building by name ------------------------------------------------------------------------
 
 
-def _check_name(name: str) -> None:
-    if name not in MODEL_BUILDERS:
-        raise ModelError(f"unknown model {name!r}; choose from {', '.join(MODEL_BUILDERS)}")
+def builder(name: str) -> Callable[..., keras.Model]:
+    """The function that builds model `name`, as its catalog entry names it.
+
+    Raises:
+        ModelError: Unknown name, or its builder cannot be imported.
+    """
+    module_name, _, function = catalog.spec(name).builder.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(
+            f"model {name!r}: cannot import its builder {module_name}:{function}"
+        ) from exc
 
 
 def build_model(
@@ -531,44 +497,30 @@ def build_model(
     seed: int | None = None,
     dropout: float = 0.2,
 ) -> keras.Model:
-    """Build a registered model by name.
+    """Build a model of the catalog by name.
 
     Args:
-        name: A key of `MODEL_BUILDERS`.
+        name: A name in `catdog.catalog.CATALOG`.
         input_shape: (height, width, channels).
         num_classes: Number of classes (at least 2).
-        weights: For model4 / model4_finetune: None, "imagenet" or a local `.h5` path.
+        weights: For models on a frozen base: None, "imagenet" or a local `.h5` path.
             Ignored by the other models.
         seed: Seed of the random layers (augmentation, dropout).
-        dropout: model4's dropout rate before the head.
+        dropout: The dropout rate before a frozen-base model's head.
 
     Returns:
         The uncompiled model; see `compile_model`.
 
     Raises:
         ModelError: Unknown name, bad input shape or fewer than 2 classes.
-        WeightsError: model4's weights cannot be found, downloaded or loaded.
+        WeightsError: The weights cannot be found, downloaded or loaded.
     """
-    _check_name(name)
+    make = builder(name)
     if len(tuple(input_shape)) != 3 or min(input_shape) < 1:
         raise ModelError(f"input shape must be (height, width, channels); got {input_shape}")
     if num_classes < 2:
         raise ModelError(f"a classifier needs at least 2 classes; got {num_classes}")
-    return MODEL_BUILDERS[name](
-        tuple(input_shape), num_classes, weights=weights, seed=seed, dropout=dropout
-    )
-
-
-def needs_weights(name: str) -> bool:
-    """Whether model `name` is built on pretrained weights (so `weights` matters for it)."""
-    _check_name(name)
-    return name in _FROZEN_BASE_MODELS
-
-
-def uses_frozen_base(name: str) -> bool:
-    """Whether model `name` has a frozen MobileNetV2 base (model4, model4_finetune)."""
-    _check_name(name)
-    return name in _FROZEN_BASE_MODELS
+    return make(tuple(input_shape), num_classes, weights=weights, seed=seed, dropout=dropout)
 
 
 def compile_model(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:

@@ -12,6 +12,7 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -23,6 +24,7 @@ if "matplotlib.pyplot" not in sys.modules:
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from catdog.io import atomic_write_bytes
 
@@ -128,6 +130,11 @@ def _epochs(values: Sequence[float]) -> list[int]:
     return list(range(1, len(values) + 1))  # Keras counts epochs from 1 in its logs
 
 
+def _epoch_axis(ax: Axes) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 2.5"
+
+
 def training_curves(
     history: Mapping[str, Sequence[float]], title: str, baseline: float | None = None
 ) -> Figure:
@@ -149,7 +156,7 @@ def training_curves(
             values = history.get(key)
             if values:
                 ax.plot(_epochs(values), values, marker="o", markersize=3, label=name)
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax)
         ax.set_ylabel(label)
         ax.set_title(f"{label}")
         ax.grid(alpha=0.3)
@@ -184,7 +191,7 @@ def compare_models(
     if baseline is not None:
         ax_acc.axhline(baseline, linestyle="--", color="gray", label=f"baseline {baseline:.3f}")
     for ax, label in ((ax_acc, "Validation accuracy"), (ax_loss, "Validation loss")):
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax)
         ax.set_ylabel(label)
         ax.set_title(label)
         ax.grid(alpha=0.3)
@@ -264,3 +271,43 @@ def misclassified_grid(
     ):
         _show(ax, image, f"true: {true}\npred: {pred} ({float(prob):.2f})")
     return fig
+
+
+def evaluation_figures(
+    model: str,
+    history: Mapping[str, Sequence[float]],
+    baseline: float,
+    metrics: Mapping[str, Any],
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    max_errors: int = 12,
+) -> dict[str, Figure]:
+    """A model's evaluation figures by file name: its training curves, its confusion matrix on
+    the test split, and its most confident errors (when it made any).
+
+    Args:
+        model: The model's name, for titles.
+        history: Its Keras-style training history.
+        baseline: Majority-class accuracy, drawn on the curves.
+        metrics: `catdog.evaluation.score` of the model on `images`.
+        images: The test images (uint8).
+        labels: Their true class indices.
+        class_names: Names of the classes, in label order.
+        max_errors: How many errors to show at most.
+    """
+    figures = {
+        "curves.png": training_curves(history, model, baseline),
+        "confusion_matrix.png": confusion_matrix_figure(
+            np.asarray(metrics["confusion_matrix"]), class_names, f"{model}: test split"
+        ),
+    }
+    worst = list(metrics["most_confident_errors"])[:max_errors]
+    if worst:
+        figures["misclassified.png"] = misclassified_grid(
+            [images[i] for i in worst],
+            [class_names[labels[i]] for i in worst],
+            [class_names[metrics["predictions"][i]] for i in worst],
+            [metrics["confidence"][i] for i in worst],
+        )
+    return figures

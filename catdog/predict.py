@@ -36,7 +36,7 @@ class Prediction:
 def choose_model(artifacts: Path, model: Path | None, classes: list[str] | None) -> ModelChoice:
     """The model to use: `--model`, else production, else the best model of the last run."""
     layout = Layout.at(artifacts)
-    registry = layout.production_dir / "registry.json"
+    registry = layout.registry
     summary = layout.summary
     known_classes = classes
     if known_classes is None:

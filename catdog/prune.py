@@ -27,16 +27,15 @@ from pathlib import Path, PurePosixPath
 
 from catdog.errors import CatdogError
 from catdog.io import atomic_write_json
-from catdog.layout import STAGE_DIRS, Layout
+from catdog.layout import PRODUCTION_DIR, RUNS_DIR, STAGE_DIRS, SUMMARY_FILE, Layout
 
 DEFAULT_KEEP = 3
 LEFTOVER_AGE_SECONDS = 24 * 3600.0
-SUMMARY = "summary.json"
 USED = "artifacts_used"
 
 KEY = re.compile(rf"^(?:{'|'.join(map(re.escape, STAGE_DIRS))})-[0-9a-f]{{8,64}}$")
 LEFTOVER = re.compile(r"^(?:\..+\.(?:tmp|old)-[0-9a-f]+|\..+\.partial|\.partial)$")
-NEVER = ("production", "05_reports/runs")  # relative to the root; never listed, never entered
+NEVER = (PRODUCTION_DIR, RUNS_DIR)  # relative to the root; never listed, never entered
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +117,12 @@ def check_artifacts(root: str | os.PathLike[str]) -> Layout:
     if not markers or not layout.runs_dir.is_dir():
         raise PruneError(
             f"--artifacts {root}: does not look like a catdog artifacts folder "
-            "(expected 05_reports/runs/ and stage folders such as 01_raw/ or .prefect/); "
+            f"(expected {RUNS_DIR}/ and stage folders such as 01_raw/ or .prefect/); "
             "nothing removed"
         )
     if not _run_summaries(layout):
         raise PruneError(
-            f"--artifacts {root}: no finished run (05_reports/runs/*/{SUMMARY}), so nothing "
+            f"--artifacts {root}: no finished run ({RUNS_DIR}/*/{SUMMARY_FILE}), so nothing "
             "tells which outputs are in use; nothing removed"
         )
     return layout
@@ -134,7 +133,7 @@ def _run_summaries(layout: Layout) -> list[Path]:
     if not layout.runs_dir.is_dir():
         return []
     return sorted(
-        (path / SUMMARY for path in layout.runs_dir.iterdir() if (path / SUMMARY).is_file()),
+        (run / SUMMARY_FILE for run in layout.runs_dir.iterdir() if (run / SUMMARY_FILE).is_file()),
         key=lambda summary: summary.parent.name,
     )
 
@@ -164,7 +163,7 @@ def used_keys(summaries: Iterable[Path]) -> set[str]:
 
 def _production_key(layout: Layout) -> set[str]:
     """The stage folder production's model was copied from, kept for its lineage."""
-    registry = layout.production_dir / "registry.json"
+    registry = layout.registry
     try:
         source = json.loads(registry.read_text(encoding="utf-8")).get("source", "")
     except (OSError, ValueError, AttributeError):

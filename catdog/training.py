@@ -1,8 +1,8 @@
 """Training: seeded, resumable after a crash, with per-epoch history and timings on disk.
 
-Every model trains end to end on decoded uint8 arrays, except models on a frozen base
-(model4): their head trains on cached base features, which is the same computation as
-running the frozen base every epoch, without repeating it.
+`train` trains a model the way its catalog entry says: end to end on decoded uint8 arrays;
+a head on cached frozen-base features (the same computation as running the frozen base every
+epoch, without repeating it); or on from another model's trained weights (fine-tuning).
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from catdog import models
+from catdog import catalog, models
 from catdog.config import TrainConfig
+from catdog.errors import ModelError
 from catdog.features import FeatureSet
+from catdog.layout import FINAL_MODEL_FILE, HISTORY_ROWS_FILE, MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -50,23 +52,15 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# Models whose accuracy under mixed_bfloat16 measured the same as under float32, so "auto" may
-# use bf16 for them: model1 over three seeds of 20 epochs (bench/RESULTS.md, precision-model1:
-# validation +0.2 points at the last epoch, +1.1 over the last five), model3 and model4* in the
-# assignment's protocol. model2 is left out: in a 4-epoch check it sat at exactly 50% under
-# bf16 while float32 moved, and it has not been measured further.
-BFLOAT16_BY_DEFAULT = ("model1", "model3", "model4", "model4_finetune")
-
-
 def resolve_precision(precision: str, model: str) -> str:
     """The Keras dtype policy for `precision` when training `model` on this machine.
 
-    "auto" picks mixed_bfloat16 for the models in BFLOAT16_BY_DEFAULT, and only where bf16 is
-    native (a GPU, or a CPU with AVX512-BF16 or AMX); float32 otherwise.
+    "auto" picks mixed_bfloat16 for the models whose catalog entry allows it, and only where
+    bf16 is native (a GPU, or a CPU with AVX512-BF16 or AMX); float32 otherwise.
     """
     if precision != "auto":
         return precision
-    if model not in BFLOAT16_BY_DEFAULT:
+    if not catalog.spec(model).bfloat16:
         return "float32"
     if tf.config.list_physical_devices("GPU"):
         return "mixed_bfloat16"
@@ -240,9 +234,9 @@ def train_end_to_end(
         work_dir=work_dir,
         phase="train",
         on_epoch=on_epoch,
-        best_path=work_dir / "model.keras",
+        best_path=work_dir / MODEL_FILE,
     )
-    model.save(work_dir / "final.keras")
+    model.save(work_dir / FINAL_MODEL_FILE)
     return _result(model, rows)
 
 
@@ -299,15 +293,16 @@ def train_head_on_features(
         dropout=config.dropout,
     )
     models.transplant_head(head, model)
-    model.save(work_dir / "final.keras")
+    model.save(work_dir / FINAL_MODEL_FILE)
     best_head = keras.models.load_model(work_dir / "best-head.keras", safe_mode=True)
     models.transplant_head(best_head, model)
-    model.save(work_dir / "model.keras")
+    model.save(work_dir / MODEL_FILE)
     (work_dir / "best-head.keras").unlink()
     return _result(model, rows)
 
 
 def fine_tune(
+    name: str,
     start_model: Path,
     start_history: dict[int, dict[str, float]],
     data: TrainingData,
@@ -323,10 +318,10 @@ def fine_tune(
     """
     keras.utils.set_random_seed(seed)
     trained = keras.models.load_model(start_model, safe_mode=True)
-    with dtype_policy(config.precision, "model4_finetune") as policy:
+    with dtype_policy(config.precision, name) as policy:
         # Rebuilt (no download: weights=None) so that the policy applies to every layer.
         model = models.build_model(
-            "model4_finetune",
+            name,
             data.x_train.shape[1:],
             data.num_classes,
             weights=None,
@@ -334,7 +329,7 @@ def fine_tune(
             dropout=config.dropout,
         )
     model.set_weights(trained.get_weights())
-    logger.info("fine-tuning under the %s dtype policy", policy)
+    logger.info("%s: fine-tuning under the %s dtype policy", name, policy)
     models.unfreeze_top(model, config.finetune_at)
     models.compile_model(model, config.finetune_learning_rate)
     train = image_dataset(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)
@@ -348,8 +343,80 @@ def fine_tune(
         work_dir=work_dir,
         phase="finetune",
         on_epoch=on_epoch,
-        best_path=work_dir / "model.keras",
+        best_path=work_dir / MODEL_FILE,
         initial_epoch=first,
     )
-    model.save(work_dir / "final.keras")
+    model.save(work_dir / FINAL_MODEL_FILE)
     return _result(model, {**start_history, **rows})
+
+
+def train(
+    name: str,
+    work_dir: Path,
+    *,
+    config: TrainConfig,
+    seed: int,
+    weights: str | None,
+    input_shape: tuple[int, int, int],
+    images: Callable[[], TrainingData],
+    features: Callable[[], FeatureSet] | None = None,
+    start_dir: Path | None = None,
+    on_epoch: EpochHook | None = None,
+) -> TrainResult:
+    """Train model `name` the way its catalog entry says, into `work_dir`.
+
+    A model that starts from another continues from that model's `model.keras` and history in
+    `start_dir`; one that trains on features trains its head on `features()`; any other trains
+    end to end on `images()`. The image arrays are loaded only when needed (a head on 224x224
+    features would hold about 0.4 GiB of images for nothing). Writes `model.keras`,
+    `final.keras` and `history-rows.json` (every epoch's metrics and seconds).
+
+    Raises:
+        ModelError: Unknown model, or one the catalog says trains from another model or from
+            features without `start_dir` or `features`.
+    """
+    entry = catalog.spec(name)
+    if entry.starts_from:
+        if start_dir is None:
+            raise ModelError(f"{name} starts from {entry.starts_from}: pass its training folder")
+        start_rows = json.loads((start_dir / HISTORY_ROWS_FILE).read_text())
+        result = fine_tune(
+            name,
+            start_dir / MODEL_FILE,
+            {int(epoch): row for epoch, row in start_rows.items()},
+            images(),
+            work_dir,
+            config=config,
+            seed=seed,
+            on_epoch=on_epoch,
+        )
+    elif entry.trains_on_features:
+        if features is None:
+            raise ModelError(f"{name} trains on cached base features: pass them")
+        result = train_head_on_features(
+            name,
+            features(),
+            work_dir,
+            config=config,
+            seed=seed,
+            weights=weights,
+            input_shape=input_shape,
+            on_epoch=on_epoch,
+        )
+    else:
+        result = train_end_to_end(
+            name, images(), work_dir, config=config, seed=seed, weights=weights, on_epoch=on_epoch
+        )
+    (work_dir / HISTORY_ROWS_FILE).write_text(json.dumps(history_rows(result), indent=1))
+    return result
+
+
+def history_rows(result: TrainResult) -> dict[str, dict[str, float]]:
+    """Per-epoch metrics and seconds keyed by 1-based epoch, as `history-rows.json` holds them."""
+    return {
+        str(i + 1): {
+            **{key: values[i] for key, values in result.history.items()},
+            "seconds": result.epoch_seconds[i],
+        }
+        for i in range(len(result.epoch_seconds))
+    }

@@ -12,6 +12,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
+from catdog.config import PipelineConfig
 from catdog.data import sources
 from catdog.data.records import SPLITS, Manifest
 from catdog.errors import TransientDownloadError
@@ -20,7 +21,6 @@ from catdog.layout import Layout
 from tasks import ui
 from tasks.caching import ContentAddressed, stage_output
 
-DOWNLOAD_RETRIES = 4
 MAX_RETRY_AFTER_SECONDS = 60.0
 
 
@@ -65,7 +65,7 @@ def split_manifest_of(layout: Layout, split: dict[str, Any]) -> Manifest:
         fingerprint=_source_fingerprint,
         unkeyed=("data",),  # the same archive, however its path is spelled, is one result
     ),
-    retries=DOWNLOAD_RETRIES,
+    retries=PipelineConfig.download_retries,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
     retry_condition_fn=_retry_transient_only,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from prefect import get_run_logger, task
 
 from catdog.hashing import HashMemo, sha256_file
-from catdog.layout import Layout
+from catdog.layout import MODEL_FILE, Layout
 from tasks import ui
 from tasks.caching import ContentAddressed, stage_output
 
@@ -37,7 +38,12 @@ def load_arrays(layout: Layout, arrays: dict[str, Any], split: str) -> tuple[Any
     ),
 )
 def extract_features(
-    arrays: dict[str, Any], weights: str | None, views: int, seed: int, artifacts: str
+    model: str,
+    arrays: dict[str, Any],
+    weights: str | None,
+    views: int,
+    seed: int,
+    artifacts: str,
 ) -> dict[str, Any]:
     """Frozen MobileNetV2 features of every training view and validation image, computed once."""
     from catdog.features import extract_features as embed
@@ -51,6 +57,7 @@ def extract_features(
         y_train,
         x_val,
         y_val,
+        model_name=model,
         num_classes=len(arrays["classes"]),
         weights=weights,
         views=views,
@@ -87,8 +94,6 @@ def train_model(
     artifacts: str,
 ) -> dict[str, Any]:
     """Train one model; a run that died continues from its last finished epoch."""
-    import json
-
     from catdog import training
     from catdog.config import TrainConfig
     from catdog.features import FeatureSet
@@ -98,16 +103,16 @@ def train_model(
     config = TrainConfig(**settings)
     started = time.perf_counter()
     num_classes = len(arrays["classes"])
+    total_epochs = config.finetune_epochs if start else config.epochs
+    progress = ui.start_progress(f"{model}: epochs done of {total_epochs}")
 
-    def training_data() -> training.TrainingData:
-        # Loaded only for models that train on images: model4's head trains on cached
-        # features, and the 224x224 arrays would cost it about 0.4 GiB for nothing.
+    def images() -> training.TrainingData:
         x_train, y_train = load_arrays(layout, arrays, "train")
         x_val, y_val = load_arrays(layout, arrays, "validation")
         return training.TrainingData(x_train, y_train, x_val, y_val, num_classes)
 
-    total_epochs = config.finetune_epochs if start else config.epochs
-    progress = ui.start_progress(f"{model}: epochs done of {total_epochs}")
+    def cached_features() -> FeatureSet:
+        return FeatureSet.load(layout.resolve(features["dir"]), num_classes)
 
     def on_epoch(epoch: int, total: int, row: dict[str, float]) -> None:
         logger.info(
@@ -125,49 +130,18 @@ def train_model(
         ui.update_progress(progress, 100.0 * (epoch - first) / max(total_epochs, 1))
 
     with stage_output(layout, "train", model, resumable=True) as (folder, record):
-        if start:
-            start_dir = layout.resolve(start["dir"])
-            start_rows = json.loads((start_dir / "history-rows.json").read_text())
-            result = training.fine_tune(
-                start_dir / "model.keras",
-                {int(k): v for k, v in start_rows.items()},
-                training_data(),
-                folder,
-                config=config,
-                seed=seed,
-                on_epoch=on_epoch,
-            )
-        elif features:
-            feature_set = FeatureSet.load(layout.resolve(features["dir"]), num_classes)
-            result = training.train_head_on_features(
-                model,
-                feature_set,
-                folder,
-                config=config,
-                seed=seed,
-                weights=weights,
-                input_shape=(arrays["image_size"], arrays["image_size"], 3),
-                on_epoch=on_epoch,
-            )
-        else:
-            result = training.train_end_to_end(
-                model,
-                training_data(),
-                folder,
-                config=config,
-                seed=seed,
-                weights=weights,
-                on_epoch=on_epoch,
-            )
-        seconds = time.perf_counter() - started
-        rows = {
-            str(i + 1): {
-                **{k: v[i] for k, v in result.history.items()},
-                "seconds": result.epoch_seconds[i],
-            }
-            for i in range(len(result.epoch_seconds))
-        }
-        (folder / "history-rows.json").write_text(json.dumps(rows, indent=1))
+        result = training.train(
+            model,
+            folder,
+            config=config,
+            seed=seed,
+            weights=weights,
+            input_shape=(arrays["image_size"], arrays["image_size"], 3),
+            images=images,
+            features=cached_features if features else None,
+            start_dir=layout.resolve(start["dir"]) if start else None,
+            on_epoch=on_epoch,
+        )
         record.update(
             model=model,
             epochs=len(result.epoch_seconds),
@@ -176,7 +150,7 @@ def train_model(
             best_epoch=result.best_epoch,
             trainable_params=result.trainable_params,
             total_params=result.total_params,
-            seconds=seconds,
+            seconds=time.perf_counter() - started,
             settings=settings,
             seed=seed,
             weights=weights,
@@ -202,41 +176,20 @@ def evaluate_model(
     model: str, trained: dict[str, Any], arrays: dict[str, Any], baseline: float, artifacts: str
 ) -> dict[str, Any]:
     """Score a trained model on the test split: accuracy, loss, confusion matrix, errors."""
-    import keras
-
-    from catdog.evaluation import score
-    from catdog.plots import (
-        confusion_matrix_figure,
-        misclassified_grid,
-        save_figure,
-        training_curves,
-    )
+    from catdog.evaluation import load_model, score_model
+    from catdog.plots import evaluation_figures, save_figure
 
     layout = Layout.at(artifacts)
     classes = list(arrays["classes"])
     x_test, y_test = load_arrays(layout, arrays, "test")
-    network = keras.models.load_model(
-        layout.resolve(trained["dir"]) / "model.keras", safe_mode=True
-    )
-    logits = network.predict(x_test.astype("float32"), batch_size=64, verbose=0)
-    metrics = score(logits, y_test, classes)
+    network = load_model(layout.resolve(trained["dir"]) / MODEL_FILE)
+    metrics = score_model(network, x_test, y_test, classes)
     with stage_output(layout, "evaluate", model) as (folder, record):
-        save_figure(training_curves(trained["history"], model, baseline), folder / "curves.png")
-        save_figure(
-            confusion_matrix_figure(metrics["confusion_matrix"], classes, f"{model}: test split"),
-            folder / "confusion_matrix.png",
+        figures = evaluation_figures(
+            model, trained["history"], baseline, metrics, x_test, y_test, classes
         )
-        worst = metrics["most_confident_errors"][:12]
-        if worst:
-            save_figure(
-                misclassified_grid(
-                    [x_test[i] for i in worst],
-                    [classes[y_test[i]] for i in worst],
-                    [classes[metrics["predictions"][i]] for i in worst],
-                    [metrics["confidence"][i] for i in worst],
-                ),
-                folder / "misclassified.png",
-            )
+        for file_name, figure in figures.items():
+            save_figure(figure, folder / file_name)
         summary = {
             k: v
             for k, v in metrics.items()

@@ -13,6 +13,8 @@ from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# As flows/train_flow.py: library lines logged outside a flow run stay in the terminal.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_ZIP = SHARED / "data" / "cats_and_dogs_filtered.zip"

@@ -11,7 +11,7 @@ import pytest
 from flows.train_flow import main, train_flow
 from tests.conftest import REAL_ZIP
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 SMALL = {"image_size": 32, "batch_size": 8, "seed": 7}
 
@@ -82,15 +82,6 @@ def test_transfer_models_get_images_at_their_own_size(dataset_zip, tmp_path):
     assert model4.input_shape == (None, 48, 48, 3)
 
 
-def test_transfer_image_size_below_mobilenet_minimum_exits_2(tmp_path, capsys, dataset_zip):
-    argv = ["--data", str(dataset_zip), "--models", "model4", "--weights", "none"]
-    code = main([*argv, "--transfer-image-size", "16", "--artifacts", str(tmp_path / "a")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and "--transfer-image-size 16" in err[0]
-    assert not (tmp_path / "a").exists()
-
-
 def test_results_persist_as_json_under_the_artifacts_folder(dataset_zip, tmp_path):
     artifacts = tmp_path / "artifacts"
     run_flow(dataset_zip, artifacts)
@@ -134,12 +125,54 @@ def test_bad_data_fails_with_one_line_and_exit_2(tmp_path, capsys, make_data, ex
     assert not artifacts.exists() or not any(artifacts.iterdir())
 
 
-@pytest.mark.parametrize("argv", [["--models", "model9"], ["--epochs", "0"]])
-def test_bad_arguments_exit_2_before_any_work(tmp_path, argv, capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--models", "model9"], "--models: 'model9': input should be 'model1'"),
+        (["--models", ","], "--models: ',': list should have at least 1 item"),
+        (["--epochs", "0"], "--epochs: '0': input should be greater than or equal to 1"),
+        (["--download-retries", "-1"], "--download-retries: '-1': input should be greater"),
+        (["--train-retries", "-1"], "--train-retries: '-1': input should be greater"),
+        (["--promote-margin", "1.5"], "--promote-margin: '1.5': input should be less than or"),
+        (["--transfer-image-size", "16"], "--transfer-image-size: '16': input should be greater"),
+        (["--max-images-per-class", "1"], "--max-images-per-class: '1': input should be greater"),
+        (["--refresh", "report"], "--refresh: 'report': input should be 'all', 'download'"),
+        (["--precision", "fp8"], "--precision: 'fp8': input should be 'auto'"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_work(tmp_path, argv, message, capsys, dataset_zip):
     with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--artifacts", str(tmp_path / "a")])
+        main(["--data", str(dataset_zip), *argv, "--artifacts", str(tmp_path / "a")])
     assert exit_info.value.code == 2
+    assert f"error: argument {message}" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.h5", None, "does not exist"),
+        ("some.bin", b"weights", "not an .h5 file"),
+        ("broken.h5", b"not hdf5", "not an HDF5 file"),
+    ],
+)
+def test_bad_weights_file_exits_2_before_any_work(
+    tmp_path, capsys, dataset_zip, name, content, message
+):
+    weights = tmp_path / name
+    if content is not None:
+        weights.write_bytes(content)
+    argv = ["--data", str(dataset_zip), "--models", "model4", "--weights", str(weights)]
+    assert main([*argv, "--artifacts", str(tmp_path / "a")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: weights file '{weights}'") and message in line
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_model_without_a_frozen_base_ignores_the_weights_option(tmp_path, dataset_zip):
+    argv = ["--data", str(dataset_zip), "--models", "model1", "--epochs", "1"]
+    argv += ["--weights", str(tmp_path / "never-read.h5"), "--image-size", "32"]
+    assert main([*argv, "--artifacts", str(tmp_path / "a")]) == 0
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -62,6 +62,7 @@ def _cli_env(home: Path) -> dict[str, str]:
 
 
 @linux_only
+@pytest.mark.slow  # a whole flow run
 def test_a_run_uses_its_early_server_and_stops_it(dataset_zip, tmp_path):
     run = subprocess.Popen(
         flow_command(dataset_zip, tmp_path / "artifacts", epochs=1),

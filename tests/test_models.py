@@ -14,12 +14,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 
-from catdog import models
+from catdog import catalog, models
 from catdog.errors import ModelError, WeightsError
+from tests.conftest import REAL_WEIGHTS
+
+pytestmark = pytest.mark.slow  # trains with TensorFlow
 
 SHAPE = (32, 32, 3)  # the smallest input MobileNetV2 accepts keeps every test fast
 CLASSES = 2
-SHARED_WEIGHTS = Path("/work/shared/weights/mobilenet_v2_1.0_224_no_top.h5")
 MOBILENET_NO_TOP_FEATURES = 1280  # channels out of MobileNetV2's last conv (alpha 1.0)
 
 
@@ -64,16 +66,7 @@ def random_images(n: int, shape=SHAPE, seed: int = 0) -> tuple[np.ndarray, np.nd
 def built() -> dict[str, keras.Model]:
     # Built once per module: MobileNetV2 takes about a second to build on CPU.
     keras.utils.set_random_seed(0)
-    return {
-        name: models.build_model(name, SHAPE, CLASSES, seed=0) for name in models.MODEL_BUILDERS
-    }
-
-
-def test_model1_parameter_arithmetic():
-    # 160: 158 -> 79 -> 77 -> 38 -> 36, flatten 36*36*64 = 82,944; that Dense holds 5.3 M.
-    assert model1_params(160, 2) == 5_341_410
-    # 32: 30 -> 15 -> 13 -> 6 -> 4, flatten 4*4*64 = 1,024.
-    assert model1_params(32, 2) == 98_530
+    return {name: models.build_model(name, SHAPE, CLASSES, seed=0) for name in catalog.MODEL_NAMES}
 
 
 @pytest.mark.parametrize("name", ["model1", "model2", "model3"])
@@ -154,7 +147,7 @@ def test_head_trained_on_features_transplants_into_model4():
         models.get_augmentation(models.build_model("model1", SHAPE, CLASSES))
 
 
-@pytest.mark.parametrize("name", list(models.MODEL_BUILDERS))
+@pytest.mark.parametrize("name", catalog.MODEL_NAMES)
 def test_every_model_fits_and_predicts(built, name):
     model = models.compile_model(built[name])
     x, y = random_images(16)
@@ -163,7 +156,7 @@ def test_every_model_fits_and_predicts(built, name):
     assert model.predict(x[:5], verbose=0).shape == (5, CLASSES)
 
 
-@pytest.mark.parametrize("name", list(models.MODEL_BUILDERS))
+@pytest.mark.parametrize("name", catalog.MODEL_NAMES)
 def test_keras_file_round_trip_in_safe_mode(built, name, tmp_path):
     model = built[name]
     x, _ = random_images(4, seed=1)
@@ -174,26 +167,13 @@ def test_keras_file_round_trip_in_safe_mode(built, name, tmp_path):
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
     )
-    if models.uses_frozen_base(name):
+    if catalog.spec(name).frozen_base:
         assert trainable_count(loaded) == trainable_count(model)
 
 
 def test_unknown_model_name():
     with pytest.raises(ModelError, match=r"unknown model 'model9'; choose from model1, model2"):
         models.build_model("model9", SHAPE, CLASSES)
-    with pytest.raises(ModelError):
-        models.needs_weights("model9")
-
-
-def test_registry_flags():
-    assert [n for n in models.MODEL_BUILDERS if models.needs_weights(n)] == [
-        "model4",
-        "model4_finetune",
-    ]
-    assert [n for n in models.MODEL_BUILDERS if models.uses_frozen_base(n)] == [
-        "model4",
-        "model4_finetune",
-    ]
 
 
 def test_bad_shapes_and_class_counts():
@@ -201,19 +181,6 @@ def test_bad_shapes_and_class_counts():
         models.build_model("model4", (16, 16, 3), CLASSES)
     with pytest.raises(ModelError, match="at least 2 classes"):
         models.build_model("model1", SHAPE, 1)
-
-
-def test_resolve_weights(tmp_path):
-    assert models.resolve_weights(None) is None
-    assert models.resolve_weights("None") is None
-    assert models.resolve_weights("imagenet") == "imagenet"
-    missing = tmp_path / "nope.h5"
-    with pytest.raises(WeightsError, match=r"nope\.h5"):
-        models.resolve_weights(str(missing))
-    wrong_suffix = tmp_path / "weights.bin"
-    wrong_suffix.write_bytes(b"x")
-    with pytest.raises(WeightsError, match=r"weights\.bin.*not an \.h5"):
-        models.resolve_weights(str(wrong_suffix))
 
 
 def test_bad_path_raises_weights_error(tmp_path):
@@ -224,7 +191,7 @@ def test_bad_path_raises_weights_error(tmp_path):
 def test_corrupt_weights_file_raises_weights_error(tmp_path):
     corrupt = tmp_path / "corrupt.h5"
     corrupt.write_bytes(b"not hdf5 at all")
-    with pytest.raises(WeightsError, match="could not load MobileNetV2 weights"):
+    with pytest.raises(WeightsError, match=r"corrupt\.h5.* not an HDF5 file"):
         models.build_model("model4", SHAPE, CLASSES, weights=str(corrupt))
 
 
@@ -283,9 +250,9 @@ def test_imagenet_without_network_fails_fast_with_weights_hint():
     assert time.monotonic() - start < 30
 
 
-@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="shared MobileNetV2 weights absent")
+@pytest.mark.skipif(not REAL_WEIGHTS.is_file(), reason="shared MobileNetV2 weights absent")
 def test_model4_loads_real_imagenet_weights():
-    model = models.build_model("model4", (96, 96, 3), CLASSES, weights=str(SHARED_WEIGHTS))
+    model = models.build_model("model4", (96, 96, 3), CLASSES, weights=str(REAL_WEIGHTS))
     base = models.get_base(model)
     # ImageNet MobileNetV2 no-top: 2,257,984 weights, 34,112 of them BN moving statistics.
     assert base.count_params() == 2_257_984
@@ -293,7 +260,7 @@ def test_model4_loads_real_imagenet_weights():
     assert trainable_count(model) == dense_params(MOBILENET_NO_TOP_FEATURES, CLASSES)
     # Loaded, not random: every weight equals what Keras's own loader reads from the file.
     reference = keras.applications.MobileNetV2(
-        input_shape=(96, 96, 3), include_top=False, weights=str(SHARED_WEIGHTS)
+        input_shape=(96, 96, 3), include_top=False, weights=str(REAL_WEIGHTS)
     )
     for ours, theirs in zip(base.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_array_equal(ours, theirs)

@@ -12,7 +12,7 @@ from catdog import predict
 from tests.conftest import REAL_ZIP
 from tests.test_flow import run_flow
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 
 def _args(*argv: str) -> argparse.Namespace:

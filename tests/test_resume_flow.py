@@ -7,7 +7,11 @@ import os
 import signal
 import subprocess
 
+import pytest
+
 from tests.test_caching import flow_command
+
+pytestmark = pytest.mark.slow  # trains through the flow
 
 EPOCHS = 30
 

@@ -10,6 +10,7 @@ import prefect
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.train_flow import _serve_parser, build_deployment, main, train_flow
 
@@ -102,11 +103,48 @@ def test_prefect_yaml_declares_the_same_deployment() -> None:
     assert deployment["work_pool"]["name"] == "catdog-process"
     assert deployment["schedules"] == [{"cron": CRON, "timezone": "UTC", "active": True}]
     assert deployment["tags"] == ["catdog", "scheduled"]
-    flow_parameters = inspect.signature(train_flow.fn).parameters
-    assert set(deployment["parameters"]) <= set(flow_parameters)
-    assert deployment["parameters"]["data"] == flow_parameters["data"].default
-    assert deployment["parameters"]["models"] == flow_parameters["models"].default
+    # Every parameter comes from the flow's defaults, so the two cannot disagree.
+    assert deployment["parameters"] == {}
     path, function = deployment["entrypoint"].split(":")
     assert (ROOT / path).is_file() and train_flow.fn.__name__ == function
     [pull] = config["pull"]
     assert "prefect.deployments.steps.set_working_directory" in pull
+
+
+def test_deployment_run_with_an_unknown_model_is_refused_at_once(dataset_zip, tmp_path) -> None:
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    args = _serve_parser().parse_args(serve_args(dataset_zip, tmp_path, "--interval", "3600"))
+    deployment_id = build_deployment(args).apply()
+    with get_client(sync_client=True) as client, pytest.raises(PrefectHTTPStatusError) as info:
+        client.create_flow_run_from_deployment(deployment_id, parameters={"models": ["model9"]})
+    assert "model9" in info.value.response.text
+    assert "'model1'" in info.value.response.text  # it says what would be accepted
+
+
+def test_deployment_run_with_a_bad_weights_file_fails_before_any_stage(
+    dataset_zip, tmp_path
+) -> None:
+    from prefect.flow_engine import run_flow
+
+    artifacts = tmp_path / "artifacts"
+    args = _serve_parser().parse_args(serve_args(dataset_zip, artifacts, "--interval", "3600"))
+    deployment_id = build_deployment(args).apply()
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(b"not weights")
+    parameters = {"models": ["model4"], "weights": str(bad)}
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+    state = run_flow(
+        train_flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state"
+    )
+    assert state.is_failed()
+    assert "weights.bin" in state.message and "not an .h5 file" in state.message
+    with get_client(sync_client=True) as client:
+        saved = client.read_flow_run(flow_run.id)
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    assert saved.state.is_failed()
+    assert tasks == []  # no stage ran
+    assert not (tmp_path / "artifacts").exists()

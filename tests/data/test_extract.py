@@ -28,7 +28,6 @@ Tree = Callable[[Path], list[str]]
 def _assert_clean(tmp_path: Path, before: list[str], tree_of: Tree) -> None:
     """Nothing new anywhere under tmp_path: no half-extracted temp folder, no escaped file."""
     assert tree_of(tmp_path) == before
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["already-here.txt"]
 
 
 def _hostile_zip(archive: Path, members: list[tuple[zipfile.ZipInfo | str, bytes]]) -> Path:
@@ -149,7 +148,6 @@ def test_zip_bomb_ratio_is_refused(
 ) -> None:
     archives, parent = workspace
     archive = _zeros_zip(archives / "bomb.zip", 50)
-    assert archive.stat().st_size < 200_000  # ~1000x compression
     before = tree_of(tmp_path)
     with pytest.raises(ArchiveError, match=r"'data/bomb\.bin' expands \d+x .*limit of 200x"):
         extract_archive(archive, parent / "data")

@@ -82,7 +82,6 @@ def test_determinism() -> None:
     first = split_manifest(manifest, seed=7)
     again = split_manifest(manifest, seed=7)
     assert first == again
-    assert first.content_hash() == again.content_hash()
 
     shuffled = manifest.with_images(reversed(manifest.images))
     assert split_manifest(shuffled, seed=7) == first

@@ -1,0 +1,91 @@
+"""The model catalog: names, prerequisites, and the settings that key each model's cache."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+from dataclasses import asdict, fields
+
+import pytest
+
+from catdog import catalog
+from catdog.config import TrainConfig
+from catdog.errors import ModelError
+
+
+def test_default_run_trains_the_assignments_four_models():
+    assert catalog.DEFAULT_MODELS == ("model1", "model2", "model3", "model4")
+    assert set(catalog.DEFAULT_MODELS) < set(catalog.MODEL_NAMES)
+
+
+def test_model_name_type_lists_every_model():
+    assert typing.get_args(catalog.ModelName) == catalog.MODEL_NAMES
+
+
+def test_unknown_name_says_what_exists():
+    with pytest.raises(ModelError, match=r"unknown model 'model9'; choose from model1, model2"):
+        catalog.spec("model9")
+
+
+def test_every_entry_is_consistent():
+    settings = {field.name for field in fields(TrainConfig)}
+    for spec in catalog.MODELS:
+        assert set(spec.settings) <= settings, spec.name
+        assert ":" in spec.builder and spec.description
+        if spec.starts_from:
+            assert spec.starts_from in catalog.CATALOG
+            assert {"finetune_epochs", "finetune_learning_rate"} <= set(spec.settings)
+        if spec.trains_on_features:
+            assert spec.frozen_base and "feature_views" in spec.settings
+            assert "precision" not in spec.settings  # its head trains in float32
+        if spec.bfloat16:
+            assert "precision" in spec.settings
+
+
+def test_prerequisites_come_first_once():
+    assert catalog.with_prerequisites(["model4_finetune"]) == ["model4", "model4_finetune"]
+    assert catalog.with_prerequisites(["model1", "model4_finetune", "model4"]) == [
+        "model1",
+        "model4",
+        "model4_finetune",
+    ]
+    assert catalog.with_prerequisites(["model4", "model4_finetune"]) == [
+        "model4",
+        "model4_finetune",
+    ]
+    with pytest.raises(ModelError):
+        catalog.with_prerequisites(["nope"])
+
+
+@pytest.mark.parametrize(
+    ("name", "keyed"),
+    [
+        ("model1", {"epochs", "batch_size", "learning_rate", "precision"}),
+        ("model2", {"epochs", "batch_size", "learning_rate"}),
+        ("model4", {"epochs", "batch_size", "learning_rate", "feature_views", "dropout"}),
+        (
+            "model4_finetune",
+            {
+                "epochs",
+                "batch_size",
+                "learning_rate",
+                "precision",
+                "dropout",
+                "finetune_epochs",
+                "finetune_at",
+                "finetune_learning_rate",
+            },
+        ),
+    ],
+)
+def test_training_settings_keep_only_what_changes_the_model(name, keyed):
+    settings = catalog.training_settings(name, asdict(TrainConfig()))
+    assert set(settings) == keyed
+    assert settings["epochs"] == TrainConfig().epochs
+
+
+def test_catalog_imports_no_tensorflow():
+    code = "import sys, catdog.catalog, catdog.checks; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,82 @@
+"""The Markdown report and the leaderboard, rendered from a summary."""
+
+from __future__ import annotations
+
+from catdog.report import leaderboard_rows, markdown_table, render_report
+
+
+def model_entry(val: list[float], test: float, size: int = 160) -> dict:
+    return {
+        "image_size": size,
+        "epochs": len(val),
+        "history": {"val_accuracy": val},
+        "test_accuracy": test,
+        "test_loss": 0.5,
+        "trainable_params": 10,
+        "total_params": 20,
+        "train_seconds": 12.34,
+        "per_class": {
+            "cats": {"precision": 0.9, "recall": 0.8, "f1": 0.85, "support": 100},
+            "dogs": {"precision": 0.8, "recall": 0.9, "f1": 0.85, "support": 100},
+        },
+    }
+
+
+def summary(**extra) -> dict:
+    return {
+        "run": {"name": "run-7", "data": "pets.zip", "seed": 7},
+        "data": {
+            "classes": ["cats", "dogs"],
+            "layout": "split",
+            "split_hash": "abcdef1234567890",
+            "skipped": 1,
+            "skipped_files": [{"path": "cats/bad.jpg", "reason": "truncated JPEG"}],
+            "counts": {"train": {"cats": 10, "dogs": 30}, "test": {"cats": 5, "dogs": 5}},
+            "baseline": {"train": 0.75, "test": 0.5},
+            "baseline_accuracy": 0.5,
+        },
+        "models": {
+            "model1": model_entry([0.5, 0.6], 0.55),
+            "model4": model_entry([0.9, 0.97], 0.98, size=224),
+        },
+        "tasks": {"train_model[model1]": "Cached", "write_report": "Completed"},
+        **extra,
+    }
+
+
+def test_leaderboard_ranks_by_last_validation_accuracy():
+    rows = leaderboard_rows(summary())
+    assert [row["model"] for row in rows] == ["model4", "model1"]
+    assert rows[0]["input"] == "224x224" and rows[0]["test accuracy"] == 0.98
+    assert rows[1]["val accuracy (last epoch)"] == 0.6 and rows[1]["train seconds"] == 12.3
+
+
+def test_markdown_table_has_a_header_and_a_row_each():
+    text = markdown_table([{"a": 1, "b": "x"}, {"a": 2, "b": "y"}])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2 | y |"]
+    assert markdown_table([]) == "_none_\n"
+
+
+def test_report_states_data_baseline_best_model_and_promotion():
+    promotion = {"promoted": False, "reason": "kept production (0.9800 on the test split)"}
+    text = render_report(
+        summary(best_model="model4", promotion=promotion),
+        {"samples": "s.png", "comparison": "c.png", "model4:curves": "m4.png"},
+    )
+    assert text.startswith("# catdog run run-7\n")
+    assert "split `abcdef123456`, seed 7" in text
+    assert "| train | 10 | 30 | 40 | 75.0% |" in text  # counts and majority baseline
+    assert "- skipped `cats/bad.jpg`: truncated JPEG" in text
+    assert "**Best model (by validation accuracy): model4**, test accuracy 98.0%" in text
+    assert "**kept**: kept production (0.9800 on the test split)" in text
+    assert "![comparison](c.png)" in text and "![model4 curves](m4.png)" in text
+    assert "![model1 curves]" not in text  # no figure, no broken link
+    assert "- train_model[model1]: Cached" in text
+
+
+def test_report_without_models_has_no_best_model_or_promotion():
+    empty = summary()
+    empty["models"] = {}
+    text = render_report(empty, {})
+    assert "Best model" not in text and "## Production model" not in text
+    assert "_none_" in text
