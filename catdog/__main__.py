@@ -1,6 +1,7 @@
 """The catdog command line: `python -m catdog <command>` (installed as `catdog` too).
 
     python -m catdog cache prune [--artifacts DIR] [--keep N] [--dry-run]
+    python -m catdog registry [rollback] [--artifacts DIR]
     python -m catdog predict ...        (see `python -m catdog predict --help`)
 
 Each subcommand has an `_add_<name>` function that declares it and a `_run_<name>` function
@@ -79,6 +80,55 @@ def _run_cache_prune(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- registry
+
+
+def _add_registry(commands: Any) -> None:
+    registry = commands.add_parser(
+        "registry",
+        help="list the production model's history, or roll it back",
+        description="List every promotion-gate decision on an artifacts folder (newest last), "
+        "or, with `rollback`, make the model that the current production model replaced "
+        "current again.",
+    )
+    registry.add_argument(
+        "action", nargs="?", choices=["list", "rollback"], default="list", help="(list)"
+    )
+    registry.add_argument(
+        "--artifacts",
+        default=os.environ.get("CATDOG_ARTIFACTS", "artifacts"),
+        help="artifacts folder (env CATDOG_ARTIFACTS; default ./artifacts)",
+    )
+    registry.set_defaults(handler=_run_registry)
+
+
+def _run_registry(args: argparse.Namespace, extra: list[str]) -> int:
+    from catdog.errors import CatdogError
+    from catdog.layout import Layout
+    from catdog.promotion import read_registry, rollback
+
+    layout = Layout.at(args.artifacts)
+    if args.action == "rollback":
+        try:
+            entry = rollback(layout)
+        except CatdogError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(entry["reason"])
+        return 0
+    registry = read_registry(layout)
+    if not registry["history"]:
+        print(f"no promotion decision recorded in {layout.registry}")
+        return 0
+    for number, entry in enumerate(registry["history"]):
+        current = " (current)" if number == registry.get("entry") else ""
+        model = entry.get("model") or entry.get("candidate")
+        epoch = entry.get("epoch") or entry.get("candidate_epoch")
+        print(f"{number:4d}  {entry['time']}  {entry['action']:8s}  {model} epoch {epoch}{current}")
+        print(f"      {entry['reason']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- predict
 # The predictor lives in `catdog/predict.py`, which declares its own options:
 #     def add_arguments(parser: argparse.ArgumentParser) -> None
@@ -131,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_cache(commands)
+    _add_registry(commands)
     _add_predict(commands)
     return parser
 

@@ -74,3 +74,22 @@ def replace_directory(source: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(source, final)
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) for the block's duration.
+
+    An OS-level `flock`: released by the kernel when the holder exits or dies, so a killed run
+    cannot leave it behind; two runs, or two threads of one run, take turns. On a network
+    file system it holds only if that file system supports `flock` (NFSv4 does).
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

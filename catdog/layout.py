@@ -77,6 +77,11 @@ class Layout:
         return self.prefect_dir / "file-hashes.json"
 
     @property
+    def sources_memo(self) -> Path:
+        """The last good download of each dataset URL (see catdog.data.freshness)."""
+        return self.prefect_dir / "sources.json"
+
+    @property
     def summary(self) -> Path:
         return self.root / SUMMARY_FILE
 

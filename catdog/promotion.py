@@ -1,25 +1,130 @@
-"""The promotion gate: a new model replaces production only when it is measurably better."""
+"""The promotion gate and the production registry.
+
+A new best model replaces production only when, scored with production on the same current
+test split, it is better by more than a margin; the decision states both accuracies, the
+images on which the two disagree and an exact McNemar p-value. Runs take turns at the gate
+(an OS file lock), and every decision is appended to the registry's history, so production can
+be rolled back to the model it replaced.
+"""
 
 from __future__ import annotations
 
+import math
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
-from catdog.io import atomic_write_json, read_json
+from catdog.errors import CatdogError
+from catdog.io import atomic_write_json, exclusive_lock, read_json
 from catdog.layout import Layout
 
-TestImages = Callable[[int], tuple[np.ndarray, np.ndarray]]  # input side -> (images, labels)
+# Fields of a registry entry that describe the production model it installed.
+STATE_FIELDS = (
+    "model",
+    "epoch",
+    "archive",
+    "source",
+    "test_accuracy",
+    "val_accuracy",
+    "data_hash",
+    "split_hash",
+    "classes",
+    "image_size",
+    "code",
+    "run_id",
+    "flow_run",
+)
+
+
+class RegistryError(CatdogError):
+    """The production registry cannot do what was asked (e.g. nothing to roll back to)."""
 
 
 @dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Candidate against production on the same test images."""
+
+    candidate_accuracy: float
+    production_accuracy: float
+    disagreements: int  # images that exactly one of the two classifies correctly
+    candidate_only: int  # right by the candidate only
+    production_only: int  # right by production only
+    p_value: float  # exact two-sided McNemar test on the disagreements
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The run's best model, as the gate needs it."""
+
+    name: str
+    path: str  # its model.keras
+    epoch: int  # the epoch whose weights the file holds
+    val_accuracy: float  # validation accuracy of that epoch
+    test_accuracy: float
+    predictions: Sequence[int]  # class per test image, in split order
+    image_size: int
+    code: str  # fingerprint of the code that trained it
+
+
+@dataclass(frozen=True)
+class SplitFacts:
+    """This run's test split, and what its models trained on."""
+
+    split_hash: str
+    data_hash: str
+    classes: Sequence[str]
+    test_labels: Sequence[int]
+    test_hashes: Sequence[str]  # content hash per test image
+    seen_hashes: Sequence[str]  # content hashes of the training and validation images
+    test_images: Callable[[int], np.ndarray]  # the test images decoded at a given side
+
+
+def mcnemar_exact(candidate_only: int, production_only: int) -> float:
+    """Two-sided exact McNemar p-value: under "equally good", each disagreement is a fair coin.
+
+    Args:
+        candidate_only: Images the candidate classifies correctly and production does not.
+        production_only: Images production classifies correctly and the candidate does not.
+
+    Returns:
+        The probability of a split of the disagreements at least this lopsided; 1.0 when
+        there are none.
+    """
+    n = candidate_only + production_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(candidate_only, production_only) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def compare(candidate: Sequence[int], production: Sequence[int], labels: Sequence[int]) -> Evidence:
+    """Score two models' predictions on the same labelled images against each other."""
+    if not len(candidate) == len(production) == len(labels) > 0:
+        raise ValueError("candidate, production and labels must cover the same test images")
+    truth = np.asarray(labels)
+    right_c = np.asarray(candidate) == truth
+    right_p = np.asarray(production) == truth
+    only_c = int(np.sum(right_c & ~right_p))
+    only_p = int(np.sum(right_p & ~right_c))
+    return Evidence(
+        candidate_accuracy=float(right_c.mean()),
+        production_accuracy=float(right_p.mean()),
+        disagreements=only_c + only_p,
+        candidate_only=only_c,
+        production_only=only_p,
+        p_value=mcnemar_exact(only_c, only_p),
+    )
 
 
 def decide(
@@ -48,78 +153,228 @@ def decide(
     )
 
 
+def shipped_val_accuracy(model: dict[str, Any]) -> float:
+    """Validation accuracy of the epoch whose weights a model's file holds (its best epoch)."""
+    history = model["history"]["val_accuracy"]
+    return float(history[model["best_epoch"] - 1]) if model.get("best_epoch") else history[-1]
+
+
 def best_by_validation(models: dict[str, dict[str, Any]]) -> str:
-    """The model with the highest final validation accuracy; test accuracy is never consulted."""
-    return max(models, key=lambda name: models[name]["history"]["val_accuracy"][-1])
+    """The model whose shipped checkpoint has the highest validation accuracy (the first of
+    equals); test accuracy is never consulted."""
+    return max(models, key=lambda name: shipped_val_accuracy(models[name]))
 
 
-def production_accuracy(
-    layout: Layout, registry: dict[str, Any], split: dict[str, Any], test_images: TestImages
-) -> float:
-    """Production's accuracy on this run's test split, re-measured if the split changed.
+# ----------------------------------------------------------------------------- the registry
 
-    Re-measured at production's own input size, which need not be any size this run decoded.
-    """
-    if registry.get("split_hash") == split["split_hash"]:
-        return float(registry["test_accuracy"])
-    from catdog.evaluation import load_model, score_model
 
-    model = load_model(layout.production_model)
-    images, labels = test_images(int(model.input_shape[1]))
-    return float(score_model(model, images, labels, list(split["classes"]))["accuracy"])
+def read_registry(layout: Layout) -> dict[str, Any]:
+    """The registry: the current production model's fields at the top level (what `predict`
+    and `cache prune` read) and "history", every decision in order. Empty when none."""
+    if not layout.registry.is_file():
+        return {"history": []}
+    registry = read_json(layout.registry)
+    registry.setdefault("history", [])
+    if registry.get("model") and "archive" not in registry:  # written before it kept history
+        registry["archive"] = layout.relative(layout.production_model)
+    return registry
+
+
+def _archive_facts(layout: Layout, archive: str, kind: str) -> Any:
+    path = layout.root / f"{archive}.{kind}.json"
+    return read_json(path) if path.is_file() else None
+
+
+def _production_predictions(
+    layout: Layout, current: dict[str, Any], split: SplitFacts
+) -> list[int]:
+    """Production's predictions on this split's test images, computed once per split."""
+    cached = _archive_facts(layout, current["archive"], f"predictions-{split.split_hash[:16]}")
+    if cached is not None:
+        return list(cached)
+    from catdog.evaluation import load_model
+
+    model = load_model(layout.root / current["archive"])
+    images = split.test_images(int(model.input_shape[1]))
+    logits = model.predict(np.asarray(images, dtype=np.float32), batch_size=64, verbose=0)
+    predictions = [int(p) for p in np.argmax(logits, axis=1)]
+    atomic_write_json(
+        layout.root / f"{current['archive']}.predictions-{split.split_hash[:16]}.json",
+        predictions,
+    )
+    return predictions
+
+
+def _judge(
+    layout: Layout, current: dict[str, Any], candidate: Candidate, split: SplitFacts, margin: float
+) -> tuple[Decision, Evidence | None]:
+    if not current.get("model"):
+        return Decision(True, f"{candidate.name} is the first production model"), None
+    seen = set(_archive_facts(layout, current["archive"], "seen") or [])
+    overlap = len(seen.intersection(split.test_hashes))
+    if overlap:
+        return (
+            Decision(
+                False,
+                f"not compared: production ({current['model']}) trained or was selected on "
+                f"{overlap} of this run's {len(split.test_hashes)} test images (the seed or "
+                "the split changed), so this split cannot score it fairly; kept production",
+            ),
+            None,
+        )
+    production = _production_predictions(layout, current, split)
+    evidence = compare(candidate.predictions, production, split.test_labels)
+    decision = decide(
+        evidence.candidate_accuracy,
+        evidence.production_accuracy,
+        margin=margin,
+        candidate_name=candidate.name,
+    )
+    detail = (
+        f"; they disagree on {evidence.disagreements} of {len(split.test_labels)} test images "
+        f"({evidence.candidate_only} right by the candidate only, {evidence.production_only} "
+        f"by production only), McNemar p = {evidence.p_value:.3g}"
+    )
+    return Decision(decision.promote, decision.reason + detail), evidence
 
 
 def promote(
     layout: Layout,
-    name: str,
-    model: dict[str, Any],
-    split: dict[str, Any],
+    candidate: Candidate,
+    split: SplitFacts,
     margin: float,
-    run_id: str,
-    test_images: TestImages,
+    run: dict[str, Any],
 ) -> dict[str, Any]:
-    """Apply the gate to candidate `name`; on promotion, replace production's model and
-    registry, each atomically.
+    """Apply the gate to `candidate` and record the decision; on promotion, install it as
+    production. Runs on one artifacts folder take turns here.
 
     Args:
         layout: The artifacts folder.
-        name: The candidate model's name.
-        model: Its summary entry ("path", "test_accuracy", "history", "image_size").
-        split: The split record of this run ("split_hash", "classes").
+        candidate: The run's best model.
+        split: This run's test split and what its models trained on.
         margin: Accuracy the candidate must gain over production.
-        run_id: This run's identity, recorded in the registry.
-        test_images: The test split's images at a given input side.
+        run: "id" and "name" of this run, recorded with the decision.
 
     Returns:
-        The decision, for summary.json.
+        The decision and its evidence, for summary.json and the report.
     """
-    registry = read_json(layout.registry) if layout.registry.is_file() else None
-    current = production_accuracy(layout, registry, split, test_images) if registry else None
-    decision = decide(model["test_accuracy"], current, margin=margin, candidate_name=name)
-    if decision.promote:
-        layout.production_dir.mkdir(parents=True, exist_ok=True)
-        staged = layout.production_dir / f".{layout.production_model.name}.tmp"
-        shutil.copyfile(model["path"], staged)
-        staged.replace(layout.production_model)
-        atomic_write_json(
-            layout.registry,
-            {
-                "model": name,
-                "path": str(layout.production_model),
-                "source": model["path"],
-                "test_accuracy": model["test_accuracy"],
-                "val_accuracy": model["history"]["val_accuracy"][-1],
-                "split_hash": split["split_hash"],
-                "classes": split["classes"],
-                "image_size": model["image_size"],
-                "run_id": run_id,
-                "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            },
+    with exclusive_lock(layout.production_dir / ".gate.lock"):
+        registry = read_registry(layout)
+        decision, evidence = _judge(layout, registry, candidate, split, margin)
+        entry: dict[str, Any] = {
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "action": "promote" if decision.promote else "keep",
+            "candidate": candidate.name,
+            "candidate_epoch": candidate.epoch,
+            "reason": decision.reason,
+            "margin": margin,
+            "evidence": asdict(evidence) if evidence else None,
+            "replaced": registry.get("entry"),  # the entry whose model was in production
+            "run_id": run["id"],
+            "flow_run": run.get("name"),
+        }
+        if decision.promote:
+            entry.update(_install(layout, candidate, split, run, len(registry["history"])))
+        history = [*registry["history"], entry]
+        current = (
+            {**{k: entry[k] for k in STATE_FIELDS}, "entry": len(history) - 1}
+            if decision.promote
+            else {k: v for k, v in registry.items() if k != "history"}
         )
+        _write_registry(layout, current, history)
     return {
         "promoted": decision.promote,
         "reason": decision.reason,
-        "candidate": name,
-        "production_accuracy": current,
+        "candidate": candidate.name,
+        "candidate_epoch": candidate.epoch,
+        "candidate_accuracy": evidence.candidate_accuracy if evidence else None,
+        "production_accuracy": evidence.production_accuracy if evidence else None,
+        "evidence": asdict(evidence) if evidence else None,
         "margin": margin,
     }
+
+
+def _install(
+    layout: Layout, candidate: Candidate, split: SplitFacts, run: dict[str, Any], number: int
+) -> dict[str, Any]:
+    """Archive the candidate's file and facts under production/models, then make it current."""
+    archive = f"{layout.relative(layout.production_dir)}/models/{number:04d}-{candidate.name}"
+    archive_path = layout.root / f"{archive}.keras"
+    archive_path.parent.mkdir(parents=True, exist_ok=True)
+    staged = archive_path.with_name(f".{archive_path.name}.{uuid.uuid4().hex}.tmp")
+    shutil.copyfile(candidate.path, staged)
+    staged.replace(archive_path)
+    atomic_write_json(layout.root / f"{archive}.keras.seen.json", sorted(split.seen_hashes))
+    atomic_write_json(
+        layout.root / f"{archive}.keras.predictions-{split.split_hash[:16]}.json",
+        list(candidate.predictions),
+    )
+    _make_current(layout, archive_path)
+    return {
+        "model": candidate.name,
+        "epoch": candidate.epoch,
+        "archive": f"{archive}.keras",
+        "source": candidate.path,
+        "test_accuracy": candidate.test_accuracy,
+        "val_accuracy": candidate.val_accuracy,
+        "data_hash": split.data_hash,
+        "split_hash": split.split_hash,
+        "classes": list(split.classes),
+        "image_size": candidate.image_size,
+        "code": candidate.code,
+        "run_id": run["id"],
+        "flow_run": run.get("name"),
+    }
+
+
+def _make_current(layout: Layout, archive_path: Any) -> None:
+    staged = layout.production_dir / f".{layout.production_model.name}.{uuid.uuid4().hex}.tmp"
+    shutil.copyfile(archive_path, staged)
+    staged.replace(layout.production_model)
+
+
+def _write_registry(layout: Layout, current: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    path = {"path": str(layout.production_model)} if current.get("model") else {}
+    atomic_write_json(layout.registry, {**current, **path, "history": history})
+
+
+def rollback(layout: Layout) -> dict[str, Any]:
+    """Make the model that the current production model replaced current again.
+
+    Returns:
+        The registry entry recording the rollback.
+
+    Raises:
+        RegistryError: No production model, or none before it.
+    """
+    with exclusive_lock(layout.production_dir / ".gate.lock"):
+        registry = read_registry(layout)
+        history = registry["history"]
+        if registry.get("entry") is None:
+            raise RegistryError(
+                f"no production model in {layout.production_dir}: nothing to roll back"
+            )
+        replaced = history[registry["entry"]].get("replaced")
+        if replaced is None:
+            raise RegistryError(
+                f"production ({registry['model']}) is the first production model of "
+                f"{layout.root}: there is nothing before it to roll back to"
+            )
+        target = history[replaced]
+        archive_path = layout.root / target["archive"]
+        if not archive_path.is_file():
+            raise RegistryError(f"the earlier production model {archive_path} is missing")
+        _make_current(layout, archive_path)
+        entry = {
+            **{k: target[k] for k in STATE_FIELDS},
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "action": "rollback",
+            "reason": f"rolled back from {registry['model']} (entry {registry['entry']}) to "
+            f"{target['model']} (entry {replaced})",
+            # Rolling back again goes to what the restored model had replaced.
+            "replaced": target.get("replaced"),
+        }
+        history = [*history, entry]
+        current = {**{k: target[k] for k in STATE_FIELDS}, "entry": len(history) - 1}
+        _write_registry(layout, current, history)
+    return entry

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from catdog.promotion import shipped_val_accuracy
+
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
@@ -14,19 +16,25 @@ def _input_size(model: dict[str, Any]) -> str:
     return f"{size}x{size}" if size else "n/a"
 
 
+def _saved_epoch(name: str, model: dict[str, Any]) -> str:
+    epoch = str(model.get("best_epoch", model["epochs"]))
+    source = model.get("saved_from", name)
+    return epoch if source == name else f"{epoch} ({source}'s weights)"
+
+
 def leaderboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, model in sorted(
-        summary["models"].items(),
-        key=lambda item: -item[1]["history"]["val_accuracy"][-1],
+        summary["models"].items(), key=lambda item: -shipped_val_accuracy(item[1])
     ):
         rows.append(
             {
                 "model": name,
                 "input": _input_size(model),
                 "epochs": model["epochs"],
+                "saved epoch": _saved_epoch(name, model),
+                "val accuracy (saved epoch)": round(shipped_val_accuracy(model), 4),
                 "val accuracy (last epoch)": round(model["history"]["val_accuracy"][-1], 4),
-                "best val accuracy": round(max(model["history"]["val_accuracy"]), 4),
                 "test accuracy": round(model["test_accuracy"], 4),
                 "test loss": round(model["test_loss"], 4),
                 "trainable params": model["trainable_params"],
@@ -35,6 +43,23 @@ def leaderboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def gate_evidence_row(promotion: dict[str, Any]) -> dict[str, Any]:
+    """The promotion gate's evidence as one table row: both accuracies on the same test
+    images, the images on which they disagree, and the exact McNemar p-value."""
+    evidence = promotion["evidence"]
+    return {
+        "candidate": f"{promotion['candidate']} (epoch {promotion.get('candidate_epoch')})",
+        "candidate test accuracy": _pct(evidence["candidate_accuracy"]),
+        "production test accuracy": _pct(evidence["production_accuracy"]),
+        "disagreements": evidence["disagreements"],
+        "right by candidate only": evidence["candidate_only"],
+        "right by production only": evidence["production_only"],
+        "McNemar p": f"{evidence['p_value']:.3g}",
+        "margin": promotion["margin"],
+        "decision": "promoted" if promotion["promoted"] else "kept production",
+    }
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -85,7 +110,8 @@ def render_report(summary: dict[str, Any], figures: dict[str, str]) -> str:
     if best:
         model = summary["models"][best]
         lines += [
-            f"**Best model (by validation accuracy): {best}**, test accuracy "
+            f"**Best model (by the validation accuracy of its saved epoch): {best}**, epoch "
+            f"{model.get('best_epoch', model['epochs'])}, test accuracy "
             f"{_pct(model['test_accuracy'])} against a baseline of "
             f"{_pct(data['baseline_accuracy'])}.",
             "",
@@ -110,6 +136,8 @@ def render_report(summary: dict[str, Any], figures: dict[str, str]) -> str:
     if promotion:
         verdict = "promoted" if promotion["promoted"] else "kept"
         lines += ["## Production model", "", f"**{verdict}**: {promotion['reason']}", ""]
+        if promotion.get("evidence"):
+            lines += [markdown_table([gate_evidence_row(promotion)])]
     if "comparison" in figures:
         lines += ["## Training curves", "", f"![comparison]({figures['comparison']})", ""]
     for name in summary["models"]:

@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from catdog import catalog
+from catdog.data.records import Manifest
 from catdog.hashing import sha256_json
 from catdog.io import atomic_write_json, atomic_write_text
 from catdog.layout import MODEL_FILE, REPORT_FILE, SUMMARY_FILE, Layout
-from catdog.promotion import TestImages, best_by_validation, promote
+from catdog.promotion import (
+    Candidate,
+    SplitFacts,
+    best_by_validation,
+    promote,
+    shipped_val_accuracy,
+)
 from catdog.report import render_report
 
 logger = logging.getLogger(__name__)
@@ -63,6 +70,7 @@ def model_summary(layout: Layout, name: str, records: StageRecords) -> dict[str,
         "history": trained["history"],
         "epoch_seconds": trained["epoch_seconds"],
         "best_epoch": trained["best_epoch"],
+        "saved_from": trained.get("saved_from", name),  # whose weights that epoch's file holds
         "train_seconds": trained["seconds"] + extra,
         "trainable_params": trained["trainable_params"],
         "total_params": trained["total_params"],
@@ -106,6 +114,9 @@ def build_summary(
             "majority_class": counts["majority_class"],
             "manifest_hash": manifest["manifest_hash"],
             "split_hash": split["split_hash"],
+            # False: the dataset URL could not be asked (or --offline), last good download used.
+            "source_fresh": run.get("source_fresh", True),
+            "source_warning": run.get("source_warning"),
         },
         "models": {name: model_summary(layout, name, records) for name in records.trained},
         "tasks": task_states,
@@ -138,6 +149,24 @@ def comparison_figure(layout: Layout, summary: dict[str, Any]) -> Path:
     return path
 
 
+def split_facts(split: Manifest, records: StageRecords) -> SplitFacts:
+    """What the promotion gate needs to know of this run's split."""
+    from catdog.data.images import decode_split
+
+    test = split.in_split("test")
+    return SplitFacts(
+        split_hash=records.split["split_hash"],
+        data_hash=records.manifest["manifest_hash"],
+        classes=list(split.classes),
+        test_labels=[entry.label for entry in test],
+        test_hashes=[entry.sha256 for entry in test],
+        seen_hashes=[
+            entry.sha256 for entry in split.images if entry.split in ("train", "validation")
+        ],
+        test_images=lambda side: decode_split(split, "test", side)[0],
+    )
+
+
 def write_run(
     layout: Layout,
     run: dict[str, Any],
@@ -146,7 +175,7 @@ def write_run(
     task_states: dict[str, str],
     artifacts_used: list[str],
     promote_margin: float,
-    test_images: TestImages,
+    split: Manifest,
 ) -> tuple[dict[str, Any], str]:
     """Write the run's summary.json and report.md (in its own run folder, and summary.json at
     the root), and apply the promotion gate to the best model.
@@ -158,8 +187,8 @@ def write_run(
         task_states: Final state name of every task, by task run name.
         artifacts_used: Stage folders (relative) the run read or wrote.
         promote_margin: Accuracy the best model must gain over production to replace it.
-        test_images: The test split's images at a given input side, to re-measure production
-            on this run's split.
+        split: The run's split manifest (the gate needs the test images and what the models
+            trained on).
 
     Returns:
         (summary, report Markdown).
@@ -177,17 +206,25 @@ def write_run(
         summary["artifacts_used"].append(layout.relative(comparison.parent))
         best = best_by_validation(summary["models"])
         summary["best_model"] = best
+        model = summary["models"][best]
+        candidate = Candidate(
+            name=best,
+            path=model["path"],
+            epoch=model["best_epoch"],
+            val_accuracy=shipped_val_accuracy(model),
+            test_accuracy=model["test_accuracy"],
+            predictions=records.evaluated[best]["predictions"],
+            image_size=model["image_size"],
+            code=str(run.get("code", "")),
+        )
         summary["promotion"] = promote(
-            layout,
-            best,
-            summary["models"][best],
-            records.split,
-            promote_margin,
-            str(run["id"]),
-            test_images,
+            layout, candidate, split_facts(split, records), promote_margin, summary["run"]
         )
         logger.info(
-            "best model by validation accuracy: %s; %s", best, summary["promotion"]["reason"]
+            "best model by the validation accuracy of its saved epoch: %s (epoch %d); %s",
+            best,
+            candidate.epoch,
+            summary["promotion"]["reason"],
         )
     report = render_report(summary, {k: os.path.relpath(v, run_dir) for k, v in figures.items()})
     atomic_write_text(run_dir / REPORT_FILE, report)

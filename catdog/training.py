@@ -104,17 +104,24 @@ class EpochLog(keras.callbacks.Callback):
     still want epochs 1..N. Rows are keyed by epoch, so a repeated epoch overwrites itself.
     The best epoch by validation accuracy is saved (as `model.keras`, the model the pipeline
     evaluates and promotes, like Keras's `restore_best_weights`), judged against every row on
-    disk, so a restart cannot overwrite it with a worse epoch.
+    disk and `best_before` (what the file already holds when training continues another
+    model), so a restart cannot overwrite it with a worse epoch.
     """
 
     def __init__(
-        self, path: Path, total_epochs: int, on_epoch: EpochHook | None, best_path: Path | None
+        self,
+        path: Path,
+        total_epochs: int,
+        on_epoch: EpochHook | None,
+        best_path: Path | None,
+        best_before: float = -1.0,
     ) -> None:
         super().__init__()
         self.path = path
         self.total_epochs = total_epochs
         self.on_epoch = on_epoch
         self.best_path = best_path
+        self.best_before = best_before
         self._started = 0.0
 
     def rows(self) -> dict[int, dict[str, float]]:
@@ -129,7 +136,10 @@ class EpochLog(keras.callbacks.Callback):
         row = {key: float(value) for key, value in (logs or {}).items()}
         row["seconds"] = time.perf_counter() - self._started
         rows = self.rows()
-        best_so_far = max((r.get("val_accuracy", -1.0) for r in rows.values()), default=-1.0)
+        best_so_far = max(
+            (r.get("val_accuracy", -1.0) for r in rows.values()), default=self.best_before
+        )
+        best_so_far = max(best_so_far, self.best_before)
         if self.best_path and row.get("val_accuracy", 0.0) > best_so_far:
             self.model.save(self.best_path)
         rows[epoch + 1] = row
@@ -158,6 +168,7 @@ def fit_resumable(
     on_epoch: EpochHook | None,
     best_path: Path | None,
     initial_epoch: int = 0,
+    best_before: float = -1.0,
     extra_callbacks: list[keras.callbacks.Callback] = (),  # type: ignore[assignment]
 ) -> dict[int, dict[str, float]]:
     """`model.fit` that continues from the last finished epoch if a previous try died.
@@ -165,7 +176,7 @@ def fit_resumable(
     Returns every finished epoch's metrics, keyed by 1-based epoch number.
     """
     final_epoch = initial_epoch + epochs
-    log = EpochLog(work_dir / f"{phase}-epochs.json", final_epoch, on_epoch, best_path)
+    log = EpochLog(work_dir / f"{phase}-epochs.json", final_epoch, on_epoch, best_path, best_before)
     done = [epoch for epoch in log.rows() if epoch > initial_epoch]
     if done:
         logger.info("resuming %s at epoch %d of %d", phase, max(done) + 1, final_epoch)
@@ -198,6 +209,8 @@ def count_params(model: keras.Model) -> tuple[int, int]:
 def _result(model: keras.Model, rows: dict[int, dict[str, float]], **extra: Any) -> TrainResult:
     history, seconds = history_from_rows(rows)
     trainable, total = count_params(model)
+    # The first epoch of the highest validation accuracy: the one EpochLog saved, as it saves
+    # only on a strict improvement (over the starting model's epochs too, for fine-tuning).
     best = int(np.argmax(history["val_accuracy"])) + 1 if history["val_accuracy"] else 0
     return TrainResult(history, seconds, best, trainable, total, dict(extra))
 
@@ -314,10 +327,17 @@ def fine_tune(
 ) -> TrainResult:
     """Unfreeze the top of a trained frozen-base model and train on at a lower rate.
 
-    The history continues the starting model's epochs, as in the TensorFlow tutorial.
+    The history continues the starting model's epochs, as in the TensorFlow tutorial. The
+    shipped `model.keras` is the best fine-tuning epoch by validation accuracy, or the starting
+    model itself when no fine-tuning epoch beats it; either way `best_epoch` names that epoch
+    in the continued history.
     """
     keras.utils.set_random_seed(seed)
     trained = keras.models.load_model(start_model, safe_mode=True)
+    best_path = work_dir / MODEL_FILE
+    if not best_path.exists():  # a resumed run keeps what it saved before
+        shutil.copyfile(start_model, best_path)
+    start_best = max((row["val_accuracy"] for row in start_history.values()), default=-1.0)
     with dtype_policy(config.precision, name) as policy:
         # Rebuilt (no download: weights=None) so that the policy applies to every layer.
         model = models.build_model(
@@ -343,11 +363,23 @@ def fine_tune(
         work_dir=work_dir,
         phase="finetune",
         on_epoch=on_epoch,
-        best_path=work_dir / MODEL_FILE,
+        best_path=best_path,
         initial_epoch=first,
+        best_before=start_best,
     )
     model.save(work_dir / FINAL_MODEL_FILE)
-    return _result(model, {**start_history, **rows})
+    result = _result(model, {**start_history, **rows})
+    # Which model's weights `model.keras` holds: this one's, or the start's if fine-tuning
+    # never beat it.
+    result.extra["saved_from"] = trained.name if result.best_epoch <= first else name
+    if result.extra["saved_from"] != name:
+        logger.info(
+            "%s: no fine-tuning epoch beat %s; it ships %s's weights",
+            name,
+            trained.name,
+            trained.name,
+        )
+    return result
 
 
 def train(

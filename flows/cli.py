@@ -30,9 +30,13 @@ def _description(hint: Any) -> str:
     return ""
 
 
+def _base(hint: Any) -> Any:
+    """The type inside an Annotated hint."""
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+
+
 def _is_list(hint: Any) -> bool:
-    inner = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
-    return typing.get_origin(inner) is list
+    return typing.get_origin(_base(hint)) is list
 
 
 def _converter(flag: str, hint: Any) -> Callable[[str], Any]:
@@ -88,7 +92,13 @@ def add_flow_options(
             "help": help_text.replace("%", "%%"),
             "metavar": name.upper(),
         }
-        if name in optional_value:
+        if _base(hint) is bool:  # a switch: --offline, --no-offline
+            options = {
+                "default": default,
+                "action": argparse.BooleanOptionalAction,
+                "help": options["help"],
+            }
+        elif name in optional_value:
             options.update(nargs="?", const=optional_value[name])
         parser.add_argument(flag, **options)
 

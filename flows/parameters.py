@@ -33,6 +33,13 @@ Weights = Annotated[
     ),
 ]
 Artifacts = Annotated[str, Field(description="output folder")]
+Offline = Annotated[
+    bool,
+    Field(
+        description="use the last good download of a dataset URL without asking the server "
+        "whether it changed"
+    ),
+]
 Refresh = Annotated[
     RefreshStage | None,
     Field(description="ignore caches: 'all' stages, or STAGE and every later one"),

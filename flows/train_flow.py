@@ -45,7 +45,7 @@ if __name__ == "__main__" and _is_plain_run(sys.argv[1:]):
 
     _EARLY_API = EarlyApiServer.spawn()
 
-from prefect import flow, tags
+from prefect import flow, get_run_logger, tags
 from prefect.runtime import flow_run
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ from catdog import catalog
 from catdog.catalog import DEFAULT_MODELS
 from catdog.checks import check_run
 from catdog.config import OFFICIAL_DATA_URL, DataConfig, PipelineConfig, TrainConfig
+from catdog.data.freshness import check_source
 from catdog.errors import CatdogError
 from catdog.layout import STAGES, Layout
 from catdog.summary import StageRecords
@@ -72,6 +73,7 @@ from flows.parameters import (
     ImageSize,
     MaxImagesPerClass,
     Models,
+    Offline,
     PromoteMargin,
     Refresh,
     Seed,
@@ -127,11 +129,16 @@ def train_flow(
     train_retries: TrainRetries = RUN.train_retries,
     download_retries: DownloadRetries = RUN.download_retries,
     precision: PrecisionPolicy = TRAIN.precision,
+    offline: Offline = False,
 ) -> dict[str, Any]:
     """Download, split, count, look, train every model, evaluate, report."""
     # Runs from a deployment or the UI skip the command line: the same checks, before any stage.
     weights_used = check_run(data, models, weights, transfer_image_size)
     layout = Layout.at(artifacts)
+    # A URL is asked whether its archive changed (no body if not); the answer keys the download.
+    source = check_source(data, layout.sources_memo, offline=offline)
+    if source.warning:
+        get_run_logger().warning("%s", source.warning)
     root = str(layout.root)
     settings = {
         **asdict(TRAIN),
@@ -154,7 +161,14 @@ def train_flow(
         states[label] = state.name
         return state.result()
 
-    archive = run(download_dataset, "download_dataset", "download", data=data, sha256=sha256)
+    archive = run(
+        download_dataset,
+        "download_dataset",
+        "download",
+        data=data,
+        sha256=sha256,
+        revision=source.revision,
+    )
     images = run(extract_dataset, "extract_dataset", "extract", archive=archive)
     manifest = run(build_manifest, "build_manifest", "manifest", images=images)
     split = run(
@@ -245,6 +259,8 @@ def train_flow(
                 transfer_image_size if transfer_image_size in arrays_of_size else None
             ),
             "name": str(flow_run.get_name() or "local"),
+            "source_fresh": source.fresh,
+            "source_warning": source.warning,
         },
         records=StageRecords(
             manifest=manifest,

@@ -2,22 +2,27 @@
 
 Prefect's default key (inputs + task source + run id) reuses nothing across runs and ignores
 the library code a task calls. Here a key is the hash of the task's inputs (upstream records
-carry content hashes, never bare paths), its settings, and a fingerprint of the `catdog`
-modules it runs. Before Prefect looks a key up, the policy checks that the folder the key
-names still holds the files its record lists; if not, the stale entry is evicted and the
-task recomputes instead of returning a record that points at nothing.
+carry content hashes, never bare paths), its settings, the source of the task function and of
+every helper in `tasks/` it calls, and a fingerprint of the `catdog` modules it runs. Before
+Prefect looks a key up, the policy checks that the folder the key names still holds the files
+its record lists; if not, the stale entry is evicted and the task recomputes instead of
+returning a record that points at nothing.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import logging
 import os
 import shutil
 import socket
+import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -58,20 +63,60 @@ class ContentAddressed(CachePolicy):
         **kwargs: Any,
     ) -> str | None:
         skip = (*NOT_KEYED, *self.unkeyed)
-        keyed = {name: value for name, value in inputs.items() if name not in skip}
+        keyed = {name: _identity(value) for name, value in inputs.items() if name not in skip}
         parts: dict[str, Any] = {
             "stage": self.stage,
             "inputs": keyed,
             "code": code_fingerprint(*self.code) if self.code else "",
+            "task": task_fingerprint(task_ctx.task.fn),
         }
         if self.fingerprint is not None:
             parts["source"] = self.fingerprint(inputs)
+            parts["task"] += task_fingerprint(self.fingerprint)
         key = f"{self.stage}-{sha256_json(parts)[:32]}"
         layout = Layout.at(inputs["artifacts"])
         name = inputs.get(self.name_input) if self.name_input else None
         if not outputs_intact(layout, layout.output_dir(self.stage, key, name)):
             evict(layout, key)
         return key
+
+
+def _identity(value: Any) -> Any:
+    """What an input contributes to a key: a record that names its content (a downloaded
+    archive) by that content, anything else as it is."""
+    if isinstance(value, dict) and "content" in value:
+        return {"content": value["content"]}
+    return value
+
+
+@cache
+def task_fingerprint(function: Callable[..., Any]) -> str:
+    """Hash of a function's source and of every function of the `tasks` package it names,
+    transitively: editing a task body, or a helper it calls, changes its stage's key (and so
+    every later stage's), while the stages before it keep theirs."""
+    seen: dict[str, str] = {}
+    pending = [function]
+    while pending:
+        current = pending.pop()
+        name = f"{current.__module__}.{current.__qualname__}"
+        if name in seen:
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(current)))
+        for node in tree.body:  # the decorator says how the task runs, not what it computes
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                node.decorator_list = []
+        # Unparsed, so that comments and formatting do not count as a change.
+        seen[name] = sha256_json(ast.unparse(tree))
+        names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        for referenced in names:
+            value = current.__globals__.get(referenced)
+            if (
+                inspect.isfunction(value)
+                and value.__module__.split(".")[0] == "tasks"
+                and value is not current
+            ):
+                pending.append(value)
+    return sha256_json(sorted(seen.items()))
 
 
 def outputs_intact(layout: Layout, folder: Path) -> bool:

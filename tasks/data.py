@@ -70,9 +70,12 @@ def split_manifest_of(layout: Layout, split: dict[str, Any]) -> Manifest:
     retry_jitter_factor=0.5,
     retry_condition_fn=_retry_transient_only,
 )
-def download_dataset(data: str, sha256: str | None, artifacts: str) -> dict[str, Any]:
+def download_dataset(
+    data: str, sha256: str | None, revision: str, artifacts: str
+) -> dict[str, Any]:
     """Fetch the dataset archive (URL or local zip) into the artifacts, or note a folder."""
     from catdog.data.download import download_file
+    from catdog.data.freshness import remember
 
     logger = get_run_logger()
     layout = Layout.at(artifacts)
@@ -81,6 +84,8 @@ def download_dataset(data: str, sha256: str | None, artifacts: str) -> dict[str,
         record["kind"] = source.kind
         if source.kind == "folder":
             record["root"] = source.location
+            # What identifies the data downstream: the folder and its listing.
+            record["content"] = _source_fingerprint({"data": data, "artifacts": artifacts})
             return record
         if source.kind == "zip":
             sources.check_zip(source.path, data)
@@ -94,9 +99,15 @@ def download_dataset(data: str, sha256: str | None, artifacts: str) -> dict[str,
                 time.sleep(min(error.retry_after, MAX_RETRY_AFTER_SECONDS))
             raise
         shutil.move(partial, folder / "archive.zip")
+        archive_hash = HashMemo(layout.hash_memo).sha256(folder / "archive.zip")
+        # Later stages are keyed by the bytes, not by where they came from: two URLs (or a URL
+        # and a local copy) that serve the same archive share everything downstream.
+        record["content"] = f"sha256:{archive_hash}"
         logger.info(
             "dataset archive ready (%.1f MB)", (folder / "archive.zip").stat().st_size / 1e6
         )
+    if source.kind == "url":
+        remember(layout.sources_memo, data, revision, archive_hash)
     return record
 
 

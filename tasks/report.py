@@ -9,11 +9,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
+from catdog.hashing import code_fingerprint
 from catdog.layout import Layout
 from catdog.report import leaderboard_rows
 from catdog.summary import StageRecords, write_run
 from tasks import ui
 from tasks.data import split_manifest_of
+from tasks.training import TRAIN_CODE
 
 
 @task(name="write_report", cache_policy=NONE, persist_result=False)
@@ -26,18 +28,15 @@ def write_report(
     artifacts: str,
 ) -> dict[str, Any]:
     """Write this run's summary.json and report.md, and decide on promotion."""
-    from catdog.data.images import decode_split
-
     layout = Layout.at(artifacts)
-    split = split_manifest_of(layout, records.split)
     summary, report = write_run(
         layout,
-        {**run, "id": str(flow_run.get_id() or "local")},
+        {**run, "id": str(flow_run.get_id() or "local"), "code": code_fingerprint(*TRAIN_CODE)},
         records,
         task_states={**task_states, "write_report": "Completed"},
         artifacts_used=artifacts_used,
         promote_margin=promote_margin,
-        test_images=lambda side: decode_split(split, "test", side),
+        split=split_manifest_of(layout, records.split),
     )
     _publish(summary, report)
     get_run_logger().info("report: %s", summary["run"]["report"])
@@ -50,10 +49,12 @@ def write_report(
 
 def _publish(summary: dict[str, Any], report: str) -> None:
     if summary["models"]:
+        promotion = summary["promotion"]
         ui.publish_table(
             "model-leaderboard",
             leaderboard_rows(summary),
-            "Models by validation accuracy, with test scores",
+            "Models by the validation accuracy of their saved epoch, with test scores. "
+            f"Promotion: {promotion['reason']}",
         )
         ui.publish_image(
             "training-curves",

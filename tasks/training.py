@@ -148,6 +148,7 @@ def train_model(
             history=result.history,
             epoch_seconds=result.epoch_seconds,
             best_epoch=result.best_epoch,
+            saved_from=result.extra.get("saved_from", model),
             trainable_params=result.trainable_params,
             total_params=result.total_params,
             seconds=time.perf_counter() - started,
@@ -190,10 +191,10 @@ def evaluate_model(
         )
         for file_name, figure in figures.items():
             save_figure(figure, folder / file_name)
+        # Predictions stay (the promotion gate compares them with production's, image by
+        # image); the per-image confidences and the error ranking are only for the figures.
         summary = {
-            k: v
-            for k, v in metrics.items()
-            if k not in ("predictions", "confidence", "most_confident_errors")
+            k: v for k, v in metrics.items() if k not in ("confidence", "most_confident_errors")
         }
         record.update(model=model, **summary)
     get_run_logger().info(

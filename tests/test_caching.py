@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_dataset, zip_folder
+from tests.conftest import make_dataset, write_image, zip_folder
 from tests.test_flow import run_flow
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
@@ -80,31 +80,53 @@ def test_refresh_from_a_stage_recomputes_that_stage_and_later(dataset_zip, tmp_p
     assert computed(summary) == {"train_model[model1]", "evaluate_model[model1]", "write_report"}
 
 
-def test_promotion_gate_promotes_then_keeps(dataset_zip, tmp_path):
+def test_promotion_gate_registry_and_rollback_on_real_runs(dataset_zip, tmp_path, capsys):
+    from catdog.__main__ import main as catdog_main
+
     artifacts = tmp_path / "artifacts"
     first = run_flow(dataset_zip, artifacts)
     assert first["promotion"]["promoted"] is True
     registry = json.loads((artifacts / "production/registry.json").read_text())
     assert registry["model"] == "model1"
+    assert registry["epoch"] == first["models"]["model1"]["best_epoch"]
     assert registry["split_hash"] == first["data"]["split_hash"]
-    assert (artifacts / "production/model.keras").is_file()
+    assert registry["data_hash"] == first["data"]["manifest_hash"]
+    first_bytes = (artifacts / "production/model.keras").read_bytes()
+    assert first_bytes == Path(first["models"]["model1"]["path"]).read_bytes()
+    assert catdog_main(["registry", "rollback", "--artifacts", str(artifacts)]) == 2
+    assert "nothing before it to roll back to" in capsys.readouterr().err
 
     kept = run_flow(dataset_zip, artifacts, epochs=2, promote_margin=1.0)
-    assert kept["promotion"]["promoted"] is False
-    assert "kept production" in kept["promotion"]["reason"]
-    assert json.loads((artifacts / "production/registry.json").read_text()) == registry
+    promotion = kept["promotion"]
+    assert promotion["promoted"] is False and "kept production" in promotion["reason"]
+    evidence = promotion["evidence"]
+    assert evidence["production_accuracy"] == pytest.approx(registry["test_accuracy"])
+    candidate = kept["models"]["model1"]
+    assert evidence["candidate_accuracy"] == pytest.approx(candidate["test_accuracy"])
+    assert f"McNemar p = {evidence['p_value']:.3g}" in promotion["reason"]
+    report = Path(kept["run"]["report"]).read_text()
+    assert "| candidate | candidate test accuracy | production test accuracy |" in report
 
-    # A production model that scored nothing on this split: any candidate beats it.
-    (artifacts / "production/registry.json").write_text(
-        json.dumps({**registry, "test_accuracy": 0.0})
-    )
+    # The gate's record of production's predictions on this split, made all wrong: any
+    # candidate that gets one image right is better.
+    [predictions] = (artifacts / "production/models").glob("0000-model1.keras.predictions-*")
+    count = len(json.loads(predictions.read_text()))
+    predictions.write_text(json.dumps([-1] * count))
     promoted = run_flow(dataset_zip, artifacts, epochs=3)
     assert promoted["promotion"]["promoted"] is True, promoted["promotion"]
-    new_registry = json.loads((artifacts / "production/registry.json").read_text())
-    assert new_registry["run_id"] != registry["run_id"]
+    assert (artifacts / "production/model.keras").read_bytes() != first_bytes
+
+    assert catdog_main(["registry", "--artifacts", str(artifacts)]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("promote") == 2 and listing.count("keep") == 1
+    assert catdog_main(["registry", "rollback", "--artifacts", str(artifacts)]) == 0
+    assert (artifacts / "production/model.keras").read_bytes() == first_bytes
+    restored = json.loads((artifacts / "production/registry.json").read_text())
+    assert restored["run_id"] == registry["run_id"]
+    assert [e["action"] for e in restored["history"]] == ["promote", "keep", "promote", "rollback"]
 
 
-def test_production_is_remeasured_at_its_own_input_size_on_a_new_split(dataset_zip, tmp_path):
+def test_production_is_remeasured_at_its_own_input_size_on_new_data(tmp_path):
     import keras
     import numpy as np
 
@@ -113,11 +135,20 @@ def test_production_is_remeasured_at_its_own_input_size_on_a_new_split(dataset_z
     from catdog.evaluation import score
     from catdog.layout import STAGE_DIRS
 
+    folder = make_dataset(tmp_path / "photos")
     artifacts = tmp_path / "artifacts"
-    run_flow(dataset_zip, artifacts)  # production: model1 on 32x32 images
-    summary = run_flow(dataset_zip, artifacts, seed=8, image_size=40, promote_margin=1.0)
+    run_flow(folder, artifacts)  # production: model1 on 32x32 images
+    # New images join every split; the images production trained on keep theirs, so the new
+    # test split holds none of them and the gate can score production on it.
+    for split in ("train", "validation"):
+        for index, name in enumerate(("cats", "dogs")):
+            for i in range(6):
+                path = folder / split / name / f"new.{i}.jpg"
+                write_image(path, 900 + 10 * index + i, bright=index == 1)
+    summary = run_flow(folder, artifacts, image_size=40, promote_margin=1.0)
     assert summary["models"]["model1"]["image_size"] == 40
     assert summary["promotion"]["promoted"] is False
+    assert "not compared" not in summary["promotion"]["reason"]
 
     split_dir = next(d for d in summary["artifacts_used"] if d.startswith(STAGE_DIRS["split"]))
     manifest = Manifest.load(artifacts / split_dir / "split.json")
@@ -126,6 +157,23 @@ def test_production_is_remeasured_at_its_own_input_size_on_a_new_split(dataset_z
     images = load_images(manifest.paths(test), 32).astype(np.float32)
     expected = score(production.predict(images, verbose=0), [e.label for e in test], ["c", "d"])
     assert summary["promotion"]["production_accuracy"] == pytest.approx(expected["accuracy"])
+
+
+def test_a_production_model_that_saw_todays_test_images_is_not_compared(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    run_flow(dataset_zip, artifacts)
+    registry = json.loads((artifacts / "production/registry.json").read_text())
+    # Another seed moves the validation/test cut: production selected its epoch on images
+    # that are now test images.
+    summary = run_flow(dataset_zip, artifacts, seed=8)
+    promotion = summary["promotion"]
+    assert promotion["promoted"] is False and promotion["evidence"] is None
+    assert promotion["reason"].startswith("not compared: production (model1)")
+    after = json.loads((artifacts / "production/registry.json").read_text())
+    assert {k: v for k, v in after.items() if k != "history"} == {
+        k: v for k, v in registry.items() if k != "history"
+    }
+    assert [entry["action"] for entry in after["history"]] == ["promote", "keep"]
 
 
 def flow_command(
@@ -281,3 +329,62 @@ def test_a_model_added_to_the_catalog_trains_through_the_flow(dataset_zip, tmp_p
     assert Path(tiny["path"]).is_file() and 0.0 <= tiny["test_accuracy"] <= 1.0
     assert summary["tasks"]["train_model[tiny]"] == "Completed"
     assert summary["tasks"]["evaluate_model[tiny]"] == "Completed"
+
+
+def test_two_runs_at_once_on_a_fresh_folder_ten_times_over(dataset_zip, tmp_path):
+    import threading
+
+    for round_ in range(10):
+        artifacts = tmp_path / f"artifacts{round_}"
+        errors: list[BaseException] = []
+
+        def one_run(artifacts: Path = artifacts, errors: list = errors) -> None:
+            try:
+                run_flow(dataset_zip, artifacts)
+            except BaseException as error:  # reported below, in the test's thread
+                errors.append(error)
+
+        threads = [threading.Thread(target=one_run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, f"round {round_}: {errors}"
+        summaries = _run_summaries(artifacts)
+        assert len(summaries) == 2
+        registry = json.loads((artifacts / "production/registry.json").read_text())
+        assert sorted(e["run_id"] for e in registry["history"]) == sorted(
+            s["run"]["id"] for s in summaries
+        )
+        # The second at the gate judged against what the first had installed: the same model.
+        assert [e["action"] for e in registry["history"]] == ["promote", "keep"]
+        assert not list(artifacts.rglob("*.tmp"))
+
+
+def test_editing_a_task_body_reruns_that_stage_and_later_ones(dataset_zip, tmp_path):
+    checkout = _checkout(tmp_path / "checkout")
+    artifacts = tmp_path / "artifacts"
+    first = _flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout)
+    assert first.wait(timeout=600) == 0, first.stdout.read()
+
+    data_tasks = checkout / "tasks/data.py"
+    source = data_tasks.read_text()
+    anchor = "    from catdog.data.split import split_manifest\n"  # in split_dataset's body
+    assert source.count(anchor) == 1
+    data_tasks.write_text(source.replace(anchor, anchor + "    seed = int(seed)\n", 1))
+    comment_only = checkout / "tasks/training.py"
+    comment_only.write_text(
+        comment_only.read_text().replace("    logger = ", "    # noted\n    logger = ", 1)
+    )
+    second = _flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout)
+    assert second.wait(timeout=600) == 0, second.stdout.read()
+    latest = _run_summaries(artifacts)[-1]
+    assert computed(latest) == {
+        "split_dataset",
+        "count_labels",
+        "plot_samples",
+        "decode_images[32]",
+        "train_model[model1]",
+        "evaluate_model[model1]",
+        "write_report",
+    }

@@ -68,7 +68,7 @@ def fetch(url: str, artifacts: Path) -> dict:
     @flow
     def just_download() -> dict:
         task = bind_to_artifacts(download_dataset, layout).with_options(retry_delay_seconds=0)
-        return task(data=url, sha256=None, artifacts=str(layout.root))
+        return task(data=url, sha256=None, revision="", artifacts=str(layout.root))
 
     return just_download()
 

@@ -44,3 +44,146 @@ def test_best_model_is_chosen_by_last_validation_accuracy_never_by_test():
 
 def test_best_model_tie_keeps_the_first():
     assert best_by_validation({"x": model(0.8), "y": model(0.8)}) == "x"
+
+
+# ----------------------------------------------------------------------------- the gate on files
+
+import json  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from catdog.errors import CatdogError  # noqa: E402
+from catdog.layout import Layout  # noqa: E402
+from catdog.promotion import (  # noqa: E402
+    Candidate,
+    SplitFacts,
+    compare,
+    mcnemar_exact,
+    promote,
+    read_registry,
+    rollback,
+)
+
+LABELS = [0, 1] * 10
+
+
+def split(split_hash: str = "s1", test=("t",), seen=("a", "b")) -> SplitFacts:
+    def no_decoding(side: int):
+        raise AssertionError("production's predictions on this split are on file")
+
+    return SplitFacts(
+        split_hash=split_hash,
+        data_hash="d1",
+        classes=["cats", "dogs"],
+        test_labels=LABELS,
+        test_hashes=[f"{t}{i}" for t in test for i in range(len(LABELS) // len(test))],
+        seen_hashes=list(seen),
+        test_images=no_decoding,
+    )
+
+
+def candidate(tmp_path: Path, name: str, right: int) -> Candidate:
+    """A candidate that classifies the first `right` test images correctly."""
+    path = tmp_path / f"{name}-{right}.keras"
+    path.write_bytes(f"{name} {right}".encode())
+    predictions = [y if i < right else 1 - y for i, y in enumerate(LABELS)]
+    return Candidate(name, str(path), 3, 0.7, right / len(LABELS), predictions, 32, "code")
+
+
+def test_mcnemar_exact_by_hand():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)  # all five disagreements one way
+    assert mcnemar_exact(1, 4) == pytest.approx(2 * 6 / 32)  # P(X <= 1) for Bin(5, 1/2)
+
+
+def test_compare_counts_disagreements_both_ways():
+    evidence = compare([0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 1])
+    assert (evidence.candidate_accuracy, evidence.production_accuracy) == (0.5, 0.5)
+    assert (evidence.candidate_only, evidence.production_only, evidence.disagreements) == (1, 1, 2)
+    with pytest.raises(ValueError):
+        compare([0], [0, 1], [0, 1])
+
+
+def test_better_by_the_margin_is_promoted_equal_or_worse_is_not(tmp_path):
+    layout = Layout.at(tmp_path / "artifacts")
+    run = {"id": "r1", "name": "first"}
+    assert promote(layout, candidate(tmp_path, "model1", 12), split(), 0.0, run)["promoted"]
+    for right, margin, promoted in ((12, 0.0, False), (10, 0.0, False), (16, 0.25, False)):
+        decision = promote(layout, candidate(tmp_path, "model2", right), split(), margin, run)
+        assert decision["promoted"] is promoted, decision
+    decision = promote(layout, candidate(tmp_path, "model3", 16), split(), 0.1, run)
+    assert decision["promoted"] is True
+    assert (
+        decision["evidence"]["disagreements"] == 4 and decision["evidence"]["candidate_only"] == 4
+    )
+    registry = read_registry(layout)
+    assert registry["model"] == "model3"
+    assert layout.production_model.read_bytes() == b"model3 16"
+    assert [e["action"] for e in registry["history"]] == [
+        "promote",
+        "keep",
+        "keep",
+        "keep",
+        "promote",
+    ]
+
+
+def test_production_that_saw_a_test_image_is_not_compared(tmp_path):
+    layout = Layout.at(tmp_path / "artifacts")
+    run = {"id": "r1"}
+    promote(layout, candidate(tmp_path, "model1", 10), split(seen=("t3", "x")), 0.0, run)
+    decision = promote(layout, candidate(tmp_path, "model2", 20), split("s2"), 0.0, run)
+    assert decision["promoted"] is False and decision["evidence"] is None
+    assert "trained or was selected on 1 of this run's 20 test images" in decision["reason"]
+    assert read_registry(layout)["model"] == "model1"
+
+
+def test_rollback_restores_what_production_replaced_then_what_that_replaced(tmp_path):
+    layout = Layout.at(tmp_path / "artifacts")
+    run = {"id": "r"}
+    with pytest.raises(CatdogError, match="no production model"):
+        rollback(layout)
+    for right in (10, 14, 18):
+        assert promote(layout, candidate(tmp_path, "model1", right), split(), 0.0, run)["promoted"]
+    rollback(layout)
+    assert layout.production_model.read_bytes() == b"model1 14"
+    rollback(layout)
+    assert layout.production_model.read_bytes() == b"model1 10"
+    before = layout.registry.read_bytes()
+    with pytest.raises(CatdogError, match="nothing before it to roll back to"):
+        rollback(layout)
+    assert layout.registry.read_bytes() == before  # a refused rollback changes nothing
+    # The gate now judges against the restored model: 14 right beats its 10.
+    assert promote(layout, candidate(tmp_path, "model2", 14), split(), 0.0, run)["promoted"]
+
+
+def test_concurrent_runs_take_turns_and_every_decision_is_kept(tmp_path):
+    layout = Layout.at(tmp_path / "artifacts")
+    errors: list[BaseException] = []
+
+    def run_gate(number: int) -> None:
+        try:
+            promote(
+                layout,
+                candidate(tmp_path, f"m{number}", 10 + number % 5),
+                split(),
+                0.0,
+                {"id": str(number)},
+            )
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run_gate, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    registry = json.loads(layout.registry.read_text())
+    assert sorted(int(e["run_id"]) for e in registry["history"]) == list(range(16))
+    # Each promotion beat the production model current when it ran.
+    installed = [e for e in registry["history"] if e["action"] == "promote"]
+    accuracies = [e["test_accuracy"] for e in installed]
+    assert accuracies == sorted(set(accuracies))
+    assert not list(layout.production_dir.rglob("*.tmp"))

@@ -1,0 +1,172 @@
+"""A dataset URL is asked, each run, whether its archive changed: a real HTTP server on
+127.0.0.1, the real flow under Prefect's engine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from catdog.data.freshness import SourceUnavailable, check_url, probe, remember
+from catdog.errors import DataError
+from tests.conftest import make_dataset, zip_folder
+
+
+class Site(ThreadingHTTPServer):
+    """Serves a folder as `python -m http.server` does (Last-Modified, Content-Length, HEAD),
+    counting requests; `mode` makes it answer 503 or an HTML page instead."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
+        self.requests: list[str] = []
+        self.mode = "normal"
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+class Handler(SimpleHTTPRequestHandler):
+    server: Site
+
+    def _scripted(self) -> bool:
+        self.server.requests.append(self.command)
+        if self.server.mode == "normal":
+            return False
+        status, body, kind = (
+            (503, b"busy", "text/plain")
+            if self.server.mode == "busy"
+            else (200, b"<html>Sign in to continue</html>", "text/html")
+        )
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+        return True
+
+    def do_GET(self) -> None:
+        if not self._scripted():
+            super().do_GET()
+
+    def do_HEAD(self) -> None:
+        if not self._scripted():
+            super().do_HEAD()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    folder = tmp_path / "site"
+    folder.mkdir()
+    server = Site(folder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def publish(site_folder: Path, tmp_path: Path, name: str, train: int, seed: int) -> Path:
+    source = make_dataset(tmp_path / f"src-{name}-{train}", train=train, validation=6, seed=seed)
+    staged = zip_folder(source, tmp_path / f"{name}-{train}.zip")
+    shutil.copy(staged, site_folder / name)
+    return site_folder / name
+
+
+# ----------------------------------------------------------------------------- the library
+
+
+def test_probe_reads_the_validators_without_a_body(site, tmp_path):
+    publish(Path(site.RequestHandlerClass.keywords["directory"]), tmp_path, "a.zip", 4, 1)
+    revision = json.loads(probe(site.url("a.zip")))
+    assert revision["last_modified"] and int(revision["length"]) > 0
+    assert site.requests == ["HEAD"]
+
+
+@pytest.mark.parametrize(("mode", "message"), [("busy", "HTTP 503"), ("html", "HTML page")])
+def test_a_server_that_cannot_answer_is_unavailable(site, mode, message):
+    site.mode = mode
+    with pytest.raises(SourceUnavailable, match=message):
+        probe(site.url("a.zip"), attempts=2, backoff=0.01)
+    assert site.requests == ["HEAD"] * (2 if mode == "busy" else 1)
+
+
+def test_offline_without_an_earlier_download_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"--offline: no earlier download of http://x/a\.zip"):
+        check_url("http://x/a.zip", tmp_path / "sources.json", offline=True)
+
+
+def test_unreachable_server_falls_back_to_the_last_good_download(tmp_path):
+    memo = tmp_path / "sources.json"
+    url = "http://127.0.0.1:9/a.zip"  # the discard port: nothing listens
+    remember(memo, url, '{"etag": "v1"}', "abc")
+    check = check_url(url, memo, offline=False)
+    assert check.revision == '{"etag": "v1"}' and check.fresh is False
+    assert check.warning.startswith(f"could not ask {url} whether the dataset changed")
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_retraining_follows_the_archive_at_a_url(site, tmp_path):
+    from tests.test_caching import computed
+    from tests.test_flow import run_flow
+
+    folder = Path(site.RequestHandlerClass.keywords["directory"])
+    url = site.url("pets.zip")
+    artifacts = tmp_path / "artifacts"
+    publish(folder, tmp_path, "pets.zip", 6, 1)
+    first = run_flow(url, artifacts)
+    assert first["data"]["counts"]["train"] == {"cats": 6, "dogs": 6}
+    assert first["data"]["source_fresh"] is True
+
+    publish(folder, tmp_path, "pets.zip", 9, 2)  # a new archive at the same URL
+    site.requests.clear()
+    second = run_flow(url, artifacts)
+    assert site.requests.count("GET") == 1
+    assert second["data"]["counts"]["train"] == {"cats": 9, "dogs": 9}
+    assert set(second["tasks"].values()) == {"Completed"}  # every stage after the download too
+
+    site.requests.clear()
+    third = run_flow(url, artifacts)
+    assert site.requests == ["HEAD"]  # no body transferred
+    assert computed(third) == {"write_report"}
+    assert third["data"]["counts"] == second["data"]["counts"]
+
+    for mode, reason in (("busy", "HTTP 503"), ("html", "HTML page")):
+        site.mode = mode
+        stale = run_flow(url, artifacts)
+        assert stale["data"]["source_fresh"] is False
+        assert reason in stale["data"]["source_warning"]
+        assert computed(stale) == {"write_report"}
+        assert stale["data"]["counts"] == second["data"]["counts"]  # the last good archive
+
+    site.requests.clear()
+    offline = run_flow(url, artifacts, offline=True)
+    assert site.requests == []
+    assert offline["data"]["source_fresh"] is False and computed(offline) == {"write_report"}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_two_urls_serving_the_same_bytes_share_every_stage_after_the_download(site, tmp_path):
+    from tests.test_caching import computed
+    from tests.test_flow import run_flow
+
+    folder = Path(site.RequestHandlerClass.keywords["directory"])
+    archive = publish(folder, tmp_path, "pets.zip", 6, 1)
+    shutil.copy(archive, folder / "mirror.zip")
+    artifacts = tmp_path / "artifacts"
+    run_flow(site.url("pets.zip"), artifacts)
+    mirror = run_flow(site.url("mirror.zip"), artifacts)
+    assert computed(mirror) == {"download_dataset", "write_report"}
