@@ -32,6 +32,9 @@ class ModelSpec:
     # Whether "auto" precision may train it under mixed_bfloat16 where bf16 is native: only
     # where bf16 measured equal to float32 (bench/RESULTS.md).
     bfloat16: bool = False
+    # The learning rate falls along a cosine to zero over its epochs, so that the last epochs
+    # settle instead of swinging (batch-normalized models on raw pixels swing the most).
+    cosine_decay: bool = False
     settings: tuple[str, ...] = _COMMON_SETTINGS  # TrainConfig fields that key its result
     default: bool = False  # trained by a plain run
 
@@ -51,6 +54,7 @@ MODELS: tuple[ModelSpec, ...] = (
         "model2",
         "RandomFlip and RandomRotation, then convolution blocks with batch normalization",
         "catdog.models:make_model2",
+        cosine_decay=True,
         default=True,
     ),
     ModelSpec(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -236,7 +237,10 @@ def train_end_to_end(
             name, data.x_train.shape[1:], data.num_classes, weights=weights, seed=seed
         )
     logger.info("%s: training under the %s dtype policy", name, policy)
-    models.compile_model(model, config.learning_rate)
+    steps = config.epochs * math.ceil(len(data.x_train) / config.batch_size)
+    models.compile_model(
+        model, config.learning_rate, decay_steps=steps if catalog.spec(name).cosine_decay else None
+    )
     train = image_dataset(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)
     val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
     rows = fit_resumable(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import threading
 import zipfile
 from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +76,67 @@ def dataset_zip(tmp_path: Path) -> Path:
     """The official layout in miniature, nested one level down as in the real archive."""
     folder = make_dataset(tmp_path / "src")
     return zip_folder(folder, tmp_path / "tiny.zip", prefix="tiny_filtered/")
+
+
+class Site(ThreadingHTTPServer):
+    """Serves a folder as `python -m http.server` does (Last-Modified, Content-Length, HEAD),
+    counting requests; `mode` makes it answer 503 or an HTML page instead."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
+        self.folder = folder
+        self.requests: list[str] = []
+        self.mode = "normal"
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+class Handler(SimpleHTTPRequestHandler):
+    server: Site
+
+    def _scripted(self) -> bool:
+        self.server.requests.append(self.command)
+        if self.server.mode == "normal":
+            return False
+        status, body, kind = (
+            (503, b"busy", "text/plain")
+            if self.server.mode == "busy"
+            else (200, b"<html>Sign in to continue</html>", "text/html")
+        )
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+        return True
+
+    def do_GET(self) -> None:
+        if not self._scripted():
+            super().do_GET()
+
+    def do_HEAD(self) -> None:
+        if not self._scripted():
+            super().do_HEAD()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    folder = tmp_path / "site"
+    folder.mkdir()
+    server = Site(folder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def publish(site_folder: Path, tmp_path: Path, name: str, train: int, seed: int) -> Path:
+    source = make_dataset(tmp_path / f"src-{name}-{train}", train=train, validation=6, seed=seed)
+    staged = zip_folder(source, tmp_path / f"{name}-{train}.zip")
+    shutil.copy(staged, site_folder / name)
+    return site_folder / name

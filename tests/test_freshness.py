@@ -5,87 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from catdog.data.freshness import SourceUnavailable, check_url, probe, remember
 from catdog.errors import DataError
-from tests.conftest import make_dataset, zip_folder
-
-
-class Site(ThreadingHTTPServer):
-    """Serves a folder as `python -m http.server` does (Last-Modified, Content-Length, HEAD),
-    counting requests; `mode` makes it answer 503 or an HTML page instead."""
-
-    def __init__(self, folder: Path) -> None:
-        super().__init__(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
-        self.requests: list[str] = []
-        self.mode = "normal"
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
-
-
-class Handler(SimpleHTTPRequestHandler):
-    server: Site
-
-    def _scripted(self) -> bool:
-        self.server.requests.append(self.command)
-        if self.server.mode == "normal":
-            return False
-        status, body, kind = (
-            (503, b"busy", "text/plain")
-            if self.server.mode == "busy"
-            else (200, b"<html>Sign in to continue</html>", "text/html")
-        )
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command == "GET":
-            self.wfile.write(body)
-        return True
-
-    def do_GET(self) -> None:
-        if not self._scripted():
-            super().do_GET()
-
-    def do_HEAD(self) -> None:
-        if not self._scripted():
-            super().do_HEAD()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    folder = tmp_path / "site"
-    folder.mkdir()
-    server = Site(folder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def publish(site_folder: Path, tmp_path: Path, name: str, train: int, seed: int) -> Path:
-    source = make_dataset(tmp_path / f"src-{name}-{train}", train=train, validation=6, seed=seed)
-    staged = zip_folder(source, tmp_path / f"{name}-{train}.zip")
-    shutil.copy(staged, site_folder / name)
-    return site_folder / name
-
+from tests.conftest import publish
 
 # ----------------------------------------------------------------------------- the library
 
 
 def test_probe_reads_the_validators_without_a_body(site, tmp_path):
-    publish(Path(site.RequestHandlerClass.keywords["directory"]), tmp_path, "a.zip", 4, 1)
+    publish(site.folder, tmp_path, "a.zip", 4, 1)
     revision = json.loads(probe(site.url("a.zip")))
     assert revision["last_modified"] and int(revision["length"]) > 0
     assert site.requests == ["HEAD"]
@@ -122,7 +53,7 @@ def test_retraining_follows_the_archive_at_a_url(site, tmp_path):
     from tests.test_caching import computed
     from tests.test_flow import run_flow
 
-    folder = Path(site.RequestHandlerClass.keywords["directory"])
+    folder = site.folder
     url = site.url("pets.zip")
     artifacts = tmp_path / "artifacts"
     publish(folder, tmp_path, "pets.zip", 6, 1)
@@ -163,7 +94,7 @@ def test_two_urls_serving_the_same_bytes_share_every_stage_after_the_download(si
     from tests.test_caching import computed
     from tests.test_flow import run_flow
 
-    folder = Path(site.RequestHandlerClass.keywords["directory"])
+    folder = site.folder
     archive = publish(folder, tmp_path, "pets.zip", 6, 1)
     shutil.copy(archive, folder / "mirror.zip")
     artifacts = tmp_path / "artifacts"

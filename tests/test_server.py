@@ -91,8 +91,60 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(server: dict[str, str]) -> 
     assert deployment.entrypoint == "flows/train_flow.py:train_flow"
     [schedule] = deployment.schedules
     assert schedule.schedule.cron == "0 3 * * 1" and schedule.active
-    assert deployment.parameters["epochs"] == 2
-    assert deployment.parameters["artifacts"] == "artifacts"
+    assert deployment.parameters == {"epochs": 2}  # the rest are the flow's defaults
     [pull] = deployment.pull_steps
     directory = pull["prefect.deployments.steps.set_working_directory"]["directory"]
     assert Path(directory).resolve() == ROOT
+
+
+def test_a_served_schedule_follows_the_archive_at_a_url(
+    server: dict[str, str], site: Any, tmp_path: Path
+) -> None:
+    """The freshness sequence of tests/test_freshness.py, run by `serve` on a short interval."""
+    import json
+    import time
+
+    from tests.conftest import publish
+
+    folder = site.folder
+    publish(folder, tmp_path, "pets.zip", 6, 1)
+    artifacts = tmp_path / "artifacts"
+    command = [sys.executable, str(ROOT / "flows/train_flow.py"), "serve", "--interval", "40"]
+    command += ["--data", site.url("pets.zip"), "--models", "model1", "--epochs", "1"]
+    command += ["--image-size", "32", "--batch-size", "8", "--artifacts", str(artifacts)]
+    serving = subprocess.Popen(
+        command, env=server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+    def summaries(count: int) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            found = sorted((artifacts / "05_reports/runs").glob("*/summary.json"))
+            if len(found) >= count:
+                return [json.loads(path.read_text()) for path in found]
+            assert serving.poll() is None, serving.stdout.read() if serving.stdout else ""
+            time.sleep(2)
+        raise AssertionError(f"fewer than {count} scheduled runs finished in time")
+
+    def computed(summary: dict[str, Any]) -> set[str]:
+        return {task for task, state in summary["tasks"].items() if state == "Completed"}
+
+    try:
+        first = summaries(1)[0]
+        assert first["data"]["counts"]["train"] == {"cats": 6, "dogs": 6}
+        publish(folder, tmp_path, "pets.zip", 9, 2)
+        site.requests.clear()
+        second = summaries(2)[1]
+        assert second["data"]["counts"]["train"] == {"cats": 9, "dogs": 9}
+        assert set(second["tasks"].values()) == {"Completed"}
+        assert site.requests.count("GET") == 1
+        site.requests.clear()
+        third = summaries(3)[2]
+        assert site.requests == ["HEAD"] and computed(third) == {"write_report"}
+        site.mode = "busy"
+        fourth = summaries(4)[3]
+        assert fourth["data"]["source_fresh"] is False and computed(fourth) == {"write_report"}
+        assert "HTTP 503" in fourth["data"]["source_warning"]
+    finally:
+        serving.terminate()
+        serving.wait(timeout=60)
