@@ -74,6 +74,7 @@ from flows.parameters import (
     MaxImagesPerClass,
     Models,
     Offline,
+    Precision,
     PromoteMargin,
     Refresh,
     Seed,
@@ -82,7 +83,6 @@ from flows.parameters import (
     TransferImageSize,
     Weights,
 )
-from flows.parameters import Precision as PrecisionPolicy
 from tasks.caching import bind_to_artifacts
 from tasks.data import (
     build_manifest,
@@ -128,7 +128,7 @@ def train_flow(
     promote_margin: PromoteMargin = RUN.promote_margin,
     train_retries: TrainRetries = RUN.train_retries,
     download_retries: DownloadRetries = RUN.download_retries,
-    precision: PrecisionPolicy = TRAIN.precision,
+    precision: Precision = TRAIN.precision,
     offline: Offline = False,
 ) -> dict[str, Any]:
     """Download, split, count, look, train every model, evaluate, report."""
@@ -256,7 +256,9 @@ def train_flow(
             "weights": weights_used,
             "image_size": image_size,
             "transfer_image_size": (
-                transfer_image_size if transfer_image_size in arrays_of_size else None
+                transfer_image_size
+                if any(catalog.spec(name).input_size == "transfer_image_size" for name in to_train)
+                else None
             ),
             "name": str(flow_run.get_name() or "local"),
             "source_fresh": source.fresh,

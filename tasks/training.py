@@ -8,7 +8,8 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from catdog.hashing import HashMemo, sha256_file
+from catdog import catalog
+from catdog.hashing import HashMemo, code_fingerprint, sha256_file
 from catdog.layout import MODEL_FILE, Layout
 from tasks import ui
 from tasks.caching import ContentAddressed, stage_output
@@ -24,6 +25,13 @@ def _weights_fingerprint(inputs: dict[str, Any]) -> str | None:
     return weights
 
 
+def _model_fingerprint(inputs: dict[str, Any]) -> list[str | None]:
+    """The weights, and the code of the model's builder, wherever the catalog says it lives
+    (a builder outside the training modules would otherwise escape the key)."""
+    builder_module = catalog.spec(inputs["model"]).builder.partition(":")[0]
+    return [_weights_fingerprint(inputs), code_fingerprint(builder_module)]
+
+
 def load_arrays(layout: Layout, arrays: dict[str, Any], split: str) -> tuple[Any, Any]:
     import numpy as np
 
@@ -34,7 +42,7 @@ def load_arrays(layout: Layout, arrays: dict[str, Any], split: str) -> tuple[Any
 @task(
     name="extract_features",
     cache_policy=ContentAddressed(
-        stage="features", code=TRAIN_CODE, fingerprint=_weights_fingerprint
+        stage="features", code=TRAIN_CODE, fingerprint=_model_fingerprint
     ),
 )
 def extract_features(
@@ -80,7 +88,7 @@ def extract_features(
     name="train_model",
     task_run_name="train_model[{model}]",
     cache_policy=ContentAddressed(
-        stage="train", code=TRAIN_CODE, name_input="model", fingerprint=_weights_fingerprint
+        stage="train", code=TRAIN_CODE, name_input="model", fingerprint=_model_fingerprint
     ),
 )
 def train_model(

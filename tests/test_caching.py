@@ -250,11 +250,17 @@ def _checkout(folder: Path) -> Path:
     return folder
 
 
-def test_editing_library_code_invalidates_exactly_the_stages_that_run_it(dataset_zip, tmp_path):
+def _first_run_from_a_copy(dataset_zip: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the project, and the artifacts of a first run of it."""
     checkout = _checkout(tmp_path / "checkout")
     artifacts = tmp_path / "artifacts"
     first = _flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout)
     assert first.wait(timeout=600) == 0, first.stdout.read()
+    return checkout, artifacts
+
+
+def test_editing_library_code_invalidates_exactly_the_stages_that_run_it(dataset_zip, tmp_path):
+    checkout, artifacts = _first_run_from_a_copy(dataset_zip, tmp_path)
 
     split_module = checkout / "catdog/data/split.py"
     source = split_module.read_text()
@@ -362,10 +368,7 @@ def test_two_runs_at_once_on_a_fresh_folder_ten_times_over(dataset_zip, tmp_path
 
 
 def test_editing_a_task_body_reruns_that_stage_and_later_ones(dataset_zip, tmp_path):
-    checkout = _checkout(tmp_path / "checkout")
-    artifacts = tmp_path / "artifacts"
-    first = _flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout)
-    assert first.wait(timeout=600) == 0, first.stdout.read()
+    checkout, artifacts = _first_run_from_a_copy(dataset_zip, tmp_path)
 
     data_tasks = checkout / "tasks/data.py"
     source = data_tasks.read_text()

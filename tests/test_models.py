@@ -84,13 +84,13 @@ def test_model2_is_augmentation_then_normalized_conv_blocks(size, flat):
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == [
         "Sequential",  # RandomFlip, RandomRotation: first, and no rescaling
-        *["Conv2D", "BatchNormalization", "ReLU", "MaxPooling2D"] * 3,
+        *["Conv2D", "MaxPooling2D", "BatchNormalization"] * 3,
         "Flatten",
         "Dense",
         "Dropout",
         "Dense",
     ]
-    convs = 3 * 3 * 3 * 32 + 3 * 3 * 32 * 32 + 3 * 3 * 32 * 64  # no biases: BN shifts instead
+    convs = conv_params(3, 3, 32) + conv_params(3, 32, 32) + conv_params(3, 32, 64)
     norms = 2 * (32 + 32 + 64)  # gamma and beta train; the moving mean and variance do not
     assert trainable_count(model) == convs + norms + dense_params(flat, 64) + dense_params(64, 2)
     assert model.count_params() == trainable_count(model) + norms
