@@ -5,10 +5,11 @@ from __future__ import annotations
 from catdog.report import leaderboard_rows, markdown_table, render_report
 
 
-def model_entry(val: list[float], test: float, size: int = 160) -> dict:
+def model_entry(val: list[float], test: float, size: int = 160, best: int = 2) -> dict:
     return {
         "image_size": size,
         "epochs": len(val),
+        "best_epoch": best,
         "history": {"val_accuracy": val},
         "test_accuracy": test,
         "test_loss": 0.5,
@@ -36,7 +37,7 @@ def summary(**extra) -> dict:
             "baseline_accuracy": 0.5,
         },
         "models": {
-            "model1": model_entry([0.5, 0.6], 0.55),
+            "model1": model_entry([0.5, 0.6, 0.4], 0.55),  # ships epoch 2
             "model4": model_entry([0.9, 0.97], 0.98, size=224),
         },
         "tasks": {"train_model[model1]": "Cached", "write_report": "Completed"},
@@ -44,11 +45,16 @@ def summary(**extra) -> dict:
     }
 
 
-def test_leaderboard_ranks_by_last_validation_accuracy():
-    rows = leaderboard_rows(summary())
-    assert [row["model"] for row in rows] == ["model4", "model1"]
+def test_leaderboard_ranks_by_the_validation_accuracy_of_the_saved_epoch():
+    data = summary()
+    data["models"]["model3"] = model_entry([0.7, 0.5, 0.65], 0.6, best=1)
+    rows = leaderboard_rows(data)
+    assert [row["model"] for row in rows] == ["model4", "model3", "model1"]
     assert rows[0]["input"] == "224x224" and rows[0]["test accuracy"] == 0.98
-    assert rows[1]["val accuracy (last epoch)"] == 0.6 and rows[1]["train seconds"] == 12.3
+    assert rows[1]["saved epoch"] == "1" and rows[1]["val accuracy (saved epoch)"] == 0.7
+    assert rows[1]["val accuracy (last epoch)"] == 0.65 and rows[2]["train seconds"] == 12.3
+    data["models"]["model3"]["saved_from"] = "model1"
+    assert leaderboard_rows(data)[1]["saved epoch"] == "1 (model1's weights)"
 
 
 def test_markdown_table_has_a_header_and_a_row_each():
@@ -58,7 +64,21 @@ def test_markdown_table_has_a_header_and_a_row_each():
 
 
 def test_report_states_data_baseline_best_model_and_promotion():
-    promotion = {"promoted": False, "reason": "kept production (0.9800 on the test split)"}
+    promotion = {
+        "promoted": False,
+        "reason": "kept production (0.9800 on the test split)",
+        "candidate": "model4",
+        "candidate_epoch": 2,
+        "margin": 0.0,
+        "evidence": {
+            "candidate_accuracy": 0.975,
+            "production_accuracy": 0.98,
+            "disagreements": 3,
+            "candidate_only": 1,
+            "production_only": 2,
+            "p_value": 1.0,
+        },
+    }
     text = render_report(
         summary(best_model="model4", promotion=promotion),
         {"samples": "s.png", "comparison": "c.png", "model4:curves": "m4.png"},
@@ -67,8 +87,12 @@ def test_report_states_data_baseline_best_model_and_promotion():
     assert "split `abcdef123456`, seed 7" in text
     assert "| train | 10 | 30 | 40 | 75.0% |" in text  # counts and majority baseline
     assert "- skipped `cats/bad.jpg`: truncated JPEG" in text
-    assert "**Best model (by validation accuracy): model4**, test accuracy 98.0%" in text
+    assert (
+        "**Best model (by the validation accuracy of its saved epoch): model4**, epoch 2, "
+        "test accuracy 98.0%"
+    ) in text
     assert "**kept**: kept production (0.9800 on the test split)" in text
+    assert "| model4 (epoch 2) | 97.5% | 98.0% | 3 | 1 | 2 | 1 | 0.0 | kept production |" in text
     assert "![comparison](c.png)" in text and "![model4 curves](m4.png)" in text
     assert "![model1 curves]" not in text  # no figure, no broken link
     assert "- train_model[model1]: Cached" in text
