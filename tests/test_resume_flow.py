@@ -34,7 +34,7 @@ def test_killed_run_resumes_at_the_next_epoch(dataset_zip, tmp_path):
         if f"model1 epoch 2/{EPOCHS}" in line:
             os.killpg(run.pid, signal.SIGKILL)
             break
-    run.wait(timeout=60)
+    run.communicate(timeout=60)  # reaps it and closes the pipe
     partial = next((artifacts / "04_models/model1").glob(".*.partial"))
     done = len(json.loads((partial / "train-epochs.json").read_text()))
     assert 2 <= done < EPOCHS

@@ -147,4 +147,4 @@ def test_a_served_schedule_follows_the_archive_at_a_url(
         assert "HTTP 503" in fourth["data"]["source_warning"]
     finally:
         serving.terminate()
-        serving.wait(timeout=60)
+        serving.communicate(timeout=60)
