@@ -192,12 +192,11 @@ def _production_predictions(
     cached = _archive_facts(layout, current["archive"], f"predictions-{split.split_hash[:16]}")
     if cached is not None:
         return list(cached)
-    from catdog.evaluation import load_model
+    from catdog.evaluation import load_model, score_model
 
     model = load_model(layout.root / current["archive"])
     images = split.test_images(int(model.input_shape[1]))
-    logits = model.predict(np.asarray(images, dtype=np.float32), batch_size=64, verbose=0)
-    predictions = [int(p) for p in np.argmax(logits, axis=1)]
+    predictions = score_model(model, images, split.test_labels, split.classes)["predictions"]
     atomic_write_json(
         layout.root / f"{current['archive']}.predictions-{split.split_hash[:16]}.json",
         predictions,
