@@ -22,13 +22,17 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python flows/train_flow.py $(run_args)
 
+# Tests run in TEST_WORKERS processes (pytest-xdist): most of a flow run is single-threaded
+# Python (tracing, Prefect, plotting), so two processes keep two cores busy.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 	$(BIN)/ruff check .
 
 # Every test not marked slow (no TensorFlow training, no flow run): a quick check while editing.
 test-fast: $(STAMP)
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -m "not slow"
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 	$(BIN)/ruff check .
 
 lint: $(STAMP)

@@ -5,6 +5,7 @@
         [--epochs 20] [--models model1,model4] [--out bench/RESULTS.md]
     ... --fractions 0.25,0.5,1 --epochs 3 --models model1     (scaling with the training set)
     ... --full-flow --epochs 20                                (default 4-model flow + cached)
+    ... --cold-flow --epochs 20                   (blog's four models vs the default flow, cold)
     python bench/run.py --from-json bench/RESULTS.comparison.json  (re-render a section)
 
 Comparison mode alternates, per model: (a) the blog's recipe (bench/blog_recipe.py), (b) catdog's
@@ -106,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--full-flow",
         action="store_true",
         help="full-flow mode: the default flow (no --models), first run and cached rerun",
+    )
+    parser.add_argument(
+        "--cold-flow",
+        action="store_true",
+        help="cold-flow mode: the blog's model1-model4, then catdog's default flow on fresh "
+        "artifacts (alternating per --repeats round); wall-time ratio and accuracies",
     )
     parser.add_argument(
         "--repeats",
@@ -826,10 +833,120 @@ def render_full_flow(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cold_flow(bench: Bench, raw: RawLog) -> None:
+    """The blog's four models, then catdog's default flow on fresh artifacts, per round."""
+    args = bench.args
+    from blog_recipe import extract_zip
+
+    log("extracting the archive for the blog recipe (not timed) ...")
+    data_dir = extract_zip(args.data, bench.work / "blog-data")
+    raw.data["cpu_flags"] = bf16_flags()
+    rounds: list[dict[str, Any]] = []
+    raw.data["rounds"] = rounds
+    for _ in range(args.repeats):
+        blog = [bench.blog(model, args.epochs, data_dir) for model in BLOG_MODELS]
+        rounds.append({"blog": blog})
+        raw.save()
+        rounds[-1]["catdog"] = bench.catdog(None, args.epochs, label="cold-flow")
+        raw.save()
+
+
+def bf16_flags() -> str:
+    """The CPU's bfloat16 flags, which decide catdog's `auto` precision."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    found = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"})
+    return ", ".join(found) or "none of avx512f, avx512_bf16, amx_bf16"
+
+
+def render_cold_flow(data: dict[str, Any]) -> str:
+    """Per round: each model's blog and catdog figures, then the whole-run wall ratio."""
+    epochs = data["args"]["epochs"]
+    native = any(flag in data.get("cpu_flags", "") for flag in ("avx512_bf16", "amx_bf16"))
+    target = 0.4 if native else 0.75
+    lines = [
+        *_header_lines(
+            data, f"The default flow cold against the blog's four models, {epochs} epochs"
+        ),
+        f"- CPU flags: {data.get('cpu_flags')} (bf16 native: {'yes' if native else 'no'}; "
+        f"target ≤ {target}x)",
+        "",
+        "Per round, each in its own process: the blog's recipe for model1-model4 "
+        "(`bench/blog_recipe.py`), one after another, then catdog's default flow "
+        "(`python flows/train_flow.py`, no `--models`) on fresh artifacts. The blog's wall is "
+        "the sum of its four processes; catdog's is its one process, everything included "
+        "(extract, manifest, decode, features, four trainings, evaluations, report).",
+        "",
+    ]
+    checks = []
+    for number, round_ in enumerate(data.get("rounds", []), 1):
+        blog, cold = round_["blog"], round_.get("catdog")
+        rows = []
+        all_better = True
+        for entry in blog:
+            b = blog_figures(entry)
+            c = catdog_figures(cold, entry["model"]) if cold else None
+            better = bool(
+                c
+                and not c["error"]
+                and not b["error"]
+                and (c["val_acc"] or 0) >= (b["val_acc"] or 0) - 0.01
+            )
+            all_better &= better
+            rows.append(
+                [
+                    entry["model"],
+                    fmt(b["wall_s"], 1, " s"),
+                    _pct(b["val_acc"]),
+                    _pct(b["test_acc"]),
+                    "" if c is None else fmt(c["trained_s"], 1, " s"),
+                    "" if c is None else _pct(c["val_acc"]),
+                    "" if c is None else _pct(c["test_acc"]),
+                ]
+            )
+        header = [
+            "model",
+            "blog wall",
+            "blog val acc (last)",
+            "blog test acc",
+            "catdog train_seconds",
+            "catdog val acc (last)",
+            "catdog test acc",
+        ]
+        blog_wall = sum(e["run"]["wall_seconds"] for e in blog)
+        catdog_wall = cold["run"]["wall_seconds"] if cold and not cold["run"]["error"] else None
+        r_wall = ratio(catdog_wall, blog_wall)
+        lines += [
+            f"### Round {number}",
+            "",
+            table(header, rows),
+            "",
+            f"- blog, four models: {blog_wall:.0f} s wall; catdog's default flow: "
+            f"{fmt(catdog_wall, 0, ' s')} wall → **{fmt(r_wall, 3)}x**",
+            "- other processes' CPU meanwhile (cores): blog "
+            + ", ".join(fmt(e["run"].get("others_cores"), 2) for e in blog)
+            + f"; catdog {fmt(cold['run'].get('others_cores') if cold else None, 2)}",
+            "",
+        ]
+        checks.append(
+            [
+                f"round {number}: catdog's cold default flow ≤ {target}x the blog's four models, "
+                "every model's last-epoch validation accuracy at least the blog's (−1 point)",
+                f"{fmt(r_wall, 3)}x; accuracy {'holds' if all_better else 'does not hold'}",
+                verdict(r_wall is not None and r_wall <= target and all_better),
+            ]
+        )
+    lines += ["### Targets", "", table(["target", "measured", "verdict"], checks)]
+    return "\n".join(lines)
+
+
 MODES = {
     "comparison": (comparison, render_comparison),
     "scaling": (scaling, render_scaling),
     "full-flow": (full_flow, render_full_flow),
+    "cold-flow": (cold_flow, render_cold_flow),
 }
 
 
@@ -843,7 +960,13 @@ def main(argv: list[str] | None = None) -> int:
         print(body)
         return 0
     bench = Bench(args)
-    mode = "full-flow" if args.full_flow else ("scaling" if args.fractions else "comparison")
+    mode = (
+        "cold-flow"
+        if args.cold_flow
+        else "full-flow"
+        if args.full_flow
+        else ("scaling" if args.fractions else "comparison")
+    )
     raw = RawLog(args.out.with_suffix(f".{args.section or mode}.json"))
     raw.data.update(
         command=command_line(),

@@ -39,3 +39,7 @@ class WeightsError(CatdogError):
 
 class ModelError(CatdogError):
     """An unknown model name or a model file that cannot be loaded."""
+
+
+class DiskSpaceError(CatdogError):
+    """The artifacts' disk has too little free space for a stage's output."""

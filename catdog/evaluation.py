@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from catdog.arrays import Rows
+
 
 def _labels(values: ArrayLike, num_classes: int, what: str) -> np.ndarray:
     array = np.asarray(values)
@@ -196,9 +198,19 @@ def load_model(path: str | os.PathLike[str]) -> Any:
     return keras.models.load_model(path, safe_mode=True)
 
 
+def predict_logits(model: Any, images: Rows, batch_size: int = 64) -> np.ndarray:
+    """A Keras model's logits on `images` (uint8, at its input size), a batch at a time, so
+    that a split on disk is never whole in memory."""
+    outputs = [
+        np.asarray(model.predict_on_batch(images[start : start + batch_size].astype(np.float32)))
+        for start in range(0, len(images), batch_size)
+    ]
+    classes = int(model.output_shape[-1])
+    return np.concatenate(outputs) if outputs else np.empty((0, classes), np.float32)
+
+
 def score_model(
-    model: Any, images: np.ndarray, labels: ArrayLike, class_names: Sequence[str]
+    model: Any, images: Rows, labels: ArrayLike, class_names: Sequence[str]
 ) -> dict[str, Any]:
     """Predict `images` (uint8, at the model's input size) with a Keras model and `score` it."""
-    logits = model.predict(np.asarray(images, dtype=np.float32), batch_size=64, verbose=0)
-    return score(logits, labels, class_names)
+    return score(predict_logits(model, images), labels, class_names)

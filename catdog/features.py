@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from catdog.arrays import NpyRows, NpyWriter, Rows
+
 logger = logging.getLogger(__name__)
 
 FEATURE_FILES = ("train", "y_train", "val", "y_val")
@@ -15,9 +17,11 @@ FEATURE_FILES = ("train", "y_train", "val", "y_val")
 
 @dataclass
 class FeatureSet:
-    train: np.ndarray  # float32 (views, n_train, dim): view 0 plain, 1 flipped, 2+ augmented
+    """Cached features, read from disk a batch at a time (`catdog.arrays.NpyRows`)."""
+
+    train: Rows  # float32, views * n_train rows of dim: row v * n_train + i is view v of image i
     y_train: np.ndarray  # int32 (n_train,)
-    val: np.ndarray  # float32 (n_val, dim)
+    val: Rows  # float32, n_val rows of dim
     y_val: np.ndarray  # int32 (n_val,)
     num_classes: int
 
@@ -25,26 +29,36 @@ class FeatureSet:
     def dim(self) -> int:
         return int(self.train.shape[-1])
 
-    def save(self, folder: Path) -> list[Path]:
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for name in FEATURE_FILES:
-            path = folder / f"{name}.npy"
-            np.save(path, getattr(self, name))
-            paths.append(path)
-        return paths
+    @property
+    def views(self) -> int:
+        return len(self.train) // max(1, len(self.y_train))
 
     @classmethod
     def load(cls, folder: Path, num_classes: int) -> FeatureSet:
-        arrays = {name: np.load(folder / f"{name}.npy") for name in FEATURE_FILES}
-        return cls(num_classes=num_classes, **arrays)
+        return cls(
+            train=NpyRows(folder / "train.npy", leading=2),
+            y_train=np.load(folder / "y_train.npy"),
+            val=NpyRows(folder / "val.npy"),
+            y_val=np.load(folder / "y_val.npy"),
+            num_classes=num_classes,
+        )
+
+
+# Pooled MobileNetV2 features per image; `feature_bytes` sizes the stage before it starts.
+BASE_FEATURE_DIM = 1280
+
+
+def feature_bytes(n_train: int, n_val: int, views: int) -> int:
+    """Disk space that `extract_features` needs (float32 features and int32 labels)."""
+    return (max(1, views) * n_train + n_val) * (BASE_FEATURE_DIM * 4 + 4)
 
 
 def extract_features(
-    x_train: np.ndarray,
+    x_train: Rows,
     y_train: np.ndarray,
-    x_val: np.ndarray,
+    x_val: Rows,
     y_val: np.ndarray,
+    folder: Path,
     *,
     model_name: str,
     num_classes: int,
@@ -55,11 +69,16 @@ def extract_features(
 ) -> FeatureSet:
     """Pooled features of the frozen MobileNetV2 base for train views and validation images.
 
-    The base and augmentation are those of model `model_name`, a frozen-base model.
+    The base and augmentation are those of model `model_name`, a frozen-base model. Features
+    are written to `folder` as they are computed (train.npy of shape (views, n_train, dim),
+    val.npy, and the labels), so memory holds one batch, not the split.
 
     View 0 is the image as is, view 1 its mirror image, further views are draws of the
     model's own augmentation (RandomFlip + RandomRotation), so the head is trained on what
     the frozen base would have seen through the augmentation layers.
+
+    Raises:
+        DiskSpaceError: The disk filled up while writing.
     """
     import keras
 
@@ -67,15 +86,16 @@ def extract_features(
 
     keras.utils.set_random_seed(seed)
     model = models.build_model(
-        model_name, x_train.shape[1:], num_classes, weights=weights, seed=seed
+        model_name, tuple(x_train.shape[1:]), num_classes, weights=weights, seed=seed
     )
     extractor = models.feature_extractor(model)
     augment = models.get_augmentation(model)
     dim = int(extractor.output_shape[-1])
+    views = max(1, views)
+    purpose = f"extract_features ({model_name})"
 
-    def embed(images: np.ndarray, view: int) -> np.ndarray:
+    def embed(images: Rows, view: int, out: NpyWriter) -> None:
         """Features of one view of `images`, a batch at a time to bound memory."""
-        out = np.empty((len(images), dim), np.float32)
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].astype(np.float32)
             if view == 1:
@@ -85,18 +105,17 @@ def extract_features(
             # Not `predict`: its per-call input pipeline competes with the model for the
             # cores, and on 2 cores it ran at about half the throughput of this (47 against
             # 90 images/s at 224x224).
-            out[start : start + len(batch)] = extractor.predict_on_batch(batch)
-        return out
+            out.write(np.asarray(extractor.predict_on_batch(batch), dtype=np.float32))
 
-    stacks = []
-    for view in range(max(1, views)):
-        stacks.append(embed(x_train, view))
-        logger.info("features: train view %d of %d done", view + 1, views)
-    val = embed(x_val, 0)
-    return FeatureSet(
-        train=np.stack(stacks).astype(np.float32),
-        y_train=np.asarray(y_train, dtype=np.int32),
-        val=val.astype(np.float32),
-        y_val=np.asarray(y_val, dtype=np.int32),
-        num_classes=num_classes,
-    )
+    folder.mkdir(parents=True, exist_ok=True)
+    with NpyWriter(
+        folder / "train.npy", (views, len(x_train), dim), np.float32, purpose, leading=2
+    ) as out:
+        for view in range(views):
+            embed(x_train, view, out)
+            logger.info("features: train view %d of %d done", view + 1, views)
+    with NpyWriter(folder / "val.npy", (len(x_val), dim), np.float32, purpose) as out:
+        embed(x_val, 0, out)
+    np.save(folder / "y_train.npy", np.asarray(y_train, dtype=np.int32))
+    np.save(folder / "y_val.npy", np.asarray(y_val, dtype=np.int32))
+    return FeatureSet.load(folder, num_classes)

@@ -6,6 +6,7 @@ Each stage's output is a folder named by its cache key, holding the files and a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ STAGES = tuple(STAGE_DIRS)  # pipeline order; `--refresh STAGE` refreshes this o
 # Stages whose outputs are cached; the report is written anew by every run.
 CACHED_STAGES = tuple(stage for stage in STAGES if stage != "report")
 
+RECORD_FILE = "record.json"  # a stage output's record: its key, stage, facts and file hashes
 MODEL_FILE = "model.keras"  # a training folder's model: its best epoch by validation accuracy
 FINAL_MODEL_FILE = "final.keras"  # a training folder's last epoch
 HISTORY_ROWS_FILE = "history-rows.json"  # a training folder's per-epoch metrics
@@ -35,6 +37,18 @@ REPORT_FILE = "report.md"
 REGISTRY_FILE = "registry.json"
 RUNS_DIR = "05_reports/runs"
 PRODUCTION_DIR = "production"
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (links not followed)."""
+    if not path.is_dir():
+        return path.lstat().st_size
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                total += (Path(dirpath) / name).lstat().st_size
+    return total
 
 
 @dataclass(frozen=True)

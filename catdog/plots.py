@@ -26,6 +26,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from catdog.arrays import Rows
 from catdog.io import atomic_write_bytes
 
 _PANEL_INCHES = 2.4  # width and height of one image panel
@@ -278,7 +279,7 @@ def evaluation_figures(
     history: Mapping[str, Sequence[float]],
     baseline: float,
     metrics: Mapping[str, Any],
-    images: np.ndarray,
+    images: Rows,
     labels: np.ndarray,
     class_names: Sequence[str],
     max_errors: int = 12,

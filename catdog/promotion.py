@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from catdog.arrays import Rows
 from catdog.errors import CatdogError
 from catdog.io import atomic_write_json, exclusive_lock, read_json
 from catdog.layout import Layout
@@ -87,7 +88,7 @@ class SplitFacts:
     test_labels: Sequence[int]
     test_hashes: Sequence[str]  # content hash per test image
     seen_hashes: Sequence[str]  # content hashes of the training and validation images
-    test_images: Callable[[int], np.ndarray]  # the test images decoded at a given side
+    test_images: Callable[[int], Rows]  # the test images, decoded at a given side when read
 
 
 def mcnemar_exact(candidate_only: int, production_only: int) -> float:

@@ -27,7 +27,14 @@ from pathlib import Path, PurePosixPath
 
 from catdog.errors import CatdogError
 from catdog.io import atomic_write_json
-from catdog.layout import PRODUCTION_DIR, RUNS_DIR, STAGE_DIRS, SUMMARY_FILE, Layout
+from catdog.layout import (
+    PRODUCTION_DIR,
+    RUNS_DIR,
+    STAGE_DIRS,
+    SUMMARY_FILE,
+    Layout,
+    size_on_disk,
+)
 
 DEFAULT_KEEP = 3
 LEFTOVER_AGE_SECONDS = 24 * 3600.0
@@ -228,17 +235,6 @@ def cache_files(layout: Layout) -> list[Path]:
     return found
 
 
-def _size(path: Path) -> int:
-    if not path.is_dir():
-        return path.lstat().st_size
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):  # does not follow links
-        for name in files:
-            with contextlib.suppress(OSError):  # removed meanwhile
-                total += (Path(dirpath) / name).lstat().st_size
-    return total
-
-
 def _newest_mtime(path: Path) -> float:
     newest = path.lstat().st_mtime
     if path.is_dir():
@@ -275,7 +271,7 @@ def plan(layout: Layout, keep: int = DEFAULT_KEEP, now: float | None = None) -> 
         if path.lstat().st_mtime > newest_run:
             report.skipped_recent.append(path)
         else:
-            report.removals.append(Removal(path, kind, _size(path)))
+            report.removals.append(Removal(path, kind, size_on_disk(path)))
 
     for folder in stage_folders(layout):
         if folder.name not in keys:
@@ -285,7 +281,7 @@ def plan(layout: Layout, keep: int = DEFAULT_KEEP, now: float | None = None) -> 
             consider(path, "cache")
     for path in leftovers(layout):
         if now - _newest_mtime(path) > LEFTOVER_AGE_SECONDS:
-            report.removals.append(Removal(path, "leftover", _size(path)))
+            report.removals.append(Removal(path, "leftover", size_on_disk(path)))
     return report
 
 

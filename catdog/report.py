@@ -147,4 +147,12 @@ def render_report(summary: dict[str, Any], figures: dict[str, str]) -> str:
                 lines += [f"![{name} {kind}]({ref})", ""]
     lines += ["## Tasks", ""]
     lines += [f"- {task}: {state}" for task, state in summary["tasks"].items()]
+    disk = summary.get("disk_bytes")
+    if disk:
+        lines += ["", "## Disk", "", markdown_table([_megabytes(disk)])]
     return "\n".join(lines) + "\n"
+
+
+def _megabytes(disk: dict[str, int]) -> dict[str, str]:
+    """Each stage's output size in MB (`cache prune` frees the ones no recent run uses)."""
+    return {stage: f"{size / 1e6:.1f} MB" for stage, size in disk.items()}

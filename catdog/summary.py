@@ -16,8 +16,15 @@ from typing import Any
 from catdog import catalog
 from catdog.data.records import Manifest
 from catdog.hashing import sha256_json
-from catdog.io import atomic_write_json, atomic_write_text
-from catdog.layout import MODEL_FILE, REPORT_FILE, SUMMARY_FILE, Layout
+from catdog.io import atomic_write_json, atomic_write_text, read_json
+from catdog.layout import (
+    MODEL_FILE,
+    RECORD_FILE,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    Layout,
+    size_on_disk,
+)
 from catdog.promotion import (
     Candidate,
     SplitFacts,
@@ -121,7 +128,37 @@ def build_summary(
         "models": {name: model_summary(layout, name, records) for name in records.trained},
         "tasks": task_states,
         "artifacts_used": sorted(set(artifacts_used)),
+        "disk_bytes": disk_bytes(layout, artifacts_used),
+        "stage_seconds": stage_seconds(records),
     }
+
+
+def stage_seconds(records: StageRecords) -> dict[str, float]:
+    """Seconds each decode, feature and training stage took when it computed its output (a
+    cached stage reports the run that computed it)."""
+    seconds = {
+        f"decode_images[{arrays['image_size']}]": arrays.get("seconds", 0.0)
+        for arrays in records.arrays.values()
+    }
+    if records.features:
+        seconds["extract_features"] = records.features.get("seconds", 0.0)
+    for name, trained in records.trained.items():
+        seconds[f"train_model[{name}]"] = trained["seconds"]
+    return seconds
+
+
+def disk_bytes(layout: Layout, folders: list[str]) -> dict[str, int]:
+    """Bytes on disk of the run's stage outputs, by stage (from each folder's record), and in
+    all; `python -m catdog cache prune` frees them once no recent run uses them."""
+    by_stage: dict[str, int] = {}
+    for folder in sorted(set(folders)):
+        path = layout.resolve(folder)
+        try:
+            stage = read_json(path / RECORD_FILE).get("stage", "other")
+        except (OSError, ValueError):
+            stage = "other"
+        by_stage[stage] = by_stage.get(stage, 0) + size_on_disk(path)
+    return {**by_stage, "total": sum(by_stage.values())}
 
 
 def figure_paths(layout: Layout, records: StageRecords, summary: dict[str, Any]) -> dict[str, Path]:
@@ -151,7 +188,7 @@ def comparison_figure(layout: Layout, summary: dict[str, Any]) -> Path:
 
 def split_facts(split: Manifest, records: StageRecords) -> SplitFacts:
     """What the promotion gate needs to know of this run's split."""
-    from catdog.data.images import decode_split
+    from catdog.data.images import DecodedOnDemand
 
     test = split.in_split("test")
     return SplitFacts(
@@ -163,7 +200,7 @@ def split_facts(split: Manifest, records: StageRecords) -> SplitFacts:
         seen_hashes=[
             entry.sha256 for entry in split.images if entry.split in ("train", "validation")
         ],
-        test_images=lambda side: decode_split(split, "test", side)[0],
+        test_images=lambda side: DecodedOnDemand(split.paths(test), side),
     )
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from catdog import catalog, models
+from catdog.arrays import Rows
 from catdog.config import TrainConfig
 from catdog.errors import ModelError
 from catdog.features import FeatureSet
@@ -36,9 +37,9 @@ EpochHook = Callable[[int, int, dict[str, float]], None]  # (epoch done, total, 
 
 @dataclass
 class TrainingData:
-    x_train: np.ndarray  # uint8 (n, h, w, 3)
+    x_train: Rows  # uint8 (n, h, w, 3), read from disk a batch at a time
     y_train: np.ndarray  # int32 (n,)
-    x_val: np.ndarray
+    x_val: Rows
     y_val: np.ndarray
     num_classes: int
 
@@ -84,18 +85,73 @@ def dtype_policy(precision: str, model: str) -> Iterator[str]:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def image_dataset(
-    x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
-) -> tf.data.Dataset:
-    """Batches of float32 images from uint8 arrays, reshuffled every epoch when asked."""
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+# Batches read in parallel and kept ready: fixed, not AUTOTUNE, whose prefetch buffers may grow
+# to half the machine's memory; a few batches ahead keep the model fed.
+READERS = 2
+BATCHES_AHEAD = 2
+
+
+def _index_batches(count: int, batch_size: int, *, shuffle: bool, seed: int) -> tf.data.Dataset:
+    indices = tf.data.Dataset.range(count)
     if shuffle:
-        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size).map(
-        lambda images, labels: (tf.cast(images, tf.float32), labels),
-        num_parallel_calls=tf.data.AUTOTUNE,
+        # The same order as shuffling the examples themselves with this seed: a shuffle's
+        # order depends on its seed and the number of elements, not on what they hold.
+        indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    return indices.batch(batch_size)
+
+
+def _read_rows(
+    rows: Rows, labels: np.ndarray, batch: tf.Tensor, label_index: tf.Tensor | None = None
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Rows `batch` of `rows` (read from disk by a numpy call) and their labels."""
+    dtype = tf.as_dtype(rows.dtype)
+
+    def read(row_index: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(rows[row_index]), np.asarray(labels[which], dtype=np.int32)
+
+    values, targets = tf.numpy_function(
+        read, [batch, batch if label_index is None else label_index], (dtype, tf.int32)
     )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    values = tf.ensure_shape(values, (None, *rows.shape[1:]))
+    return values, tf.ensure_shape(targets, (None,))
+
+
+def image_dataset(
+    x: Rows, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
+) -> tf.data.Dataset:
+    """Batches of float32 images, read from disk at each step and reshuffled every epoch.
+
+    Only the batches in flight are in memory, however large the split: memory depends on the
+    batch size and the model, not on the number of images.
+    """
+
+    def load(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images, labels = _read_rows(x, y, batch)
+        return tf.cast(images, tf.float32), labels
+
+    batches = _index_batches(len(x), batch_size, shuffle=shuffle, seed=seed)
+    dataset = batches.map(load, num_parallel_calls=READERS, deterministic=True)
+    return dataset.prefetch(BATCHES_AHEAD)
+
+
+def feature_dataset(
+    features: FeatureSet, batch_size: int, *, seed: int
+) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """(train, validation) batches of cached features, read from disk at each step.
+
+    Each epoch draws, for every training image, one of its cached views at random.
+    """
+    n_train, views = len(features.y_train), features.views
+
+    def one_view(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        view = tf.random.uniform(tf.shape(batch), 0, views, dtype=tf.int64)
+        return _read_rows(features.train, features.y_train, view * n_train + batch, batch)
+
+    train = _index_batches(n_train, batch_size, shuffle=True, seed=seed).map(one_view)
+    val = _index_batches(len(features.y_val), 256, shuffle=False, seed=seed).map(
+        lambda batch: _read_rows(features.val, features.y_val, batch)
+    )
+    return train.prefetch(BATCHES_AHEAD), val.prefetch(BATCHES_AHEAD)
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -276,21 +332,7 @@ def train_head_on_features(
     keras.utils.set_random_seed(seed)
     head = models.make_head(features.dim, features.num_classes, dropout=config.dropout)
     models.compile_model(head, config.learning_rate)
-    views = features.train.shape[0]
-    by_image = np.transpose(features.train, (1, 0, 2))  # (n, views, dim)
-    train = (
-        tf.data.Dataset.from_tensor_slices((by_image, features.y_train))
-        .shuffle(len(by_image), seed=seed, reshuffle_each_iteration=True)
-        .map(
-            lambda stack, label: (
-                stack[tf.random.uniform((), 0, views, dtype=tf.int32)],
-                label,
-            ),
-        )
-        .batch(config.batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    val = tf.data.Dataset.from_tensor_slices((features.val, features.y_val)).batch(256)
+    train, val = feature_dataset(features, config.batch_size, seed=seed)
     rows = fit_resumable(
         head,
         train,

@@ -34,9 +34,8 @@ from prefect.transactions import get_transaction
 
 from catdog.hashing import HashMemo, code_fingerprint, sha256_json
 from catdog.io import atomic_directory, atomic_write_json, replace_directory
-from catdog.layout import Layout
+from catdog.layout import RECORD_FILE, Layout
 
-RECORD = "record.json"
 NOT_KEYED = ("artifacts",)  # where results live does not change what they are
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ def task_fingerprint(function: Callable[..., Any]) -> str:
 
 def outputs_intact(layout: Layout, folder: Path) -> bool:
     """True when `folder` holds a record and every file it lists, unchanged."""
-    record_path = folder / RECORD
+    record_path = folder / RECORD_FILE
     if not record_path.is_file():
         return False
     try:
@@ -190,7 +189,7 @@ def _seal(layout: Layout, folder: Path, record: dict[str, Any]) -> None:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
-    atomic_write_json(folder / RECORD, record)
+    atomic_write_json(folder / RECORD_FILE, record)
 
 
 class CrashSafeLockManager(FileSystemLockManager):
@@ -204,6 +203,14 @@ class CrashSafeLockManager(FileSystemLockManager):
 
     def _owner_path(self, key: str) -> Path:
         return Path(f"{self._lock_path_for_key(key)}.owner")
+
+    def _get_lock_info(self, key: str, use_cache: bool = True) -> Any:
+        try:
+            return super()._get_lock_info(key, use_cache=use_cache)
+        except ValueError:
+            # Prefect creates the lock file, then writes its holder into it: a second run that
+            # reads it in between finds it empty. The lock is held, by a holder not named yet.
+            return {"holder": "", "expiration": None, "path": self._lock_path_for_key(key)}
 
     def acquire_lock(
         self,

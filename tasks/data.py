@@ -247,22 +247,20 @@ def plot_samples(
 @task(
     name="decode_images",
     task_run_name="decode_images[{image_size}]",
-    cache_policy=ContentAddressed(stage="decode", code=("catdog.data.images",)),
+    cache_policy=ContentAddressed(stage="decode", code=("catdog.data.images", "catdog.arrays")),
 )
 def decode_images(split: dict[str, Any], image_size: int, artifacts: str) -> dict[str, Any]:
-    """Decode every image once into uint8 arrays per split, reused by every model and epoch."""
-    import numpy as np
-
-    from catdog.data.images import decode_split
+    """Decode every image once into uint8 arrays on disk, reused by every model and epoch."""
+    from catdog.arrays import require_space
+    from catdog.data.images import decode_split_to, split_bytes
 
     layout = Layout.at(artifacts)
     manifest = split_manifest_of(layout, split)
     started = time.perf_counter()
     with stage_output(layout, "decode") as (folder, record):
+        require_space(folder, split_bytes(manifest, image_size), "decode_images")
         for name in SPLITS:
-            images, labels = decode_split(manifest, name, image_size)
-            np.save(folder / f"{name}_x.npy", images)
-            np.save(folder / f"{name}_y.npy", labels)
+            decode_split_to(manifest, name, image_size, folder)
         record.update(
             image_size=image_size,
             classes=list(manifest.classes),

@@ -14,7 +14,7 @@ from catdog.layout import MODEL_FILE, Layout
 from tasks import ui
 from tasks.caching import ContentAddressed, stage_output
 
-TRAIN_CODE = ("catdog.training", "catdog.models", "catdog.features")
+TRAIN_CODE = ("catdog.training", "catdog.models", "catdog.features", "catdog.arrays")
 
 
 def _weights_fingerprint(inputs: dict[str, Any]) -> str | None:
@@ -33,10 +33,10 @@ def _model_fingerprint(inputs: dict[str, Any]) -> list[str | None]:
 
 
 def load_arrays(layout: Layout, arrays: dict[str, Any], split: str) -> tuple[Any, Any]:
-    import numpy as np
+    """A decoded split's images (read from disk a batch at a time) and labels."""
+    from catdog.data.images import open_split
 
-    folder = layout.resolve(arrays["dir"])
-    return np.load(folder / f"{split}_x.npy"), np.load(folder / f"{split}_y.npy")
+    return open_split(layout.resolve(arrays["dir"]), split)
 
 
 @task(
@@ -54,25 +54,28 @@ def extract_features(
     artifacts: str,
 ) -> dict[str, Any]:
     """Frozen MobileNetV2 features of every training view and validation image, computed once."""
+    from catdog.arrays import require_space
     from catdog.features import extract_features as embed
+    from catdog.features import feature_bytes
 
     layout = Layout.at(artifacts)
     started = time.perf_counter()
     x_train, y_train = load_arrays(layout, arrays, "train")
     x_val, y_val = load_arrays(layout, arrays, "validation")
-    features = embed(
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        model_name=model,
-        num_classes=len(arrays["classes"]),
-        weights=weights,
-        views=views,
-        seed=seed,
-    )
     with stage_output(layout, "features") as (folder, record):
-        features.save(folder)
+        require_space(folder, feature_bytes(len(y_train), len(y_val), views), "extract_features")
+        features = embed(
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            folder,
+            model_name=model,
+            num_classes=len(arrays["classes"]),
+            weights=weights,
+            views=views,
+            seed=seed,
+        )
         record.update(views=views, dim=features.dim, seconds=time.perf_counter() - started)
     get_run_logger().info(
         "base features: %d train views x %d images, %d validation images in %.0f s",

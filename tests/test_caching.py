@@ -198,6 +198,14 @@ def flow_command(
     ]
 
 
+def api_env() -> dict[str, str]:
+    """The environment that points a flow subprocess at this test session's Prefect API, so
+    that it does not start (and migrate the database of) a server of its own."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": str(PREFECT_API_URL.value())}
+
+
 def _flow_subprocess(
     data: Path,
     artifacts: Path,
@@ -205,8 +213,7 @@ def _flow_subprocess(
     pythonpath: Path | None = None,
     models: str = "model1",
 ):
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": ""}
-    env.pop("PREFECT_API_URL")
+    env = {**os.environ, "PREFECT_HOME": str(home), **api_env()}
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
     command = flow_command(data, artifacts, epochs=1, checkout=pythonpath or REPO, models=models)
@@ -265,7 +272,7 @@ def _first_run_from_a_copy(dataset_zip: Path, tmp_path: Path) -> tuple[Path, Pat
     return checkout, artifacts
 
 
-def test_editing_code_reruns_exactly_the_stages_that_run_it(dataset_zip, tmp_path):
+def test_code_edits_rerun_their_stages_and_a_catalog_entry_adds_a_model(dataset_zip, tmp_path):
     checkout, artifacts = _first_run_from_a_copy(dataset_zip, tmp_path)
 
     # A library module: the stages whose code reaches it rerun, the earlier ones do not.
@@ -305,6 +312,22 @@ def test_editing_code_reruns_exactly_the_stages_that_run_it(dataset_zip, tmp_pat
         "write_report",
     }
 
+    # A model added to the catalog (one entry plus its builder) trains through the flow.
+    (checkout / "catdog/tiny.py").write_text(TINY_BUILDER)
+    catalog_module = checkout / "catdog/catalog.py"
+    source = catalog_module.read_text()
+    catalog_module.write_text(source.replace("\n)\n\nCATALOG", TINY_ENTRY, 1))
+    run = _flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout, "tiny,model1")
+    _finish(run)
+    summary = json.loads((artifacts / "summary.json").read_text())
+    assert set(summary["models"]) == {"tiny", "model1"}
+    tiny = summary["models"]["tiny"]
+    assert tiny["image_size"] == 32 and tiny["epochs"] == 1
+    assert tiny["total_params"] == (3 * 3 * 3 * 4 + 4) + (4 * 2 + 2)
+    assert Path(tiny["path"]).is_file() and 0.0 <= tiny["test_accuracy"] <= 1.0
+    assert summary["tasks"]["train_model[tiny]"] == "Completed"
+    assert summary["tasks"]["evaluate_model[tiny]"] == "Completed"
+
 
 def test_same_archive_spelled_differently_is_one_cache_entry(dataset_zip, tmp_path):
     artifacts = tmp_path / "artifacts"
@@ -343,26 +366,6 @@ TINY_ENTRY = """
 )
 
 CATALOG"""
-
-
-def test_a_model_added_to_the_catalog_trains_through_the_flow(dataset_zip, tmp_path):
-    checkout = _checkout(tmp_path / "checkout")
-    (checkout / "catdog/tiny.py").write_text(TINY_BUILDER)
-    catalog_module = checkout / "catdog/catalog.py"
-    source = catalog_module.read_text()
-    catalog_module.write_text(source.replace("\n)\n\nCATALOG", TINY_ENTRY, 1))
-
-    artifacts = tmp_path / "artifacts"
-    run = _flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout, "tiny,model1")
-    _finish(run)
-    summary = json.loads((artifacts / "summary.json").read_text())
-    assert set(summary["models"]) == {"tiny", "model1"}
-    tiny = summary["models"]["tiny"]
-    assert tiny["image_size"] == 32 and tiny["epochs"] == 1
-    assert tiny["total_params"] == (3 * 3 * 3 * 4 + 4) + (4 * 2 + 2)
-    assert Path(tiny["path"]).is_file() and 0.0 <= tiny["test_accuracy"] <= 1.0
-    assert summary["tasks"]["train_model[tiny]"] == "Completed"
-    assert summary["tasks"]["evaluate_model[tiny]"] == "Completed"
 
 
 def test_two_runs_at_once_on_a_fresh_folder_ten_times_over(dataset_zip, tmp_path):

@@ -106,16 +106,21 @@ def test_head_on_cached_features_then_fine_tune(data, tmp_path):
         data.y_train,
         data.x_val,
         data.y_val,
+        tmp_path / "features",
         model_name="model4",
         num_classes=2,
         weights=None,
         views=3,
         seed=3,
     )
-    assert features.train.shape == (3, 24, 1280)
+    on_disk = np.load(tmp_path / "features" / "train.npy")
+    assert on_disk.shape == (3, 24, 1280)
+    assert features.train.shape == (3 * 24, 1280) and features.views == 3
     assert features.val.shape == (8, 1280)
+    # Row v * n + i of the reader is view v of image i.
+    np.testing.assert_array_equal(features.train[24 + 5], on_disk[1, 5])
     # The mirror view differs from the plain one: augmentation reaches the features.
-    assert not np.allclose(features.train[0], features.train[1], rtol=1e-3, atol=0)
+    assert not np.allclose(on_disk[0], on_disk[1], rtol=1e-3, atol=0)
 
     def no_images() -> TrainingData:
         raise AssertionError("a head on cached features must not load the images")

@@ -1,4 +1,8 @@
-"""Decode each image once into a fixed-size uint8 array, so no epoch decodes a JPEG again."""
+"""Decode each image once into a fixed-size uint8 array, so no epoch decodes a JPEG again.
+
+A split is decoded straight to disk (`decode_split_to`) a chunk at a time, so decoding holds a
+chunk, not the split, in memory; readers then read it a batch at a time (`catdog.arrays`).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,15 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from catdog.data.records import Manifest
+
+if TYPE_CHECKING:
+    from catdog.arrays import NpyRows
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +40,26 @@ def load_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8)
 
 
-def load_images(paths: Sequence[Path], size: int, workers: int | None = None) -> np.ndarray:
+def _workers() -> int:
+    return min(8, (os.cpu_count() or 1) * 2)
+
+
+def load_images(
+    paths: Sequence[Path], size: int, pool: ThreadPoolExecutor | None = None
+) -> np.ndarray:
     """Decode `paths` in parallel (Pillow releases the GIL) into one (n, size, size, 3) array."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     if not paths:
         return out
-    workers = workers or min(8, (os.cpu_count() or 1) * 2)
 
     def fill(index: int) -> None:
         out[index] = load_image(paths[index], size)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    if pool is not None:
         list(pool.map(fill, range(len(paths))))
+    else:
+        with ThreadPoolExecutor(max_workers=_workers()) as own:
+            list(own.map(fill, range(len(paths))))
     return out
 
 
@@ -54,3 +70,70 @@ def decode_split(manifest: Manifest, split: str, size: int) -> tuple[np.ndarray,
     labels = np.asarray([entry.label for entry in entries], dtype=np.int32)
     logger.info("decoded %d %s images at %dx%d", len(entries), split, size, size)
     return images, labels
+
+
+def open_split(folder: Path, split: str) -> tuple[NpyRows, np.ndarray]:
+    """A decoded split: its images, read from disk on demand, and its labels, in memory."""
+    from catdog.arrays import NpyRows
+
+    return NpyRows(folder / f"{split}_x.npy"), np.load(folder / f"{split}_y.npy")
+
+
+class DecodedOnDemand:
+    """A split's images decoded only when read, a batch at a time (the `Rows` protocol): for a
+    side no decode stage produced, such as the production model's at the promotion gate."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths = list(paths)
+        self.size = size
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.paths), self.size, self.size, 3)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray:
+        if isinstance(index, slice):
+            return load_images(self.paths[index], self.size)
+        if np.ndim(index) == 0:
+            return load_image(self.paths[int(index)], self.size)
+        return load_images([self.paths[int(i)] for i in np.asarray(index)], self.size)
+
+
+def split_bytes(manifest: Manifest, size: int) -> int:
+    """Disk space that `decode_split_to` needs for every split of `manifest` at `size`."""
+    per_image = size * size * 3 + np.dtype(np.int32).itemsize
+    return len([e for e in manifest.images if e.split]) * per_image
+
+
+def decode_split_to(
+    manifest: Manifest, split: str, size: int, folder: Path, chunk: int = 256
+) -> tuple[Path, Path]:
+    """Decode one split into `{split}_x.npy` (uint8 images) and `{split}_y.npy` (int32 labels).
+
+    The files hold the same bytes as `np.save` of `decode_split`'s arrays; at most `chunk`
+    decoded images are in memory at a time.
+
+    Raises:
+        DiskSpaceError: The disk filled up while writing.
+    """
+    from catdog.arrays import NpyWriter
+
+    entries = manifest.in_split(split)
+    paths = manifest.paths(entries)
+    x_path, y_path = folder / f"{split}_x.npy", folder / f"{split}_y.npy"
+    purpose = f"decode_images ({split} split at {size}x{size})"
+    with (
+        NpyWriter(x_path, (len(entries), size, size, 3), np.uint8, purpose) as images,
+        ThreadPoolExecutor(max_workers=_workers()) as pool,
+    ):
+        for start in range(0, len(paths), chunk):
+            images.write(load_images(paths[start : start + chunk], size, pool))
+    with NpyWriter(y_path, (len(entries),), np.int32, purpose) as labels:
+        labels.write(np.asarray([entry.label for entry in entries], dtype=np.int32))
+    logger.info("decoded %d %s images at %dx%d", len(entries), split, size, size)
+    return x_path, y_path
