@@ -92,6 +92,7 @@ def test_a_killed_or_full_disk_decode_leaves_nothing_a_later_run_trusts(dataset_
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((artifacts / "summary.json").read_text())
     assert summary["tasks"]["decode_images[200]"] == "Completed"
+    assert summary["stage_seconds"]["decode_images[200]"] > 0
     (decoded,) = [p for p in arrays_dir.iterdir() if not p.name.startswith(".")]
     split_dir = next(
         artifacts / d for d in summary["artifacts_used"] if d.startswith("03_splits/splits")
