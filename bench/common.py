@@ -410,6 +410,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def bf16_flags() -> str:
+    """The CPU's AVX-512 and bfloat16 flags, which decide catdog's `auto` precision."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    found = sorted(flags & {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    return ", ".join(found) or "none of avx512f, avx512_bf16, amx_bf16 (AVX2 at most)"
+
+
 def versions() -> dict[str, str]:
     """Python and the libraries that matter, read from package metadata (no imports)."""
     found = {"python": platform.python_version()}

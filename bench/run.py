@@ -35,6 +35,7 @@ from common import (
     RawLog,
     Run,
     add_from_json_argument,
+    bf16_flags,
     catdog_env,
     command_line,
     environment_markdown,
@@ -849,16 +850,6 @@ def cold_flow(bench: Bench, raw: RawLog) -> None:
         raw.save()
         rounds[-1]["catdog"] = bench.catdog(None, args.epochs, label="cold-flow")
         raw.save()
-
-
-def bf16_flags() -> str:
-    """The CPU's bfloat16 flags, which decide catdog's `auto` precision."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    found = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"})
-    return ", ".join(found) or "none of avx512f, avx512_bf16, amx_bf16"
 
 
 def render_cold_flow(data: dict[str, Any]) -> str:

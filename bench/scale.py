@@ -33,6 +33,7 @@ from common import (
     BENCH,
     RawLog,
     add_input_arguments,
+    bf16_flags,
     catdog_env,
     command_line,
     environment_markdown,
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         seed=args.seed,
         command=command_line(),
-        environment=snapshot_facts(snapshot),
+        environment={**snapshot_facts(snapshot), "CPU flags": bf16_flags()},
         sizes=[],
     )
     real = real_images(args.data, work)

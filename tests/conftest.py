@@ -25,6 +25,12 @@ REAL_ZIP = SHARED / "data" / "cats_and_dogs_filtered.zip"
 REAL_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.h5"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first: spread over the test processes from the start, they leave the quick
+    ones to even out the end, instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[None]:
     """Prefect's real engine and API, on a throwaway database."""
