@@ -11,15 +11,12 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from catdog.arrays import NpyRows, NpyWriter
 from catdog.data.records import Manifest
-
-if TYPE_CHECKING:
-    from catdog.arrays import NpyRows
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +71,6 @@ def decode_split(manifest: Manifest, split: str, size: int) -> tuple[np.ndarray,
 
 def open_split(folder: Path, split: str) -> tuple[NpyRows, np.ndarray]:
     """A decoded split: its images, read from disk on demand, and its labels, in memory."""
-    from catdog.arrays import NpyRows
-
     return NpyRows(folder / f"{split}_x.npy"), np.load(folder / f"{split}_y.npy")
 
 
@@ -121,8 +116,6 @@ def decode_split_to(
     Raises:
         DiskSpaceError: The disk filled up while writing.
     """
-    from catdog.arrays import NpyWriter
-
     entries = manifest.in_split(split)
     paths = manifest.paths(entries)
     x_path, y_path = folder / f"{split}_x.npy", folder / f"{split}_y.npy"
