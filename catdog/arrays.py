@@ -150,11 +150,6 @@ class NpyRows:
     def __del__(self) -> None:
         self.close()
 
-    def __reduce__(self) -> tuple[type[NpyRows], tuple[Path, int]]:
-        # A reader reopens its file where it is unpickled (another process, another worker).
-        leading = len(self.file_shape) - len(self.row_shape)
-        return (NpyRows, (self.path, leading))
-
 
 class NpyWriter:
     """Write an `.npy` file of known shape chunk by chunk, front to back.

@@ -12,8 +12,6 @@ from catdog.arrays import NpyRows, NpyWriter, Rows
 
 logger = logging.getLogger(__name__)
 
-FEATURE_FILES = ("train", "y_train", "val", "y_val")
-
 
 @dataclass
 class FeatureSet:
