@@ -15,7 +15,7 @@ from typing import Literal
 from catdog.errors import ModelError
 
 # TrainConfig fields that change every model's result.
-_COMMON_SETTINGS = ("epochs", "batch_size", "learning_rate")
+_COMMON_SETTINGS = ("epochs", "batch_size", "learning_rate", "strategy")
 
 
 @dataclass(frozen=True)

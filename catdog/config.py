@@ -46,6 +46,9 @@ class TrainConfig:
     # computes bf16 natively (AVX512-BF16/AMX CPUs, GPUs), else float32; or name a Keras dtype
     # policy ("float32", "mixed_bfloat16"). A head trained on cached features is float32.
     precision: str = "auto"
+    # "mirrored": one model's batches split over every visible GPU (or, with none, over the
+    # logical CPU devices), its gradients summed, with tf.distribute.MirroredStrategy.
+    strategy: str = "default"
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,16 @@ class HashMemo:
         return digest
 
     def save(self) -> None:
+        """Write the memo, merged with what other processes wrote since it was read (the
+        artifacts folder may be shared by the workers of a cluster): a memo written by
+        another process in between keeps its entries, and each write is atomic."""
         if self._store and self._dirty:
             with self._lock:
+                try:
+                    on_disk = json.loads(self._store.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    on_disk = {}
+                self._entries = {**on_disk, **self._entries}
                 atomic_write_json(self._store, self._entries)
                 self._dirty = False
 

@@ -428,6 +428,20 @@ def fine_tune(
     return result
 
 
+def distribution_strategy(name: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy called `name` ("default" or "mirrored").
+
+    Mirrored replicates the model on every visible GPU or, on a machine without one, on every
+    logical CPU device (one unless configured otherwise, as the tests do to try it on a CPU).
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name != "mirrored":
+        raise ModelError(f"strategy {name!r}: expected default or mirrored")
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy(devices=[device.name for device in devices])
+
+
 def train(
     name: str,
     work_dir: Path,
@@ -453,6 +467,41 @@ def train(
         ModelError: Unknown model, or one the catalog says trains from another model or from
             features without `start_dir` or `features`.
     """
+    # A process may train several models (a Dask worker does, after other tasks): the same
+    # seed must give the same model whatever this process did before.
+    keras.backend.clear_session()
+    strategy = distribution_strategy(config.strategy)
+    with strategy.scope():
+        result = _train_as_cataloged(
+            name,
+            work_dir,
+            config=config,
+            seed=seed,
+            weights=weights,
+            input_shape=input_shape,
+            images=images,
+            features=features,
+            start_dir=start_dir,
+            on_epoch=on_epoch,
+        )
+    result.extra["replicas"] = strategy.num_replicas_in_sync
+    (work_dir / HISTORY_ROWS_FILE).write_text(json.dumps(history_rows(result), indent=1))
+    return result
+
+
+def _train_as_cataloged(
+    name: str,
+    work_dir: Path,
+    *,
+    config: TrainConfig,
+    seed: int,
+    weights: str | None,
+    input_shape: tuple[int, int, int],
+    images: Callable[[], TrainingData],
+    features: Callable[[], FeatureSet] | None,
+    start_dir: Path | None,
+    on_epoch: EpochHook | None,
+) -> TrainResult:
     entry = catalog.spec(name)
     if entry.starts_from:
         if start_dir is None:
@@ -485,7 +534,6 @@ def train(
         result = train_end_to_end(
             name, images(), work_dir, config=config, seed=seed, weights=weights, on_epoch=on_epoch
         )
-    (work_dir / HISTORY_ROWS_FILE).write_text(json.dumps(history_rows(result), indent=1))
     return result
 
 

@@ -18,6 +18,7 @@ from catdog.layout import CACHED_STAGES
 
 RefreshStage = Literal[("all", *CACHED_STAGES)]  # type: ignore[valid-type]
 PrecisionName = Literal["auto", "float32", "mixed_bfloat16"]
+StrategyName = Literal["default", "mirrored"]
 
 Data = Annotated[
     str, Field(description="dataset: an http(s) or file URL, a .zip, or a folder of class folders")
@@ -84,5 +85,12 @@ Precision = Annotated[
         description="training dtype policy: auto trains the models that allow it under "
         "bfloat16 where the CPU or GPU computes it natively, float32 otherwise; a head "
         "trained on cached features is always float32"
+    ),
+]
+Strategy = Annotated[
+    StrategyName,
+    Field(
+        description="how one model trains: default on one device; mirrored over every visible "
+        "GPU of the machine that trains it (tf.distribute.MirroredStrategy)"
     ),
 ]

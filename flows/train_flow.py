@@ -7,7 +7,6 @@ python flows/train_flow.py serve --cron "0 3 * * 1"
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from contextlib import nullcontext
@@ -46,6 +45,7 @@ if __name__ == "__main__" and _is_plain_run(sys.argv[1:]):
     _EARLY_API = EarlyApiServer.spawn()
 
 from prefect import flow, get_run_logger, tags
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 from catdog import catalog
 from catdog.catalog import DEFAULT_MODELS
 from catdog.checks import check_run
+from catdog.cluster import DEFAULT_CPU_WORKERS
 from catdog.config import OFFICIAL_DATA_URL, DataConfig, PipelineConfig, TrainConfig
 from catdog.data.freshness import check_source
 from catdog.errors import CatdogError
@@ -79,10 +80,12 @@ from flows.parameters import (
     Refresh,
     Seed,
     Sha256,
+    Strategy,
     TrainRetries,
     TransferImageSize,
     Weights,
 )
+from flows.runners import RUNNERS, on_a_gpu, sequential, task_runner
 from tasks.caching import bind_to_artifacts
 from tasks.data import (
     build_manifest,
@@ -96,9 +99,6 @@ from tasks.data import (
 from tasks.report import write_report
 from tasks.training import evaluate_model, extract_features, train_model
 
-for _library in ("catdog", "tasks"):  # Prefect gives them its handlers, not a level
-    logging.getLogger(_library).setLevel(logging.INFO)
-
 RUN, DATA, TRAIN = PipelineConfig(), DataConfig(), TrainConfig()
 
 
@@ -109,7 +109,7 @@ def _run_name() -> str:
     return f"{models} on {data} (seed {params.get('seed')}) {datetime.now(UTC):%Y-%m-%d %H:%M}"
 
 
-@flow(name="catdog-train", flow_run_name=_run_name, log_prints=True)
+@flow(name="catdog-train", flow_run_name=_run_name, log_prints=True, task_runner=sequential())
 def train_flow(
     data: Data = OFFICIAL_DATA_URL,
     models: Models = list(DEFAULT_MODELS),  # noqa: B006  (Prefect parameters are copied)
@@ -129,6 +129,7 @@ def train_flow(
     train_retries: TrainRetries = RUN.train_retries,
     download_retries: DownloadRetries = RUN.download_retries,
     precision: Precision = TRAIN.precision,
+    strategy: Strategy = TRAIN.strategy,
     offline: Offline = False,
 ) -> dict[str, Any]:
     """Download, split, count, look, train every model, evaluate, report."""
@@ -147,21 +148,23 @@ def train_flow(
         "finetune_epochs": finetune_epochs,
         "feature_views": feature_views,
         "precision": precision,
+        "strategy": strategy,
     }
     first_refreshed = 0 if refresh == "all" else STAGES.index(refresh) if refresh else len(STAGES)
-    states: dict[str, str] = {}
+    futures: dict[str, PrefectFuture[Any]] = {}
 
-    def run(task: Any, label: str, stage: str, **kwargs: Any) -> Any:
+    def submit(task: Any, label: str, stage: str, *, gpu: bool = False, **kwargs: Any) -> Any:
+        """Submit `task`; what it returns is its future, which later tasks take as input."""
         bound = bind_to_artifacts(task, layout, refresh=STAGES.index(stage) >= first_refreshed)
         if stage == "train" and train_retries:
             bound = bound.with_options(retries=train_retries)
         if stage == "download":
             bound = bound.with_options(retries=download_retries)
-        state = bound(**kwargs, artifacts=root, return_state=True)
-        states[label] = state.name
-        return state.result()
+        with on_a_gpu(gpu):
+            futures[label] = bound.submit(**kwargs, artifacts=root)
+        return futures[label]
 
-    archive = run(
+    archive = submit(
         download_dataset,
         "download_dataset",
         "download",
@@ -169,9 +172,9 @@ def train_flow(
         sha256=sha256,
         revision=source.revision,
     )
-    images = run(extract_dataset, "extract_dataset", "extract", archive=archive)
-    manifest = run(build_manifest, "build_manifest", "manifest", images=images)
-    split = run(
+    images = submit(extract_dataset, "extract_dataset", "extract", archive=archive)
+    manifest = submit(build_manifest, "build_manifest", "manifest", images=images)
+    split = submit(
         split_dataset,
         "split_dataset",
         "split",
@@ -181,8 +184,8 @@ def train_flow(
         flat_fractions=list(DATA.flat_fractions),
         max_images_per_class=max_images_per_class,
     )
-    counts = run(count_labels, "count_labels", "count", split=split)
-    figures = run(
+    counts = submit(count_labels, "count_labels", "count", split=split)
+    figures = submit(
         plot_samples, "plot_samples", "plot", split=split, seed=seed, image_size=image_size
     )
 
@@ -190,15 +193,18 @@ def train_flow(
     sides = {"image_size": image_size, "transfer_image_size": transfer_image_size}
     input_size = {name: sides[catalog.spec(name).input_size] for name in to_train}
     arrays_of_size = {
-        size: run(decode_images, f"decode_images[{size}]", "decode", split=split, image_size=size)
+        size: submit(
+            decode_images, f"decode_images[{size}]", "decode", split=split, image_size=size
+        )
         for size in dict.fromkeys(input_size.values())
     }
     arrays = {name: arrays_of_size[size] for name, size in input_size.items()}
     features = {
-        name: run(
+        name: submit(
             extract_features,
             "extract_features",
             "features",
+            gpu=True,
             model=name,
             arrays=arrays[name],
             weights=weights_used,
@@ -208,13 +214,14 @@ def train_flow(
         for name in to_train
         if catalog.spec(name).trains_on_features
     }
-    trained: dict[str, dict[str, Any]] = {}
+    trained: dict[str, Any] = {}
     for name in to_train:
         entry = catalog.spec(name)
-        trained[name] = run(
+        trained[name] = submit(
             train_model,
             f"train_model[{name}]",
             "train",
+            gpu=True,
             model=name,
             arrays=arrays[name],
             features=features.get(name),
@@ -223,18 +230,40 @@ def train_flow(
             seed=seed,
             weights=weights_used if entry.frozen_base else None,
         )
+    # Counting is quick and comes first: waiting for it here holds up no training.
+    baseline = counts.result()["baseline"]["validation"]
     evaluated = {
-        name: run(
+        name: submit(
             evaluate_model,
             f"evaluate_model[{name}]",
             "evaluate",
+            gpu=True,
             model=name,
             trained=trained[name],
             arrays=arrays[name],
-            baseline=counts["baseline"]["validation"],
+            baseline=baseline,
         )
         for name in to_train
     }
+    # In submission order, which is stage order: the first stage that failed raises.
+    results = {label: future.result() for label, future in futures.items()}
+    states = {label: future.state.name for label, future in futures.items()}
+    archive, images, manifest, split, counts, figures = (
+        results[label]
+        for label in (
+            "download_dataset",
+            "extract_dataset",
+            "build_manifest",
+            "split_dataset",
+            "count_labels",
+            "plot_samples",
+        )
+    )
+    arrays_of_size = {size: results[f"decode_images[{size}]"] for size in arrays_of_size}
+    arrays = {name: arrays_of_size[size] for name, size in input_size.items()}
+    features = {name: results["extract_features"] for name in features}
+    trained = {name: results[f"train_model[{name}]"] for name in to_train}
+    evaluated = {name: results[f"evaluate_model[{name}]"] for name in to_train}
     stage_records = (
         archive,
         images,
@@ -307,6 +336,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: must be a whole number, >= 1")
+    return int(value)
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    """The run options plus where the tasks run."""
+    parser = _parser()
+    where = parser.add_argument_group("where the tasks run")
+    where.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="sequential",
+        help="sequential: one task at a time in this process; dask: a temporary Dask cluster "
+        "on this machine, independent tasks side by side (default: sequential)",
+    )
+    where.add_argument(
+        "--workers",
+        type=_positive,
+        metavar="N",
+        help="worker processes of --runner dask, each with its share of the cores and at most "
+        f"one GPU (default: one per visible GPU, else {DEFAULT_CPU_WORKERS})",
+    )
+    where.add_argument(
+        "--dask-address",
+        metavar="tcp://HOST:PORT",
+        help="run the tasks on the Dask cluster whose scheduler listens there (see README, "
+        "Scaling out)",
+    )
+    return parser
+
+
 def _flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
     parameters = flow_parameters(args, train_flow.fn)
     parameters["artifacts"] = str(Path(args.artifacts).expanduser().resolve())
@@ -361,8 +423,13 @@ def _serve_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     serving = bool(argv) and argv[0] == "serve"
-    parser = _serve_parser() if serving else _parser()
+    parser = _serve_parser() if serving else _run_parser()
     args = parser.parse_args(argv[1:] if serving else argv)
+    if not serving and args.workers and (args.dask_address or args.runner != "dask"):
+        parser.error(
+            "--workers sizes the cluster of --runner dask; a --dask-address cluster "
+            "has its own workers"
+        )
     try:
         if resolved := check_run(args.data, args.models, args.weights, args.transfer_image_size):
             args.weights = resolved
@@ -371,8 +438,9 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(build_deployment(args))
             return 0
+        runner = task_runner(args.runner, args.workers, args.dask_address)
         with _EARLY_API.in_use() if _EARLY_API else nullcontext(), tags("catdog", *args.models):
-            result = train_flow(**_flow_parameters(args))
+            result = train_flow.with_options(task_runner=runner)(**_flow_parameters(args))
     except (CatdogError, ScheduleError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,8 @@ returning a record that points at nothing.
 from __future__ import annotations
 
 import ast
+import contextlib
+import importlib
 import inspect
 import json
 import logging
@@ -19,6 +21,8 @@ import os
 import shutil
 import socket
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,7 +104,7 @@ def task_fingerprint(function: Callable[..., Any]) -> str:
         name = f"{current.__module__}.{current.__qualname__}"
         if name in seen:
             continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(current)))
+        tree = ast.parse(textwrap.dedent(_source(current)))
         for node in tree.body:  # the decorator says how the task runs, not what it computes
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 node.decorator_list = []
@@ -116,6 +120,18 @@ def task_fingerprint(function: Callable[..., Any]) -> str:
             ):
                 pending.append(value)
     return sha256_json(sorted(seen.items()))
+
+
+def _source(function: Callable[..., Any]) -> str:
+    """A function's source, also when it came pickled by value (a task sent to a Dask worker
+    is): then it is read from the module of that name, as installed on this machine."""
+    try:
+        return inspect.getsource(function)
+    except OSError:
+        found: Any = importlib.import_module(function.__module__)
+        for part in function.__qualname__.split("."):
+            found = getattr(found, part)
+        return inspect.getsource(getattr(found, "fn", found))  # a Task wraps its function
 
 
 def outputs_intact(layout: Layout, folder: Path) -> bool:
@@ -192,13 +208,73 @@ def _seal(layout: Layout, folder: Path, record: dict[str, Any]) -> None:
     atomic_write_json(folder / RECORD_FILE, record)
 
 
+# A lock held from another host (workers of a Dask cluster sharing the artifacts folder) cannot
+# be checked by pid: its holder refreshes the lock's owner file every HEARTBEAT_SECONDS, and a
+# lock whose owner file is older than this many seconds counts as abandoned.
+HOLD_TIMEOUT_ENV = "CATDOG_LOCK_HOLD_TIMEOUT"
+DEFAULT_HOLD_TIMEOUT = 300.0
+HEARTBEAT_SECONDS = 30.0
+
+
+def hold_timeout() -> float:
+    """Seconds without a heartbeat after which another host's lock is abandoned."""
+    value = os.environ.get(HOLD_TIMEOUT_ENV, "")
+    try:
+        return float(value) if value else DEFAULT_HOLD_TIMEOUT
+    except ValueError:
+        log.warning(
+            "%s=%r is not a number of seconds; using %.0f",
+            HOLD_TIMEOUT_ENV,
+            value,
+            DEFAULT_HOLD_TIMEOUT,
+        )
+        return DEFAULT_HOLD_TIMEOUT
+
+
+class _Heartbeat:
+    """One daemon thread per process that touches the owner files of the locks it holds."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._held: set[Path] = set()
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, owner_file: Path) -> None:
+        with self._guard:
+            self._held.add(owner_file)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._beat, name="lock-heartbeat", daemon=True
+                )
+                self._thread.start()
+
+    def drop(self, owner_file: Path) -> None:
+        with self._guard:
+            self._held.discard(owner_file)
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._guard:
+                held = list(self._held)
+            for owner_file in held:
+                with contextlib.suppress(OSError):
+                    os.utime(owner_file)
+
+
+HEARTBEAT = _Heartbeat(HEARTBEAT_SECONDS)
+
+
 class CrashSafeLockManager(FileSystemLockManager):
     """File locks that a crashed run cannot leave behind.
 
     Prefect's file locks never expire by default, so a run killed while holding one (a kill,
     an out-of-memory crash, a reboot) would make every later run wait forever. Each lock here
-    gets a sidecar naming the process that holds it; a lock whose process, on this machine,
-    no longer exists is released.
+    gets a sidecar naming the process that holds it ("host:pid"), which that process touches
+    every HEARTBEAT_SECONDS. A lock is released when its process, on this machine, no longer
+    exists; or, held from another machine, when its sidecar has not been touched for
+    `hold_timeout()` seconds.
     """
 
     def _owner_path(self, key: str) -> Path:
@@ -221,33 +297,41 @@ class CrashSafeLockManager(FileSystemLockManager):
     ) -> bool:
         acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
         if acquired:
-            self._owner_path(key).write_text(f"{socket.gethostname()}:{os.getpid()}")
+            owner_file = self._owner_path(key)
+            owner_file.write_text(f"{socket.gethostname()}:{os.getpid()}")
+            HEARTBEAT.hold(owner_file)
         return acquired
 
     def release_lock(self, key: str, holder: str) -> None:
         super().release_lock(key, holder)
+        HEARTBEAT.drop(self._owner_path(key))
         self._owner_path(key).unlink(missing_ok=True)
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
         if not super().is_locked(key, use_cache=use_cache):
             return False
+        owner_file = self._owner_path(key)
         try:
-            owner = self._owner_path(key).read_text()
+            owner = owner_file.read_text()
+            age = time.time() - owner_file.stat().st_mtime
         except OSError:
             return True  # just taken, owner not written yet: alive
-        if _process_is_gone(owner):
-            log.warning("releasing the lock on %s left by a run that died", key)
+        if _holder_is_gone(owner, age):
+            log.warning("releasing the lock on %s left by %s, which is gone", key, owner)
             Path(self._lock_path_for_key(key)).unlink(missing_ok=True)
-            self._owner_path(key).unlink(missing_ok=True)
+            owner_file.unlink(missing_ok=True)
             self._locks.pop(key, None)
             return False
         return True
 
 
-def _process_is_gone(owner: str) -> bool:
-    """True when `owner` ("host:pid") names a process of this machine that has ended."""
+def _holder_is_gone(owner: str, seconds_since_heartbeat: float) -> bool:
+    """True when `owner` ("host:pid") names a process of this machine that has ended (or is
+    a zombie nobody reaped), or a process elsewhere whose heartbeat stopped."""
     host, _, pid = owner.partition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != socket.gethostname():
+        return seconds_since_heartbeat > hold_timeout()
+    if not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -255,7 +339,11 @@ def _process_is_gone(owner: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    try:  # the third field of /proc/PID/stat is the state; Z: exited, not yet reaped
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state == "Z"
 
 
 def bind_to_artifacts(task: Task, layout: Layout, *, refresh: bool = False, **options: Any) -> Task:

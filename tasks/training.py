@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from typing import Any
 
@@ -160,9 +162,12 @@ def train_model(
             epoch_seconds=result.epoch_seconds,
             best_epoch=result.best_epoch,
             saved_from=result.extra.get("saved_from", model),
+            replicas=result.extra.get("replicas", 1),
             trainable_params=result.trainable_params,
             total_params=result.total_params,
             seconds=time.perf_counter() - started,
+            # Which process trained it: the flow's own, or a Dask worker's.
+            worker={"host": socket.gethostname(), "pid": os.getpid()},
             settings=settings,
             seed=seed,
             weights=weights,

@@ -176,3 +176,49 @@ def test_head_on_cached_features_then_fine_tune(data, tmp_path):
     assert tuned.best_epoch == 2 and tuned.extra["saved_from"] == "model4"
     assert (tuned_dir / "model.keras").read_bytes() == (head_dir / "model.keras").read_bytes()
     assert (tuned_dir / "final.keras").read_bytes() != (head_dir / "model.keras").read_bytes()
+
+
+MIRRORED_RUN = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+# Two logical CPU devices stand in for two GPUs; set before TensorFlow initializes.
+(cpu,) = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+from pathlib import Path
+from catdog.config import TrainConfig
+from catdog.training import TrainingData, train
+
+rng = np.random.default_rng(0)
+y = np.array([0, 1] * 8, dtype=np.int32)
+x = (rng.integers(0, 60, (16, 32, 32, 3)) + 150 * y[:, None, None, None]).astype(np.uint8)
+result = train(
+    sys.argv[1],
+    Path(sys.argv[2]),
+    config=TrainConfig(epochs=2, batch_size=8, strategy="mirrored"),
+    seed=1,
+    weights=None,
+    input_shape=(32, 32, 3),
+    images=lambda: TrainingData(x, y, x[:8], y[:8], 2),
+)
+print(json.dumps({"replicas": result.extra["replicas"], "epochs": len(result.epoch_seconds)}))
+"""
+
+
+@pytest.mark.parametrize("model", ["model1", "model2"])
+def test_mirrored_strategy_trains_one_model_over_two_devices(model, tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", MIRRORED_RUN, model, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.splitlines()[-1]) == {"replicas": 2, "epochs": 2}
+    assert (tmp_path / "model.keras").is_file() and (tmp_path / "final.keras").is_file()

@@ -1,0 +1,271 @@
+"""The flow on a real Dask engine: a `dask scheduler` and two `dask worker` processes started
+here from the project's own environment, and the temporary cluster of `--runner dask`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.test_caching import api_env, flow_command
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+MODELS = "model1,model2"
+STAGES_RERUN_EVERY_TIME = {"write_report"}
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class DaskCluster:
+    address: str
+    workers: list[subprocess.Popen]
+
+    @property
+    def worker_pids(self) -> set[int]:
+        return {worker.pid for worker in self.workers if worker.poll() is None}
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path) -> Iterator[DaskCluster]:
+    """`dask scheduler` and two `dask worker` processes without nannies (a killed worker stays
+    dead), one task and one TensorFlow thread each, as the README's "Scaling out" starts them."""
+    from distributed import Client
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "TF_NUM_INTRAOP_THREADS": "1",
+        "TF_NUM_INTEROP_THREADS": "1",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "catdog,tasks",
+    }
+    dask = [sys.executable, "-m", "dask"]
+    logs = tmp_path / "dask-logs"
+    logs.mkdir()
+    files = contextlib.ExitStack()
+    processes = [
+        subprocess.Popen(
+            [*dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=files.enter_context((logs / "scheduler.log").open("w")),
+        )
+    ]
+    try:
+        for i in range(2):
+            processes.append(
+                subprocess.Popen(
+                    [
+                        *dask,
+                        "worker",
+                        address,
+                        "--nthreads",
+                        "1",
+                        "--no-nanny",
+                        "--no-dashboard",
+                        "--name",
+                        f"worker-{i}",
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=files.enter_context((logs / f"worker-{i}.log").open("w")),
+                    cwd=tmp_path,
+                )
+            )
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield DaskCluster(address, processes[1:])
+    finally:
+        for process in reversed(processes):
+            process.kill()
+            process.wait()
+        files.close()
+
+
+def _run(command: list[str], tmp_path: Path, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), **api_env()}
+    return subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path, **kwargs
+    )
+
+
+def _summary(artifacts: Path) -> dict:
+    return json.loads((artifacts / "summary.json").read_text())
+
+
+def _stage_states(summary: dict) -> set[str]:
+    return {
+        state for task, state in summary["tasks"].items() if task not in STAGES_RERUN_EVERY_TIME
+    }
+
+
+def _layout(artifacts: Path) -> set[str]:
+    """The artifacts' file names, with content-addressed keys and TensorBoard's event file
+    names (a time and a pid) left out."""
+    return {
+        "/".join(part.split("-")[0] for part in path.relative_to(artifacts).parts)
+        for path in artifacts.rglob("*")
+        if path.is_file()
+        and ".prefect" not in path.parts
+        and "05_reports" not in path.parts
+        and not path.name.startswith("events.out.tfevents")
+    }
+
+
+def test_runs_on_a_running_cluster_train_in_its_workers_and_rerun_cached(
+    dataset_zip, tmp_path, dask_cluster
+):
+    command = flow_command(dataset_zip, tmp_path / "artifacts", epochs=1, models=MODELS)
+    first = _run([*command, "--dask-address", dask_cluster.address], tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    summary = _summary(tmp_path / "artifacts")
+    workers = {name: model["worker"] for name, model in summary["models"].items()}
+    assert set(workers) == {"model1", "model2"}
+    for worker in workers.values():
+        assert worker["host"] == socket.gethostname()
+        assert worker["pid"] in dask_cluster.worker_pids, (worker, dask_cluster.worker_pids)
+    assert _stage_states(summary) == {"Completed"}
+
+    second = _run([*command, "--dask-address", dask_cluster.address], tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    again = _summary(tmp_path / "artifacts")
+    assert _stage_states(again) == {"Cached"}
+    assert {name: model["worker"] for name, model in again["models"].items()} == workers
+
+    # The same artifacts, file for file, as the default runner writes.
+    local_command = flow_command(dataset_zip, tmp_path / "local", epochs=1, models=MODELS)
+    sequential = _run(local_command, tmp_path)
+    assert sequential.returncode == 0, sequential.stdout + sequential.stderr
+    assert _layout(tmp_path / "artifacts") == _layout(tmp_path / "local")
+    # The same numbers, up to float rounding: the workers run TensorFlow on one thread each.
+    local = _summary(tmp_path / "local")
+    for name in ("model1", "model2"):
+        for metric, values in local["models"][name]["history"].items():
+            assert summary["models"][name]["history"][metric] == pytest.approx(values, rel=1e-4)
+
+
+def test_a_temporary_local_cluster_trains_in_worker_processes_and_closes(dataset_zip, tmp_path):
+    command = [
+        *flow_command(dataset_zip, tmp_path / "artifacts", epochs=1, models=MODELS),
+        "--runner",
+        "dask",
+        "--workers",
+        "2",
+    ]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), **api_env()}
+    run = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, output
+    summary = _summary(tmp_path / "artifacts")
+    pids = {model["worker"]["pid"] for model in summary["models"].values()}
+    assert run.pid not in pids
+    for pid in pids:  # the cluster went with the run
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "distributed.worker" not in output  # Dask's own start-up lines stay quiet
+
+    second = _run(command, tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert _stage_states(_summary(tmp_path / "artifacts")) == {"Cached"}
+
+
+def _training_holder(artifacts: Path) -> int | None:
+    """The pid that holds model1's training lock, once it has finished two epochs."""
+    partial = next((artifacts / "04_models/model1").glob(".*.partial"), None)
+    epochs = partial / "train-epochs.json" if partial else None
+    try:
+        if not epochs or len(json.loads(epochs.read_text())) < 2:
+            return None
+        owner = next((artifacts / ".prefect").rglob("train-*.owner")).read_text()
+    except (OSError, ValueError, StopIteration):
+        return None
+    return int(owner.partition(":")[2])
+
+
+def test_a_worker_killed_mid_training_resumes_on_the_other(dataset_zip, tmp_path, dask_cluster):
+    artifacts = tmp_path / "artifacts"
+    epochs = 40
+    command = [
+        *flow_command(dataset_zip, artifacts, epochs=epochs, models="model1"),
+        "--train-retries",
+        "1",
+        "--dask-address",
+        dask_cluster.address,
+    ]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), **api_env()}
+    run = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 300
+    while (holder := _training_holder(artifacts)) is None:
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0]
+        time.sleep(0.05)
+    assert holder in dask_cluster.worker_pids
+    os.kill(holder, signal.SIGKILL)
+    done = len(json.loads(next(artifacts.rglob("train-epochs.json")).read_text()))
+    survivor = dask_cluster.worker_pids - {holder}
+
+    output = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, output
+    model = _summary(artifacts)["models"]["model1"]
+    assert model["worker"]["pid"] in survivor
+    assert model["epochs"] == epochs
+    assert len(model["history"]["val_accuracy"]) == epochs
+    # It went on from where the killed worker stopped, and said so in the UI, under the task.
+    logs = _task_run_logs(_summary(artifacts)["run"]["id"], "train_model[model1]")
+    assert f"resuming train at epoch {done + 1} of {epochs}" in logs
+    assert f"model1 epoch {done + 1}/{epochs}" in logs
+
+
+def _task_run_logs(flow_run_id: str, task_run_name: str) -> str:
+    """Every log line the Prefect API holds for a task run of a flow run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterTaskRunId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    with get_client(sync_client=True) as client:
+        (task_run,) = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[task_run_name])),
+        )
+        logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run.id])))
+    return "\n".join(log.message for log in logs)
+
+
+def test_an_unreachable_address_or_no_workers_stops_before_any_work(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    command = flow_command(dataset_zip, artifacts, epochs=1)
+    closed = f"tcp://127.0.0.1:{_free_port()}"
+    for extra, expected in (
+        (["--dask-address", closed], f"--dask-address {closed}: no Dask scheduler answers"),
+        (["--runner", "dask", "--workers", "0"], "--workers: '0': must be a whole number"),
+    ):
+        result = _run([*command, *extra], tmp_path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and expected in errors[0], result.stderr
+        assert not artifacts.exists()
