@@ -6,6 +6,7 @@
     ... --fractions 0.25,0.5,1 --epochs 3 --models model1     (scaling with the training set)
     ... --full-flow --epochs 20                                (default 4-model flow + cached)
     ... --cold-flow --epochs 20                   (blog's four models vs the default flow, cold)
+    ... --runners --epochs 3                      (the default flow, sequential vs --runner dask)
     python bench/run.py --from-json bench/RESULTS.comparison.json  (re-render a section)
 
 Comparison mode alternates, per model: (a) the blog's recipe (bench/blog_recipe.py), (b) catdog's
@@ -114,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="cold-flow mode: the blog's model1-model4, then catdog's default flow on fresh "
         "artifacts (alternating per --repeats round); wall-time ratio and accuracies",
+    )
+    parser.add_argument(
+        "--runners",
+        action="store_true",
+        help="runners mode: the default flow cold on the sequential runner, then with "
+        "--runner dask --workers 2 (alternating per --repeats round); wall ratio, accuracies",
     )
     parser.add_argument(
         "--repeats",
@@ -933,11 +940,73 @@ def render_cold_flow(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def runners(bench: Bench, raw: RawLog) -> None:
+    """The default flow on fresh artifacts: sequential, then on a two-worker Dask cluster."""
+    rounds: list[dict[str, Any]] = []
+    raw.data["rounds"] = rounds
+    for _ in range(bench.args.repeats):
+        rounds.append({"sequential": bench.catdog(None, bench.args.epochs, label="sequential")})
+        raw.save()
+        rounds[-1]["dask"] = bench.catdog(
+            None, bench.args.epochs, label="dask", extra=["--runner", "dask", "--workers", "2"]
+        )
+        raw.save()
+
+
+def render_runners(data: dict[str, Any]) -> str:
+    """Per round: each model's time and accuracies on both runners, and the wall ratio."""
+    epochs = data["args"]["epochs"]
+    lines = [
+        *_header_lines(data, f"The default flow, sequential against Dask, {epochs} epochs"),
+        "Per round, each in its own process on fresh artifacts: `python flows/train_flow.py` "
+        "(no `--models`), then the same with `--runner dask --workers 2` (a temporary local "
+        "cluster of two worker processes, one TensorFlow thread each on this two-core "
+        "machine). Walls include everything: start-up, data stages, features, training, "
+        "evaluation, the report, and the cluster's start and stop.",
+        "",
+    ]
+    header = ["model", "runner", "train_seconds", "val acc (last)", "test acc", "worker pid"]
+    for number, round_ in enumerate(data.get("rounds", []), 1):
+        rows = []
+        walls = {}
+        for runner in ("sequential", "dask"):
+            entry = round_.get(runner)
+            if not entry:
+                continue
+            walls[runner] = None if entry["run"]["error"] else entry["run"]["wall_seconds"]
+            models = ((entry.get("summary") or {}).get("models")) or {}
+            for model, record in models.items():
+                figures = catdog_figures(entry, model)
+                rows.append(
+                    [
+                        model,
+                        runner,
+                        fmt(figures["trained_s"], 1, " s"),
+                        _pct(figures["val_acc"]),
+                        _pct(figures["test_acc"]),
+                        str((record.get("worker") or {}).get("pid", "–")),
+                    ]
+                )
+        rows.sort(key=lambda row: (row[0], row[1] != "sequential"))
+        lines += [
+            f"### Round {number}",
+            "",
+            table(header, rows),
+            "",
+            f"- wall: sequential {fmt(walls.get('sequential'), 0, ' s')}, dask "
+            f"{fmt(walls.get('dask'), 0, ' s')} → **"
+            f"{fmt(ratio(walls.get('dask'), walls.get('sequential')), 3)}x**",
+            "",
+        ]
+    return "\n".join(lines)
+
+
 MODES = {
     "comparison": (comparison, render_comparison),
     "scaling": (scaling, render_scaling),
     "full-flow": (full_flow, render_full_flow),
     "cold-flow": (cold_flow, render_cold_flow),
+    "runners": (runners, render_runners),
 }
 
 
@@ -952,7 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bench = Bench(args)
     mode = (
-        "cold-flow"
+        "runners"
+        if args.runners
+        else "cold-flow"
         if args.cold_flow
         else "full-flow"
         if args.full_flow

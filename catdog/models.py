@@ -18,6 +18,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import importlib
+import random
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -515,6 +516,27 @@ def builder(name: str) -> Callable[..., keras.Model]:
         raise ModelError(
             f"model {name!r}: cannot import its builder {module_name}:{function}"
         ) from exc
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed Python, NumPy, TensorFlow and Keras, and keep Keras's seed draws to this thread.
+
+    Keras gives every layer and initializer built without a seed one drawn from Python's
+    global `random` stream. Any other thread of the process that draws from that stream
+    meanwhile (a Dask worker's, Prefect's) would change the model built. Inside the block
+    Keras draws from a private stream seeded alike: the same numbers an undisturbed global
+    stream gives, whatever else runs.
+    """
+    from keras.src.random import seed_generator
+
+    keras.utils.set_random_seed(seed)
+    shared = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared
 
 
 def build_model(

@@ -287,30 +287,34 @@ def train_end_to_end(
     Writes `model.keras` (the epoch with the best validation accuracy) and `final.keras`
     (the last epoch).
     """
-    keras.utils.set_random_seed(seed)
-    with dtype_policy(config.precision, name) as policy:
-        model = models.build_model(
-            name, data.x_train.shape[1:], data.num_classes, weights=weights, seed=seed
+    with models.seeded(seed):
+        with dtype_policy(config.precision, name) as policy:
+            model = models.build_model(
+                name, data.x_train.shape[1:], data.num_classes, weights=weights, seed=seed
+            )
+        logger.info("%s: training under the %s dtype policy", name, policy)
+        steps = config.epochs * math.ceil(len(data.x_train) / config.batch_size)
+        models.compile_model(
+            model,
+            config.learning_rate,
+            decay_steps=steps if catalog.spec(name).cosine_decay else None,
         )
-    logger.info("%s: training under the %s dtype policy", name, policy)
-    steps = config.epochs * math.ceil(len(data.x_train) / config.batch_size)
-    models.compile_model(
-        model, config.learning_rate, decay_steps=steps if catalog.spec(name).cosine_decay else None
-    )
-    train = image_dataset(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)
-    val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
-    rows = fit_resumable(
-        model,
-        train,
-        val,
-        epochs=config.epochs,
-        work_dir=work_dir,
-        phase="train",
-        on_epoch=on_epoch,
-        best_path=work_dir / MODEL_FILE,
-    )
-    model.save(work_dir / FINAL_MODEL_FILE)
-    return _result(model, rows)
+        train = image_dataset(
+            data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed
+        )
+        val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
+        rows = fit_resumable(
+            model,
+            train,
+            val,
+            epochs=config.epochs,
+            work_dir=work_dir,
+            phase="train",
+            on_epoch=on_epoch,
+            best_path=work_dir / MODEL_FILE,
+        )
+        model.save(work_dir / FINAL_MODEL_FILE)
+        return _result(model, rows)
 
 
 def train_head_on_features(
@@ -329,35 +333,35 @@ def train_head_on_features(
     Each epoch draws, for every training image, one of its cached augmented views, so the
     head sees augmentation as it would through the frozen base, at a fraction of the cost.
     """
-    keras.utils.set_random_seed(seed)
-    head = models.make_head(features.dim, features.num_classes, dropout=config.dropout)
-    models.compile_model(head, config.learning_rate)
-    train, val = feature_dataset(features, config.batch_size, seed=seed)
-    rows = fit_resumable(
-        head,
-        train,
-        val,
-        epochs=config.epochs,
-        work_dir=work_dir,
-        phase="head",
-        on_epoch=on_epoch,
-        best_path=work_dir / "best-head.keras",
-    )
-    model = models.build_model(
-        name,
-        input_shape,
-        features.num_classes,
-        weights=weights,
-        seed=seed,
-        dropout=config.dropout,
-    )
-    models.transplant_head(head, model)
-    model.save(work_dir / FINAL_MODEL_FILE)
-    best_head = keras.models.load_model(work_dir / "best-head.keras", safe_mode=True)
-    models.transplant_head(best_head, model)
-    model.save(work_dir / MODEL_FILE)
-    (work_dir / "best-head.keras").unlink()
-    return _result(model, rows)
+    with models.seeded(seed):
+        head = models.make_head(features.dim, features.num_classes, dropout=config.dropout)
+        models.compile_model(head, config.learning_rate)
+        train, val = feature_dataset(features, config.batch_size, seed=seed)
+        rows = fit_resumable(
+            head,
+            train,
+            val,
+            epochs=config.epochs,
+            work_dir=work_dir,
+            phase="head",
+            on_epoch=on_epoch,
+            best_path=work_dir / "best-head.keras",
+        )
+        model = models.build_model(
+            name,
+            input_shape,
+            features.num_classes,
+            weights=weights,
+            seed=seed,
+            dropout=config.dropout,
+        )
+        models.transplant_head(head, model)
+        model.save(work_dir / FINAL_MODEL_FILE)
+        best_head = keras.models.load_model(work_dir / "best-head.keras", safe_mode=True)
+        models.transplant_head(best_head, model)
+        model.save(work_dir / MODEL_FILE)
+        (work_dir / "best-head.keras").unlink()
+        return _result(model, rows)
 
 
 def fine_tune(
@@ -378,54 +382,56 @@ def fine_tune(
     model itself when no fine-tuning epoch beats it; either way `best_epoch` names that epoch
     in the continued history.
     """
-    keras.utils.set_random_seed(seed)
-    trained = keras.models.load_model(start_model, safe_mode=True)
-    best_path = work_dir / MODEL_FILE
-    if not best_path.exists():  # a resumed run keeps what it saved before
-        shutil.copyfile(start_model, best_path)
-    start_best = max((row["val_accuracy"] for row in start_history.values()), default=-1.0)
-    with dtype_policy(config.precision, name) as policy:
-        # Rebuilt (no download: weights=None) so that the policy applies to every layer.
-        model = models.build_model(
-            name,
-            data.x_train.shape[1:],
-            data.num_classes,
-            weights=None,
-            seed=seed,
-            dropout=config.dropout,
+    with models.seeded(seed):
+        trained = keras.models.load_model(start_model, safe_mode=True)
+        best_path = work_dir / MODEL_FILE
+        if not best_path.exists():  # a resumed run keeps what it saved before
+            shutil.copyfile(start_model, best_path)
+        start_best = max((row["val_accuracy"] for row in start_history.values()), default=-1.0)
+        with dtype_policy(config.precision, name) as policy:
+            # Rebuilt (no download: weights=None) so that the policy applies to every layer.
+            model = models.build_model(
+                name,
+                data.x_train.shape[1:],
+                data.num_classes,
+                weights=None,
+                seed=seed,
+                dropout=config.dropout,
+            )
+        model.set_weights(trained.get_weights())
+        logger.info("%s: fine-tuning under the %s dtype policy", name, policy)
+        models.unfreeze_top(model, config.finetune_at)
+        models.compile_model(model, config.finetune_learning_rate)
+        train = image_dataset(
+            data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed
         )
-    model.set_weights(trained.get_weights())
-    logger.info("%s: fine-tuning under the %s dtype policy", name, policy)
-    models.unfreeze_top(model, config.finetune_at)
-    models.compile_model(model, config.finetune_learning_rate)
-    train = image_dataset(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)
-    val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
-    first = len(start_history)
-    rows = fit_resumable(
-        model,
-        train,
-        val,
-        epochs=config.finetune_epochs,
-        work_dir=work_dir,
-        phase="finetune",
-        on_epoch=on_epoch,
-        best_path=best_path,
-        initial_epoch=first,
-        best_before=start_best,
-    )
-    model.save(work_dir / FINAL_MODEL_FILE)
-    result = _result(model, {**start_history, **rows})
-    # Which model's weights `model.keras` holds: this one's, or the start's if fine-tuning
-    # never beat it.
-    result.extra["saved_from"] = trained.name if result.best_epoch <= first else name
-    if result.extra["saved_from"] != name:
-        logger.info(
-            "%s: no fine-tuning epoch beat %s; it ships %s's weights",
-            name,
-            trained.name,
-            trained.name,
+        val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
+        first = len(start_history)
+        rows = fit_resumable(
+            model,
+            train,
+            val,
+            epochs=config.finetune_epochs,
+            work_dir=work_dir,
+            phase="finetune",
+            on_epoch=on_epoch,
+            best_path=best_path,
+            initial_epoch=first,
+            best_before=start_best,
         )
-    return result
+        model.save(work_dir / FINAL_MODEL_FILE)
+        result = _result(model, {**start_history, **rows})
+        # Which model's weights `model.keras` holds: this one's, or the start's if fine-tuning
+        # never beat it.
+        result.extra["saved_from"] = trained.name if result.best_epoch <= first else name
+        if result.extra["saved_from"] != name:
+            logger.info(
+                "%s: no fine-tuning epoch beat %s; it ships %s's weights",
+                name,
+                trained.name,
+                trained.name,
+            )
+        return result
 
 
 def distribution_strategy(name: str) -> tf.distribute.Strategy:
@@ -467,73 +473,53 @@ def train(
         ModelError: Unknown model, or one the catalog says trains from another model or from
             features without `start_dir` or `features`.
     """
-    # A process may train several models (a Dask worker does, after other tasks): the same
-    # seed must give the same model whatever this process did before.
+    # A process may train several models (a Dask worker does, after other tasks): drop what
+    # Keras holds of the earlier ones (memory, layer names) before the next.
     keras.backend.clear_session()
     strategy = distribution_strategy(config.strategy)
     with strategy.scope():
-        result = _train_as_cataloged(
-            name,
-            work_dir,
-            config=config,
-            seed=seed,
-            weights=weights,
-            input_shape=input_shape,
-            images=images,
-            features=features,
-            start_dir=start_dir,
-            on_epoch=on_epoch,
-        )
+        entry = catalog.spec(name)
+        if entry.starts_from:
+            if start_dir is None:
+                raise ModelError(
+                    f"{name} starts from {entry.starts_from}: pass its training folder"
+                )
+            start_rows = json.loads((start_dir / HISTORY_ROWS_FILE).read_text())
+            result = fine_tune(
+                name,
+                start_dir / MODEL_FILE,
+                {int(epoch): row for epoch, row in start_rows.items()},
+                images(),
+                work_dir,
+                config=config,
+                seed=seed,
+                on_epoch=on_epoch,
+            )
+        elif entry.trains_on_features:
+            if features is None:
+                raise ModelError(f"{name} trains on cached base features: pass them")
+            result = train_head_on_features(
+                name,
+                features(),
+                work_dir,
+                config=config,
+                seed=seed,
+                weights=weights,
+                input_shape=input_shape,
+                on_epoch=on_epoch,
+            )
+        else:
+            result = train_end_to_end(
+                name,
+                images(),
+                work_dir,
+                config=config,
+                seed=seed,
+                weights=weights,
+                on_epoch=on_epoch,
+            )
     result.extra["replicas"] = strategy.num_replicas_in_sync
     (work_dir / HISTORY_ROWS_FILE).write_text(json.dumps(history_rows(result), indent=1))
-    return result
-
-
-def _train_as_cataloged(
-    name: str,
-    work_dir: Path,
-    *,
-    config: TrainConfig,
-    seed: int,
-    weights: str | None,
-    input_shape: tuple[int, int, int],
-    images: Callable[[], TrainingData],
-    features: Callable[[], FeatureSet] | None,
-    start_dir: Path | None,
-    on_epoch: EpochHook | None,
-) -> TrainResult:
-    entry = catalog.spec(name)
-    if entry.starts_from:
-        if start_dir is None:
-            raise ModelError(f"{name} starts from {entry.starts_from}: pass its training folder")
-        start_rows = json.loads((start_dir / HISTORY_ROWS_FILE).read_text())
-        result = fine_tune(
-            name,
-            start_dir / MODEL_FILE,
-            {int(epoch): row for epoch, row in start_rows.items()},
-            images(),
-            work_dir,
-            config=config,
-            seed=seed,
-            on_epoch=on_epoch,
-        )
-    elif entry.trains_on_features:
-        if features is None:
-            raise ModelError(f"{name} trains on cached base features: pass them")
-        result = train_head_on_features(
-            name,
-            features(),
-            work_dir,
-            config=config,
-            seed=seed,
-            weights=weights,
-            input_shape=input_shape,
-            on_epoch=on_epoch,
-        )
-    else:
-        result = train_end_to_end(
-            name, images(), work_dir, config=config, seed=seed, weights=weights, on_epoch=on_epoch
-        )
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ def sequential() -> TaskRunner:
 
 
 def memory_bytes() -> int:
+    """This machine's physical memory."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -41,14 +43,12 @@ def task_runner(runner: Runner, workers: int | None, dask_address: str | None) -
     Raises:
         ClusterError: `workers` below one, or no scheduler answers at `dask_address`.
     """
-    if dask_address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=check_scheduler_address(dask_address))
-    if runner == "sequential":
+    if not dask_address and runner == "sequential":
         return sequential()
     from prefect_dask import DaskTaskRunner
 
+    if dask_address:
+        return DaskTaskRunner(address=check_scheduler_address(dask_address))
     shares = plan_workers(workers, os.cpu_count() or 1, visible_gpus())
     return DaskTaskRunner(
         cluster_class=local_cluster,
@@ -92,11 +92,13 @@ def local_cluster(shares: list[WorkerShare], memory_limit: int) -> Any:
 def _gpu_workers() -> bool:
     """True when the flow runs on a Dask cluster with a worker that offers a GPU resource."""
     context = FlowRunContext.get()
-    runner = context.task_runner if context else None
-    client = getattr(runner, "client", None) if type(runner).__name__ == "DaskTaskRunner" else None
-    if client is None:
+    if context is None or "prefect_dask" not in sys.modules:
         return False
-    workers = client.scheduler_info().get("workers", {})
+    from prefect_dask import DaskTaskRunner
+
+    if not isinstance(context.task_runner, DaskTaskRunner):
+        return False
+    workers = context.task_runner.client.scheduler_info().get("workers", {})
     return any(worker.get("resources", {}).get("GPU") for worker in workers.values())
 
 

@@ -185,9 +185,7 @@ def train_flow(
         max_images_per_class=max_images_per_class,
     )
     counts = submit(count_labels, "count_labels", "count", split=split)
-    figures = submit(
-        plot_samples, "plot_samples", "plot", split=split, seed=seed, image_size=image_size
-    )
+    submit(plot_samples, "plot_samples", "plot", split=split, seed=seed, image_size=image_size)
 
     to_train = catalog.with_prerequisites(list(models))
     sides = {"image_size": image_size, "transfer_image_size": transfer_image_size}
@@ -232,8 +230,8 @@ def train_flow(
         )
     # Counting is quick and comes first: waiting for it here holds up no training.
     baseline = counts.result()["baseline"]["validation"]
-    evaluated = {
-        name: submit(
+    for name in to_train:
+        submit(
             evaluate_model,
             f"evaluate_model[{name}]",
             "evaluate",
@@ -243,39 +241,8 @@ def train_flow(
             arrays=arrays[name],
             baseline=baseline,
         )
-        for name in to_train
-    }
     # In submission order, which is stage order: the first stage that failed raises.
-    results = {label: future.result() for label, future in futures.items()}
-    states = {label: future.state.name for label, future in futures.items()}
-    archive, images, manifest, split, counts, figures = (
-        results[label]
-        for label in (
-            "download_dataset",
-            "extract_dataset",
-            "build_manifest",
-            "split_dataset",
-            "count_labels",
-            "plot_samples",
-        )
-    )
-    arrays_of_size = {size: results[f"decode_images[{size}]"] for size in arrays_of_size}
-    arrays = {name: arrays_of_size[size] for name, size in input_size.items()}
-    features = {name: results["extract_features"] for name in features}
-    trained = {name: results[f"train_model[{name}]"] for name in to_train}
-    evaluated = {name: results[f"evaluate_model[{name}]"] for name in to_train}
-    stage_records = (
-        archive,
-        images,
-        manifest,
-        split,
-        counts,
-        figures,
-        *arrays_of_size.values(),
-        *features.values(),
-        *trained.values(),
-        *evaluated.values(),
-    )
+    done = {label: future.result() for label, future in futures.items()}
     return write_report(
         run={
             "data": data,
@@ -294,18 +261,18 @@ def train_flow(
             "source_warning": source.warning,
         },
         records=StageRecords(
-            manifest=manifest,
-            split=split,
-            counts=counts,
-            figures=figures,
-            arrays=arrays,
+            manifest=done["build_manifest"],
+            split=done["split_dataset"],
+            counts=done["count_labels"],
+            figures=done["plot_samples"],
+            arrays={name: done[f"decode_images[{size}]"] for name, size in input_size.items()},
             # One feature set at most today: the catalog has one model trained on features.
-            features=next(iter(features.values()), None),
-            trained=trained,
-            evaluated=evaluated,
+            features=done.get("extract_features"),
+            trained={name: done[f"train_model[{name}]"] for name in to_train},
+            evaluated={name: done[f"evaluate_model[{name}]"] for name in to_train},
         ),
-        task_states=states,
-        artifacts_used=[record["dir"] for record in stage_records],
+        task_states={label: future.state.name for label, future in futures.items()},
+        artifacts_used=[record["dir"] for record in done.values()],
         promote_margin=promote_margin,
         artifacts=root,
     )

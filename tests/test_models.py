@@ -284,3 +284,33 @@ def test_model4_loads_real_imagenet_weights():
         np.testing.assert_array_equal(ours, theirs)
     x, _ = random_images(2, shape=(96, 96, 3))
     assert np.isfinite(model.predict(x, verbose=0)).all()
+
+
+def test_a_seeded_build_is_the_same_whatever_other_threads_draw():
+    """Keras seeds unseeded layers from Python's global random stream; a thread of the same
+    process drawing from it (as a Dask worker's or Prefect's may) must not change the model."""
+    import random
+    import threading
+
+    from catdog.models import build_model, seeded
+
+    def weights() -> list:
+        with seeded(7):
+            model = build_model("model1", (32, 32, 3), 2, seed=7)
+        return [w.copy() for w in model.get_weights()]
+
+    quiet = weights()
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            random.random()
+
+    drawing = threading.Thread(target=draw)
+    drawing.start()
+    try:
+        noisy = weights()
+    finally:
+        stop.set()
+        drawing.join()
+    assert all(np.array_equal(a, b) for a, b in zip(quiet, noisy, strict=True))

@@ -208,8 +208,8 @@ print(json.dumps({"replicas": result.extra["replicas"], "epochs": len(result.epo
 """
 
 
-@pytest.mark.parametrize("model", ["model1", "model2"])
-def test_mirrored_strategy_trains_one_model_over_two_devices(model, tmp_path):
+def test_mirrored_strategy_trains_one_model_over_two_devices(tmp_path):
+    model = "model2"  # batch normalization and random augmentation layers, under replicas
     import subprocess
     import sys
 
