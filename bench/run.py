@@ -331,6 +331,7 @@ def _slim(summary: dict[str, Any] | None) -> dict[str, Any] | None:
         "trainable_params",
         "total_params",
         "best_epoch",
+        "worker",
     )
     return {
         "models": {
@@ -988,10 +989,12 @@ def render_runners(data: dict[str, Any]) -> str:
                     ]
                 )
         rows.sort(key=lambda row: (row[0], row[1] != "sequential"))
+        # Summaries slimmed before they kept the worker have no pid to show.
+        shown = header if any(row[-1] != "–" for row in rows) else header[:-1]
         lines += [
             f"### Round {number}",
             "",
-            table(header, rows),
+            table(shown, [row[: len(shown)] for row in rows]),
             "",
             f"- wall: sequential {fmt(walls.get('sequential'), 0, ' s')}, dask "
             f"{fmt(walls.get('dask'), 0, ' s')} → **"
