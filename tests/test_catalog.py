@@ -58,18 +58,21 @@ def test_prerequisites_come_first_once():
         catalog.with_prerequisites(["nope"])
 
 
+# Settings that change every model's result; the distribution strategy too (replicas keep
+# their own batch-normalization statistics).
+COMMON = {"epochs", "batch_size", "learning_rate", "strategy"}
+
+
 @pytest.mark.parametrize(
     ("name", "keyed"),
     [
-        ("model1", {"epochs", "batch_size", "learning_rate", "precision"}),
-        ("model2", {"epochs", "batch_size", "learning_rate"}),
-        ("model4", {"epochs", "batch_size", "learning_rate", "feature_views", "dropout"}),
+        ("model1", {*COMMON, "precision"}),
+        ("model2", COMMON),
+        ("model4", {*COMMON, "feature_views", "dropout"}),
         (
             "model4_finetune",
             {
-                "epochs",
-                "batch_size",
-                "learning_rate",
+                *COMMON,
                 "precision",
                 "dropout",
                 "finetune_epochs",
