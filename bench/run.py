@@ -863,8 +863,11 @@ def cold_flow(bench: Bench, raw: RawLog) -> None:
 def render_cold_flow(data: dict[str, Any]) -> str:
     """Per round: each model's blog and catdog figures, then the whole-run wall ratio."""
     epochs = data["args"]["epochs"]
-    # cpu_flags lists the flags found ("avx512f, avx512_bf16"), or says that none were.
-    native = bool(set(data.get("cpu_flags", "").split(", ")) & {"avx512_bf16", "amx_bf16"})
+    # cpu_flags lists the flags found ("avx512f, avx512_bf16"), or names them after "none of".
+    flags = data.get("cpu_flags", "")
+    native = not flags.startswith("none") and bool(
+        set(flags.split(", ")) & {"avx512_bf16", "amx_bf16"}
+    )
     target = 0.4 if native else 0.75
     lines = [
         *_header_lines(
