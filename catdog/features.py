@@ -78,7 +78,6 @@ def extract_features(
     Raises:
         DiskSpaceError: The disk filled up while writing.
     """
-
     from catdog import models
 
     with models.seeded(seed):

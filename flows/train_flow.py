@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -303,10 +304,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: must be a whole number, >= 1")
-    return int(value)
+def _at_least_one(unit: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number >= 1 (of `unit`, as the error message says)."""
+
+    def convert(value: str) -> int:
+        if not value.isdigit() or int(value) < 1:
+            of = f" of {unit}" if unit else ""
+            raise argparse.ArgumentTypeError(f"{value!r}: must be a whole number{of}, >= 1")
+        return int(value)
+
+    return convert
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -322,7 +329,7 @@ def _run_parser() -> argparse.ArgumentParser:
     )
     where.add_argument(
         "--workers",
-        type=_positive,
+        type=_at_least_one(),
         metavar="N",
         help="worker processes of --runner dask, each with its share of the cores and at most "
         f"one GPU (default: one per visible GPU, else {DEFAULT_CPU_WORKERS})",
@@ -365,12 +372,6 @@ def build_deployment(args: argparse.Namespace) -> RunnerDeployment:
     return deployment
 
 
-def _seconds(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: must be a whole number of seconds, >= 1")
-    return int(value)
-
-
 def _serve_parser() -> argparse.ArgumentParser:
     """The run options plus a schedule and a deployment name, for `serve`."""
     parser = _parser()
@@ -381,7 +382,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     schedule = parser.add_mutually_exclusive_group(required=True)
     schedule.add_argument("--cron", help="cron schedule in UTC, e.g. '0 3 * * 1'")
     schedule.add_argument(
-        "--interval", type=_seconds, metavar="SECONDS", help="seconds between runs"
+        "--interval", type=_at_least_one("seconds"), metavar="SECONDS", help="seconds between runs"
     )
     parser.add_argument("--name", default="scheduled-retraining", help="deployment name")
     return parser

@@ -25,7 +25,6 @@ def test_memo_rehashes_a_changed_file_and_persists(tmp_path):
     assert HashMemo(store).sha256(image) == hashlib.sha256(b"second, longer").hexdigest()
 
 
-
 def test_two_memos_saving_one_store_keep_both_entries(tmp_path):
     """Two processes (or two hosts of a cluster) remember different files in one shared memo."""
     store = tmp_path / "file-hashes.json"
@@ -38,6 +37,7 @@ def test_two_memos_saving_one_store_keep_both_entries(tmp_path):
     second.save()
     entries = HashMemo(store)._entries
     assert {Path(key).name for key in entries} == {"a", "b"}
+
 
 def test_memo_trusts_size_and_mtime_so_unchanged_files_are_not_read(tmp_path):
     image = tmp_path / "a.jpg"
