@@ -215,6 +215,12 @@ def api_env() -> dict[str, str]:
     return {"PREFECT_API_URL": str(PREFECT_API_URL.value())}
 
 
+def flow_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a flow subprocess: this one's, its own Prefect home, this test
+    session's API (`api_env`), and `extra`."""
+    return {**os.environ, "PREFECT_HOME": str(home), **api_env(), **extra}
+
+
 def _flow_subprocess(
     data: Path,
     artifacts: Path,
@@ -222,9 +228,7 @@ def _flow_subprocess(
     pythonpath: Path | None = None,
     models: str = "model1",
 ):
-    env = {**os.environ, "PREFECT_HOME": str(home), **api_env()}
-    if pythonpath:
-        env["PYTHONPATH"] = str(pythonpath)
+    env = flow_env(home, **({"PYTHONPATH": str(pythonpath)} if pythonpath else {}))
     command = flow_command(data, artifacts, epochs=1, checkout=pythonpath or REPO, models=models)
     return subprocess.Popen(
         command,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_caching import api_env, flow_command
+from tests.test_caching import flow_command, flow_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -95,12 +95,14 @@ def dask_cluster(tmp_path: Path) -> Iterator[DaskCluster]:
         files.close()
 
 
-def _run(
-    command: list[str], tmp_path: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), **api_env(), **(env or {})}
+def _run(command: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+        command,
+        env=flow_env(tmp_path / "home", **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
 
 
@@ -150,7 +152,7 @@ def test_a_running_cluster_and_a_temporary_one_train_as_the_default_runner_does(
     # The same artifacts, file for file, and the same numbers, bit for bit, as the default
     # runner gives with as many TensorFlow threads as a worker has.
     local_command = flow_command(dataset_zip, local, epochs=1, models=MODELS)
-    sequential = _run(local_command, tmp_path, env=ONE_TF_THREAD)
+    sequential = _run(local_command, tmp_path, **ONE_TF_THREAD)
     assert sequential.returncode == 0, sequential.stdout + sequential.stderr
     assert _layout(on_cluster) == _layout(local)
     for name in ("model1", "model2"):
@@ -160,21 +162,18 @@ def test_a_running_cluster_and_a_temporary_one_train_as_the_default_runner_does(
     # in another process, finds its entry; the retrained models come from worker processes
     # that are gone when the run is; Dask's own start-up lines stay quiet.
     command = [*local_command, "--runner", "dask", "--workers", "2", "--refresh", "train"]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), **api_env()}
+    env = flow_env(tmp_path / "home")
     run = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     output = run.communicate(timeout=600)[0]
     assert run.returncode == 0, output
     again = _summary(local)
-    retrained = {f"train_model[{name}]" for name in ("model1", "model2")}
-    states = {task: state for task, state in again["tasks"].items() if task.startswith("train")}
-    assert states == dict.fromkeys(retrained, "Completed")
-    assert {
-        state
-        for task, state in again["tasks"].items()
-        if task not in STAGES_RERUN_EVERY_TIME and not task.startswith(("train", "evaluate"))
-    } == {"Cached"}
+    assert set(again["models"]) == {"model1", "model2"}
+    refreshed = ("train_model", "evaluate_model", *STAGES_RERUN_EVERY_TIME)
+    assert again["tasks"] == {
+        task: "Completed" if task.startswith(refreshed) else "Cached" for task in again["tasks"]
+    }
     pids = {model["worker"]["pid"] for model in again["models"].values()}
     assert run.pid not in pids
     for pid in pids:  # the cluster went with the run
@@ -206,7 +205,7 @@ def test_a_worker_killed_mid_training_resumes_on_the_other(dataset_zip, tmp_path
         "--dask-address",
         dask_cluster.address,
     ]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), **api_env()}
+    env = flow_env(tmp_path / "home")
     run = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

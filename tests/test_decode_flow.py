@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from catdog.data.images import decode_split
 from catdog.data.records import Manifest
 from catdog.layout import Layout
 from catdog.prune import plan
-from tests.test_caching import api_env, flow_command
+from tests.test_caching import flow_command, flow_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -43,7 +42,7 @@ KILL_DURING_DECODE = textwrap.dedent(
 
 def _env(tmp_path, **extra: str) -> dict[str, str]:
     # The test's Prefect API: the runs start no server whose database the file limit would hit.
-    return {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), **api_env(), **extra}
+    return flow_env(tmp_path / "home", **extra)
 
 
 def _limit_files_to(size: int):

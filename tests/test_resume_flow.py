@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.test_caching import api_env, flow_command
+from tests.test_caching import flow_command, flow_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]  # trains via the flow
 
@@ -18,12 +18,7 @@ EPOCHS = 30
 
 def test_killed_run_resumes_at_the_next_epoch(dataset_zip, tmp_path):
     artifacts = tmp_path / "artifacts"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "home"),
-        "PYTHONUNBUFFERED": "1",
-        **api_env(),
-    }
+    env = flow_env(tmp_path / "home", PYTHONUNBUFFERED="1")
     command = flow_command(dataset_zip, artifacts, epochs=EPOCHS)
     run = subprocess.Popen(
         command,
