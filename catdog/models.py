@@ -249,7 +249,9 @@ def make_model2(
 def make_model3(
     input_shape: tuple[int, int, int], num_classes: int, *, seed: int | None = None, **_: Any
 ) -> keras.Model:
-    """model2 with MobileNetV2's input scaling (0..255 to -1..1) first.
+    """MobileNetV2's input scaling (0..255 to -1..1), the augmentation, then the blog's CNN.
+
+    It is the blog's model3, not catdog's model2 (no batch normalization, no cosine decay).
 
     Args:
         input_shape: (height, width, channels).
