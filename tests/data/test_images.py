@@ -26,7 +26,7 @@ def _smooth_image(path: Path, size: tuple[int, int], seed: int) -> Path:
 
 
 @pytest.mark.parametrize("side", [160, 224])
-def test_pixels_are_image_dataset_from_directorys(tmp_path, side):
+def test_pixels_match_image_dataset_from_directory(tmp_path, side):
     keras = pytest.importorskip("keras")
     folder = tmp_path / "images" / "only"
     folder.mkdir(parents=True)
