@@ -28,9 +28,9 @@ def load_image(path: Path, size: int) -> np.ndarray:
     image stretched to a square (no crop, no padding) by `tf.image.resize`'s bilinear
     interpolation, which samples the source at each output pixel's centre without
     antialiasing. Pillow's `resize` averages over the whole footprint instead, and decoding a
-    JPEG at a reduced scale does too: those images kept 0.59 times the blog's fine detail, and
-    the blog's model3 (the CNN behind `preprocess_input`) learned more slowly on them
-    (bench/RESULTS.md, decode-parity).
+    JPEG at a reduced scale does too: such images kept 0.58 times the blog's fine detail at
+    160x160, and model3 at seed 1337 started learning epochs later on them (bench/RESULTS.md,
+    decode-parity and model3-seeds).
     """
     with Image.open(path) as image:
         rgb = image.convert("RGB")
