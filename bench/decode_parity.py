@@ -20,7 +20,6 @@ are timed alternately, `--repeats` rounds, in this one process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -37,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     BENCH,
+    RawLog,
+    _git,
     add_input_arguments,
     command_line,
     environment_markdown,
@@ -107,10 +108,10 @@ def measure(root: Path, sizes: list[int], repeats: int) -> dict[str, Any]:
                 started = time.perf_counter()
                 if name == "blog":
                     paths, decoded = _blog(root, size)
-                elif name == "catdog":
-                    decoded = load_images(paths or _blog(root, size)[0], size)
+                elif name == "catdog":  # `paths`: the blog's order, set in round 1 (blog first)
+                    decoded = load_images(paths, size)
                 else:
-                    decoded = _averaging(paths or _blog(root, size)[0], size)
+                    decoded = _averaging(paths, size)
                 seconds[name].append(time.perf_counter() - started)
                 images[name] = decoded
                 log(f"{size}px round {round_index + 1} {name}: {seconds[name][-1]:.1f} s")
@@ -180,11 +181,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
     args = parser.parse_args()
 
-    import subprocess
-
-    git = subprocess.run(
-        ["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    git = _git("rev-parse", "--short=10", "HEAD")
     with tempfile.TemporaryDirectory(prefix="catdog-decode-") as work:
         with zipfile.ZipFile(args.data) as archive:
             archive.extractall(work)
@@ -200,9 +197,8 @@ def main() -> None:
         "repeats": args.repeats,
         "results": results,
     }
-    raw = args.out.with_name(f"{args.out.stem}.{args.section}.json")
-    raw.write_text(json.dumps(data, indent=1))
-    write_section(args.out, args.section, render(data), "catdog benchmarks")
+    RawLog(args.out.with_name(f"{args.out.stem}.{args.section}.json"), data).save()
+    write_section(args.out, args.section, render(data), "catdog benchmark results")
     log(f"wrote section {args.section!r} of {args.out}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,7 +28,6 @@ def _smooth_image(path: Path, size: tuple[int, int], seed: int) -> Path:
 
 @pytest.mark.parametrize("side", [160, 224])
 def test_pixels_match_image_dataset_from_directory(tmp_path, side):
-    keras = pytest.importorskip("keras")
     folder = tmp_path / "images" / "only"
     folder.mkdir(parents=True)
     for index, size in enumerate(SIZES):
