@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -34,6 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from blog_recipe import extract_zip
 from common import (
     BENCH,
     RawLog,
@@ -183,12 +183,7 @@ def main() -> None:
 
     git = _git("rev-parse", "--short=10", "HEAD")
     with tempfile.TemporaryDirectory(prefix="catdog-decode-") as work:
-        with zipfile.ZipFile(args.data) as archive:
-            archive.extractall(work)
-        roots = [p for p in Path(work).rglob("train") if p.is_dir()]
-        if not roots:
-            raise SystemExit(f"{args.data}: no train/ folder inside")
-        root = roots[0].parent
+        root = extract_zip(args.data, Path(work))
         results = measure(root, [int(s) for s in args.sizes.split(",")], args.repeats)
     data = {
         "finished": now(),
