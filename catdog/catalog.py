@@ -9,9 +9,10 @@ names and settings before anything heavy loads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
+from catdog.config import TrainConfig
 from catdog.errors import ModelError
 
 # TrainConfig fields that change every model's result.
@@ -128,8 +129,8 @@ def with_prerequisites(names: list[str]) -> list[str]:
     return ordered
 
 
-def training_settings(name: str, settings: dict[str, object]) -> dict[str, object]:
-    """Only the settings that change model `name`'s result, so a change to another model's
-    settings keeps this one's cache."""
+def training_settings(name: str, config: TrainConfig) -> dict[str, object]:
+    """Only the settings of `config` that change model `name`'s result, so a change to another
+    model's settings keeps this one's cache."""
     wanted = spec(name).settings
-    return {key: value for key, value in settings.items() if key in wanted}
+    return {key: value for key, value in asdict(config).items() if key in wanted}

@@ -6,8 +6,7 @@ take theirs from the flow's parameters. Which models exist is `catdog.catalog`'s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 OFFICIAL_DATA_URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
 MIN_MOBILENET_SIZE = 32  # MobileNetV2 refuses smaller inputs
@@ -23,6 +22,8 @@ class DataConfig:
     test_fraction: float = 0.2  # of validation/ held out as test (the blog's val_batches // 5)
     flat_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train/val/test, flat roots
     max_images_per_class: int | None = None  # cap per class and split (smoke runs, scaling tests)
+    samples_per_class: int = 3  # training images per class in the sample grid, as the blog's
+    augmentation_draws: int = 6  # augmented views of one image in the augmentation preview
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     seed: int = 1337  # one seed for the split, the sample figures and training
+    artifacts: str = "artifacts"  # output folder (env CATDOG_ARTIFACTS on the command lines)
     promote_margin: float = 0.0  # accuracy a new best model must gain over production's
     download_retries: int = 4  # retries of a transient download failure, with backoff
     train_retries: int = 0  # retries of a failed training task; each resumes where it died
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    keep_runs: int = 3  # `cache prune` keeps what this many of the latest runs used
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+
+DATA, TRAIN, RUN = DataConfig(), TrainConfig(), PipelineConfig()

@@ -14,15 +14,11 @@ class ArchiveError(DataError):
 
 
 class DownloadError(CatdogError):
-    """A download failed. `transient` says whether trying again may help."""
-
-    transient: bool = False
+    """A download failed."""
 
 
 class TransientDownloadError(DownloadError):
     """A failure that may go away on retry: timeouts, dropped connections, HTTP 5xx and 429."""
-
-    transient = True
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -43,3 +39,19 @@ class ModelError(CatdogError):
 
 class DiskSpaceError(CatdogError):
     """The artifacts' disk has too little free space for a stage's output."""
+
+
+class RunStopped(CatdogError):
+    """A stage did not run, or stopped after its current epoch, because another stage of the
+    same run failed first."""
+
+
+class StageFailed(Exception):
+    """A stage of a run failed: a bug or a failure of the machine (exit code 1).
+
+    The message names the stage and the cause, in one line, for the terminal and the UI.
+    """
+
+
+class StageInputError(StageFailed, CatdogError):
+    """A stage refused its input: a hostile archive, one class, an unreachable URL (exit 2)."""

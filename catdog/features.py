@@ -78,12 +78,14 @@ def extract_features(
     Raises:
         DiskSpaceError: The disk filled up while writing.
     """
+    import keras
+
     from catdog import models
 
-    with models.seeded(seed):
-        model = models.build_model(
-            model_name, tuple(x_train.shape[1:]), num_classes, weights=weights, seed=seed
-        )
+    keras.utils.set_random_seed(seed)
+    model = models.build_model(
+        model_name, tuple(x_train.shape[1:]), num_classes, weights=weights, seed=seed
+    )
     extractor = models.feature_extractor(model)
     augment = models.get_augmentation(model)
     dim = int(extractor.output_shape[-1])

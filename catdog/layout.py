@@ -1,7 +1,9 @@
-"""Where every artifact lives: the only module that knows the artifacts layout (no Prefect).
+"""Where every artifact lives under the artifacts root (no Prefect).
 
-Each stage's output is a folder named by its cache key, holding the files and a
-`record.json` listing them with their hashes, so a cache hit always points at real files.
+Each stage's output is a folder named by its cache key (its stage's folder comes from
+`catdog.stages`), holding the files and a `record.json` listing them with their hashes, so a
+cache hit always points at real files. The other paths the pipeline writes (production, the
+run reports, Prefect's cache records, locks and stop requests) are properties here.
 """
 
 from __future__ import annotations
@@ -11,22 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGE_DIRS = {
-    "download": "01_raw",
-    "extract": "02_images",
-    "manifest": "03_splits/manifests",
-    "split": "03_splits/splits",
-    "count": "03_splits/counts",
-    "plot": "03_splits/figures",
-    "decode": "03_splits/arrays",
-    "features": "03_splits/features",
-    "train": "04_models",
-    "evaluate": "04_models",
-    "report": "05_reports",
-}
-STAGES = tuple(STAGE_DIRS)  # pipeline order; `--refresh STAGE` refreshes this one and later
-# Stages whose outputs are cached; the report is written anew by every run.
-CACHED_STAGES = tuple(stage for stage in STAGES if stage != "report")
+from catdog.stages import STAGES
+
+# Folder of each stage's outputs, by stage name, in pipeline order (from the stage table).
+STAGE_DIRS = {stage.name: stage.folder for stage in STAGES}
 
 RECORD_FILE = "record.json"  # a stage output's record: its key, stage, facts and file hashes
 MODEL_FILE = "model.keras"  # a training folder's model: its best epoch by validation accuracy
@@ -35,8 +25,8 @@ HISTORY_ROWS_FILE = "history-rows.json"  # a training folder's per-epoch metrics
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 REGISTRY_FILE = "registry.json"
-RUNS_DIR = "05_reports/runs"
-PRODUCTION_DIR = "production"
+RUNS_DIR = f"{STAGE_DIRS['report']}/runs"
+PRODUCTION_DIR = STAGE_DIRS["promote"]
 
 
 def size_on_disk(path: Path) -> int:
@@ -114,3 +104,17 @@ class Layout:
     @property
     def registry(self) -> Path:
         return self.production_dir / REGISTRY_FILE
+
+    def production_archive(self, number: int, model: str) -> Path:
+        """Where the `number`th promoted model is kept for rollback."""
+        return self.production_dir / "models" / f"{number:04d}-{model}.keras"
+
+    @property
+    def gate_lock(self) -> Path:
+        """Runs on one artifacts folder take turns at the promotion gate by this lock."""
+        return self.production_dir / ".gate.lock"
+
+    def stop_request(self, run_id: str) -> Path:
+        """Present while run `run_id` is stopping: its stages still queued or training see it
+        (on any worker sharing the folder) and stop."""
+        return self.prefect_dir / "stops" / run_id

@@ -131,6 +131,28 @@ def _sub_seed(seed: int | None, offset: int) -> int | None:
     return None if seed is None else seed + offset
 
 
+class SeedStream:
+    """Explicit seeds for the layers and initializers that draw one, in the order they are built.
+
+    Keras seeds a layer or initializer built without a seed from Python's global `random`
+    stream, which any other thread of the process (a Dask worker's, Prefect's) may draw from
+    meanwhile. These seeds come from a stream of their own, started at `seed`: the numbers
+    Keras would draw from an undisturbed global stream seeded alike
+    (`keras.utils.set_random_seed(seed)`), whatever else runs. Without a seed, Keras draws.
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        self._draws = random.Random(seed) if seed is not None else None
+
+    def draw(self) -> int | None:
+        """The next seed, as Keras draws one (`randint(1, 1e9)`); None without a seed."""
+        return None if self._draws is None else self._draws.randint(1, int(1e9))
+
+    def glorot_uniform(self) -> keras.initializers.Initializer:
+        """Keras's default kernel initializer, with the next seed."""
+        return keras.initializers.GlorotUniform(seed=self.draw())
+
+
 def make_augmentation(seed: int | None = None) -> keras.Sequential:
     """The blog's data augmentation: random horizontal flip, then rotation by up to ±20%·2π.
 
@@ -159,18 +181,34 @@ def _preprocess() -> keras.layers.Layer:
 
 def _cnn_layers(num_classes: int, seed: int | None) -> list[keras.layers.Layer]:
     # The blog's CNN, layer for layer; names only make summaries and saved files readable.
+    kernels = SeedStream(seed)
     return [
-        keras.layers.Conv2D(32, 3, activation="relu", name="conv1"),
+        keras.layers.Conv2D(
+            32, 3, activation="relu", kernel_initializer=kernels.glorot_uniform(), name="conv1"
+        ),
         keras.layers.MaxPooling2D(name="pool1"),
-        keras.layers.Conv2D(32, 3, activation="relu", name="conv2"),
+        keras.layers.Conv2D(
+            32, 3, activation="relu", kernel_initializer=kernels.glorot_uniform(), name="conv2"
+        ),
         keras.layers.MaxPooling2D(name="pool2"),
-        keras.layers.Conv2D(64, 3, activation="relu", name="conv3"),
+        keras.layers.Conv2D(
+            64, 3, activation="relu", kernel_initializer=kernels.glorot_uniform(), name="conv3"
+        ),
         keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(64, activation="relu", name="dense1"),
-        keras.layers.Dense(64, activation="relu", name="dense2"),
+        keras.layers.Dense(
+            64, activation="relu", kernel_initializer=kernels.glorot_uniform(), name="dense1"
+        ),
+        keras.layers.Dense(
+            64, activation="relu", kernel_initializer=kernels.glorot_uniform(), name="dense2"
+        ),
         keras.layers.Dropout(0.5, seed=_sub_seed(seed, 2), name="dropout"),
         # float32 logits keep the loss numerically stable under a mixed-precision policy.
-        keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME, dtype="float32"),  # logits
+        keras.layers.Dense(
+            num_classes,
+            kernel_initializer=kernels.glorot_uniform(),
+            name=HEAD_LAYER_NAME,
+            dtype="float32",
+        ),  # logits
     ]
 
 
@@ -198,7 +236,7 @@ def make_model1(
     return keras.Sequential([_input(input_shape), *_cnn_layers(num_classes, seed)], name="model1")
 
 
-def _conv_block(filters: int, index: int) -> list[keras.layers.Layer]:
+def _conv_block(filters: int, index: int, kernels: SeedStream) -> list[keras.layers.Layer]:
     # Batch normalization after each block: on raw 0..255 pixels, the blog's layers behind
     # augmentation stall near chance (50.0% at one seed, bench/RESULTS.md); normalized
     # activations train at the same rate whatever the input's scale. After the pooling, where
@@ -206,7 +244,13 @@ def _conv_block(filters: int, index: int) -> list[keras.layers.Layer]:
     # 4.8 times slower on two cores (93 s against model1's 19 s), for the same normalization
     # (ReLU and max pooling pass a scale through unchanged).
     return [
-        keras.layers.Conv2D(filters, 3, activation="relu", name=f"conv{index}"),
+        keras.layers.Conv2D(
+            filters,
+            3,
+            activation="relu",
+            kernel_initializer=kernels.glorot_uniform(),
+            name=f"conv{index}",
+        ),
         keras.layers.MaxPooling2D(name=f"pool{index}"),
         keras.layers.BatchNormalization(name=f"bn{index}"),
     ]
@@ -230,17 +274,25 @@ def make_model2(
     Returns:
         A Sequential named "model2".
     """
+    kernels = SeedStream(seed)
     return keras.Sequential(
         [
             _input(input_shape),
             make_augmentation(seed),
-            *_conv_block(32, 1),
-            *_conv_block(32, 2),
-            *_conv_block(64, 3),
+            *_conv_block(32, 1, kernels),
+            *_conv_block(32, 2, kernels),
+            *_conv_block(64, 3, kernels),
             keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(64, activation="relu", name="dense1"),
+            keras.layers.Dense(
+                64, activation="relu", kernel_initializer=kernels.glorot_uniform(), name="dense1"
+            ),
             keras.layers.Dropout(0.5, seed=_sub_seed(seed, 2), name="dropout"),
-            keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME, dtype="float32"),  # logits
+            keras.layers.Dense(
+                num_classes,
+                kernel_initializer=kernels.glorot_uniform(),
+                name=HEAD_LAYER_NAME,
+                dtype="float32",
+            ),  # logits
         ],
         name="model2",
     )
@@ -347,7 +399,12 @@ def make_model4(
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, seed=_sub_seed(seed, 2), name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME, dtype="float32")(x)
+    outputs = keras.layers.Dense(
+        num_classes,
+        kernel_initializer=SeedStream(seed).glorot_uniform(),
+        name=HEAD_LAYER_NAME,
+        dtype="float32",
+    )(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -445,14 +502,20 @@ def make_head(
         feature_dim: Length of a feature vector (1280 for MobileNetV2).
         num_classes: Number of output logits.
         dropout: Dropout rate before the Dense layer, as model4's.
-        seed: Seed of the dropout layer.
+        seed: Seeds the dropout layer and the Dense layer's initial weights.
 
     Returns:
         A functional model: features -> dropout -> logits.
     """
+    seeds = SeedStream(seed)
     inputs = keras.Input(shape=(feature_dim,), dtype="float32", name="features")
-    x = keras.layers.Dropout(dropout, seed=_sub_seed(seed, 2), name="dropout")(inputs)
-    outputs = keras.layers.Dense(num_classes, name=HEAD_LAYER_NAME, dtype="float32")(x)
+    x = keras.layers.Dropout(dropout, seed=seeds.draw(), name="dropout")(inputs)
+    outputs = keras.layers.Dense(
+        num_classes,
+        kernel_initializer=seeds.glorot_uniform(),
+        name=HEAD_LAYER_NAME,
+        dtype="float32",
+    )(x)
     return keras.Model(inputs, outputs, name="head_model")
 
 
@@ -518,27 +581,6 @@ def builder(name: str) -> Callable[..., keras.Model]:
         raise ModelError(
             f"model {name!r}: cannot import its builder {module_name}:{function}"
         ) from exc
-
-
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed Python, NumPy, TensorFlow and Keras, and keep Keras's seed draws to this thread.
-
-    Keras gives every layer and initializer built without a seed one drawn from Python's
-    global `random` stream. Any other thread of the process that draws from that stream
-    meanwhile (a Dask worker's, Prefect's) would change the model built. Inside the block
-    Keras draws from a private stream seeded alike: the same numbers an undisturbed global
-    stream gives, whatever else runs.
-    """
-    from keras.src.random import seed_generator
-
-    keras.utils.set_random_seed(seed)
-    shared = seed_generator.python_random
-    seed_generator.python_random = random.Random(seed)
-    try:
-        yield
-    finally:
-        seed_generator.python_random = shared
 
 
 def build_model(

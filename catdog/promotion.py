@@ -20,9 +20,18 @@ from typing import Any
 import numpy as np
 
 from catdog.arrays import Rows
+from catdog.data.records import Manifest
 from catdog.errors import CatdogError
 from catdog.io import atomic_write_json, exclusive_lock, read_json
-from catdog.layout import Layout
+from catdog.layout import MODEL_FILE, Layout
+from catdog.records import (
+    ArraysRecord,
+    EvaluationRecord,
+    ManifestRecord,
+    PromotionRecord,
+    SplitRecord,
+    TrainedRecord,
+)
 
 # Fields of a registry entry that describe the production model it installed.
 STATE_FIELDS = (
@@ -155,7 +164,8 @@ def decide(
 
 
 def shipped_val_accuracy(model: dict[str, Any]) -> float:
-    """Validation accuracy of the epoch whose weights a model's file holds (its best epoch)."""
+    """Validation accuracy of the epoch whose weights a model's file holds (its best epoch),
+    from its summary entry (or anything with its "history" and "best_epoch")."""
     history = model["history"]["val_accuracy"]
     return float(history[model["best_epoch"] - 1]) if model.get("best_epoch") else history[-1]
 
@@ -164,6 +174,50 @@ def best_by_validation(models: dict[str, dict[str, Any]]) -> str:
     """The model whose shipped checkpoint has the highest validation accuracy (the first of
     equals); test accuracy is never consulted."""
     return max(models, key=lambda name: shipped_val_accuracy(models[name]))
+
+
+def best_candidate(
+    layout: Layout,
+    trained: dict[str, TrainedRecord],
+    evaluated: dict[str, EvaluationRecord],
+    arrays: dict[str, ArraysRecord],
+    code: str,
+) -> Candidate:
+    """The run's best model by the validation accuracy of its shipped epoch, as the gate
+    needs it."""
+    best = best_by_validation(
+        {name: {"history": r.history, "best_epoch": r.best_epoch} for name, r in trained.items()}
+    )
+    model = trained[best]
+    shipped = {"history": model.history, "best_epoch": model.best_epoch}
+    return Candidate(
+        name=best,
+        path=str(layout.resolve(model.dir) / MODEL_FILE),
+        epoch=model.best_epoch,
+        val_accuracy=shipped_val_accuracy(shipped),
+        test_accuracy=evaluated[best].accuracy,
+        predictions=evaluated[best].predictions,
+        image_size=arrays[best].image_size,
+        code=code,
+    )
+
+
+def split_facts(split: Manifest, split_record: SplitRecord, manifest: ManifestRecord) -> SplitFacts:
+    """What the promotion gate needs to know of a run's split."""
+    from catdog.data.images import DecodedOnDemand
+
+    test = split.in_split("test")
+    return SplitFacts(
+        split_hash=split_record.split_hash,
+        data_hash=manifest.manifest_hash,
+        classes=list(split.classes),
+        test_labels=[entry.label for entry in test],
+        test_hashes=[entry.sha256 for entry in test],
+        seen_hashes=[
+            entry.sha256 for entry in split.images if entry.split in ("train", "validation")
+        ],
+        test_images=lambda side: DecodedOnDemand(split.paths(test), side),
+    )
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -244,7 +298,7 @@ def promote(
     split: SplitFacts,
     margin: float,
     run: dict[str, Any],
-) -> dict[str, Any]:
+) -> PromotionRecord:
     """Apply the gate to `candidate` and record the decision; on promotion, install it as
     production. Runs on one artifacts folder take turns here.
 
@@ -258,7 +312,7 @@ def promote(
     Returns:
         The decision and its evidence, for summary.json and the report.
     """
-    with exclusive_lock(layout.production_dir / ".gate.lock"):
+    with exclusive_lock(layout.gate_lock):
         registry = read_registry(layout)
         decision, evidence = _judge(layout, registry, candidate, split, margin)
         entry: dict[str, Any] = {
@@ -282,24 +336,24 @@ def promote(
             else {k: v for k, v in registry.items() if k != "history"}
         )
         _write_registry(layout, current, history)
-    return {
-        "promoted": decision.promote,
-        "reason": decision.reason,
-        "candidate": candidate.name,
-        "candidate_epoch": candidate.epoch,
-        "candidate_accuracy": evidence.candidate_accuracy if evidence else None,
-        "production_accuracy": evidence.production_accuracy if evidence else None,
-        "evidence": asdict(evidence) if evidence else None,
-        "margin": margin,
-    }
+    return PromotionRecord(
+        promoted=decision.promote,
+        reason=decision.reason,
+        candidate=candidate.name,
+        candidate_epoch=candidate.epoch,
+        margin=margin,
+        candidate_accuracy=evidence.candidate_accuracy if evidence else None,
+        production_accuracy=evidence.production_accuracy if evidence else None,
+        evidence=asdict(evidence) if evidence else None,
+    )
 
 
 def _install(
     layout: Layout, candidate: Candidate, split: SplitFacts, run: dict[str, Any], number: int
 ) -> dict[str, Any]:
     """Archive the candidate's file and facts under production/models, then make it current."""
-    archive = f"{layout.relative(layout.production_dir)}/models/{number:04d}-{candidate.name}"
-    archive_path = layout.root / f"{archive}.keras"
+    archive_path = layout.production_archive(number, candidate.name)
+    archive = layout.relative(archive_path).removesuffix(".keras")
     archive_path.parent.mkdir(parents=True, exist_ok=True)
     staged = archive_path.with_name(f".{archive_path.name}.{uuid.uuid4().hex}.tmp")
     shutil.copyfile(candidate.path, staged)
@@ -309,7 +363,6 @@ def _install(
         layout.root / f"{archive}.keras.predictions-{split.split_hash[:16]}.json",
         list(candidate.predictions),
     )
-    _make_current(layout, archive_path)
     return {
         "model": candidate.name,
         "epoch": candidate.epoch,
@@ -327,15 +380,23 @@ def _install(
     }
 
 
-def _make_current(layout: Layout, archive_path: Any) -> None:
+def _make_current(layout: Layout, archive: str) -> None:
+    """Copy the archived model to `production/model.keras`, the file people look for."""
     staged = layout.production_dir / f".{layout.production_model.name}.{uuid.uuid4().hex}.tmp"
-    shutil.copyfile(archive_path, staged)
+    shutil.copyfile(layout.root / archive, staged)
     staged.replace(layout.production_model)
 
 
 def _write_registry(layout: Layout, current: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    path = {"path": str(layout.production_model)} if current.get("model") else {}
+    """Write the registry, then copy what it names current to `production/model.keras`.
+
+    The registry is the commit point: its "path" names the archived file, written before it,
+    so a crash at any moment leaves `predict` a production model the registry describes.
+    """
+    path = {"path": str(layout.root / current["archive"])} if current.get("model") else {}
     atomic_write_json(layout.registry, {**current, **path, "history": history})
+    if current.get("model"):
+        _make_current(layout, current["archive"])
 
 
 def rollback(layout: Layout) -> dict[str, Any]:
@@ -347,7 +408,7 @@ def rollback(layout: Layout) -> dict[str, Any]:
     Raises:
         RegistryError: No production model, or none before it.
     """
-    with exclusive_lock(layout.production_dir / ".gate.lock"):
+    with exclusive_lock(layout.gate_lock):
         registry = read_registry(layout)
         history = registry["history"]
         if registry.get("entry") is None:
@@ -364,7 +425,6 @@ def rollback(layout: Layout) -> dict[str, Any]:
         archive_path = layout.root / target["archive"]
         if not archive_path.is_file():
             raise RegistryError(f"the earlier production model {archive_path} is missing")
-        _make_current(layout, archive_path)
         entry = {
             **{k: target[k] for k in STATE_FIELDS},
             "time": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -14,9 +14,8 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
@@ -51,7 +50,8 @@ class TrainResult:
     best_epoch: int  # 1-based, by validation accuracy
     trainable_params: int
     total_params: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    saved_from: str | None = None  # whose weights model.keras holds, when not this model's
+    replicas: int = 1  # devices each batch was split over
 
 
 def resolve_precision(precision: str, model: str) -> str:
@@ -192,6 +192,7 @@ class EpochLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         row = {key: float(value) for key, value in (logs or {}).items()}
         row["seconds"] = time.perf_counter() - self._started
+        row["finished_at"] = time.time()  # when, to line epochs up with other events
         rows = self.rows()
         best_so_far = max(
             (r.get("val_accuracy", -1.0) for r in rows.values()), default=self.best_before
@@ -226,7 +227,6 @@ def fit_resumable(
     best_path: Path | None,
     initial_epoch: int = 0,
     best_before: float = -1.0,
-    extra_callbacks: list[keras.callbacks.Callback] = (),  # type: ignore[assignment]
 ) -> dict[int, dict[str, float]]:
     """`model.fit` that continues from the last finished epoch if a previous try died.
 
@@ -241,7 +241,6 @@ def fit_resumable(
         keras.callbacks.BackupAndRestore(str(work_dir / f"{phase}-backup")),
         log,
         keras.callbacks.TensorBoard(str(work_dir / "tensorboard" / phase), write_graph=False),
-        *extra_callbacks,
     ]
     model.fit(
         train,
@@ -263,13 +262,13 @@ def count_params(model: keras.Model) -> tuple[int, int]:
     return trainable, total
 
 
-def _result(model: keras.Model, rows: dict[int, dict[str, float]], **extra: Any) -> TrainResult:
+def _result(model: keras.Model, rows: dict[int, dict[str, float]]) -> TrainResult:
     history, seconds = history_from_rows(rows)
     trainable, total = count_params(model)
     # The first epoch of the highest validation accuracy: the one EpochLog saved, as it saves
     # only on a strict improvement (over the starting model's epochs too, for fine-tuning).
     best = int(np.argmax(history["val_accuracy"])) + 1 if history["val_accuracy"] else 0
-    return TrainResult(history, seconds, best, trainable, total, dict(extra))
+    return TrainResult(history, seconds, best, trainable, total)
 
 
 def train_end_to_end(
@@ -287,34 +286,32 @@ def train_end_to_end(
     Writes `model.keras` (the epoch with the best validation accuracy) and `final.keras`
     (the last epoch).
     """
-    with models.seeded(seed):
-        with dtype_policy(config.precision, name) as policy:
-            model = models.build_model(
-                name, data.x_train.shape[1:], data.num_classes, weights=weights, seed=seed
-            )
-        logger.info("%s: training under the %s dtype policy", name, policy)
-        steps = config.epochs * math.ceil(len(data.x_train) / config.batch_size)
-        models.compile_model(
-            model,
-            config.learning_rate,
-            decay_steps=steps if catalog.spec(name).cosine_decay else None,
+    keras.utils.set_random_seed(seed)
+    with dtype_policy(config.precision, name) as policy:
+        model = models.build_model(
+            name, data.x_train.shape[1:], data.num_classes, weights=weights, seed=seed
         )
-        train = image_dataset(
-            data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed
-        )
-        val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
-        rows = fit_resumable(
-            model,
-            train,
-            val,
-            epochs=config.epochs,
-            work_dir=work_dir,
-            phase="train",
-            on_epoch=on_epoch,
-            best_path=work_dir / MODEL_FILE,
-        )
-        model.save(work_dir / FINAL_MODEL_FILE)
-        return _result(model, rows)
+    logger.info("%s: training under the %s dtype policy", name, policy)
+    steps = config.epochs * math.ceil(len(data.x_train) / config.batch_size)
+    models.compile_model(
+        model,
+        config.learning_rate,
+        decay_steps=steps if catalog.spec(name).cosine_decay else None,
+    )
+    train = image_dataset(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)
+    val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
+    rows = fit_resumable(
+        model,
+        train,
+        val,
+        epochs=config.epochs,
+        work_dir=work_dir,
+        phase="train",
+        on_epoch=on_epoch,
+        best_path=work_dir / MODEL_FILE,
+    )
+    model.save(work_dir / FINAL_MODEL_FILE)
+    return _result(model, rows)
 
 
 def train_head_on_features(
@@ -333,35 +330,35 @@ def train_head_on_features(
     Each epoch draws, for every training image, one of its cached augmented views, so the
     head sees augmentation as it would through the frozen base, at a fraction of the cost.
     """
-    with models.seeded(seed):
-        head = models.make_head(features.dim, features.num_classes, dropout=config.dropout)
-        models.compile_model(head, config.learning_rate)
-        train, val = feature_dataset(features, config.batch_size, seed=seed)
-        rows = fit_resumable(
-            head,
-            train,
-            val,
-            epochs=config.epochs,
-            work_dir=work_dir,
-            phase="head",
-            on_epoch=on_epoch,
-            best_path=work_dir / "best-head.keras",
-        )
-        model = models.build_model(
-            name,
-            input_shape,
-            features.num_classes,
-            weights=weights,
-            seed=seed,
-            dropout=config.dropout,
-        )
-        models.transplant_head(head, model)
-        model.save(work_dir / FINAL_MODEL_FILE)
-        best_head = keras.models.load_model(work_dir / "best-head.keras", safe_mode=True)
-        models.transplant_head(best_head, model)
-        model.save(work_dir / MODEL_FILE)
-        (work_dir / "best-head.keras").unlink()
-        return _result(model, rows)
+    keras.utils.set_random_seed(seed)
+    head = models.make_head(features.dim, features.num_classes, dropout=config.dropout, seed=seed)
+    models.compile_model(head, config.learning_rate)
+    train, val = feature_dataset(features, config.batch_size, seed=seed)
+    rows = fit_resumable(
+        head,
+        train,
+        val,
+        epochs=config.epochs,
+        work_dir=work_dir,
+        phase="head",
+        on_epoch=on_epoch,
+        best_path=work_dir / "best-head.keras",
+    )
+    model = models.build_model(
+        name,
+        input_shape,
+        features.num_classes,
+        weights=weights,
+        seed=seed,
+        dropout=config.dropout,
+    )
+    models.transplant_head(head, model)
+    model.save(work_dir / FINAL_MODEL_FILE)
+    best_head = keras.models.load_model(work_dir / "best-head.keras", safe_mode=True)
+    models.transplant_head(best_head, model)
+    model.save(work_dir / MODEL_FILE)
+    (work_dir / "best-head.keras").unlink()
+    return _result(model, rows)
 
 
 def fine_tune(
@@ -382,56 +379,54 @@ def fine_tune(
     model itself when no fine-tuning epoch beats it; either way `best_epoch` names that epoch
     in the continued history.
     """
-    with models.seeded(seed):
-        trained = keras.models.load_model(start_model, safe_mode=True)
-        best_path = work_dir / MODEL_FILE
-        if not best_path.exists():  # a resumed run keeps what it saved before
-            shutil.copyfile(start_model, best_path)
-        start_best = max((row["val_accuracy"] for row in start_history.values()), default=-1.0)
-        with dtype_policy(config.precision, name) as policy:
-            # Rebuilt (no download: weights=None) so that the policy applies to every layer.
-            model = models.build_model(
-                name,
-                data.x_train.shape[1:],
-                data.num_classes,
-                weights=None,
-                seed=seed,
-                dropout=config.dropout,
-            )
-        model.set_weights(trained.get_weights())
-        logger.info("%s: fine-tuning under the %s dtype policy", name, policy)
-        models.unfreeze_top(model, config.finetune_at)
-        models.compile_model(model, config.finetune_learning_rate)
-        train = image_dataset(
-            data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed
+    keras.utils.set_random_seed(seed)
+    trained = keras.models.load_model(start_model, safe_mode=True)
+    best_path = work_dir / MODEL_FILE
+    if not best_path.exists():  # a resumed run keeps what it saved before
+        shutil.copyfile(start_model, best_path)
+    start_best = max((row["val_accuracy"] for row in start_history.values()), default=-1.0)
+    with dtype_policy(config.precision, name) as policy:
+        # Rebuilt (no download: weights=None) so that the policy applies to every layer.
+        model = models.build_model(
+            name,
+            data.x_train.shape[1:],
+            data.num_classes,
+            weights=None,
+            seed=seed,
+            dropout=config.dropout,
         )
-        val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
-        first = len(start_history)
-        rows = fit_resumable(
-            model,
-            train,
-            val,
-            epochs=config.finetune_epochs,
-            work_dir=work_dir,
-            phase="finetune",
-            on_epoch=on_epoch,
-            best_path=best_path,
-            initial_epoch=first,
-            best_before=start_best,
+    model.set_weights(trained.get_weights())
+    logger.info("%s: fine-tuning under the %s dtype policy", name, policy)
+    models.unfreeze_top(model, config.finetune_at)
+    models.compile_model(model, config.finetune_learning_rate)
+    train = image_dataset(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)
+    val = image_dataset(data.x_val, data.y_val, config.batch_size, shuffle=False, seed=seed)
+    first = len(start_history)
+    rows = fit_resumable(
+        model,
+        train,
+        val,
+        epochs=config.finetune_epochs,
+        work_dir=work_dir,
+        phase="finetune",
+        on_epoch=on_epoch,
+        best_path=best_path,
+        initial_epoch=first,
+        best_before=start_best,
+    )
+    model.save(work_dir / FINAL_MODEL_FILE)
+    result = _result(model, {**start_history, **rows})
+    # Which model's weights `model.keras` holds: this one's, or the start's if fine-tuning
+    # never beat it.
+    result.saved_from = trained.name if result.best_epoch <= first else name
+    if result.saved_from != name:
+        logger.info(
+            "%s: no fine-tuning epoch beat %s; it ships %s's weights",
+            name,
+            trained.name,
+            trained.name,
         )
-        model.save(work_dir / FINAL_MODEL_FILE)
-        result = _result(model, {**start_history, **rows})
-        # Which model's weights `model.keras` holds: this one's, or the start's if fine-tuning
-        # never beat it.
-        result.extra["saved_from"] = trained.name if result.best_epoch <= first else name
-        if result.extra["saved_from"] != name:
-            logger.info(
-                "%s: no fine-tuning epoch beat %s; it ships %s's weights",
-                name,
-                trained.name,
-                trained.name,
-            )
-        return result
+    return result
 
 
 def distribution_strategy(name: str) -> tf.distribute.Strategy:
@@ -518,7 +513,7 @@ def train(
                 weights=weights,
                 on_epoch=on_epoch,
             )
-    result.extra["replicas"] = strategy.num_replicas_in_sync
+    result.replicas = strategy.num_replicas_in_sync
     (work_dir / HISTORY_ROWS_FILE).write_text(json.dumps(history_rows(result), indent=1))
     return result
 

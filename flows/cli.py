@@ -1,108 +1,222 @@
-"""A command line built from a flow's parameters: one option per parameter, with the type,
-constraint, description and default that the flow declares, so the two cannot drift apart."""
+"""The command line of `python flows/train_flow.py`: a run, or `serve` on a schedule.
+
+Every option but where the tasks run is one of the flow's parameters (flows/options.py builds
+them from the flow's signature). A run ends with its summary's path, or with one `error:` line:
+exit code 2 for bad input (a hostile archive, an unreachable URL, a bad option) and 1 for
+anything else; `--debug` (or CATDOG_DEBUG=1) shows the tracebacks too.
+"""
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import contextlib
 import os
-import typing
-from collections.abc import Callable, Mapping
-from typing import Any
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pydantic import TypeAdapter, ValidationError
+from catdog import catalog
+from catdog.checks import check_run
+from catdog.cluster import DEFAULT_CPU_WORKERS
+from catdog.errors import CatdogError, StageFailed
+from flows.console import DEBUG_ENV, debugging
+from flows.local_api import EarlyApiServer
 
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
 
-def _literal_choices(hint: Any) -> list[str]:
-    """The allowed values of a Literal inside `hint` (a list of, or an Optional of, one)."""
-    if typing.get_origin(hint) is typing.Literal:
-        return [str(value) for value in typing.get_args(hint)]
-    for arg in typing.get_args(hint):
-        if choices := _literal_choices(arg):
-            return choices
-    return []
-
-
-def _description(hint: Any) -> str:
-    for meta in getattr(hint, "__metadata__", ()):
-        if getattr(meta, "description", None):
-            return str(meta.description)
-    return ""
-
-
-def _base(hint: Any) -> Any:
-    """The type inside an Annotated hint."""
-    return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+# Parameters whose default an environment variable overrides on the command line.
+ENV = {
+    "data": "CATDOG_DATA",
+    "sha256": "CATDOG_DATA_SHA256",
+    "weights": "CATDOG_WEIGHTS",
+    "artifacts": "CATDOG_ARTIFACTS",
+}
 
 
-def _is_list(hint: Any) -> bool:
-    return typing.get_origin(_base(hint)) is list
+def _prepare_environment() -> None:
+    """Before Prefect reads its settings: no telemetry (runs are often offline), and the
+    library's own log lines (download progress, skipped images) beside the tasks' in the
+    terminal and the UI; lines logged outside a flow run stay in the terminal."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "catdog,tasks")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    # The temporary API server can take longer than Prefect's default 20 s on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _converter(flag: str, hint: Any) -> Callable[[str], Any]:
-    adapter = TypeAdapter(hint)
-    is_list = _is_list(hint)
+def _parser() -> argparse.ArgumentParser:
+    from flows.options import add_flow_options
+    from flows.train_flow import train_flow
 
-    def convert(text: str) -> Any:
-        value: Any = [part.strip() for part in text.split(",") if part.strip()] if is_list else text
-        try:
-            value = adapter.validate_python(value)
-        except ValidationError as error:
-            problem = error.errors()[0]
-            raise argparse.ArgumentTypeError(f"{text!r}: {problem['msg'].lower()}") from None
-        return list(dict.fromkeys(value)) if is_list else value
+    parser = argparse.ArgumentParser(
+        prog="python flows/train_flow.py",
+        description="Train and compare image classifiers (default: the cats-vs-dogs "
+        "assignment's models) as a Prefect flow with cached stages.",
+        epilog="Models: "
+        + "; ".join(f"{spec.name}: {spec.description}" for spec in catalog.MODELS)
+        + ". Subcommand: `python flows/train_flow.py serve --cron '0 3 * * 1' [options]` "
+        "serves the same flow on a schedule.",
+    )
+    add_flow_options(parser, train_flow.fn, env=ENV, optional_value={"refresh": "all"})
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=debugging(),
+        help=f"show tracebacks, in the terminal as in the UI (env {DEBUG_ENV}=1)",
+    )
+    return parser
 
-    convert.__name__ = flag  # argparse names the type in some messages
+
+def at_least_one(unit: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number >= 1 (of `unit`, as the error message says)."""
+
+    def convert(value: str) -> int:
+        if not value.isdigit() or int(value) < 1:
+            of = f" of {unit}" if unit else ""
+            raise argparse.ArgumentTypeError(f"{value!r}: must be a whole number{of}, >= 1")
+        return int(value)
+
     return convert
 
 
-def add_flow_options(
-    parser: argparse.ArgumentParser,
-    function: Callable[..., Any],
-    *,
-    env: Mapping[str, str] = {},
-    optional_value: Mapping[str, str] = {},
-) -> None:
-    """Add `--name` for each parameter of `function`.
+def _run_parser() -> argparse.ArgumentParser:
+    """The run options plus where the tasks run."""
+    from flows.runners import RUNNERS
 
-    Args:
-        parser: The parser to add to.
-        function: The flow's function, whose parameters are `Annotated` with a pydantic
-            `Field` (description and constraints).
-        env: Parameter name -> environment variable that overrides its default.
-        optional_value: Parameter name -> the value a bare `--name` (no value) means.
-    """
-    hints = typing.get_type_hints(function, include_extras=True)
-    for name, parameter in inspect.signature(function).parameters.items():
-        hint = hints[name]
-        flag = "--" + name.replace("_", "-")
-        default = parameter.default
-        if name in env and env[name] in os.environ:
-            default = os.environ[env[name]]  # a string: argparse converts and checks it
-        shown = ",".join(default) if isinstance(default, list) else default
-        help_text = _description(hint)
-        if choices := _literal_choices(hint):
-            how = "comma-separated, from" if _is_list(hint) else "one of"
-            help_text += f"; {how} {', '.join(choices)}"
-        help_text += f" (default: {'none' if shown is None else shown}"
-        help_text += f"; env {env[name]})" if name in env else ")"
-        options: dict[str, Any] = {
-            "default": default,
-            "type": _converter(flag, hint),
-            "help": help_text.replace("%", "%%"),
-            "metavar": name.upper(),
-        }
-        if _base(hint) is bool:  # a switch: --offline, --no-offline
-            options = {
-                "default": default,
-                "action": argparse.BooleanOptionalAction,
-                "help": options["help"],
-            }
-        elif name in optional_value:
-            options.update(nargs="?", const=optional_value[name])
-        parser.add_argument(flag, **options)
+    parser = _parser()
+    where = parser.add_argument_group("where the tasks run")
+    where.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="sequential",
+        help="sequential: one task at a time in this process; dask: a temporary Dask cluster "
+        "on this machine, independent tasks side by side (default: sequential)",
+    )
+    where.add_argument(
+        "--workers",
+        type=at_least_one(),
+        metavar="N",
+        help="worker processes of --runner dask, each with its share of the cores and at most "
+        f"one GPU (default: one per visible GPU, else {DEFAULT_CPU_WORKERS})",
+    )
+    where.add_argument(
+        "--dask-address",
+        metavar="tcp://HOST:PORT",
+        help="run the tasks on the Dask cluster whose scheduler listens there; needs a Prefect "
+        "server that outlives the run (see README, Scaling out)",
+    )
+    return parser
 
 
-def flow_parameters(args: argparse.Namespace, function: Callable[..., Any]) -> dict[str, Any]:
-    """The parsed options that are `function`'s parameters, by name."""
-    return {name: getattr(args, name) for name in inspect.signature(function).parameters}
+def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed options that are the flow's parameters, artifacts as an absolute path."""
+    from flows.options import flow_parameters as parameters_of
+    from flows.train_flow import train_flow
+
+    parameters = parameters_of(args, train_flow.fn)
+    parameters["artifacts"] = str(Path(args.artifacts).expanduser().resolve())
+    return parameters
+
+
+class ScheduleError(CatdogError):
+    """A bad schedule for `serve`; reported in one line with exit code 2."""
+
+
+def build_deployment(args: argparse.Namespace) -> RunnerDeployment:
+    """The deployment `serve` registers: this flow, `--cron` or `--interval`, the options given."""
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.schedules import Cron, Interval
+
+    from flows.train_flow import train_flow
+
+    try:
+        schedule = Cron(args.cron, timezone="UTC") if args.cron else Interval(args.interval)
+    except ValueError as error:
+        raise ScheduleError(f"--cron {args.cron!r}: not a valid cron schedule") from error
+    deployment = train_flow.to_deployment(
+        name=args.name,
+        schedules=[schedule],
+        parameters=flow_parameters(args),
+        tags=["catdog", "scheduled"],
+    )
+    assert isinstance(deployment, RunnerDeployment)
+    return deployment
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """The run options plus a schedule and a deployment name, for `serve`."""
+    parser = _parser()
+    parser.prog += " serve"
+    parser.description = "Serve the flow on a schedule: register the deployment, then run "
+    parser.description += "each scheduled run in this process until stopped (Ctrl-C)."
+    parser.epilog = None
+    schedule = parser.add_mutually_exclusive_group(required=True)
+    schedule.add_argument("--cron", help="cron schedule in UTC, e.g. '0 3 * * 1'")
+    schedule.add_argument(
+        "--interval", type=at_least_one("seconds"), metavar="SECONDS", help="seconds between runs"
+    )
+    parser.add_argument("--name", default="scheduled-retraining", help="deployment name")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from prefect import serve
+
+    from flows.console import quiet_tracebacks
+
+    quiet_tracebacks()
+    serve(build_deployment(args))
+    return 0
+
+
+def _run(args: argparse.Namespace, api: EarlyApiServer | None) -> int:
+    from prefect import tags
+
+    from flows.runners import task_runner
+    from flows.train_flow import train_flow
+
+    runner = task_runner(args.runner, args.workers, args.dask_address)
+    with api.in_use() if api else contextlib.nullcontext(), tags("catdog", *args.models):
+        report = train_flow.with_options(task_runner=runner)(**flow_parameters(args))
+    print(f"summary: {report.summary}\nreport:  {report.report}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python flows/train_flow.py [serve] [options]`; returns the exit code."""
+    _prepare_environment()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    serving = bool(argv) and argv[0] == "serve"
+    # A run's temporary API server starts now, before Prefect is imported, so that its start-up
+    # overlaps this process's (see flows/local_api.py).
+    plain_run = not serving and not {"-h", "--help"} & set(argv)
+    api = EarlyApiServer.spawn() if plain_run else None
+    try:
+        return _main(argv, serving, api)
+    finally:
+        if api:
+            api.stop()
+
+
+def _main(argv: list[str], serving: bool, api: EarlyApiServer | None) -> int:
+    parser = serve_parser() if serving else _run_parser()
+    args = parser.parse_args(argv[1:] if serving else argv)
+    if not serving and args.workers and (args.dask_address or args.runner != "dask"):
+        parser.error(
+            "--workers sizes the cluster of --runner dask; a --dask-address cluster "
+            "has its own workers"
+        )
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        if resolved := check_run(args.data, args.models, args.weights, args.transfer_image_size):
+            args.weights = resolved
+        return _serve(args) if serving else _run(args, api)
+    except (CatdogError, StageFailed) as error:
+        if args.debug:
+            traceback.print_exception(error)
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, CatdogError) else 1

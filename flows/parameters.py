@@ -14,7 +14,7 @@ from pydantic import Field
 
 from catdog.catalog import ModelName
 from catdog.config import MIN_MOBILENET_SIZE
-from catdog.layout import CACHED_STAGES
+from catdog.stages import CACHED_STAGES
 
 RefreshStage = Literal[("all", *CACHED_STAGES)]  # type: ignore[valid-type]
 PrecisionName = Literal["auto", "float32", "mixed_bfloat16"]

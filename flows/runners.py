@@ -17,7 +17,13 @@ from typing import Any, Literal
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from catdog.cluster import WorkerShare, check_scheduler_address, plan_workers, visible_gpus
+from catdog.cluster import (
+    ClusterError,
+    WorkerShare,
+    check_scheduler_address,
+    plan_workers,
+    visible_gpus,
+)
 
 Runner = Literal["sequential", "dask"]
 RUNNERS: tuple[Runner, ...] = ("sequential", "dask")
@@ -26,8 +32,8 @@ RUNNERS: tuple[Runner, ...] = ("sequential", "dask")
 def sequential() -> TaskRunner:
     """One task at a time, in submission order, in the flow's own process.
 
-    Models seed Keras's global random state: two trainings in threads of one process would
-    draw from it in turn and neither would be reproducible.
+    Training seeds TensorFlow's global random state: two trainings in threads of one process
+    would draw from it in turn and neither would be reproducible.
     """
     return ThreadPoolTaskRunner(max_workers=1)
 
@@ -41,19 +47,56 @@ def task_runner(runner: Runner, workers: int | None, dask_address: str | None) -
     """The task runner the command line asks for; fails before any work if it cannot work.
 
     Raises:
-        ClusterError: `workers` below one, or no scheduler answers at `dask_address`.
+        ClusterError: `workers` below one, no scheduler answers at `dask_address`, or no
+            Prefect server that outlives the run is configured for its workers.
     """
     if not dask_address and runner == "sequential":
         return sequential()
     from prefect_dask import DaskTaskRunner
 
     if dask_address:
-        return DaskTaskRunner(address=check_scheduler_address(dask_address))
+        address = check_scheduler_address(dask_address)
+        check_lasting_api(dask_address)
+        return DaskTaskRunner(address=address)
     shares = plan_workers(workers, os.cpu_count() or 1, visible_gpus())
     return DaskTaskRunner(
         cluster_class=local_cluster,
         cluster_kwargs={"shares": shares, "memory_limit": memory_bytes() // len(shares)},
     )
+
+
+def check_lasting_api(dask_address: str, timeout: float = 5.0) -> str:
+    """The Prefect API that a running cluster's workers report to, once it answers.
+
+    The workers of a cluster outlive a run; Prefect's clients in them keep talking to the API
+    they first met. A temporary API server, started for one run and gone with it, would leave
+    them talking to nothing on the next run: the API must be a `prefect server start` (or
+    Prefect Cloud) that PREFECT_API_URL names.
+
+    Raises:
+        ClusterError: PREFECT_API_URL is not set, or nothing answers there.
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    start = (
+        "start one with `prefect server start` and set PREFECT_API_URL, e.g. "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api (see README, Scaling out)"
+    )
+    if not url:
+        raise ClusterError(
+            f"--dask-address {dask_address}: the cluster's workers need a Prefect server that "
+            f"outlives this run; {start}"
+        )
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout).raise_for_status()
+    except httpx.HTTPError as error:
+        raise ClusterError(
+            f"--dask-address {dask_address}: the Prefect API at {url} does not answer "
+            f"({type(error).__name__}); {start}"
+        ) from None
+    return str(url)
 
 
 def local_cluster(shares: list[WorkerShare], memory_limit: int) -> Any:

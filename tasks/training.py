@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 from typing import Any
 
 from prefect import get_run_logger, task
 
 from catdog import catalog
+from catdog.errors import RunStopped
 from catdog.hashing import HashMemo, code_fingerprint, sha256_file
 from catdog.layout import MODEL_FILE, Layout
+from catdog.records import (
+    ArraysRecord,
+    CountsRecord,
+    EvaluationRecord,
+    FeaturesRecord,
+    TrainedRecord,
+)
 from tasks import ui
-from tasks.caching import ContentAddressed, stage_output
-
-TRAIN_CODE = ("catdog.training", "catdog.models", "catdog.features", "catdog.arrays")
+from tasks.caching import ContentAddressed, check_not_stopped, stage_output
 
 
 def _weights_fingerprint(inputs: dict[str, Any]) -> str | None:
@@ -34,78 +39,83 @@ def _model_fingerprint(inputs: dict[str, Any]) -> list[str | None]:
     return [_weights_fingerprint(inputs), code_fingerprint(builder_module)]
 
 
-def load_arrays(layout: Layout, arrays: dict[str, Any], split: str) -> tuple[Any, Any]:
+def retry_unless_stopped(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed training (it resumes), but not one stopped because the run failed."""
+    try:
+        state.result()
+    except RunStopped:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def load_arrays(layout: Layout, arrays: ArraysRecord, split: str) -> tuple[Any, Any]:
     """A decoded split's images (read from disk a batch at a time) and labels."""
     from catdog.data.images import open_split
 
-    return open_split(layout.resolve(arrays["dir"]), split)
+    return open_split(layout.resolve(arrays.dir), split)
 
 
 @task(
     name="extract_features",
-    cache_policy=ContentAddressed(
-        stage="features", code=TRAIN_CODE, fingerprint=_model_fingerprint
-    ),
+    task_run_name="extract_features[{model}]",
+    cache_policy=ContentAddressed(stage="features", fingerprint=_model_fingerprint),
 )
 def extract_features(
-    model: str,
-    arrays: dict[str, Any],
-    weights: str | None,
-    views: int,
-    seed: int,
-    artifacts: str,
-) -> dict[str, Any]:
+    model: str, arrays: ArraysRecord, weights: str | None, views: int, seed: int, artifacts: str
+) -> FeaturesRecord:
     """Frozen MobileNetV2 features of every training view and validation image, computed once."""
     from catdog.arrays import require_space
     from catdog.features import extract_features as embed
     from catdog.features import feature_bytes
 
     layout = Layout.at(artifacts)
-    started = time.perf_counter()
-    x_train, y_train = load_arrays(layout, arrays, "train")
-    x_val, y_val = load_arrays(layout, arrays, "validation")
-    with stage_output(layout, "features") as (folder, record):
-        require_space(folder, feature_bytes(len(y_train), len(y_val), views), "extract_features")
+    with stage_output(layout, "features") as out:
+        x_train, y_train = load_arrays(layout, arrays, "train")
+        x_val, y_val = load_arrays(layout, arrays, "validation")
+        require_space(
+            out.folder, feature_bytes(len(y_train), len(y_val), views), "extract_features"
+        )
         features = embed(
             x_train,
             y_train,
             x_val,
             y_val,
-            folder,
+            out.folder,
             model_name=model,
-            num_classes=len(arrays["classes"]),
+            num_classes=len(arrays.classes),
             weights=weights,
             views=views,
             seed=seed,
         )
-        record.update(views=views, dim=features.dim, seconds=time.perf_counter() - started)
+        out.facts.update(model=model, views=views, dim=features.dim)
     get_run_logger().info(
         "base features: %d train views x %d images, %d validation images in %.0f s",
         views,
         len(y_train),
         len(y_val),
-        record["seconds"],
+        out.record.seconds,
     )
-    return record
+    return out.record
 
 
 @task(
     name="train_model",
     task_run_name="train_model[{model}]",
-    cache_policy=ContentAddressed(
-        stage="train", code=TRAIN_CODE, name_input="model", fingerprint=_model_fingerprint
-    ),
+    cache_policy=ContentAddressed(stage="train", fingerprint=_model_fingerprint),
+    retry_condition_fn=retry_unless_stopped,
 )
 def train_model(
     model: str,
-    arrays: dict[str, Any],
-    features: dict[str, Any] | None,
-    start: dict[str, Any] | None,
+    arrays: ArraysRecord,
+    features: FeaturesRecord | None,
+    start: TrainedRecord | None,
     settings: dict[str, Any],
     seed: int,
     weights: str | None,
     artifacts: str,
-) -> dict[str, Any]:
+) -> TrainedRecord:
     """Train one model; a run that died continues from its last finished epoch."""
     from catdog import training
     from catdog.config import TrainConfig
@@ -114,8 +124,7 @@ def train_model(
     logger = get_run_logger()
     layout = Layout.at(artifacts)
     config = TrainConfig(**settings)
-    started = time.perf_counter()
-    num_classes = len(arrays["classes"])
+    num_classes = len(arrays.classes)
     total_epochs = config.finetune_epochs if start else config.epochs
     progress = ui.start_progress(f"{model}: epochs done of {total_epochs}")
 
@@ -125,7 +134,8 @@ def train_model(
         return training.TrainingData(x_train, y_train, x_val, y_val, num_classes)
 
     def cached_features() -> FeatureSet:
-        return FeatureSet.load(layout.resolve(features["dir"]), num_classes)
+        assert features is not None
+        return FeatureSet.load(layout.resolve(features.dir), num_classes)
 
     def on_epoch(epoch: int, total: int, row: dict[str, float]) -> None:
         logger.info(
@@ -139,81 +149,94 @@ def train_model(
             row.get("val_loss", 0),
             row["seconds"],
         )
-        first = total - total_epochs
-        ui.update_progress(progress, 100.0 * (epoch - first) / max(total_epochs, 1))
+        ui.update_progress(progress, 100.0 * (epoch - (total - total_epochs)) / total_epochs)
+        # Another stage failed: stop here; the finished epochs stay for the next run.
+        check_not_stopped(layout)
 
-    with stage_output(layout, "train", model, resumable=True) as (folder, record):
+    with stage_output(layout, "train", model, resumable=True) as out:
         result = training.train(
             model,
-            folder,
+            out.folder,
             config=config,
             seed=seed,
             weights=weights,
-            input_shape=(arrays["image_size"], arrays["image_size"], 3),
+            input_shape=(arrays.image_size, arrays.image_size, 3),
             images=images,
             features=cached_features if features else None,
-            start_dir=layout.resolve(start["dir"]) if start else None,
+            start_dir=layout.resolve(start.dir) if start else None,
             on_epoch=on_epoch,
         )
-        record.update(
+        out.facts.update(
             model=model,
             epochs=len(result.epoch_seconds),
             history=result.history,
             epoch_seconds=result.epoch_seconds,
             best_epoch=result.best_epoch,
-            saved_from=result.extra.get("saved_from", model),
-            replicas=result.extra.get("replicas", 1),
+            saved_from=result.saved_from or model,
+            replicas=result.replicas,
             trainable_params=result.trainable_params,
             total_params=result.total_params,
-            seconds=time.perf_counter() - started,
             # Which process trained it: the flow's own, or a Dask worker's.
             worker={"host": socket.gethostname(), "pid": os.getpid()},
             settings=settings,
             seed=seed,
             weights=weights,
             inputs={
-                "arrays": arrays["key"],
-                "features": features and features["key"],
-                "start": start and start["key"],
+                "arrays": arrays.key,
+                "features": features.key if features else None,
+                "start": start.key if start else None,
             },
         )
-        (folder / "config.json").write_text(json.dumps(record, indent=2, default=str))
+        (out.folder / "config.json").write_text(json.dumps(out.facts, indent=2, default=str))
     ui.update_progress(progress, 100.0)
-    return record
+    return out.record
 
 
 @task(
     name="evaluate_model",
     task_run_name="evaluate_model[{model}]",
-    cache_policy=ContentAddressed(
-        stage="evaluate", code=("catdog.evaluation", "catdog.plots"), name_input="model"
-    ),
+    cache_policy=ContentAddressed(stage="evaluate"),
 )
 def evaluate_model(
-    model: str, trained: dict[str, Any], arrays: dict[str, Any], baseline: float, artifacts: str
-) -> dict[str, Any]:
+    model: str,
+    trained: TrainedRecord,
+    arrays: ArraysRecord,
+    counts: CountsRecord,
+    artifacts: str,
+) -> EvaluationRecord:
     """Score a trained model on the test split: accuracy, loss, confusion matrix, errors."""
     from catdog.evaluation import load_model, score_model
     from catdog.plots import evaluation_figures, save_figure
 
     layout = Layout.at(artifacts)
-    classes = list(arrays["classes"])
-    x_test, y_test = load_arrays(layout, arrays, "test")
-    network = load_model(layout.resolve(trained["dir"]) / MODEL_FILE)
-    metrics = score_model(network, x_test, y_test, classes)
-    with stage_output(layout, "evaluate", model) as (folder, record):
+    with stage_output(layout, "evaluate", model) as out:
+        classes = list(arrays.classes)
+        x_test, y_test = load_arrays(layout, arrays, "test")
+        network = load_model(layout.resolve(trained.dir) / MODEL_FILE)
+        metrics = score_model(network, x_test, y_test, classes)
+        baseline = counts.baseline["validation"]
         figures = evaluation_figures(
-            model, trained["history"], baseline, metrics, x_test, y_test, classes
+            model, trained.history, baseline, metrics, x_test, y_test, classes
         )
         for file_name, figure in figures.items():
-            save_figure(figure, folder / file_name)
+            save_figure(figure, out.folder / file_name)
         # Predictions stay (the promotion gate compares them with production's, image by
         # image); the per-image confidences and the error ranking are only for the figures.
-        summary = {
-            k: v for k, v in metrics.items() if k not in ("confidence", "most_confident_errors")
-        }
-        record.update(model=model, **summary)
+        out.facts.update(
+            model=model,
+            **{field: metrics[field] for field in EVALUATION_FIELDS},
+        )
     get_run_logger().info(
         "%s: test accuracy %.3f, test loss %.3f", model, metrics["accuracy"], metrics["loss"]
     )
-    return record
+    return out.record
+
+
+EVALUATION_FIELDS = (
+    "accuracy",
+    "loss",
+    "macro_f1",
+    "per_class",
+    "confusion_matrix",
+    "predictions",
+)

@@ -22,6 +22,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from catdog.records import CountsRecord
+
 MAX_EMBED_WIDTH = 900
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,12 @@ def publish_image(key: str, path: Path, description: str) -> None:
     )
 
 
-def publish_counts(counts: dict[str, Any]) -> None:
+def publish_counts(counts: CountsRecord) -> None:
     rows = []
-    for split, per_class in counts["counts"].items():
+    for split, per_class in counts.counts.items():
         row: dict[str, Any] = {"split": split, **per_class}
         row["total"] = sum(per_class.values())
-        row["majority baseline"] = round(counts["baseline"][split], 4)
+        row["majority baseline"] = round(counts.baseline[split], 4)
         rows.append(row)
     create_table_artifact(
         key="label-counts", table=rows, description="Images per class and split, with baseline"

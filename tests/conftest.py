@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -20,7 +22,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # As flows/train_flow.py: library lines logged outside a flow run stay in the terminal.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 REAL_ZIP = SHARED / "data" / "cats_and_dogs_filtered.zip"
 REAL_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.h5"
 
@@ -146,3 +149,67 @@ def publish(site_folder: Path, tmp_path: Path, name: str, train: int, seed: int)
     staged = zip_folder(source, tmp_path / f"{name}-{train}.zip")
     shutil.copy(staged, site_folder / name)
     return site_folder / name
+
+
+# ----------------------------------------------------------------------------- flow runs
+
+SMALL = {"image_size": 32, "batch_size": 8, "seed": 7}
+# The stages every run runs, cached or not: the promotion gate and the report.
+ALWAYS_RUN = {"promote_model", "write_report"}
+
+
+def run_flow(data: Path, artifacts: Path, **overrides) -> dict:
+    """The flow, called in this process on tiny images; returns the run's summary."""
+    from flows.train_flow import train_flow
+
+    params = {
+        "data": str(data),
+        "models": ["model1"],
+        "epochs": 1,
+        "artifacts": str(artifacts),
+        **SMALL,
+        **overrides,
+    }
+    train_flow(**params)
+    return json.loads((artifacts / "summary.json").read_text())
+
+
+def computed(summary: dict) -> set[str]:
+    """The tasks a run computed (the others were cache hits)."""
+    return {task for task, state in summary["tasks"].items() if state == "Completed"}
+
+
+def flow_command(
+    data: Path, artifacts: Path, *, epochs: int, checkout: Path = REPO, models: str = "model1"
+) -> list:
+    """`python flows/train_flow.py` for `models` on tiny images, as a user would type it."""
+    return [
+        sys.executable,
+        str(checkout / "flows/train_flow.py"),
+        "--data",
+        str(data),
+        "--models",
+        models,
+        "--epochs",
+        str(epochs),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--artifacts",
+        str(artifacts),
+    ]
+
+
+def api_env() -> dict[str, str]:
+    """The environment that points a flow subprocess at this test session's Prefect API, so
+    that it does not start (and migrate the database of) a server of its own."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": str(PREFECT_API_URL.value())}
+
+
+def flow_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a flow subprocess: this one's, its own Prefect home, this test
+    session's API (`api_env`), and `extra`."""
+    return {**os.environ, "PREFECT_HOME": str(home), **api_env(), **extra}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import typing
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import pytest
 
@@ -83,7 +83,7 @@ COMMON = {"epochs", "batch_size", "learning_rate", "strategy"}
     ],
 )
 def test_training_settings_keep_only_what_changes_the_model(name, keyed):
-    settings = catalog.training_settings(name, asdict(TrainConfig()))
+    settings = catalog.training_settings(name, TrainConfig())
     assert set(settings) == keyed
     assert settings["epochs"] == TrainConfig().epochs
 

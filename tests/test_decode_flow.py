@@ -17,7 +17,7 @@ from catdog.data.images import decode_split
 from catdog.data.records import Manifest
 from catdog.layout import Layout
 from catdog.prune import plan
-from tests.test_caching import flow_command, flow_env
+from tests.conftest import flow_command, flow_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 

@@ -78,7 +78,7 @@ def test_two_503s_then_success_is_retried_by_prefect(serve, tmp_path, dataset_zi
     url = f"http://127.0.0.1:{server.server_address[1]}/tiny.zip"
     record = fetch(url, tmp_path / "artifacts")
     assert server.requests == 3
-    archive = Layout.at(tmp_path / "artifacts").resolve(record["dir"]) / "archive.zip"
+    archive = Layout.at(tmp_path / "artifacts").resolve(record.dir) / "archive.zip"
     assert archive.read_bytes() == dataset_zip.read_bytes()
     assert not list((tmp_path / "artifacts").rglob("*.part"))
 
@@ -102,4 +102,4 @@ def test_an_archive_already_downloaded_is_not_fetched_again(serve, tmp_path):
     first = fetch(url, tmp_path / "artifacts")
     second = fetch(url, tmp_path / "artifacts")
     assert server.requests == 1
-    assert first["files"] == second["files"]
+    assert first.files == second.files

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flows.local_api import EarlyApiServer
-from tests.test_caching import flow_command
+from tests.conftest import flow_command
 
 SERVER_APP = "prefect.server.api.server:create_app"
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
@@ -138,3 +138,22 @@ def test_a_server_that_cannot_start_falls_back_to_prefects_own(monkeypatch, tmp_
     with temporary_settings(updates=updates), server.in_use() as used:
         assert used is False
         assert not PREFECT_API_URL.value()
+
+
+def test_the_prefect_internals_it_copies_are_still_there():
+    """flows/local_api.py starts the server the way Prefect's own temporary server starts
+    (private flags, the app factory) and drains Prefect's queues before stopping it. A Prefect
+    release that changes any of these fails here, not silently in a user's run."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api import server
+
+    launch = inspect.getsource(server.SubprocessASGIServer._run_uvicorn_command)
+    for name in ("PREFECT__SERVER_EPHEMERAL", "PREFECT__SERVER_FINAL", "--factory", SERVER_APP):
+        assert name in launch, f"Prefect no longer starts its temporary server with {name}"
+    factory = inspect.getsource(server.create_app)
+    assert 'os.getenv("PREFECT__SERVER_EPHEMERAL")' in factory
+    assert 'os.getenv("PREFECT__SERVER_FINAL")' in factory
+    assert callable(APILogWorker.drain_all) and callable(EventsWorker.drain_all)

@@ -1,73 +1,76 @@
-"""The cache's file locks: a lock file caught half-written is held, not an error."""
+"""The cache's file locks (Prefect's public LockManager protocol): held while their process
+lives or, from another host, while its heartbeat goes on; never left behind by a crash."""
 
 from __future__ import annotations
 
-from tasks.caching import CrashSafeLockManager
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect.locking.protocol import LockManager
+
+from tasks import locks
+from tasks.locks import HOLD_TIMEOUT_ENV, ArtifactsLockManager, Heartbeat
 
 
-def test_a_lock_file_read_before_its_holder_is_written_counts_as_held(tmp_path):
-    locks = CrashSafeLockManager(lock_files_directory=tmp_path)
-    # What a second run sees between Prefect's creating the lock file and writing into it.
-    (tmp_path / "decode-key.lock").touch()
-    (tmp_path / "decode-key.lock.owner").write_text("elsewhere:1")
-    assert locks.is_locked("decode-key")
-    assert not locks.acquire_lock("decode-key", holder="second run", acquire_timeout=0.3)
+def _claim(path: Path, process: str, holder: str = "someone") -> None:
+    path.write_text(json.dumps({"holder": holder, "process": process, "expires": None}))
 
-    (tmp_path / "decode-key.lock").unlink()
-    assert locks.acquire_lock("decode-key", holder="second run", acquire_timeout=0.3)
-    assert locks.is_lock_holder("decode-key", "second run")
-    locks.release_lock("decode-key", "second run")
-    assert not locks.is_locked("decode-key")
+
+def test_it_is_a_prefect_lock_manager_and_locks_exclusively(tmp_path):
+    manager = ArtifactsLockManager(tmp_path)
+    assert isinstance(manager, LockManager)
+    assert manager.acquire_lock("decode-key", holder="first")
+    assert manager.acquire_lock("decode-key", holder="first")  # the holder again: still its
+    assert not manager.acquire_lock("decode-key", holder="second", acquire_timeout=0.3)
+    assert manager.is_locked("decode-key") and manager.is_lock_holder("decode-key", "first")
+    assert not manager.wait_for_lock("decode-key", timeout=0.2)
+    manager.release_lock("decode-key", "first")
+    assert not manager.is_locked("decode-key") and manager.wait_for_lock("decode-key", 0)
+    assert manager.acquire_lock("decode-key", holder="second", acquire_timeout=0)
+
+
+def test_a_lock_file_caught_before_its_creator_wrote_it_counts_as_held(tmp_path):
+    manager = ArtifactsLockManager(tmp_path)
+    (tmp_path / "decode-key.lock").touch()  # created with O_EXCL, content not written yet
+    assert manager.is_locked("decode-key")
+    assert not manager.acquire_lock("decode-key", holder="second run", acquire_timeout=0.3)
 
 
 def test_a_lock_from_another_host_expires_only_when_its_heartbeat_stops(tmp_path, monkeypatch):
-    import os
-    import time
-
-    from tasks.caching import HOLD_TIMEOUT_ENV
-
     monkeypatch.setenv(HOLD_TIMEOUT_ENV, "60")
-    locks = CrashSafeLockManager(lock_files_directory=tmp_path)
-    assert locks.acquire_lock("train-key", holder="a worker elsewhere")
-    owner = tmp_path / "train-key.lock.owner"
-    owner.write_text("another-host:4242")  # a pid this host cannot check
-    other = CrashSafeLockManager(lock_files_directory=tmp_path)
-    assert other.is_locked("train-key")  # fresh heartbeat: held
-
+    manager = ArtifactsLockManager(tmp_path)
+    lock = tmp_path / "train-key.lock"
+    _claim(lock, "another-host:4242")  # a pid this host cannot check
+    assert manager.is_locked("train-key")  # fresh heartbeat: held
     stale = time.time() - 61
-    os.utime(owner, (stale, stale))
-    assert not other.is_locked("train-key")  # no heartbeat for longer than the hold timeout
-    assert not owner.exists() and not (tmp_path / "train-key.lock").exists()
+    os.utime(lock, (stale, stale))
+    assert not manager.is_locked("train-key")  # no heartbeat for longer than the hold timeout
+    assert not lock.exists()
+    assert manager.acquire_lock("train-key", holder="this run", acquire_timeout=0)
 
 
 def test_the_holder_heartbeat_keeps_its_lock_fresh(tmp_path, monkeypatch):
-    import os
-    import time
-
-    from tasks import caching
-
-    monkeypatch.setattr(caching, "HEARTBEAT", caching._Heartbeat(interval=0.05))
-    locks = CrashSafeLockManager(lock_files_directory=tmp_path)
-    assert locks.acquire_lock("train-key", holder="this run")
-    owner = tmp_path / "train-key.lock.owner"
+    monkeypatch.setattr(locks, "HEARTBEAT", Heartbeat(interval=0.05))
+    manager = ArtifactsLockManager(tmp_path)
+    assert manager.acquire_lock("train-key", holder="this run")
+    lock = tmp_path / "train-key.lock"
     long_ago = time.time() - 3600
-    os.utime(owner, (long_ago, long_ago))
+    os.utime(lock, (long_ago, long_ago))
     deadline = time.monotonic() + 10
-    while owner.stat().st_mtime < time.time() - 60 and time.monotonic() < deadline:
+    while lock.stat().st_mtime < time.time() - 60 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert owner.stat().st_mtime > time.time() - 60
-    locks.release_lock("train-key", "this run")
-    assert not owner.exists()
+    assert lock.stat().st_mtime > time.time() - 60
+    manager.release_lock("train-key", "this run")
+    assert not lock.exists()
 
 
 def test_a_lock_of_a_killed_process_nobody_reaped_is_released(tmp_path):
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         child.send_signal(signal.SIGKILL)
@@ -75,9 +78,22 @@ def test_a_lock_of_a_killed_process_nobody_reaped_is_released(tmp_path):
         stat = Path(f"/proc/{child.pid}/stat")
         while stat.read_text().rpartition(")")[2].split()[0] != "Z":  # a zombie now
             assert time.monotonic() < deadline
-        locks = CrashSafeLockManager(lock_files_directory=tmp_path)
-        assert locks.acquire_lock("train-key", holder="killed")
-        (tmp_path / "train-key.lock.owner").write_text(f"{socket.gethostname()}:{child.pid}")
-        assert not CrashSafeLockManager(lock_files_directory=tmp_path).is_locked("train-key")
+        _claim(tmp_path / "train-key.lock", f"{socket.gethostname()}:{child.pid}")
+        manager = ArtifactsLockManager(tmp_path)
+        assert not manager.is_locked("train-key")
+        assert manager.acquire_lock("train-key", holder="next run", acquire_timeout=0)
     finally:
         child.wait()
+
+
+def test_an_expired_hold_is_free_and_release_checks_the_holder(tmp_path):
+    manager = ArtifactsLockManager(tmp_path)
+    assert manager.acquire_lock("split-key", holder="brief", hold_timeout=0.2)
+    try:
+        manager.release_lock("split-key", "somebody else")
+    except ValueError as error:
+        assert "split-key" in str(error)
+    else:
+        raise AssertionError("released a lock its caller does not hold")
+    time.sleep(0.3)
+    assert not manager.is_locked("split-key")

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from catdog import predict
-from tests.conftest import REAL_ZIP
-from tests.test_flow import run_flow
+from tests.conftest import REAL_ZIP, run_flow
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 

@@ -108,15 +108,13 @@ def test_compare_counts_disagreements_both_ways():
 def test_better_by_the_margin_is_promoted_equal_or_worse_is_not(tmp_path):
     layout = Layout.at(tmp_path / "artifacts")
     run = {"id": "r1", "name": "first"}
-    assert promote(layout, candidate(tmp_path, "model1", 12), split(), 0.0, run)["promoted"]
+    assert promote(layout, candidate(tmp_path, "model1", 12), split(), 0.0, run).promoted
     for right, margin, promoted in ((12, 0.0, False), (10, 0.0, False), (16, 0.25, False)):
         decision = promote(layout, candidate(tmp_path, "model2", right), split(), margin, run)
-        assert decision["promoted"] is promoted, decision
+        assert decision.promoted is promoted, decision
     decision = promote(layout, candidate(tmp_path, "model3", 16), split(), 0.1, run)
-    assert decision["promoted"] is True
-    assert (
-        decision["evidence"]["disagreements"] == 4 and decision["evidence"]["candidate_only"] == 4
-    )
+    assert decision.promoted is True
+    assert decision.evidence["disagreements"] == 4 and decision.evidence["candidate_only"] == 4
     registry = read_registry(layout)
     assert registry["model"] == "model3"
     assert layout.production_model.read_bytes() == b"model3 16"
@@ -134,8 +132,8 @@ def test_production_that_saw_a_test_image_is_not_compared(tmp_path):
     run = {"id": "r1"}
     promote(layout, candidate(tmp_path, "model1", 10), split(seen=("t3", "x")), 0.0, run)
     decision = promote(layout, candidate(tmp_path, "model2", 20), split("s2"), 0.0, run)
-    assert decision["promoted"] is False and decision["evidence"] is None
-    assert "trained or was selected on 1 of this run's 20 test images" in decision["reason"]
+    assert decision.promoted is False and decision.evidence is None
+    assert "trained or was selected on 1 of this run's 20 test images" in decision.reason
     assert read_registry(layout)["model"] == "model1"
 
 
@@ -145,7 +143,7 @@ def test_rollback_restores_what_production_replaced_then_what_that_replaced(tmp_
     with pytest.raises(CatdogError, match="no production model"):
         rollback(layout)
     for right in (10, 14, 18):
-        assert promote(layout, candidate(tmp_path, "model1", right), split(), 0.0, run)["promoted"]
+        assert promote(layout, candidate(tmp_path, "model1", right), split(), 0.0, run).promoted
     rollback(layout)
     assert layout.production_model.read_bytes() == b"model1 14"
     rollback(layout)
@@ -155,7 +153,7 @@ def test_rollback_restores_what_production_replaced_then_what_that_replaced(tmp_
         rollback(layout)
     assert layout.registry.read_bytes() == before  # a refused rollback changes nothing
     # The gate now judges against the restored model: 14 right beats its 10.
-    assert promote(layout, candidate(tmp_path, "model2", 14), split(), 0.0, run)["promoted"]
+    assert promote(layout, candidate(tmp_path, "model2", 14), split(), 0.0, run).promoted
 
 
 def test_concurrent_runs_take_turns_and_every_decision_is_kept(tmp_path):

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.test_caching import flow_command, flow_env
+from tests.conftest import flow_command, flow_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]  # trains via the flow
 

@@ -12,7 +12,8 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from flows.train_flow import _serve_parser, build_deployment, main, train_flow
+from flows.cli import build_deployment, main, serve_parser
+from flows.train_flow import train_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -41,7 +42,7 @@ def read_back(deployment_id: Any) -> Any:
 
 
 def test_serve_deployment_has_the_cron_schedule_and_the_options(dataset_zip, tmp_path) -> None:
-    args = _serve_parser().parse_args(
+    args = serve_parser().parse_args(
         serve_args(dataset_zip, tmp_path / "artifacts", "--cron", CRON)
     )
     deployment = build_deployment(args)
@@ -65,7 +66,7 @@ def test_serve_deployment_has_the_cron_schedule_and_the_options(dataset_zip, tmp
 
 
 def test_serve_deployment_with_an_interval(dataset_zip, tmp_path) -> None:
-    args = _serve_parser().parse_args(
+    args = serve_parser().parse_args(
         [*serve_args(dataset_zip, tmp_path, "--interval", "600"), "--name", "every-ten"]
     )
     saved = read_back(build_deployment(args).apply())
@@ -98,7 +99,7 @@ def test_serve_rejects_a_bad_schedule_in_one_line(capsys, dataset_zip, tmp_path)
 def test_prefect_yaml_declares_the_same_deployment() -> None:
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     [deployment] = config["deployments"]
-    assert deployment["name"] == _serve_parser().get_default("name") == "scheduled-retraining"
+    assert deployment["name"] == serve_parser().get_default("name") == "scheduled-retraining"
     assert deployment["entrypoint"] == ENTRYPOINT
     assert deployment["work_pool"]["name"] == "catdog-process"
     assert deployment["schedules"] == [{"cron": CRON, "timezone": "UTC", "active": True}]
@@ -114,7 +115,7 @@ def test_prefect_yaml_declares_the_same_deployment() -> None:
 def test_deployment_run_with_an_unknown_model_is_refused_at_once(dataset_zip, tmp_path) -> None:
     from prefect.exceptions import PrefectHTTPStatusError
 
-    args = _serve_parser().parse_args(serve_args(dataset_zip, tmp_path, "--interval", "3600"))
+    args = serve_parser().parse_args(serve_args(dataset_zip, tmp_path, "--interval", "3600"))
     deployment_id = build_deployment(args).apply()
     with get_client(sync_client=True) as client, pytest.raises(PrefectHTTPStatusError) as info:
         client.create_flow_run_from_deployment(deployment_id, parameters={"models": ["model9"]})
@@ -128,7 +129,7 @@ def test_deployment_run_with_a_bad_weights_file_fails_before_any_stage(
     from prefect.flow_engine import run_flow
 
     artifacts = tmp_path / "artifacts"
-    args = _serve_parser().parse_args(serve_args(dataset_zip, artifacts, "--interval", "3600"))
+    args = serve_parser().parse_args(serve_args(dataset_zip, artifacts, "--interval", "3600"))
     deployment_id = build_deployment(args).apply()
     bad = tmp_path / "weights.bin"
     bad.write_bytes(b"not weights")

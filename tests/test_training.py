@@ -173,7 +173,7 @@ def test_head_on_cached_features_then_fine_tune(data, tmp_path):
     )
     assert len(tuned.history["val_accuracy"]) == 3  # 2 head epochs + 1 fine-tuning epoch
     assert tuned.trainable_params > result.trainable_params
-    assert tuned.best_epoch == 2 and tuned.extra["saved_from"] == "model4"
+    assert tuned.best_epoch == 2 and tuned.saved_from == "model4"
     assert (tuned_dir / "model.keras").read_bytes() == (head_dir / "model.keras").read_bytes()
     assert (tuned_dir / "final.keras").read_bytes() != (head_dir / "model.keras").read_bytes()
 
@@ -204,7 +204,7 @@ result = train(
     input_shape=(32, 32, 3),
     images=lambda: TrainingData(x, y, x[:8], y[:8], 2),
 )
-print(json.dumps({"replicas": result.extra["replicas"], "epochs": len(result.epoch_seconds)}))
+print(json.dumps({"replicas": result.replicas, "epochs": len(result.epoch_seconds)}))
 """
 
 

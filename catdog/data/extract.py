@@ -67,7 +67,7 @@ def _is_litter_dir(name: str) -> bool:
     return name in _LITTER_DIRS or name.startswith(".")
 
 
-def _member_parts(archive: Path, info: zipfile.ZipInfo) -> tuple[str, ...]:
+def _member_parts(archive: str, info: zipfile.ZipInfo) -> tuple[str, ...]:
     """The member's path components, or ArchiveError if the name could escape `dest`."""
     name = info.filename
     # Some Windows tools write backslashes; on POSIX they would silently become part of a file
@@ -86,7 +86,7 @@ def _member_parts(archive: Path, info: zipfile.ZipInfo) -> tuple[str, ...]:
     return parts
 
 
-def _check_member_type(archive: Path, info: zipfile.ZipInfo) -> None:
+def _check_member_type(archive: str, info: zipfile.ZipInfo) -> None:
     mode = info.external_attr >> 16
     kind = stat.S_IFMT(mode)
     if stat.S_ISLNK(mode):
@@ -126,7 +126,7 @@ def _open_zip(archive: Path) -> zipfile.ZipFile:
 
 
 def _check_conflicts(
-    archive: Path,
+    archive: str,
     info: zipfile.ZipInfo,
     parts: tuple[str, ...],
     files: dict[tuple[str, ...], str],
@@ -153,7 +153,7 @@ def _check_conflicts(
 
 
 def _plan(
-    archive: Path, zf: zipfile.ZipFile, limits: ExtractLimits
+    archive: str, zf: zipfile.ZipFile, limits: ExtractLimits
 ) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
     """Check every member and list those to extract; raise before anything is written."""
     infos = zf.infolist()
@@ -212,7 +212,9 @@ def _copy_limited(source: IO[bytes], target: IO[bytes], limit: int, what: str) -
     return written
 
 
-def extract_archive(archive: Path, dest: Path, limits: ExtractLimits = ExtractLimits()) -> Path:
+def extract_archive(
+    archive: Path, dest: Path, limits: ExtractLimits = ExtractLimits(), *, name: str | None = None
+) -> Path:
     """Safely extract a zip archive into `dest`.
 
     All members are checked before anything is written; the archive is extracted into a
@@ -226,6 +228,8 @@ def extract_archive(archive: Path, dest: Path, limits: ExtractLimits = ExtractLi
         archive: Path of the zip file.
         dest: Folder to create with the archive's content.
         limits: Size, compression-ratio and member-count limits (zip-bomb protection).
+        name: What to call the archive in messages (where the user's copy came from);
+            default its path.
 
     Returns:
         `dest`.
@@ -238,13 +242,14 @@ def extract_archive(archive: Path, dest: Path, limits: ExtractLimits = ExtractLi
     """
     archive = Path(archive)
     dest = Path(dest)
+    shown = name or str(archive)
     with _open_zip(archive) as zf:
-        plan = _plan(archive, zf, limits)
+        plan = _plan(shown, zf, limits)
         if dest.is_dir() and any(dest.iterdir()):
             logger.info("%s already holds an extraction of %s; keeping it", dest, archive.name)
             return dest
         if dest.exists() and not dest.is_dir():
-            raise ArchiveError(f"cannot extract {archive} to {dest}: a file of that name exists")
+            raise ArchiveError(f"cannot extract {shown} to {dest}: a file of that name exists")
         if dest.is_dir():
             # An empty folder (made by a user or a tool) would block the final rename.
             dest.rmdir()
@@ -257,14 +262,14 @@ def extract_archive(archive: Path, dest: Path, limits: ExtractLimits = ExtractLi
                 # (odd Unicode, a folder that turned into a link) before writing.
                 if not target.resolve().is_relative_to(base):
                     raise ArchiveError(
-                        f"{archive}: member {info.filename!r} resolves outside the "
+                        f"{shown}: member {info.filename!r} resolves outside the "
                         "destination folder; refusing to extract"
                     )
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
-                what = f"{archive}: member {info.filename!r}"
+                what = f"{shown}: member {info.filename!r}"
                 try:
                     with zf.open(info) as source, open(target, "xb") as out:
                         written = _copy_limited(source, out, info.file_size, what)
@@ -276,7 +281,7 @@ def extract_archive(archive: Path, dest: Path, limits: ExtractLimits = ExtractLi
                 written_total += written
                 if written_total > limits.max_total_bytes:
                     raise ArchiveError(
-                        f"{archive} unpacks to more than {limits.max_total_bytes} bytes; "
+                        f"{shown} unpacks to more than {limits.max_total_bytes} bytes; "
                         "refusing to extract"
                     )
     logger.info("extracted %d entries (%d bytes) from %s", len(plan), written_total, archive)

@@ -1,0 +1,144 @@
+"""What each stage returns: a small typed record naming its output folder and a few facts.
+
+Records cross the layers (library, tasks, flow, report) and the wire (Dask, Prefect's JSON
+results), so they hold plain JSON values only, never arrays or TensorFlow objects: a folder
+relative to the artifacts root, the cache key that names it, the hash of every file in it,
+and what a later stage or the report needs to know without opening the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Record:
+    """What every stage output has."""
+
+    key: str  # the cache key, also the output folder's name
+    dir: str  # the output folder, relative to the artifacts root
+    files: dict[str, str] = field(default_factory=dict)  # file (relative) -> sha256
+    seconds: float = 0.0  # time its stage took to compute it (a cached record keeps it)
+
+    def identity(self) -> Any:
+        """What this record contributes to a later stage's cache key."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ArchiveRecord(Record):
+    """The dataset as downloaded: `archive.zip` in its folder, or a folder used in place."""
+
+    kind: str = "zip"  # "url", "zip" or "folder"
+    content: str = ""  # "sha256:<hash>" of the archive, or a folder's listing fingerprint
+    root: str | None = None  # a folder source's absolute path
+    source: str = ""  # where it came from, as given (for messages; not part of its identity)
+
+    def identity(self) -> Any:
+        # The same bytes, however they were fetched, are one dataset: two URLs (or a URL and
+        # a local copy) that serve the same archive share every later stage.
+        return {"content": self.content}
+
+
+@dataclass(frozen=True)
+class ImagesRecord(Record):
+    root: str = ""  # the extracted images, relative to the artifacts root, or a folder source
+
+
+@dataclass(frozen=True)
+class ManifestRecord(Record):
+    root: str = ""  # the folder the manifest's image paths are relative to
+    layout: str = ""  # "train_validation", "train_validation_test" or "single_root"
+    classes: list[str] = field(default_factory=list)
+    images: int = 0  # usable images
+    skipped: int = 0  # files left out, with their reasons in the manifest
+    manifest_hash: str = ""
+
+
+@dataclass(frozen=True)
+class SplitRecord(Record):
+    root: str = ""
+    classes: list[str] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)  # images per split
+    split_hash: str = ""  # names the split for everything downstream
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+
+
+@dataclass(frozen=True)
+class CountsRecord(Record):
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # [split][class]
+    baseline: dict[str, float] = field(default_factory=dict)  # majority-class accuracy per split
+    majority_class: str = ""
+    imbalance_warning: str | None = None
+
+
+@dataclass(frozen=True)
+class FiguresRecord(Record):
+    """`samples.png` and `augmentation.png`."""
+
+
+@dataclass(frozen=True)
+class ArraysRecord(Record):
+    image_size: int = 0  # the decoded images' square side
+    classes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FeaturesRecord(Record):
+    model: str = ""  # the frozen-base model whose base computed them
+    views: int = 1  # cached views per training image
+    dim: int = 0  # length of a feature vector
+
+
+@dataclass(frozen=True)
+class TrainedRecord(Record):
+    model: str = ""
+    epochs: int = 0
+    history: dict[str, list[float]] = field(default_factory=dict)  # Keras-style, per epoch
+    epoch_seconds: list[float] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based; the epoch `model.keras` holds
+    saved_from: str = ""  # whose weights that epoch's file holds (fine-tuning may ship its start)
+    replicas: int = 1  # devices one batch was split over
+    trainable_params: int = 0
+    total_params: int = 0
+    worker: dict[str, Any] = field(default_factory=dict)  # host and pid that trained it
+    settings: dict[str, Any] = field(default_factory=dict)  # the settings that key it
+    seed: int = 0
+    weights: str | None = None
+    inputs: dict[str, str | None] = field(default_factory=dict)  # keys of what it read
+
+
+@dataclass(frozen=True)
+class EvaluationRecord(Record):
+    model: str = ""
+    accuracy: float = 0.0  # on the test split
+    loss: float = 0.0
+    macro_f1: float = 0.0
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
+    confusion_matrix: list[list[int]] = field(default_factory=list)
+    predictions: list[int] = field(default_factory=list)  # class per test image, split order
+
+
+@dataclass(frozen=True)
+class PromotionRecord:
+    """The promotion gate's decision (no folder of its own: it writes `production/`)."""
+
+    promoted: bool
+    reason: str
+    candidate: str
+    candidate_epoch: int
+    margin: float
+    candidate_accuracy: float | None = None
+    production_accuracy: float | None = None
+    evidence: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ReportRecord:
+    """Where the run's summary and report are."""
+
+    summary: str
+    report: str
+    best_model: str | None = None

@@ -1,0 +1,47 @@
+"""What a run prints in the terminal when something fails: one line, not a traceback.
+
+Prefect logs every failed task and flow run with its traceback. The Prefect API keeps those
+tracebacks (the UI shows them under the run's logs); the terminal gets each record's message
+alone, unless `CATDOG_DEBUG=1` (or `--debug`) asks for everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+DEBUG_ENV = "CATDOG_DEBUG"
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+class WithoutTraceback(logging.Formatter):
+    """Formats a record as `formatter` does, leaving its traceback out."""
+
+    def __init__(self, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.formatter = formatter
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info or record.exc_text or record.stack_info):
+            return self.formatter.format(record)
+        plain = logging.makeLogRecord(record.__dict__)
+        plain.exc_info = plain.exc_text = plain.stack_info = None
+        return self.formatter.format(plain)
+
+
+def quiet_tracebacks() -> None:
+    """Keep tracebacks out of the terminal's log lines (not out of the API's), unless debugging."""
+    if debugging():
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(
+                handler.formatter, WithoutTraceback
+            ):
+                handler.setFormatter(WithoutTraceback(handler.formatter or logging.Formatter()))

@@ -1,0 +1,241 @@
+"""File locks for Prefect's cache that a crashed run cannot leave behind.
+
+Runs (and the workers of a Dask cluster) that share an artifacts folder take turns computing
+one cache key: SERIALIZABLE isolation asks a lock manager for the key, and a second run waits,
+then finds the first one's result. Prefect's own file locks never expire, so a run killed while
+holding one (a kill, an out-of-memory crash, a lost host) would make every later run wait
+forever. This manager implements Prefect's public `LockManager` protocol with lock files that
+name the process holding them ("host:pid"), which that process touches every
+HEARTBEAT_SECONDS. A lock is free again when its process, on this machine, no longer exists;
+or, held from another machine, when it has not been touched for `hold_timeout()` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from catdog.io import exclusive_lock
+
+log = logging.getLogger(__name__)
+
+# A lock held from another host cannot be checked by pid: a lock untouched for this many
+# seconds counts as abandoned. Raise it where the shared filesystem can stall for longer.
+HOLD_TIMEOUT_ENV = "CATDOG_LOCK_HOLD_TIMEOUT"
+DEFAULT_HOLD_TIMEOUT = 300.0
+HEARTBEAT_SECONDS = 30.0
+POLL_SECONDS = 0.1
+
+
+def hold_timeout() -> float:
+    """Seconds without a heartbeat after which another host's lock is abandoned."""
+    value = os.environ.get(HOLD_TIMEOUT_ENV, "")
+    try:
+        return float(value) if value else DEFAULT_HOLD_TIMEOUT
+    except ValueError:
+        log.warning(
+            "%s=%r is not a number of seconds; using %.0f",
+            HOLD_TIMEOUT_ENV,
+            value,
+            DEFAULT_HOLD_TIMEOUT,
+        )
+        return DEFAULT_HOLD_TIMEOUT
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat:
+    """One daemon thread per process that touches the lock files it holds."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._held: set[Path] = set()
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, lock_file: Path) -> None:
+        with self._guard:
+            self._held.add(lock_file)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._beat, name="lock-heartbeat", daemon=True
+                )
+                self._thread.start()
+
+    def drop(self, lock_file: Path) -> None:
+        with self._guard:
+            self._held.discard(lock_file)
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._guard:
+                held = list(self._held)
+            for lock_file in held:
+                with contextlib.suppress(OSError):
+                    os.utime(lock_file)
+
+
+HEARTBEAT = Heartbeat(HEARTBEAT_SECONDS)
+
+
+def process_is_gone(owner: str, seconds_since_heartbeat: float) -> bool:
+    """True when `owner` ("host:pid") names a process of this machine that has ended (or is
+    a zombie nobody reaped), or a process elsewhere whose heartbeat stopped."""
+    host, _, pid = owner.partition(":")
+    if host != socket.gethostname():
+        return seconds_since_heartbeat > hold_timeout()
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # the third field of /proc/PID/stat is the state; Z: exited, not yet reaped
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state == "Z"
+
+
+class ArtifactsLockManager:
+    """Prefect's `LockManager` protocol over lock files in one folder, one file per key.
+
+    A lock file is created exclusively (O_EXCL) and holds JSON: the holder Prefect names, the
+    process ("host:pid") and, if asked for, when the hold expires.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def __eq__(self, other: object) -> bool:  # Prefect compares the managers of two policies
+        return isinstance(other, ArtifactsLockManager) and other.directory == self.directory
+
+    def __hash__(self) -> int:
+        return hash(self.directory)
+
+    def lock_file(self, key: str) -> Path:
+        return self.directory / f"{key}.lock"
+
+    def _read(self, key: str) -> dict[str, Any] | None:
+        """The lock's content; {} while its creator has not written it yet; None if free."""
+        try:
+            text = self.lock_file(key).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            return dict(json.loads(text)) if text else {}
+        except ValueError:
+            return {}
+
+    def _abandoned(self, key: str, content: dict[str, Any]) -> bool:
+        path = self.lock_file(key)
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        if content.get("expires") is not None and time.time() > float(content["expires"]):
+            return True
+        owner = content.get("process")
+        if not owner:  # just created, its content not written yet: alive
+            return False
+        return process_is_gone(str(owner), age)
+
+    def _clear_if_abandoned(self, key: str) -> bool:
+        """Remove the lock if its holder is gone; True if it is free now. Checked again under
+        a guard, so that two waiters never remove a lock that one of them just took."""
+        content = self._read(key)
+        if content is None:
+            return True
+        if not self._abandoned(key, content):
+            return False
+        with exclusive_lock(self.directory / ".abandoned.guard"):
+            content = self._read(key)
+            if content is None:
+                return True
+            if not self._abandoned(key, content):
+                return False
+            log.warning(
+                "releasing the lock on %s left by %s, which is gone", key, content.get("process")
+            )
+            self.lock_file(key).unlink(missing_ok=True)
+        return True
+
+    def _try_acquire(self, key: str, holder: str, hold_timeout: float | None) -> bool:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.lock_file(key)
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            content = self._read(key)
+            return bool(content) and content.get("holder") == holder
+        expires = time.time() + hold_timeout if hold_timeout is not None else None
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump({"holder": holder, "process": this_process(), "expires": expires}, handle)
+        HEARTBEAT.hold(path)
+        return True
+
+    def acquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while True:
+            if self._try_acquire(key, holder, hold_timeout):
+                return True
+            if self._clear_if_abandoned(key):
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_SECONDS)
+
+    async def aacquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        return await asyncio.to_thread(
+            self.acquire_lock, key, holder, acquire_timeout, hold_timeout
+        )
+
+    def release_lock(self, key: str, holder: str) -> None:
+        if not self.is_lock_holder(key, holder):
+            raise ValueError(f"no lock on {key} is held by {holder}")
+        path = self.lock_file(key)
+        HEARTBEAT.drop(path)
+        path.unlink(missing_ok=True)
+
+    def is_locked(self, key: str) -> bool:
+        return not self._clear_if_abandoned(key)
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        content = self._read(key)
+        return bool(content) and content.get("holder") == holder
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_SECONDS)
+        return True
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return await asyncio.to_thread(self.wait_for_lock, key, timeout)
