@@ -23,8 +23,9 @@ class Record:
     seconds: float = 0.0  # time its stage took to compute it (a cached record keeps it)
 
     def identity(self) -> Any:
-        """What this record contributes to a later stage's cache key."""
-        return dataclasses.asdict(self)
+        """What this record contributes to a later stage's cache key: what it is, not how
+        long it took."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "seconds"}
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate",
         "evaluate_model",
-        "04_models",
+        "04_evaluations",
         ("catdog.evaluation", "catdog.plots"),
         EvaluationRecord,
         label="evaluate_model[{model}]",

@@ -137,6 +137,8 @@ def train_flow(
                     views=feature_views,
                     seed=seed,
                 )
+        for name in to_train:
+            entry = catalog.spec(name)
             trained[name] = run.submit(
                 "train",
                 model=name,

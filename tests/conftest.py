@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import threading
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -213,3 +217,79 @@ def flow_env(home: Path, **extra: str) -> dict[str, str]:
     """The environment of a flow subprocess: this one's, its own Prefect home, this test
     session's API (`api_env`), and `extra`."""
     return {**os.environ, "PREFECT_HOME": str(home), **api_env(), **extra}
+
+
+# ----------------------------------------------------------------------------- a Dask cluster
+
+# Thread counts change how TensorFlow rounds its sums; with the same count, the same numbers.
+ONE_TF_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class DaskCluster:
+    address: str
+    workers: list[subprocess.Popen]
+
+    @property
+    def worker_pids(self) -> set[int]:
+        return {worker.pid for worker in self.workers if worker.poll() is None}
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path) -> Iterator[DaskCluster]:
+    """`dask scheduler` and two `dask worker` processes without nannies (a killed worker stays
+    dead), one task and one TensorFlow thread each, as the README's "Scaling out" starts them."""
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, **ONE_TF_THREAD, "PREFECT_LOGGING_EXTRA_LOGGERS": "catdog,tasks"}
+    dask = [sys.executable, "-m", "dask"]
+    logs = tmp_path / "dask-logs"
+    logs.mkdir()
+    files = contextlib.ExitStack()
+    processes = [
+        subprocess.Popen(
+            [*dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=files.enter_context((logs / "scheduler.log").open("w")),
+        )
+    ]
+    try:
+        for i in range(2):
+            processes.append(
+                subprocess.Popen(
+                    [
+                        *dask,
+                        "worker",
+                        address,
+                        "--nthreads",
+                        "1",
+                        "--no-nanny",
+                        "--no-dashboard",
+                        "--name",
+                        f"worker-{i}",
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=files.enter_context((logs / f"worker-{i}.log").open("w")),
+                    cwd=tmp_path,
+                )
+            )
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield DaskCluster(address, processes[1:])
+    finally:
+        for process in reversed(processes):
+            process.kill()
+            process.wait()
+        files.close()
+
+

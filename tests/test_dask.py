@@ -3,96 +3,22 @@ here from the project's own environment, and the temporary cluster of `--runner 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ALWAYS_RUN, flow_command, flow_env
+from tests.conftest import ALWAYS_RUN, ONE_TF_THREAD, flow_command, flow_env, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 MODELS = "model1,model2"
-# Thread counts change how TensorFlow rounds its sums; with the same count, the same numbers.
-ONE_TF_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 STAGES_RERUN_EVERY_TIME = ALWAYS_RUN
-
-
-def _free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class DaskCluster:
-    address: str
-    workers: list[subprocess.Popen]
-
-    @property
-    def worker_pids(self) -> set[int]:
-        return {worker.pid for worker in self.workers if worker.poll() is None}
-
-
-@pytest.fixture
-def dask_cluster(tmp_path: Path) -> Iterator[DaskCluster]:
-    """`dask scheduler` and two `dask worker` processes without nannies (a killed worker stays
-    dead), one task and one TensorFlow thread each, as the README's "Scaling out" starts them."""
-    from distributed import Client
-
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, **ONE_TF_THREAD, "PREFECT_LOGGING_EXTRA_LOGGERS": "catdog,tasks"}
-    dask = [sys.executable, "-m", "dask"]
-    logs = tmp_path / "dask-logs"
-    logs.mkdir()
-    files = contextlib.ExitStack()
-    processes = [
-        subprocess.Popen(
-            [*dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=files.enter_context((logs / "scheduler.log").open("w")),
-        )
-    ]
-    try:
-        for i in range(2):
-            processes.append(
-                subprocess.Popen(
-                    [
-                        *dask,
-                        "worker",
-                        address,
-                        "--nthreads",
-                        "1",
-                        "--no-nanny",
-                        "--no-dashboard",
-                        "--name",
-                        f"worker-{i}",
-                    ],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=files.enter_context((logs / f"worker-{i}.log").open("w")),
-                    cwd=tmp_path,
-                )
-            )
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
-        yield DaskCluster(address, processes[1:])
-    finally:
-        for process in reversed(processes):
-            process.kill()
-            process.wait()
-        files.close()
 
 
 def _run(command: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
@@ -252,10 +178,34 @@ def _task_run_logs(flow_run_id: str, task_run_name: str) -> str:
     return "\n".join(log.message for log in logs)
 
 
+def test_a_cluster_without_a_lasting_prefect_api_is_refused_before_any_work(
+    dataset_zip, tmp_path
+):
+    """The README's cluster recipe needs `prefect server start`: a run's own temporary API goes
+    with the run, and the cluster's long-lived workers would report to it on the next run."""
+    artifacts = tmp_path / "artifacts"
+    with socket.create_server(("127.0.0.1", 0)) as scheduler:  # answers like a scheduler
+        address = f"tcp://127.0.0.1:{scheduler.getsockname()[1]}"
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+        env.pop("PREFECT_API_URL", None)
+        result = subprocess.run(
+            [*flow_command(dataset_zip, artifacts, epochs=1), "--dask-address", address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1 and "need a Prefect server that outlives this run" in errors[0]
+    assert "prefect server start" in errors[0] and "PREFECT_API_URL" in errors[0]
+    assert not artifacts.exists()
+
+
 def test_an_unreachable_address_or_no_workers_stops_before_any_work(dataset_zip, tmp_path):
     artifacts = tmp_path / "artifacts"
     command = flow_command(dataset_zip, artifacts, epochs=1)
-    closed = f"tcp://127.0.0.1:{_free_port()}"
+    closed = f"tcp://127.0.0.1:{free_port()}"
     for extra, expected in (
         (["--dask-address", closed], f"--dask-address {closed}: no Dask scheduler answers"),
         (["--runner", "dask", "--workers", "0"], "--workers: '0': must be a whole number"),

@@ -69,7 +69,13 @@ def check_zip(path: Path, label: str | None = None) -> None:
         if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
         and not set(PurePosixPath(name).parts) & LITTER_DIRS
     }
-    if not _has_class_folders(image_dirs):
+    classes = _most_classes(image_dirs)
+    if len(classes) == 1:
+        raise DataError(
+            f"--data {label}: only one class folder ({next(iter(classes))}/); a classifier "
+            "needs at least two"
+        )
+    if not classes:
         raise DataError(
             f"--data {label}: no class folders found; expected train/ and validation/ "
             "each with one folder per class, or one folder per class (at the top or one "
@@ -77,20 +83,22 @@ def check_zip(path: Path, label: str | None = None) -> None:
         )
 
 
-def _has_class_folders(image_dirs: set[PurePosixPath]) -> bool:
-    """Whether some root at depth 0 or 1 has split folders of classes, or >= 2 class folders."""
+def _most_classes(image_dirs: set[PurePosixPath]) -> set[str]:
+    """The class folders of the layout with the most of them, at depth 0 or 1: split folders
+    (train/ and validation/ or test/) of classes, or class folders of images; empty if none."""
     candidates = {PurePosixPath(".")} | {
         PurePosixPath(d.parts[0]) for d in image_dirs if len(d.parts) > 1
     }
+
+    def classes_under(folder: PurePosixPath) -> set[str]:
+        return {d.name for d in image_dirs if d.parent == folder}
+
+    found: set[str] = set()
     for root in candidates:
-
-        def classes_under(folder: PurePosixPath) -> set[str]:
-            return {d.name for d in image_dirs if d.parent == folder}
-
         prefix = PurePosixPath() if root == PurePosixPath(".") else root
-        splits = [classes_under(prefix / name) for name in SPLIT_DIRS]
-        if len(splits[0]) >= 2 and (len(splits[1]) >= 2 or len(splits[2]) >= 2):
-            return True
-        if len(classes_under(prefix)) >= 2:
-            return True
-    return False
+        train, validation, val, test = (classes_under(prefix / name) for name in SPLIT_DIRS)
+        layouts = [classes_under(prefix)]
+        if train and (validation or val or test):
+            layouts.append(train)
+        found = max([found, *layouts], key=len)
+    return found

@@ -1,0 +1,371 @@
+"""How a run ends when a stage fails: one `error:` line naming the stage and its cause, exit
+code 2 for bad input and 1 for anything else, no traceback, nothing half-written, the rest of
+the run stopped, and a rerun that reuses every stage before the one that failed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from catdog.errors import DataError, RunStopped, StageFailed, StageInputError
+from catdog.layout import STAGE_DIRS
+from catdog.stages import STAGES
+from flows.pipeline import settle
+from tests.conftest import ALWAYS_RUN, flow_command, flow_env, make_dataset, zip_folder
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+# ----------------------------------------------------------------------------- settle alone
+
+
+@task
+def passes(value: int) -> int:
+    return value
+
+
+@task
+def fails(kind: type[Exception], message: str) -> None:
+    raise kind(message)
+
+
+@task
+def takes_a_while(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@task
+def leaves_a_mark(path: Path) -> None:
+    path.write_text("ran")
+
+
+def test_settle_raises_the_first_failure_and_never_starts_what_was_queued(tmp_path):
+    stops: list[str] = []
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=1))
+    def run() -> None:
+        futures = {
+            "first": passes.submit(1),
+            "broken[a]": fails.submit(DataError, "--data x.zip: only one class folder"),
+            "after": passes.submit(2, wait_for=[]),
+            # Runs while settle hears of the failure; what is queued behind it never starts.
+            "busy": takes_a_while.submit(1.0),
+            "queued": leaves_a_mark.submit(tmp_path / "queued"),
+        }
+        futures["downstream"] = passes.submit(futures["broken[a]"])
+        settle(futures, stops.append)
+
+    with pytest.raises(StageInputError) as raised:
+        run()
+    assert str(raised.value) == "broken[a] failed: --data x.zip: only one class folder"
+    assert isinstance(raised.value.__cause__, DataError)
+    assert stops == ["broken[a]"]
+    assert not (tmp_path / "queued").exists()
+
+
+def test_settle_reports_the_first_real_failure_in_stage_order_with_its_type(tmp_path):
+    stops: list[str] = []
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    def run() -> None:
+        settle(
+            {
+                "stopped": fails.submit(RunStopped, "not run: the run stopped"),
+                "decode": fails.submit(OSError, "[Errno 28] No space left on device"),
+                "train": fails.submit(ValueError, "later in stage order"),
+            },
+            stops.append,
+        )
+
+    with pytest.raises(StageFailed) as raised:
+        run()
+    assert not isinstance(raised.value, StageInputError)  # not bad input: exit code 1
+    assert str(raised.value) == "decode failed: OSError: [Errno 28] No space left on device"
+    assert len(stops) == 1
+
+
+def test_settle_returns_every_ending_when_nothing_fails():
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=1))
+    def run() -> dict:
+        return settle({"a": passes.submit(1), "b": passes.submit(2)}, lambda label: None)
+
+    endings = run()
+    assert [(end.state, end.result) for end in endings.values()] == [
+        ("Completed", 1),
+        ("Completed", 2),
+    ]
+
+
+# ----------------------------------------------------------------------------- through the CLI
+
+MODELS = "model1,model4"
+LABELS = {
+    "download": "download_dataset",
+    "extract": "extract_dataset",
+    "manifest": "build_manifest",
+    "split": "split_dataset",
+    "count": "count_labels",
+    "plot": "plot_samples",
+    "decode": "decode_images[32]",
+    "features": "extract_features[model4]",
+    "train": "train_model[model1]",
+    "evaluate": "evaluate_model[model1]",
+    "promote": "promote_model",
+    "report": "write_report",
+}
+# Where a blocked stage cannot write: a cached stage's folder (model1's own, for a stage with a
+# folder per model), the gate's archive of promoted models, the run reports.
+UNCACHED_FOLDERS = {"promote": "production/models", "report": "05_reports/runs"}
+
+
+def _cli(artifacts: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    data = tmp_path / "tiny.zip"
+    if not data.exists():
+        zip_folder(make_dataset(tmp_path / "src"), data, prefix="tiny_filtered/")
+    command = [
+        *flow_command(data, artifacts, epochs=1, models=MODELS),
+        "--weights",
+        "none",
+        "--transfer-image-size",
+        "32",
+        *extra,
+    ]
+    return subprocess.run(
+        command,
+        env=flow_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+
+
+def _stage_folder(artifacts: Path, stage: str) -> Path:
+    if stage in UNCACHED_FOLDERS:
+        return artifacts / UNCACHED_FOLDERS[stage]
+    per_model = next(s for s in STAGES if s.name == stage).per_model
+    return artifacts / STAGE_DIRS[stage] / ("model1" if per_model else "")
+
+
+def _block(folder: Path) -> None:
+    """A file where the stage must write: a real failure, as of a disk or a mount gone bad."""
+    if folder.exists():
+        folder.rename(folder.with_name(folder.name + ".aside"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.write_text("in the way\n")
+
+
+def _unblock(folder: Path) -> None:
+    folder.unlink()
+    aside = folder.with_name(folder.name + ".aside")
+    if aside.exists():
+        aside.rename(folder)
+
+
+def _last_flow_run() -> tuple[object, dict[str, object]]:
+    """The newest flow run in this session's API, and its task runs' states by run name."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+        )
+    # Stages named without an input ("promote_model") get a random suffix from Prefect.
+    return run, {
+        (t.name if "[" in t.name else t.name.rsplit("-", 1)[0]): t.state for t in task_runs
+    }
+
+
+def _leftovers(artifacts: Path) -> list[Path]:
+    return [p for p in artifacts.rglob("*") if ".tmp" in p.name or p.name.endswith(".aside")]
+
+
+def _fail_at_every_stage_in_turn(tmp_path: Path, *runner: str) -> None:
+    """On a fresh artifacts folder, block each stage in turn, in stage order: each run fails at
+    its stage; the next, that cause removed, computes the stage and reuses every one before."""
+    artifacts = tmp_path / "artifacts"
+    order = list(LABELS)
+    reusable: set[str] = set()  # stages completed by earlier runs
+    for number, stage in enumerate(order):
+        summary = artifacts / "summary.json"
+        summary_before = summary.read_bytes() if summary.exists() else None
+        folder = _stage_folder(artifacts, stage)
+        _block(folder)
+        result = _cli(artifacts, tmp_path, *runner)
+        _unblock(folder)
+
+        label = LABELS[stage]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 1, (stage, result.stderr[-3000:])
+        assert len(errors) == 1 and errors[0].startswith(f"error: {label} failed: "), errors
+        assert "Traceback" not in result.stderr + result.stdout, stage
+        assert not _leftovers(artifacts), (stage, _leftovers(artifacts))
+        assert (summary.read_bytes() if summary.exists() else None) == summary_before, stage
+        assert not list(artifacts.glob("05_reports/runs/*")), stage  # no report of a failed run
+
+        run, states = _last_flow_run()
+        assert run.state.is_failed() and errors[0].removeprefix("error: ") in run.state.message
+        assert states[label].name == "Failed", (stage, states[label])
+        for earlier in reusable & states.keys():
+            assert states[earlier].name == "Cached", (stage, earlier, states[earlier])
+        if number:
+            # The stage that failed last time ran, its cause removed; on a cluster it may
+            # instead have been stopped, running beside the stage that failed this time.
+            before = states[LABELS[order[number - 1]]]
+            stopped = runner and before.name == "Failed" and "RunStopped" in before.message
+            assert before.name == "Completed" or stopped, (stage, before)
+        reusable |= {
+            name
+            for name, state in states.items()
+            if state.name in ("Completed", "Cached") and name not in ALWAYS_RUN
+        }
+
+    rerun = _cli(artifacts, tmp_path, *runner)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads((artifacts / "summary.json").read_text())
+    assert {task for task, state in summary["tasks"].items() if state != "Cached"} == ALWAYS_RUN
+
+
+def test_a_failure_at_every_stage_ends_in_one_line_and_a_rerun_resumes(tmp_path):
+    _fail_at_every_stage_in_turn(tmp_path)
+
+
+def test_the_same_on_a_running_dask_cluster(tmp_path, dask_cluster):
+    _fail_at_every_stage_in_turn(tmp_path, "--dask-address", dask_cluster.address)
+
+
+# ----------------------------------------------------------------------------- hostile data
+
+
+def _archive(path: Path, members: list[tuple[zipfile.ZipInfo | str, bytes]]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for member, data in members:
+            archive.writestr(member, data)
+    return path
+
+
+def _symlink(name: str) -> zipfile.ZipInfo:
+    import stat
+
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+def _with_images(tmp_path: Path, extra: list) -> list:
+    images = make_dataset(tmp_path / "good", train=2, validation=2)
+    members = [
+        (f"d/{path.relative_to(images).as_posix()}", path.read_bytes())
+        for path in sorted(images.rglob("*.jpg"))
+    ]
+    return members + extra
+
+
+HOSTILE = {
+    "traversal": (lambda t: _with_images(t, [("d/../../x.jpg", b"x")]), "contains '..'"),
+    "absolute": (lambda t: _with_images(t, [("/tmp/x.jpg", b"x")]), "has an absolute path"),
+    "symlink": (lambda t: _with_images(t, [(_symlink("d/train/cats/l.jpg"), b"/etc")]), "link"),
+    "bomb": (lambda t: _with_images(t, [("d/zeros.bin", bytes(3 << 20))]), "likely zip bomb"),
+    "no images": (lambda t: [("d/readme.txt", b"no images")], "no class folders found"),
+    "one class": (
+        lambda t: [
+            (f"d/{split}/cats/{i}.jpg", b"x") for split in ("train", "validation") for i in (0, 1)
+        ],
+        "only one class folder (cats/)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_or_unusable_archives_end_in_one_line_and_exit_2(tmp_path, case):
+    members, expected = HOSTILE[case]
+    data = _archive(tmp_path / "data.zip", members(tmp_path))
+    artifacts = tmp_path / "artifacts"
+    command = flow_command(data, artifacts, epochs=1)
+    result = subprocess.run(
+        command, env=flow_env(tmp_path / "home"), capture_output=True, text=True, timeout=600
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(errors) == 1 and expected in errors[0] and f"--data {data}" in errors[0], errors
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x.jpg").exists() and not Path("/tmp/x.jpg").exists()
+    assert not list(artifacts.glob("02_images/*"))
+
+
+# ----------------------------------------------------------------------------- stopping the rest
+
+
+def _epochs(artifacts: Path, model: str) -> list[dict]:
+    logs = list((artifacts / "04_models" / model).glob(".*.partial/train-epochs.json"))
+    return [row for log in logs for row in json.loads(log.read_text()).values()]
+
+
+@pytest.mark.parametrize("runner", ["sequential", "dask"])
+def test_a_training_that_fails_stops_the_others_within_an_epoch(tmp_path, runner, request):
+    artifacts = tmp_path / "artifacts"
+    data = zip_folder(make_dataset(tmp_path / "src", train=40), tmp_path / "tiny.zip")
+    command = [*flow_command(data, artifacts, epochs=40, models="model1,model2,model3")]
+    command += ["--image-size", "64"]  # epochs long enough to tell one from the next
+    if runner == "dask":
+        command += ["--dask-address", request.getfixturevalue("dask_cluster").address]
+    run = subprocess.Popen(
+        command,
+        env=flow_env(tmp_path / "home"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    output: dict[str, str] = {}
+    reader = threading.Thread(
+        target=lambda: output.update(zip(("out", "err"), run.communicate(timeout=600), strict=True))
+    )
+    reader.start()
+    deadline = time.monotonic() + 300
+    while len(_epochs(artifacts, "model1")) < 2:
+        assert run.poll() is None and time.monotonic() < deadline, output
+        time.sleep(0.02)
+    # model1's working folder goes bad mid-training: its next epoch cannot be saved.
+    (partial,) = (artifacts / "04_models/model1").glob(".*.partial")
+    shutil.rmtree(partial)
+    partial.write_text("in the way\n")
+    reader.join()
+
+    errors = [line for line in output["err"].splitlines() if line.startswith("error:")]
+    assert run.returncode == 1 and len(errors) == 1, output["err"][-3000:]
+    assert errors[0].startswith("error: train_model[model1] failed: ")
+    flow_run, _ = _last_flow_run()
+    assert flow_run.state.is_failed() and errors[0].removeprefix("error: ") in (
+        flow_run.state.message
+    )
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        (failed,) = [
+            t
+            for t in client.read_task_runs()
+            if t.flow_run_id == flow_run.id and t.name == "train_model[model1]"
+        ]
+    failed_at = failed.state.timestamp.timestamp()
+    after = {
+        model: sum(row["finished_at"] > failed_at for row in _epochs(artifacts, model))
+        for model in ("model2", "model3")
+    }
+    assert max(after.values()) <= 1, after
+    total = {model: len(_epochs(artifacts, model)) for model in ("model2", "model3")}
+    assert sum(total.values()) < 2 * 40, total  # neither trained to the end
+    if runner == "sequential":
+        assert total == {"model2": 0, "model3": 0}  # queued behind model1: never started
+    print(f"{runner}: epochs after model1 failed {after}, in all {total}")
