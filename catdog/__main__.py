@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from catdog.config import RUN
+
 Handler = Callable[[argparse.Namespace, list[str]], int]
 
 
@@ -48,15 +50,15 @@ def _add_cache(commands: Any) -> None:
     )
     prune.add_argument(
         "--artifacts",
-        default=os.environ.get("CATDOG_ARTIFACTS", "artifacts"),
-        help="artifacts folder (env CATDOG_ARTIFACTS; default ./artifacts)",
+        default=os.environ.get("CATDOG_ARTIFACTS", RUN.artifacts),
+        help=f"artifacts folder (env CATDOG_ARTIFACTS; default ./{RUN.artifacts})",
     )
     prune.add_argument(
         "--keep",
         type=_positive,
-        default=3,
+        default=RUN.keep_runs,
         metavar="N",
-        help="keep what the last N finished runs used (3)",
+        help=f"keep what the last N finished runs used ({RUN.keep_runs})",
     )
     prune.add_argument(
         "--dry-run", action="store_true", help="only list what would be removed and freed"
@@ -96,8 +98,8 @@ def _add_registry(commands: Any) -> None:
     )
     registry.add_argument(
         "--artifacts",
-        default=os.environ.get("CATDOG_ARTIFACTS", "artifacts"),
-        help="artifacts folder (env CATDOG_ARTIFACTS; default ./artifacts)",
+        default=os.environ.get("CATDOG_ARTIFACTS", RUN.artifacts),
+        help=f"artifacts folder (env CATDOG_ARTIFACTS; default ./{RUN.artifacts})",
     )
     registry.set_defaults(handler=_run_registry)
 
@@ -148,13 +150,7 @@ def _add_predict(commands: Any) -> None:
 
 
 def _run_predict(args: argparse.Namespace, extra: list[str]) -> int:
-    try:
-        from catdog import predict
-    except ModuleNotFoundError as error:
-        if error.name != "catdog.predict":
-            raise
-        print("error: the predict command is not available in this version", file=sys.stderr)
-        return 2
+    from catdog import predict
     from catdog.errors import CatdogError
 
     parser = argparse.ArgumentParser(

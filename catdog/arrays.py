@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from catdog.errors import DiskSpaceError
+from catdog.io import human_bytes
 
 # Errors that mean "the disk (or this process's share of it) is full", not a bug.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -41,17 +42,6 @@ class Rows(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray: ...
-
-
-def human_bytes(count: float) -> str:
-    """`count` bytes in decimal units ("221.2 KB"), as disk sizes are usually quoted."""
-    if count < 1000:
-        return f"{count:.0f} bytes"
-    for unit in ("KB", "MB"):
-        count /= 1000
-        if count < 1000:
-            return f"{count:.1f} {unit}"
-    return f"{count / 1000:.1f} GB"
 
 
 def require_space(folder: Path, needed: int, stage: str) -> None:

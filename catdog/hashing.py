@@ -27,6 +27,13 @@ def sha256_json(value: Any) -> str:
     return sha256_bytes(text.encode("utf-8"))
 
 
+def code_digest(code: str | ast.AST) -> str:
+    """Hash of Python source as the interpreter reads it: comments, blank lines and layout do
+    not count, so only an edit that changes what the code does changes a cache key."""
+    tree = ast.parse(code) if isinstance(code, str) else code
+    return sha256_bytes(ast.unparse(tree).encode("utf-8"))
+
+
 def sha256_file_uncached(path: Path) -> str:
     """SHA-256 of a file's bytes, read now (for files that are still changing)."""
     digest = hashlib.sha256()
@@ -156,7 +163,7 @@ def _module_digest(module: str) -> tuple[str, frozenset[str]]:
     if path is None:
         return "", frozenset()
     source = path.read_text(encoding="utf-8")
-    return sha256_bytes(source.encode("utf-8")), frozenset(_catdog_imports(source, module))
+    return code_digest(source), frozenset(_catdog_imports(source, module))
 
 
 @cache

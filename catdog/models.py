@@ -173,6 +173,16 @@ def make_augmentation(seed: int | None = None) -> keras.Sequential:
     )
 
 
+def _logits(num_classes: int, seeds: SeedStream) -> keras.layers.Layer:
+    # float32 logits keep the loss numerically stable under a mixed-precision policy.
+    return keras.layers.Dense(
+        num_classes,
+        kernel_initializer=seeds.glorot_uniform(),
+        name=HEAD_LAYER_NAME,
+        dtype="float32",
+    )
+
+
 def _preprocess() -> keras.layers.Layer:
     # Same arithmetic as keras.applications.mobilenet_v2.preprocess_input (x / 127.5 - 1), but
     # as a built-in layer so the model saves and loads in safe mode, which a Lambda does not.
@@ -202,13 +212,7 @@ def _cnn_layers(num_classes: int, seed: int | None) -> list[keras.layers.Layer]:
             64, activation="relu", kernel_initializer=kernels.glorot_uniform(), name="dense2"
         ),
         keras.layers.Dropout(0.5, seed=_sub_seed(seed, 2), name="dropout"),
-        # float32 logits keep the loss numerically stable under a mixed-precision policy.
-        keras.layers.Dense(
-            num_classes,
-            kernel_initializer=kernels.glorot_uniform(),
-            name=HEAD_LAYER_NAME,
-            dtype="float32",
-        ),  # logits
+        _logits(num_classes, kernels),
     ]
 
 
@@ -287,12 +291,7 @@ def make_model2(
                 64, activation="relu", kernel_initializer=kernels.glorot_uniform(), name="dense1"
             ),
             keras.layers.Dropout(0.5, seed=_sub_seed(seed, 2), name="dropout"),
-            keras.layers.Dense(
-                num_classes,
-                kernel_initializer=kernels.glorot_uniform(),
-                name=HEAD_LAYER_NAME,
-                dtype="float32",
-            ),  # logits
+            _logits(num_classes, kernels),
         ],
         name="model2",
     )
@@ -399,12 +398,7 @@ def make_model4(
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, seed=_sub_seed(seed, 2), name="dropout")(x)
-    outputs = keras.layers.Dense(
-        num_classes,
-        kernel_initializer=SeedStream(seed).glorot_uniform(),
-        name=HEAD_LAYER_NAME,
-        dtype="float32",
-    )(x)
+    outputs = _logits(num_classes, SeedStream(seed))(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -510,12 +504,7 @@ def make_head(
     seeds = SeedStream(seed)
     inputs = keras.Input(shape=(feature_dim,), dtype="float32", name="features")
     x = keras.layers.Dropout(dropout, seed=seeds.draw(), name="dropout")(inputs)
-    outputs = keras.layers.Dense(
-        num_classes,
-        kernel_initializer=seeds.glorot_uniform(),
-        name=HEAD_LAYER_NAME,
-        dtype="float32",
-    )(x)
+    outputs = _logits(num_classes, seeds)(x)
     return keras.Model(inputs, outputs, name="head_model")
 
 

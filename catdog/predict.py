@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from catdog.config import RUN
 from catdog.data.extract import IMAGE_SUFFIXES
 from catdog.errors import ModelError
 from catdog.layout import Layout
@@ -82,13 +85,11 @@ def expand(inputs: list[Path]) -> Iterator[Path]:
 def predict_files(choice: ModelChoice, files: list[Path], batch_size: int = 32) -> list[Prediction]:
     """Class and probability per file; an unreadable file gets an error, the rest go on."""
 
-    import keras
-
     from catdog.data.images import load_image
-    from catdog.evaluation import softmax
+    from catdog.evaluation import load_model, predict_logits, softmax
 
     try:
-        model = keras.models.load_model(choice.path, safe_mode=True)
+        model = load_model(choice.path)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load model {choice.path}: {error}") from error
     size = int(model.input_shape[1])
@@ -99,15 +100,21 @@ def predict_files(choice: ModelChoice, files: list[Path], batch_size: int = 32) 
             readable.append((path, load_image(path, size)))
         except (OSError, ValueError, SyntaxError) as error:
             results.append(Prediction(path, None, None, f"cannot read image: {error}"))
-    for start in range(0, len(readable), batch_size):
+    for start in range(0, len(readable), batch_size):  # decoded a batch at a time
         chunk = readable[start : start + batch_size]
-        batch = np.stack([image for _, image in chunk]).astype("float32")
-        probs = softmax(np.asarray(model.predict(batch, verbose=0)))
+        probs = softmax(predict_logits(model, np.stack([image for _, image in chunk])))
         for (path, _), row in zip(chunk, probs, strict=True):
             index = int(np.argmax(row))
             results.append(Prediction(path, choice.classes[index], float(row[index])))
     order = {path: i for i, path in enumerate(files)}
     return sorted(results, key=lambda r: order[r.path])
+
+
+def _write_rows(writer: Any, predictions: list[Prediction]) -> None:
+    writer.writerow(["path", "class", "probability"])
+    for item in predictions:
+        if not item.error:
+            writer.writerow([item.path, item.label, f"{item.probability:.4f}"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--artifacts",
         type=Path,
-        default=Path(os.environ.get("CATDOG_ARTIFACTS", "artifacts")),
+        default=Path(os.environ.get("CATDOG_ARTIFACTS", RUN.artifacts)),
         help="artifacts folder to find the production model in (default ./artifacts)",
     )
     parser.add_argument("--classes", help="comma-separated class names, if the model has none")
@@ -132,23 +139,20 @@ def run(args: argparse.Namespace) -> int:
     files = list(expand([path for path in args.inputs if path.exists()]))
     print(f"model: {choice.path} ({choice.origin})", file=sys.stderr)
     predictions = predict_files(choice, files)
-    folder_given = any(path.is_dir() for path in args.inputs)
-    writer = csv.writer(sys.stdout) if folder_given else None
-    if writer:
-        writer.writerow(["path", "class", "probability"])
     for item in predictions:
         if item.error:
             print(f"error: {item.path}: {item.error}", file=sys.stderr)
-        elif writer:
-            writer.writerow([item.path, item.label, f"{item.probability:.4f}"])
-        else:
-            print(f"{item.path}\t{item.label}\t{item.probability:.4f}")
+    if any(path.is_dir() for path in args.inputs):  # a folder: a CSV table on stdout
+        _write_rows(csv.writer(sys.stdout), predictions)
+    else:
+        for item in predictions:
+            if not item.error:
+                print(f"{item.path}\t{item.label}\t{item.probability:.4f}")
     if args.csv:
         from catdog.io import atomic_write_text
 
-        lines = ["path,class,probability"] + [
-            f"{p.path},{p.label},{p.probability:.4f}" for p in predictions if not p.error
-        ]
-        atomic_write_text(args.csv, "\n".join(lines) + "\n")
+        table = io.StringIO()
+        _write_rows(csv.writer(table), predictions)
+        atomic_write_text(args.csv, table.getvalue())
     failed = bool(missing) or any(item.error for item in predictions)
     return 1 if failed else 0

@@ -228,11 +228,7 @@ def read_registry(layout: Layout) -> dict[str, Any]:
     and `cache prune` read) and "history", every decision in order. Empty when none."""
     if not layout.registry.is_file():
         return {"history": []}
-    registry = read_json(layout.registry)
-    registry.setdefault("history", [])
-    if registry.get("model") and "archive" not in registry:  # written before it kept history
-        registry["archive"] = layout.relative(layout.production_model)
-    return registry
+    return dict(read_json(layout.registry))
 
 
 def _archive_facts(layout: Layout, archive: str, kind: str) -> Any:

@@ -25,8 +25,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from catdog.config import RUN
 from catdog.errors import CatdogError
-from catdog.io import atomic_write_json
+from catdog.io import atomic_write_json, human_bytes
 from catdog.layout import (
     PRODUCTION_DIR,
     RUNS_DIR,
@@ -36,7 +37,7 @@ from catdog.layout import (
     size_on_disk,
 )
 
-DEFAULT_KEEP = 3
+DEFAULT_KEEP = RUN.keep_runs
 LEFTOVER_AGE_SECONDS = 24 * 3600.0
 USED = "artifacts_used"
 
@@ -86,22 +87,18 @@ class PruneReport:
         ]
         if verbose:
             for removal in self.removals:
-                lines.append(f"  {verb} {self._rel(removal.path)}  ({_mb(removal.size)})")
+                lines.append(f"  {verb} {self._rel(removal.path)}  ({human_bytes(removal.size)})")
         for path in self.skipped_recent:
             lines.append(f"  kept {self._rel(path)}: newer than the last finished run")
         lines.append(
             f"{verb} {self.count('stage')} stage folder(s), {self.count('cache')} cache file(s), "
             f"{self.count('leftover')} leftover(s): {len(self.removals)} item(s), "
-            f"{_mb(self.freed_bytes)} {'would be ' if self.dry_run else ''}freed"
+            f"{human_bytes(self.freed_bytes)} {'would be ' if self.dry_run else ''}freed"
         )
         return "\n".join(lines)
 
     def _rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
 
 
 def check_artifacts(root: str | os.PathLike[str]) -> Layout:
@@ -160,7 +157,7 @@ def used_keys(summaries: Iterable[Path]) -> set[str]:
         used = data.get(USED) if isinstance(data, dict) else None
         if not isinstance(used, list):
             raise PruneError(
-                f"{summary}: no {USED!r} list (written by an older catdog), so what this run "
+                f"{summary}: no {USED!r} list (not one catdog wrote), so what this run "
                 "uses is unknown; nothing removed. Run the flow again, or lower --keep."
             )
         for entry in used:
@@ -318,7 +315,7 @@ def prune(
             shutil.rmtree(removal.path)
         else:
             removal.path.unlink(missing_ok=True)
-        log.info("removed %s (%s)", removal.path, _mb(removal.size))
+        log.info("removed %s (%s)", removal.path, human_bytes(removal.size))
     _forget_missing_hashes(layout)
     return report
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from catdog.io import human_bytes
 from catdog.promotion import shipped_val_accuracy
 
 
@@ -12,8 +13,7 @@ def _pct(value: float | None) -> str:
 
 
 def _input_size(model: dict[str, Any]) -> str:
-    size = model.get("image_size")  # absent from summaries written before it was recorded
-    return f"{size}x{size}" if size else "n/a"
+    return f"{model['image_size']}x{model['image_size']}"
 
 
 def _saved_epoch(name: str, model: dict[str, Any]) -> str:
@@ -149,10 +149,6 @@ def render_report(summary: dict[str, Any], figures: dict[str, str]) -> str:
     lines += [f"- {task}: {state}" for task, state in summary["tasks"].items()]
     disk = summary.get("disk_bytes")
     if disk:
-        lines += ["", "## Disk", "", markdown_table([_megabytes(disk)])]
+        sizes = {stage: human_bytes(size) for stage, size in disk.items()}
+        lines += ["", "## Disk", "", markdown_table([sizes])]
     return "\n".join(lines) + "\n"
-
-
-def _megabytes(disk: dict[str, int]) -> dict[str, str]:
-    """Each stage's output size in MB (`cache prune` frees the ones no recent run uses)."""
-    return {stage: f"{size / 1e6:.1f} MB" for stage, size in disk.items()}

@@ -32,7 +32,7 @@ from prefect.runtime import flow_run
 from prefect.transactions import get_transaction
 
 from catdog.errors import RunStopped
-from catdog.hashing import HashMemo, code_fingerprint, sha256_json
+from catdog.hashing import HashMemo, code_digest, code_fingerprint, sha256_json
 from catdog.io import atomic_directory, atomic_write_json, replace_directory
 from catdog.layout import RECORD_FILE, Layout
 from catdog.records import Record
@@ -105,8 +105,7 @@ def task_fingerprint(function: Callable[..., Any]) -> str:
         for node in tree.body:  # the decorator says how the task runs, not what it computes
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 node.decorator_list = []
-        # Unparsed, so that comments and formatting do not count as a change.
-        seen[name] = sha256_json(ast.unparse(tree))
+        seen[name] = code_digest(tree)
         names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
         for referenced in names:
             value = current.__globals__.get(referenced)
@@ -161,6 +160,15 @@ def current_key() -> str:
     if transaction is None or not transaction.key:
         raise RuntimeError("current_key() must be called inside a cached task")
     return transaction.key
+
+
+def raised(state: Any) -> BaseException | None:
+    """The exception a failed task run raised, for a retry condition (None if none)."""
+    try:
+        state.result()
+    except Exception as error:
+        return error
+    return None
 
 
 def check_not_stopped(layout: Layout) -> None:

@@ -28,7 +28,7 @@ from catdog.records import (
     SplitRecord,
 )
 from tasks import ui
-from tasks.caching import ContentAddressed, current_key, stage_output
+from tasks.caching import ContentAddressed, current_key, raised, stage_output
 
 MAX_RETRY_AFTER_SECONDS = 60.0
 
@@ -41,13 +41,7 @@ def _source_fingerprint(inputs: dict[str, Any]) -> str:
 
 def _retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
     """Retry timeouts, dropped connections, 5xx and 429; never a 404 or a bad checksum."""
-    try:
-        state.result()
-    except TransientDownloadError:
-        return True
-    except Exception:
-        return False
-    return False
+    return isinstance(raised(state), TransientDownloadError)
 
 
 def _portable(layout: Layout, path: Path) -> str:

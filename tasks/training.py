@@ -21,7 +21,7 @@ from catdog.records import (
     TrainedRecord,
 )
 from tasks import ui
-from tasks.caching import ContentAddressed, check_not_stopped, stage_output
+from tasks.caching import ContentAddressed, check_not_stopped, raised, stage_output
 
 
 def _weights_fingerprint(inputs: dict[str, Any]) -> str | None:
@@ -41,13 +41,7 @@ def _model_fingerprint(inputs: dict[str, Any]) -> list[str | None]:
 
 def retry_unless_stopped(task: Any, task_run: Any, state: Any) -> bool:
     """Retry a failed training (it resumes), but not one stopped because the run failed."""
-    try:
-        state.result()
-    except RunStopped:
-        return False
-    except Exception:
-        return True
-    return False
+    return not isinstance(raised(state), RunStopped | None)
 
 
 def load_arrays(layout: Layout, arrays: ArraysRecord, split: str) -> tuple[Any, Any]:

@@ -189,9 +189,11 @@ def _flow_subprocess(
     home: Path,
     pythonpath: Path | None = None,
     models: str = "model1",
+    *extra: str,
 ):
     env = flow_env(home, **({"PYTHONPATH": str(pythonpath)} if pythonpath else {}))
     command = flow_command(data, artifacts, epochs=1, checkout=pythonpath or REPO, models=models)
+    command += extra
     return subprocess.Popen(
         command,
         env=env,
@@ -265,12 +267,27 @@ def test_code_edits_rerun_their_stages_and_a_catalog_entry_adds_a_model(dataset_
     catalog_module = checkout / "catdog/catalog.py"
     source = catalog_module.read_text()
     catalog_module.write_text(source.replace("\n)\n\nCATALOG", TINY_ENTRY, 1))
-    run = _flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout, "tiny,model1")
+    # Two models whose heads train on features of the frozen base: one entry more each.
+    run = _flow_subprocess(
+        dataset_zip,
+        artifacts,
+        tmp_path / "home",
+        checkout,
+        "tiny,model1,model4,model4_again",
+        *("--weights", "none", "--transfer-image-size", "32"),
+    )
     _finish(run)
     summary = json.loads((artifacts / "summary.json").read_text())
     assert not computed(summary) & DATA_STAGES
     assert "split_dataset" in computed(summary)
-    assert set(summary["models"]) == {"tiny", "model1"}
+    assert set(summary["models"]) == {"tiny", "model1", "model4", "model4_again"}
+    features = {}
+    for name in ("model4", "model4_again"):
+        assert summary["tasks"][f"extract_features[{name}]"] == "Completed"
+        config = Path(summary["models"][name]["path"]).with_name("config.json")
+        features[name] = json.loads(config.read_text())["inputs"]["features"]
+        assert features[name] in {Path(d).name for d in summary["artifacts_used"]}
+    assert features["model4"] != features["model4_again"]
     tiny = summary["models"]["tiny"]
     assert tiny["image_size"] == 32 and tiny["epochs"] == 1
     assert tiny["total_params"] == (3 * 3 * 3 * 4 + 4) + (4 * 2 + 2)
@@ -315,6 +332,15 @@ TINY_ENTRY = """
         "tiny",
         "one convolution and a dense layer, for tests",
         "catdog.tiny:make_tiny",
+    ),
+    ModelSpec(
+        "model4_again",
+        "model4's architecture, for tests: a second head trained on cached features",
+        "catdog.models:make_model4",
+        input_size="transfer_image_size",
+        frozen_base=True,
+        trains_on_features=True,
+        settings=(*_COMMON_SETTINGS, "feature_views", "dropout"),
     ),
 )
 

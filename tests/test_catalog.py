@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import typing
 from dataclasses import fields
 
 import pytest
@@ -19,8 +18,17 @@ def test_default_run_trains_the_assignments_four_models():
     assert set(catalog.DEFAULT_MODELS) < set(catalog.MODEL_NAMES)
 
 
-def test_model_name_type_lists_every_model():
-    assert typing.get_args(catalog.ModelName) == catalog.MODEL_NAMES
+def test_a_run_accepts_every_catalog_model_and_nothing_else():
+    """What Prefect checks a deployment run's `models` against, and the command line too."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from flows.parameters import Models
+
+    models = TypeAdapter(Models)
+    assert models.validate_python(list(catalog.MODEL_NAMES)) == list(catalog.MODEL_NAMES)
+    for wrong in (["model9"], [], ["model1", "Model2"]):
+        with pytest.raises(ValidationError):
+            models.validate_python(wrong)
 
 
 def test_unknown_name_says_what_exists():

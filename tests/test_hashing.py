@@ -87,3 +87,12 @@ def test_code_fingerprint_imports_nothing_heavy():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_code_digest_ignores_comments_and_layout_but_not_what_the_code_does():
+    from catdog.hashing import code_digest
+
+    original = "def f(x):\n    return x + 1\n"
+    commented = "# why it adds one\ndef f(x):\n\n    return x + 1  # the next one\n"
+    assert code_digest(original) == code_digest(commented)
+    assert code_digest(original) != code_digest("def f(x):\n    return x + 2\n")

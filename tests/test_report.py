@@ -106,11 +106,11 @@ def test_report_without_models_has_no_best_model_or_promotion():
     assert "_none_" in text
 
 
-def test_report_lists_each_stages_disk_use_in_megabytes():
+def test_report_lists_each_stages_disk_use():
     text = render_report(
         summary(disk_bytes={"decode": 1_234_567, "train": 50_000, "total": 1_284_567}), {}
     )
     disk = text.split("## Disk", 1)[1]
     assert "| decode | train | total |" in disk
-    assert "| 1.2 MB | 0.1 MB | 1.3 MB |" in disk
+    assert "| 1.2 MB | 50.0 KB | 1.3 MB |" in disk
     assert "## Disk" not in render_report(summary(), {})

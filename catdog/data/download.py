@@ -44,28 +44,6 @@ _TRANSIENT_4XX = frozenset({408, 429})
 _CLIENT_ERROR_HINT = "check the URL or pass a local file with --data"
 
 
-def is_url(value: str) -> bool:
-    """Tell whether `value` is a URL that `download_file` can fetch.
-
-    Args:
-        value: A command-line style string: a URL or a local path.
-
-    Returns:
-        True for http(s) URLs with a host and for file:// URLs with a path; False otherwise,
-        including for plain local paths (even Windows ones like ``C:\\data.zip``).
-    """
-    try:
-        parts = urllib.parse.urlsplit(value)
-    except ValueError:
-        return False
-    scheme = parts.scheme.lower()
-    if scheme not in _URL_SCHEMES:
-        return False
-    if scheme == "file":
-        return bool(parts.path)
-    return bool(parts.netloc)
-
-
 def download_file(
     url: str,
     dest: Path,

@@ -8,7 +8,6 @@ into a temporary sibling folder that only becomes `dest` once everything succeed
 from __future__ import annotations
 
 import logging
-import os
 import re
 import stat
 import zipfile
@@ -288,7 +287,12 @@ def extract_archive(
     return dest
 
 
-def split_folders(root: Path) -> dict[str, Path]:
+# A folder on disk, or one inside a zip archive (zipfile.Path): the layout is found with the
+# same rules in both, before an archive is extracted and after.
+Folder = Path | zipfile.Path
+
+
+def split_folders(root: Folder) -> dict[str, Folder]:
     """The split folders directly under `root`, keyed by canonical split name.
 
     `train/`, `validation/` (or `val/`) and `test/` are recognised, case-insensitively.
@@ -302,8 +306,8 @@ def split_folders(root: Path) -> dict[str, Path]:
     Raises:
         DataError: Two folders map to the same split (for example `val/` and `validation/`).
     """
-    found: dict[str, Path] = {}
-    for child in sorted(Path(root).iterdir()):
+    found: dict[str, Folder] = {}
+    for child in _children(root):
         split = _SPLIT_ALIASES.get(child.name.lower())
         if split is None or not child.is_dir():
             continue
@@ -316,31 +320,29 @@ def split_folders(root: Path) -> dict[str, Path]:
     return found
 
 
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(
-        child for child in folder.iterdir() if child.is_dir() and not _is_litter_dir(child.name)
-    )
+def _children(folder: Folder) -> list[Folder]:
+    return sorted(folder.iterdir(), key=lambda child: child.name)
 
 
-def _has_direct_images(folder: Path) -> bool:
-    return any(
-        child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES and not is_litter(child.name)
-        for child in folder.iterdir()
-    )
+def _subdirs(folder: Folder) -> list[Folder]:
+    return [
+        child for child in _children(folder) if child.is_dir() and not _is_litter_dir(child.name)
+    ]
 
 
-def _has_images(folder: Path) -> bool:
-    for _dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not _is_litter_dir(d)]
-        if any(
-            Path(name).suffix.lower() in IMAGE_SUFFIXES and not is_litter(name)
-            for name in filenames
-        ):
-            return True
-    return False
+def _is_image(file: Folder) -> bool:
+    return file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES and not is_litter(file.name)
 
 
-def _check_classes_have_images(folders: list[Path]) -> None:
+def _has_direct_images(folder: Folder) -> bool:
+    return any(_is_image(child) for child in folder.iterdir())
+
+
+def _has_images(folder: Folder) -> bool:
+    return _has_direct_images(folder) or any(_has_images(sub) for sub in _subdirs(folder))
+
+
+def _check_classes_have_images(folders: list[Folder]) -> None:
     empty = [folder for folder in folders if not _has_images(folder)]
     if empty:
         names = ", ".join(str(folder) for folder in empty)
@@ -348,7 +350,7 @@ def _check_classes_have_images(folders: list[Path]) -> None:
         raise DataError(f"class folder(s) without any image files ({suffixes}): {names}")
 
 
-def _classify(folder: Path) -> tuple[str, tuple[str, ...]] | None:
+def _classify(folder: Folder) -> tuple[str, tuple[str, ...]] | None:
     """(layout, classes) if `folder` is a dataset root, None if it does not look like one."""
     splits = split_folders(folder)
     if "train" in splits and "validation" in splits:
@@ -392,7 +394,7 @@ def _classify(folder: Path) -> tuple[str, tuple[str, ...]] | None:
     return None
 
 
-def find_dataset_root(folder: Path) -> tuple[Path, str, tuple[str, ...]]:
+def find_dataset_root(folder: Folder) -> tuple[Folder, str, tuple[str, ...]]:
     """Find the image-folder dataset in `folder` or one level below it.
 
     Recognised layouts: "train_validation_test" (train/, validation/ and test/),
@@ -401,7 +403,8 @@ def find_dataset_root(folder: Path) -> tuple[Path, str, tuple[str, ...]]:
     the folders (such as the official archive's vectorize.py) and OS litter are ignored.
 
     Args:
-        folder: An extracted archive or a user's image folder.
+        folder: An extracted archive or a user's image folder, or the root of an archive not
+            extracted yet (`zipfile.Path`).
 
     Returns:
         (root, layout, classes): the dataset root, its layout and the sorted class names.
@@ -411,7 +414,7 @@ def find_dataset_root(folder: Path) -> tuple[Path, str, tuple[str, ...]]:
             folder holds no images, there are fewer than two classes, or several
             sub-folders each hold a dataset.
     """
-    folder = Path(folder)
+    folder = folder if isinstance(folder, zipfile.Path) else Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} does not exist or is not a folder")
     found = _classify(folder)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import httpx
 
+from catdog.data.sources import is_url
 from catdog.errors import DataError
 from catdog.io import atomic_write_json, read_json
 
@@ -92,7 +92,7 @@ def _unvalidated() -> str:
 
 def check_source(data: str, memo: Path, *, offline: bool) -> SourceCheck:
     """`check_url` for a URL; a local zip or folder is identified by its content instead."""
-    if urlparse(data).scheme in ("http", "https"):
+    if is_url(data):
         return check_url(data, memo, offline=offline)
     return SourceCheck("", fresh=True)
 
