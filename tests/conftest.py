@@ -291,5 +291,3 @@ def dask_cluster(tmp_path: Path) -> Iterator[DaskCluster]:
             process.kill()
             process.wait()
         files.close()
-
-

@@ -178,9 +178,7 @@ def _task_run_logs(flow_run_id: str, task_run_name: str) -> str:
     return "\n".join(log.message for log in logs)
 
 
-def test_a_cluster_without_a_lasting_prefect_api_is_refused_before_any_work(
-    dataset_zip, tmp_path
-):
+def test_a_cluster_without_a_lasting_prefect_api_is_refused_before_any_work(dataset_zip, tmp_path):
     """The README's cluster recipe needs `prefect server start`: a run's own temporary API goes
     with the run, and the cluster's long-lived workers would report to it on the next run."""
     artifacts = tmp_path / "artifacts"
