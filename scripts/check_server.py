@@ -187,7 +187,13 @@ def check_run(check: Check, run_id: UUID, ui_url: str, fresh: bool) -> None:
         states[name] = states.get(name, 0) + 1
     check.lines.append(f"  tasks {len(tasks)}: {states}")
     expected = "Completed" if fresh else "Cached"
-    stages = [t for t in tasks if not t.name.startswith("write_report")]
+    always_run = ("promote_model", "write_report")  # the gate and the report run every time
+    check.ok(
+        all(any(t.name.startswith(name) for t in tasks) for name in always_run),
+        "promote_model and write_report in the run graph",
+        "promote_model or write_report missing from the run's tasks",
+    )
+    stages = [t for t in tasks if not t.name.startswith(always_run)]
     wrong = [t.name for t in stages if not t.state or t.state.name != expected]
     check.ok(bool(stages) and not wrong, f"every stage task {expected}", f"not {expected}: {wrong}")
     by_key = {artifact.key: artifact for artifact in artifacts if artifact.key}
