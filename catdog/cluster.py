@@ -99,7 +99,7 @@ def plan_workers(workers: int | None, cpu_count: int, gpus: list[str]) -> list[W
 def check_scheduler_address(address: str, timeout: float = 5.0) -> str:
     """`address` as Dask takes it, once something answers there.
 
-    Accepts `tcp://HOST:PORT` or `HOST:PORT`.
+    Accepts `tls://HOST:PORT`, `tcp://HOST:PORT` or `HOST:PORT` (plain TCP).
 
     Raises:
         ClusterError: The address is malformed, or nothing accepts a connection there.
@@ -107,8 +107,10 @@ def check_scheduler_address(address: str, timeout: float = 5.0) -> str:
     url = address if "://" in address else f"tcp://{address}"
     scheme, _, rest = url.partition("://")
     host, _, port = rest.rpartition(":")
-    if scheme != "tcp" or not host or not port.isdigit():
-        raise ClusterError(f"--dask-address {address!r}: expected tcp://HOST:PORT")
+    if scheme not in ("tcp", "tls") or not host or not port.isdigit():
+        raise ClusterError(
+            f"--dask-address {address!r}: expected tls://HOST:PORT (or tcp://HOST:PORT)"
+        )
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass

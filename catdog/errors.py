@@ -2,7 +2,13 @@
 
 
 class CatdogError(Exception):
-    """Base class for problems caused by the input or environment, not by a bug."""
+    """Base class for problems caused by the input or environment, not by a bug.
+
+    `exit_code` is what the command line exits with: 2 when the input (the data, an option, a
+    file given) is at fault, 1 when the machine is (a full disk).
+    """
+
+    exit_code = 2
 
 
 class DataError(CatdogError):
@@ -40,10 +46,14 @@ class ModelError(CatdogError):
 class DiskSpaceError(CatdogError):
     """The artifacts' disk has too little free space for a stage's output."""
 
+    exit_code = 1
+
 
 class RunStopped(CatdogError):
-    """A stage did not run, or stopped after its current epoch, because another stage of the
+    """A stage did not start, or stopped after its current epoch, because another stage of the
     same run failed first."""
+
+    exit_code = 1
 
 
 class StageFailed(Exception):
@@ -52,6 +62,10 @@ class StageFailed(Exception):
     The message names the stage and the cause, in one line, for the terminal and the UI.
     """
 
+    exit_code = 1
+
 
 class StageInputError(StageFailed, CatdogError):
     """A stage refused its input: a hostile archive, one class, an unreachable URL (exit 2)."""
+
+    exit_code = 2

@@ -29,7 +29,7 @@ def sha256_json(value: Any) -> str:
 
 def code_digest(code: str | ast.AST) -> str:
     """Hash of Python source as the interpreter reads it: comments, blank lines and layout do
-    not count, so only an edit that changes what the code does changes a cache key."""
+    not count (docstrings do)."""
     tree = ast.parse(code) if isinstance(code, str) else code
     return sha256_bytes(ast.unparse(tree).encode("utf-8"))
 
@@ -166,9 +166,26 @@ def _module_digest(module: str) -> tuple[str, frozenset[str]]:
     return code_digest(source), frozenset(_catdog_imports(source, module))
 
 
+# Modules that say where results are stored and how they are described, not how they are
+# computed: a stage's key does not follow imports into them, so that adding a stage, a record
+# field or a default of another stage does not retrain every model. Every value of
+# catdog.config that changes a result reaches its stage as a keyed input.
+NOT_RESULT_CODE = frozenset(
+    {
+        "catdog.config",
+        "catdog.errors",
+        "catdog.io",
+        "catdog.layout",
+        "catdog.records",
+        "catdog.stages",
+    }
+)
+
+
 @cache
 def code_fingerprint(*modules: str) -> str:
-    """Hash the source of `modules` and of every `catdog` module they import, transitively.
+    """Hash the source of `modules` and of every `catdog` module they import, transitively
+    (but `NOT_RESULT_CODE`).
 
     Editing a library function therefore invalidates exactly the pipeline stages whose code
     reaches it, without importing anything (TensorFlow stays unloaded on a cached run).
@@ -180,5 +197,5 @@ def code_fingerprint(*modules: str) -> str:
         if name in seen:
             continue
         seen[name], imports = _module_digest(name)
-        pending.extend(imports - seen.keys())
+        pending.extend(imports - seen.keys() - NOT_RESULT_CODE)
     return sha256_json(sorted(seen.items()))

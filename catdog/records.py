@@ -110,6 +110,11 @@ class TrainedRecord(Record):
     weights: str | None = None
     inputs: dict[str, str | None] = field(default_factory=dict)  # keys of what it read
 
+    def identity(self) -> Any:
+        # Its files say what it is; how long each epoch took and where it ran do not.
+        facts = super().identity()
+        return {k: v for k, v in facts.items() if k not in ("epoch_seconds", "worker")}
+
 
 @dataclass(frozen=True)
 class EvaluationRecord(Record):

@@ -133,6 +133,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
+BY_TASK: dict[str, Stage] = {stage.task: stage for stage in STAGES}
 STAGE_NAMES: tuple[str, ...] = tuple(BY_NAME)
 CACHED_STAGES: tuple[str, ...] = tuple(stage.name for stage in STAGES if stage.cached)
 
@@ -143,6 +144,11 @@ def stage(name: str) -> Stage:
         return BY_NAME[name]
     except KeyError:
         raise KeyError(f"no stage {name!r}; stages: {', '.join(BY_NAME)}") from None
+
+
+def stage_of_task(task: str) -> Stage:
+    """The stage whose task is called `task` (e.g. "decode_images")."""
+    return BY_TASK[task]
 
 
 def refreshed(name: str, refresh: str | None) -> bool:

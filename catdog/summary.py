@@ -51,6 +51,28 @@ class RunRecords:
 
 
 @dataclass(frozen=True)
+class RunInfo:
+    """What a run was asked to do, and where its data came from (summary.json's "run")."""
+
+    data: str
+    models: list[str]  # the models trained, those they start from included
+    epochs: int
+    seed: int
+    weights: str | None  # the weights file the frozen-base models loaded
+    image_size: int
+    transfer_image_size: int  # the frozen-base models' input side (if any of them runs)
+    # False: the dataset URL could not be asked (or --offline); the last good download was used.
+    source_fresh: bool = True
+    source_warning: str | None = None
+
+    def to_json(self, run_id: str, name: str) -> dict[str, Any]:
+        facts = asdict(self)
+        if not any(catalog.spec(m).input_size == "transfer_image_size" for m in self.models):
+            facts["transfer_image_size"] = None
+        return {**facts, "id": run_id, "name": name}
+
+
+@dataclass(frozen=True)
 class TaskOutcome:
     """How one task run of this run ended."""
 
@@ -122,9 +144,8 @@ def build_summary(
             "majority_class": counts.majority_class,
             "manifest_hash": manifest.manifest_hash,
             "split_hash": split.split_hash,
-            # False: the dataset URL could not be asked (or --offline), last good download used.
-            "source_fresh": run.get("source_fresh", True),
-            "source_warning": run.get("source_warning"),
+            "source_fresh": run["source_fresh"],
+            "source_warning": run["source_warning"],
         },
         "models": models,
         "best_model": promotion.candidate if promotion else None,

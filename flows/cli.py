@@ -166,8 +166,10 @@ def _serve(args: argparse.Namespace) -> int:
     from prefect import serve
 
     from flows.console import quiet_tracebacks
+    from flows.runners import check_api_access
 
     quiet_tracebacks()
+    check_api_access()
     serve(build_deployment(args))
     return 0
 
@@ -175,11 +177,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, api: EarlyApiServer | None) -> int:
     from prefect import tags
 
-    from flows.runners import task_runner
+    from flows.runners import check_api_access, task_runner
     from flows.train_flow import train_flow
 
     runner = task_runner(args.runner, args.workers, args.dask_address)
     with api.in_use() if api else contextlib.nullcontext(), tags("catdog", *args.models):
+        check_api_access()
         report = train_flow.with_options(task_runner=runner)(**flow_parameters(args))
     print(f"summary: {report.summary}\nreport:  {report.report}")
     return 0
@@ -219,4 +222,10 @@ def _main(argv: list[str], serving: bool, api: EarlyApiServer | None) -> int:
         if args.debug:
             traceback.print_exception(error)
         print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, CatdogError) else 1
+        return error.exit_code
+    except Exception as error:  # not a stage's: the API, the cluster, a bug; still one line
+        if args.debug:
+            traceback.print_exception(error)
+        message = " ".join(str(error).split())
+        print(f"error: {type(error).__name__}: {message} (--debug shows where)", file=sys.stderr)
+        return 1

@@ -10,6 +10,7 @@ its current epoch) instead of running to the end.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from prefect.runtime import flow_run
 from catdog.errors import CatdogError, RunStopped, StageFailed, StageInputError
 from catdog.layout import Layout
 from catdog.records import Record
-from catdog.stages import refreshed, stage
+from catdog.stages import BY_TASK, STAGE_NAMES, refreshed, stage
 from catdog.summary import TaskOutcome
 from flows.runners import on_a_gpu
 from tasks.caching import bind_to_artifacts
@@ -38,6 +39,8 @@ from tasks.data import (
 from tasks.promotion import promote_model
 from tasks.report import write_report
 from tasks.training import evaluate_model, extract_features, train_model
+
+log = logging.getLogger(__name__)
 
 # Every stage's task, by the task name the stage table gives.
 TASKS: dict[str, Task] = {
@@ -126,24 +129,33 @@ def settle(
                 wrapped = getattr(other, "wrapped_future", None)
                 if isinstance(wrapped, concurrent.futures.Future):
                     wrapped.cancel()
-    failures = [label for label in futures if endings[label].failed_first]
+    # The first in stage order (the table's), then in submission order among the models.
+    failures = sorted(
+        (label for label in futures if endings[label].failed_first), key=_stage_rank
+    )
     if failures:
         raise failure(failures[0], endings[failures[0]].error)
     return {label: endings[label] for label in futures}
+
+
+def _stage_rank(label: str) -> int:
+    """Where the stage that `label` runs comes in the pipeline (any other label: last)."""
+    task = label.partition("[")[0]
+    known = BY_TASK.get(task)
+    return STAGE_NAMES.index(known.name) if known else len(STAGE_NAMES)
 
 
 def failure(label: str, cause: BaseException | None) -> StageFailed:
     """The run's error for stage `label` failing with `cause`: one line, the library's own
     message for bad input (exit code 2), the exception's type too for anything else."""
     text = _one_line(cause)
-    if isinstance(cause, CatdogError):
-        # A message that names its stage already ("decode_images (train split at 160x160):
-        # the disk filled up...") is the whole sentence.
-        named = text.startswith(label.partition("[")[0])
-        error: StageFailed = StageInputError(text if named else f"{label} failed: {text}")
-    else:
-        kind = type(cause).__name__ if cause is not None else "Error"
-        error = StageFailed(f"{label} failed: {kind}: {text}")
+    if not isinstance(cause, CatdogError):  # a bug, or the machine: its type says which
+        text = f"{type(cause).__name__ if cause is not None else 'Error'}: {text}"
+    # A message that names its stage already ("decode_images (train split at 160x160): the
+    # disk filled up...") is the whole sentence.
+    sentence = text if text.startswith(label.partition("[")[0]) else f"{label} failed: {text}"
+    input_fault = isinstance(cause, CatdogError) and cause.exit_code == 2
+    error = StageInputError(sentence) if input_fault else StageFailed(sentence)
     error.__cause__ = cause
     return error
 
@@ -191,13 +203,26 @@ class Pipeline:
                 dir=record.dir if record else None,
             )
 
+    def results(self, **futures: Any) -> dict[str, Any]:
+        """What settled futures returned, by name: a future, or a dict of them, each."""
+
+        def result(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {name: result(item) for name, item in value.items()}
+            return value.result()
+
+        return {name: result(value) for name, value in futures.items()}
+
     def _stop_request(self) -> Path:
         return self.layout.stop_request(str(flow_run.get_id() or "local"))
 
     def _stop(self, label: str) -> None:
         request = self._stop_request()
-        request.parent.mkdir(parents=True, exist_ok=True)
-        request.write_text(f"the run stopped after {label} failed\n", encoding="utf-8")
+        try:
+            request.parent.mkdir(parents=True, exist_ok=True)
+            request.write_text(f"the run stopped after {label} failed\n", encoding="utf-8")
+        except OSError as error:  # the disk that failed the stage may be full: still report it
+            log.warning("could not ask the run's other stages to stop (%s)", error)
 
     def __enter__(self) -> Pipeline:
         return self

@@ -30,7 +30,7 @@ from catdog.config import DATA, OFFICIAL_DATA_URL, RUN, TRAIN
 from catdog.data.freshness import check_source
 from catdog.layout import Layout
 from catdog.records import ReportRecord
-from catdog.summary import RunRecords
+from catdog.summary import RunInfo, RunRecords
 from flows.console import quiet_tracebacks
 from flows.parameters import (
     Artifacts,
@@ -120,7 +120,14 @@ def train_flow(
             max_images_per_class=max_images_per_class,
         )
         counts = run.submit("count", split=split)
-        figures = run.submit("plot", split=split, seed=seed, image_size=image_size)
+        figures = run.submit(
+            "plot",
+            split=split,
+            seed=seed,
+            image_size=image_size,
+            per_class=DATA.samples_per_class,
+            draws=DATA.augmentation_draws,
+        )
 
         to_train = catalog.with_prerequisites(list(models))
         sides = {"image_size": image_size, "transfer_image_size": transfer_image_size}
@@ -155,33 +162,30 @@ def train_flow(
         run.settle()  # every stage so far; the first failure is raised here
 
         records = RunRecords(
-            manifest=manifest.result(),
-            split=split.result(),
-            counts=counts.result(),
-            figures=figures.result(),
-            arrays={name: future.result() for name, future in arrays.items()},
-            features={name: future.result() for name, future in features.items()},
-            trained={name: future.result() for name, future in trained.items()},
-            evaluated={name: future.result() for name, future in evaluated.items()},
+            **run.results(
+                manifest=manifest,
+                split=split,
+                counts=counts,
+                figures=figures,
+                arrays=arrays,
+                features=features,
+                trained=trained,
+                evaluated=evaluated,
+            )
         )
         promotion = run.submit("promote", records=records, margin=promote_margin)
         run.settle()
-        about = {
-            "data": data,
-            "models": to_train,
-            "epochs": epochs,
-            "seed": seed,
-            "weights": weights_used,
-            "image_size": image_size,
-            "transfer_image_size": (
-                transfer_image_size
-                if any(catalog.spec(n).input_size == "transfer_image_size" for n in to_train)
-                else None
-            ),
-            "name": str(flow_run.get_name() or "local"),
-            "source_fresh": source.fresh,
-            "source_warning": source.warning,
-        }
+        about = RunInfo(
+            data=data,
+            models=to_train,
+            epochs=epochs,
+            seed=seed,
+            weights=weights_used,
+            image_size=image_size,
+            transfer_image_size=transfer_image_size,
+            source_fresh=source.fresh,
+            source_warning=source.warning,
+        )
         report = run.submit(
             "report", run=about, records=records, promotion=promotion, tasks=dict(run.outcomes)
         )

@@ -25,8 +25,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from prefect import Task
-from prefect.cache_policies import CachePolicy
+from prefect import Task, task
+from prefect.cache_policies import NONE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.transactions import get_transaction
@@ -36,7 +36,7 @@ from catdog.hashing import HashMemo, code_digest, code_fingerprint, sha256_json
 from catdog.io import atomic_directory, atomic_write_json, replace_directory
 from catdog.layout import RECORD_FILE, Layout
 from catdog.records import Record
-from catdog.stages import Stage, stage
+from catdog.stages import Stage, stage, stage_of_task
 from tasks.locks import ArtifactsLockManager
 
 NOT_KEYED = ("artifacts",)  # where results live does not change what they are
@@ -76,7 +76,10 @@ class ContentAddressed(CachePolicy):
         key = f"{entry.name}-{sha256_json(parts)[:32]}"
         layout = Layout.at(inputs["artifacts"])
         name = inputs.get("model") if entry.per_model else None
-        if not outputs_intact(layout, layout.output_dir(entry.name, key, name)):
+        folder = layout.output_dir(entry.name, key, name)
+        # Another run computing this key holds its lock: what it commits is not stale.
+        locked = self.lock_manager is not None and self.lock_manager.is_locked(key)
+        if not locked and not outputs_intact(layout, folder):
             evict(layout, key)
         return key
 
@@ -178,7 +181,7 @@ def check_not_stopped(layout: Layout) -> None:
         return
     request = layout.stop_request(str(run_id))
     if request.is_file():
-        raise RunStopped(f"not run: {request.read_text(encoding='utf-8').strip()}")
+        raise RunStopped(f"stopped: {request.read_text(encoding='utf-8').strip()}")
 
 
 @dataclass
@@ -190,11 +193,47 @@ class StageOutput:
     record: Any = None
 
 
+def stage_task(
+    name: str,
+    *,
+    fingerprint: Callable[[dict[str, Any]], Any] | None = None,
+    unkeyed: tuple[str, ...] = (),
+    **options: Any,
+) -> Callable[[Callable[..., Any]], Task]:
+    """Make a function stage `name`'s Prefect task: its name, run name and cache policy as
+    the stage table says.
+
+    Args:
+        name: The stage.
+        fingerprint: What else identifies the result (a source archive, a weights file):
+            computed from the inputs, added to the key.
+        unkeyed: Inputs the fingerprint stands in for.
+        **options: Further `prefect.task` options (retry delays and conditions).
+    """
+    entry = stage(name)
+    if entry.cached:
+        options["cache_policy"] = ContentAddressed(
+            stage=name, fingerprint=fingerprint, unkeyed=unkeyed
+        )
+    else:
+        options.update(cache_policy=NONE, persist_result=False)
+    return task(name=entry.task, task_run_name=entry.label or None, **options)
+
+
+def current_stage() -> Stage:
+    """The stage of the running task."""
+    context = TaskRunContext.get()
+    if context is None:
+        raise RuntimeError("current_stage() must be called inside a stage's task")
+    return stage_of_task(context.task.name)
+
+
 @contextmanager
 def stage_output(
-    layout: Layout, name: str, model: str | None = None, *, resumable: bool = False
+    layout: Layout, model: str | None = None, *, resumable: bool = False
 ) -> Iterator[StageOutput]:
-    """A working folder that becomes stage `name`'s output folder, with its record, on success.
+    """A working folder that becomes the running stage's output folder, with its record, on
+    success.
 
     The task writes files into `out.folder` and facts into `out.facts` (the fields of the
     stage's record type); on success every file's hash goes into `record.json`, the folder is
@@ -205,7 +244,7 @@ def stage_output(
     """
     started = time.perf_counter()
     check_not_stopped(layout)
-    entry = stage(name)
+    entry = current_stage()
     key = current_key()
     final = layout.output_dir(entry.name, key, model)
     if final.exists():
@@ -215,12 +254,14 @@ def stage_output(
         work.mkdir(parents=True, exist_ok=True)
         out = StageOutput(work)
         yield out
+        entry.record(key=key, dir="", **out.facts)  # facts that do not fit fail before the move
         files = _seal(layout, entry, key, out, started)
         replace_directory(work, final)
     else:
         with atomic_directory(final) as work:
             out = StageOutput(work)
             yield out
+            entry.record(key=key, dir="", **out.facts)
             files = _seal(layout, entry, key, out, started)
     # Hashes were taken under the working name; remember them under the final one.
     outputs_intact(layout, final)

@@ -9,10 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from catdog.config import DATA, RUN
+from catdog.config import RUN
 from catdog.data import sources
 from catdog.data.records import SPLITS, Manifest
 from catdog.errors import TransientDownloadError
@@ -28,7 +28,7 @@ from catdog.records import (
     SplitRecord,
 )
 from tasks import ui
-from tasks.caching import ContentAddressed, current_key, raised, stage_output
+from tasks.caching import current_key, raised, stage_output, stage_task
 
 MAX_RETRY_AFTER_SECONDS = 60.0
 
@@ -60,14 +60,11 @@ def split_manifest_of(layout: Layout, split: SplitRecord) -> Manifest:
     return _manifest(layout, split, "split.json")
 
 
-@task(
-    name="download_dataset",
-    cache_policy=ContentAddressed(
-        stage="download",
-        fingerprint=_source_fingerprint,
-        unkeyed=("data",),  # the same archive, however its path is spelled, is one result
-    ),
-    retries=RUN.download_retries,
+@stage_task(
+    "download",
+    fingerprint=_source_fingerprint,
+    unkeyed=("data",),  # the same archive, however its path is spelled, is one result
+    retries=RUN.download_retries,  # the flow sets its own (`--download-retries`)
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
     retry_condition_fn=_retry_transient_only,
@@ -80,7 +77,7 @@ def download_dataset(data: str, sha256: str | None, revision: str, artifacts: st
     logger = get_run_logger()
     layout = Layout.at(artifacts)
     source = sources.parse_source(data)
-    with stage_output(layout, "download") as out:
+    with stage_output(layout) as out:
         out.facts.update(kind=source.kind, source=data)
         if source.kind == "folder":
             # What identifies the data downstream: the folder and its listing.
@@ -115,13 +112,13 @@ def download_dataset(data: str, sha256: str | None, revision: str, artifacts: st
     return record
 
 
-@task(name="extract_dataset", cache_policy=ContentAddressed(stage="extract"))
+@stage_task("extract")
 def extract_dataset(archive: ArchiveRecord, artifacts: str) -> ImagesRecord:
     """Unpack the archive safely; a folder source is used where it is."""
     from catdog.data.extract import extract_archive
 
     layout = Layout.at(artifacts)
-    with stage_output(layout, "extract") as out:
+    with stage_output(layout) as out:
         if archive.kind == "folder":
             out.facts["root"] = archive.root
         else:
@@ -130,19 +127,20 @@ def extract_dataset(archive: ArchiveRecord, artifacts: str) -> ImagesRecord:
                 out.folder / "images",
                 name=f"--data {archive.source}" if archive.source else None,
             )
-    if archive.kind == "folder":
-        return out.record
-    return replace(out.record, root=f"{out.record.dir}/images")
+            out.facts["root"] = (
+                f"{layout.relative(layout.output_dir('extract', current_key()))}/images"
+            )
+    return out.record
 
 
-@task(name="build_manifest", cache_policy=ContentAddressed(stage="manifest"))
+@stage_task("manifest")
 def build_manifest(images: ImagesRecord, artifacts: str) -> ManifestRecord:
     """List every image once, validated and hashed; unusable files are listed with a reason."""
     from catdog.data.manifest import build_manifest as scan
 
     logger = get_run_logger()
     layout = Layout.at(artifacts)
-    with stage_output(layout, "manifest") as out:
+    with stage_output(layout) as out:
         manifest = scan(layout.resolve(images.root))
         manifest.save(out.folder / "manifest.json")
         out.facts.update(
@@ -163,7 +161,7 @@ def build_manifest(images: ImagesRecord, artifacts: str) -> ManifestRecord:
     return out.record
 
 
-@task(name="split_dataset", cache_policy=ContentAddressed(stage="split"))
+@stage_task("split")
 def split_dataset(
     manifest: ManifestRecord,
     seed: int,
@@ -176,7 +174,7 @@ def split_dataset(
     from catdog.data.split import split_manifest
 
     layout = Layout.at(artifacts)
-    with stage_output(layout, "split") as out:
+    with stage_output(layout) as out:
         split = split_manifest(
             _manifest(layout, manifest, "manifest.json"),
             seed=seed,
@@ -195,13 +193,13 @@ def split_dataset(
     return out.record
 
 
-@task(name="count_labels", cache_policy=ContentAddressed(stage="count"))
+@stage_task("count")
 def count_labels(split: SplitRecord, artifacts: str) -> CountsRecord:
     """Images per class and split, and the majority-class baseline accuracy."""
     from catdog.data.counts import count_labels as count
 
     layout = Layout.at(artifacts)
-    with stage_output(layout, "count") as out:
+    with stage_output(layout) as out:
         counts = count(split_manifest_of(layout, split)).to_json()
         (out.folder / "counts.json").write_text(json.dumps(counts, indent=2))
         out.facts.update(counts)
@@ -209,52 +207,46 @@ def count_labels(split: SplitRecord, artifacts: str) -> CountsRecord:
     return out.record
 
 
-@task(name="plot_samples", cache_policy=ContentAddressed(stage="plot"))
-def plot_samples(split: SplitRecord, seed: int, image_size: int, artifacts: str) -> FiguresRecord:
+@stage_task("plot")
+def plot_samples(
+    split: SplitRecord, seed: int, image_size: int, per_class: int, draws: int, artifacts: str
+) -> FiguresRecord:
     """The blog's grid (3 images per class) and an augmentation preview, as PNGs."""
     from catdog.data.samples import augmentation_views, pick_samples
     from catdog.plots import augmentation_preview, sample_grid, save_figure
 
     layout = Layout.at(artifacts)
-    with stage_output(layout, "plot") as out:
+    with stage_output(layout) as out:
         manifest = split_manifest_of(layout, split)
-        samples = pick_samples(
-            manifest, per_class=DATA.samples_per_class, seed=seed, size=image_size
-        )
+        samples = pick_samples(manifest, per_class=per_class, seed=seed, size=image_size)
         first = next(iter(samples.values()))[0]
         save_figure(sample_grid(samples), out.folder / "samples.png")
         save_figure(
-            augmentation_preview(
-                first, augmentation_views(first, draws=DATA.augmentation_draws, seed=seed)
-            ),
+            augmentation_preview(first, augmentation_views(first, draws=draws, seed=seed)),
             out.folder / "augmentation.png",
         )
     figures = layout.resolve(out.record.dir)
     ui.publish_image(
         "sample-grid",
         figures / "samples.png",
-        f"{DATA.samples_per_class} random training images per class",
+        f"{per_class} random training images per class",
     )
     ui.publish_image(
         "augmentation-preview",
         figures / "augmentation.png",
-        f"RandomFlip + RandomRotation, {DATA.augmentation_draws} draws",
+        f"RandomFlip + RandomRotation, {draws} draws",
     )
     return out.record
 
 
-@task(
-    name="decode_images",
-    task_run_name="decode_images[{image_size}]",
-    cache_policy=ContentAddressed(stage="decode"),
-)
+@stage_task("decode")
 def decode_images(split: SplitRecord, image_size: int, artifacts: str) -> ArraysRecord:
     """Decode every image once into uint8 arrays on disk, reused by every model and epoch."""
     from catdog.arrays import require_space
     from catdog.data.images import decode_split_to, split_bytes
 
     layout = Layout.at(artifacts)
-    with stage_output(layout, "decode") as out:
+    with stage_output(layout) as out:
         manifest = split_manifest_of(layout, split)
         require_space(out.folder, split_bytes(manifest, image_size), "decode_images")
         for name in SPLITS:

@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ HOLD_TIMEOUT_ENV = "CATDOG_LOCK_HOLD_TIMEOUT"
 DEFAULT_HOLD_TIMEOUT = 300.0
 HEARTBEAT_SECONDS = 30.0
 POLL_SECONDS = 0.1
+UNNAMED_TIMEOUT = 60.0  # seconds after which a lock file naming no holder is abandoned
 
 
 def hold_timeout() -> float:
@@ -50,8 +52,18 @@ def hold_timeout() -> float:
         return DEFAULT_HOLD_TIMEOUT
 
 
+def _started(pid: int | str) -> str:
+    """When process `pid` started (clock ticks since boot), "" where /proc cannot tell: with
+    the pid it names one process, never a later one given the same pid."""
+    try:  # the fields after the command's closing parenthesis; start time is the 20th
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process as a lock names it: "host:pid:start"."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_started(os.getpid())}"
 
 
 class Heartbeat:
@@ -90,9 +102,11 @@ HEARTBEAT = Heartbeat(HEARTBEAT_SECONDS)
 
 
 def process_is_gone(owner: str, seconds_since_heartbeat: float) -> bool:
-    """True when `owner` ("host:pid") names a process of this machine that has ended (or is
-    a zombie nobody reaped), or a process elsewhere whose heartbeat stopped."""
-    host, _, pid = owner.partition(":")
+    """True when `owner` ("host:pid[:start]") names a process of this machine that has ended
+    (or is a zombie nobody reaped, or whose pid now belongs to a later process), or a process
+    elsewhere whose heartbeat stopped."""
+    host, _, process = owner.partition(":")
+    pid, _, started = process.partition(":")
     if host != socket.gethostname():
         return seconds_since_heartbeat > hold_timeout()
     if not pid.isdigit():
@@ -103,7 +117,9 @@ def process_is_gone(owner: str, seconds_since_heartbeat: float) -> bool:
         return True
     except PermissionError:
         return False
-    try:  # the third field of /proc/PID/stat is the state; Z: exited, not yet reaped
+    if started and _started(pid) not in ("", started):
+        return True  # the pid was given to another process since
+    try:  # the first field after the command is the state; Z: exited, not yet reaped
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     except (OSError, IndexError):
         return False
@@ -113,8 +129,9 @@ def process_is_gone(owner: str, seconds_since_heartbeat: float) -> bool:
 class ArtifactsLockManager:
     """Prefect's `LockManager` protocol over lock files in one folder, one file per key.
 
-    A lock file is created exclusively (O_EXCL) and holds JSON: the holder Prefect names, the
-    process ("host:pid") and, if asked for, when the hold expires.
+    A lock file appears whole (written, then hard-linked into place, which fails if it exists)
+    and holds JSON: the holder Prefect names, the process ("host:pid:start") and, if asked
+    for, when the hold expires.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -149,8 +166,8 @@ class ArtifactsLockManager:
         if content.get("expires") is not None and time.time() > float(content["expires"]):
             return True
         owner = content.get("process")
-        if not owner:  # just created, its content not written yet: alive
-            return False
+        if not owner:  # no holder named (a lock file of another tool, or damaged) for long
+            return age > UNNAMED_TIMEOUT
         return process_is_gone(str(owner), age)
 
     def _clear_if_abandoned(self, key: str) -> bool:
@@ -176,14 +193,21 @@ class ArtifactsLockManager:
     def _try_acquire(self, key: str, holder: str, hold_timeout: float | None) -> bool:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.lock_file(key)
+        expires = time.time() + hold_timeout if hold_timeout is not None else None
+        # Written whole under a name of its own, then linked into place: the lock file appears
+        # with its holder in it, or not at all (a crash in between leaves only the draft).
+        draft = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        draft.write_text(
+            json.dumps({"holder": holder, "process": this_process(), "expires": expires}),
+            encoding="utf-8",
+        )
         try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(draft, path)
         except FileExistsError:
             content = self._read(key)
             return bool(content) and content.get("holder") == holder
-        expires = time.time() + hold_timeout if hold_timeout is not None else None
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump({"holder": holder, "process": this_process(), "expires": expires}, handle)
+        finally:
+            draft.unlink(missing_ok=True)
         HEARTBEAT.hold(path)
         return True
 
@@ -216,7 +240,8 @@ class ArtifactsLockManager:
         )
 
     def release_lock(self, key: str, holder: str) -> None:
-        if not self.is_lock_holder(key, holder):
+        content = self._read(key)
+        if not content or content.get("holder") != holder:
             raise ValueError(f"no lock on {key} is held by {holder}")
         path = self.lock_file(key)
         HEARTBEAT.drop(path)
@@ -227,7 +252,9 @@ class ArtifactsLockManager:
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         content = self._read(key)
-        return bool(content) and content.get("holder") == holder
+        if not content or content.get("holder") != holder:
+            return False
+        return content.get("expires") is None or time.time() <= float(content["expires"])
 
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout

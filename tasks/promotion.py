@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from catdog.hashing import code_fingerprint
@@ -12,16 +11,15 @@ from catdog.promotion import best_candidate, promote, split_facts
 from catdog.records import PromotionRecord
 from catdog.stages import TRAIN_CODE
 from catdog.summary import RunRecords
-from tasks.caching import check_not_stopped
+from tasks.caching import stage_task
 from tasks.data import split_manifest_of
 
 
-@task(name="promote_model", cache_policy=NONE, persist_result=False)
+@stage_task("promote")
 def promote_model(records: RunRecords, margin: float, artifacts: str) -> PromotionRecord:
     """Score the run's best model against production on the same test images; promote it only
     if it is better by more than the margin."""
     layout = Layout.at(artifacts)
-    check_not_stopped(layout)
     candidate = best_candidate(
         layout, records.trained, records.evaluated, records.arrays, code_fingerprint(*TRAIN_CODE)
     )

@@ -5,20 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from catdog.layout import Layout
 from catdog.records import PromotionRecord, ReportRecord
 from catdog.report import leaderboard_rows
-from catdog.summary import RunRecords, TaskOutcome, write_run
+from catdog.stages import stage
+from catdog.summary import RunInfo, RunRecords, TaskOutcome, write_run
 from tasks import ui
+from tasks.caching import stage_task
 
 
-@task(name="write_report", cache_policy=NONE, persist_result=False)
+@stage_task("report")
 def write_report(
-    run: dict[str, Any],
+    run: RunInfo,
     records: RunRecords,
     promotion: PromotionRecord,
     tasks: dict[str, TaskOutcome],
@@ -28,12 +29,15 @@ def write_report(
     layout = Layout.at(artifacts)
     summary, report = write_run(
         layout,
-        {**run, "id": str(flow_run.get_id() or "local")},
+        run.to_json(str(flow_run.get_id() or "local"), str(flow_run.get_name() or "local")),
         records,
-        tasks={**tasks, "write_report": TaskOutcome("Completed")},
+        tasks={**tasks, stage("report").task: TaskOutcome("Completed")},
         promotion=promotion,
     )
-    _publish(summary, report)
+    try:
+        _publish(summary, report)
+    except Exception as error:  # the files are written: the UI's copies must not fail the run
+        get_run_logger().warning("the report's artifacts did not reach the UI (%s)", error)
     get_run_logger().info("report: %s", summary["run"]["report"])
     return ReportRecord(
         summary=str(layout.summary),

@@ -7,7 +7,7 @@ import os
 import socket
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
 from catdog import catalog
 from catdog.errors import RunStopped
@@ -21,7 +21,7 @@ from catdog.records import (
     TrainedRecord,
 )
 from tasks import ui
-from tasks.caching import ContentAddressed, check_not_stopped, raised, stage_output
+from tasks.caching import check_not_stopped, raised, stage_output, stage_task
 
 
 def _weights_fingerprint(inputs: dict[str, Any]) -> str | None:
@@ -51,11 +51,7 @@ def load_arrays(layout: Layout, arrays: ArraysRecord, split: str) -> tuple[Any, 
     return open_split(layout.resolve(arrays.dir), split)
 
 
-@task(
-    name="extract_features",
-    task_run_name="extract_features[{model}]",
-    cache_policy=ContentAddressed(stage="features", fingerprint=_model_fingerprint),
-)
+@stage_task("features", fingerprint=_model_fingerprint)
 def extract_features(
     model: str, arrays: ArraysRecord, weights: str | None, views: int, seed: int, artifacts: str
 ) -> FeaturesRecord:
@@ -65,7 +61,7 @@ def extract_features(
     from catdog.features import feature_bytes
 
     layout = Layout.at(artifacts)
-    with stage_output(layout, "features") as out:
+    with stage_output(layout) as out:
         x_train, y_train = load_arrays(layout, arrays, "train")
         x_val, y_val = load_arrays(layout, arrays, "validation")
         require_space(
@@ -94,12 +90,7 @@ def extract_features(
     return out.record
 
 
-@task(
-    name="train_model",
-    task_run_name="train_model[{model}]",
-    cache_policy=ContentAddressed(stage="train", fingerprint=_model_fingerprint),
-    retry_condition_fn=retry_unless_stopped,
-)
+@stage_task("train", fingerprint=_model_fingerprint, retry_condition_fn=retry_unless_stopped)
 def train_model(
     model: str,
     arrays: ArraysRecord,
@@ -147,7 +138,7 @@ def train_model(
         # Another stage failed: stop here; the finished epochs stay for the next run.
         check_not_stopped(layout)
 
-    with stage_output(layout, "train", model, resumable=True) as out:
+    with stage_output(layout, model, resumable=True) as out:
         result = training.train(
             model,
             out.folder,
@@ -186,11 +177,7 @@ def train_model(
     return out.record
 
 
-@task(
-    name="evaluate_model",
-    task_run_name="evaluate_model[{model}]",
-    cache_policy=ContentAddressed(stage="evaluate"),
-)
+@stage_task("evaluate")
 def evaluate_model(
     model: str,
     trained: TrainedRecord,
@@ -203,7 +190,7 @@ def evaluate_model(
     from catdog.plots import evaluation_figures, save_figure
 
     layout = Layout.at(artifacts)
-    with stage_output(layout, "evaluate", model) as out:
+    with stage_output(layout, model) as out:
         classes = list(arrays.classes)
         x_test, y_test = load_arrays(layout, arrays, "test")
         network = load_model(layout.resolve(trained.dir) / MODEL_FILE)

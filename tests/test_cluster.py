@@ -42,7 +42,7 @@ def test_cuda_visible_devices_narrows_the_gpus(listed, expected):
 
 @pytest.mark.parametrize("address", ["udp://host:8786", "tcp://host", "host:port", "tcp://:8786"])
 def test_a_malformed_scheduler_address_is_refused(address):
-    with pytest.raises(ClusterError, match="expected tcp://HOST:PORT"):
+    with pytest.raises(ClusterError, match="expected tls://HOST:PORT"):
         check_scheduler_address(address)
 
 

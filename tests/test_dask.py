@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -87,13 +88,36 @@ def test_a_running_cluster_and_a_temporary_one_train_as_the_default_runner_does(
     # `--runner dask` on what the default runner computed: every stage's cache key, computed
     # in another process, finds its entry; the retrained models come from worker processes
     # that are gone when the run is; Dask's own start-up lines stay quiet.
+    # Its temporary cluster is private: the scheduler the run names in its log refuses a client
+    # without the run's credentials, while the run goes on.
     command = [*local_command, "--runner", "dask", "--workers", "2", "--refresh", "train"]
     env = flow_env(tmp_path / "home")
     run = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    output = run.communicate(timeout=600)[0]
+    assert run.stdout is not None
+    lines = []
+    for line in run.stdout:
+        lines.append(line)
+        if found := re.search(r"Dask scheduler of this run at (tls://\S+)", line):
+            from distributed import Client, Security
+
+            address = found.group(1)
+            # Credentials of its own (not the run's), and none at all over plain TCP.
+            for probe, security in ((address, Security.temporary()), (address[3:], None)):
+                with pytest.raises((OSError, TimeoutError)):
+                    Client(
+                        f"tcp{probe}" if security is None else probe,
+                        timeout=3,
+                        security=security,
+                        set_as_default=False,
+                    )
+            break
+    output = "".join(lines) + run.communicate(timeout=600)[0]
     assert run.returncode == 0, output
+    assert found, output
+    assert len(re.findall(r"Dask scheduler of this run at", output)) == 1
+    assert "dashboard" not in output
     again = _summary(local)
     assert set(again["models"]) == {"model1", "model2"}
     refreshed = ("train_model", "evaluate_model", *STAGES_RERUN_EVERY_TIME)
@@ -119,7 +143,7 @@ def _training_holder(artifacts: Path) -> int | None:
         owner = json.loads(lock.read_text())["process"]
     except (OSError, ValueError, KeyError, StopIteration):
         return None
-    return int(owner.partition(":")[2])
+    return int(owner.split(":")[1])  # "host:pid:start"
 
 
 def test_a_worker_killed_mid_training_resumes_on_the_other(dataset_zip, tmp_path, dask_cluster):

@@ -78,7 +78,7 @@ def test_a_killed_or_full_disk_decode_leaves_nothing_a_later_run_trusts(dataset_
         timeout=600,
         preexec_fn=_limit_files_to(1_500_000),
     )
-    assert full.returncode == 2, full.stdout + full.stderr
+    assert full.returncode == 1, full.stdout + full.stderr  # the machine is at fault, not the input
     errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, full.stderr
     assert errors[0].startswith(

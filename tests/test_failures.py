@@ -5,7 +5,6 @@ the run stopped, and a rerun that reuses every stage before the one that failed.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -57,7 +56,7 @@ def test_settle_raises_the_first_failure_and_never_starts_what_was_queued(tmp_pa
             "broken[a]": fails.submit(DataError, "--data x.zip: only one class folder"),
             "after": passes.submit(2, wait_for=[]),
             # Runs while settle hears of the failure; what is queued behind it never starts.
-            "busy": takes_a_while.submit(1.0),
+            "busy": takes_a_while.submit(2.0),
             "queued": leaves_a_mark.submit(tmp_path / "queued"),
         }
         futures["downstream"] = passes.submit(futures["broken[a]"])
@@ -71,16 +70,25 @@ def test_settle_raises_the_first_failure_and_never_starts_what_was_queued(tmp_pa
     assert not (tmp_path / "queued").exists()
 
 
+@task
+def fails_after(seconds: float, kind: type[Exception], message: str) -> None:
+    time.sleep(seconds)
+    raise kind(message)
+
+
 def test_settle_reports_the_first_real_failure_in_stage_order_with_its_type(tmp_path):
     stops: list[str] = []
 
-    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=3))
     def run() -> None:
         settle(
             {
-                "stopped": fails.submit(RunStopped, "not run: the run stopped"),
-                "decode": fails.submit(OSError, "[Errno 28] No space left on device"),
-                "train": fails.submit(ValueError, "later in stage order"),
+                "stopped": fails.submit(RunStopped, "stopped: the run stopped"),
+                # Fails last, but comes first in stage order: the one reported.
+                "decode_images[32]": fails_after.submit(
+                    0.5, OSError, "[Errno 28] No space left on device"
+                ),
+                "train_model[model1]": fails.submit(ValueError, "later in stage order"),
             },
             stops.append,
         )
@@ -88,8 +96,10 @@ def test_settle_reports_the_first_real_failure_in_stage_order_with_its_type(tmp_
     with pytest.raises(StageFailed) as raised:
         run()
     assert not isinstance(raised.value, StageInputError)  # not bad input: exit code 1
-    assert str(raised.value) == "decode failed: OSError: [Errno 28] No space left on device"
-    assert len(stops) == 1
+    assert str(raised.value) == (
+        "decode_images[32] failed: OSError: [Errno 28] No space left on device"
+    )
+    assert stops == ["train_model[model1]"]  # the first failure seen stopped the rest
 
 
 def test_settle_returns_every_ending_when_nothing_fails():
@@ -170,21 +180,24 @@ def _unblock(folder: Path) -> None:
         aside.rename(folder)
 
 
+SEEN_RUNS: set[object] = set()
+
+
 def _last_flow_run() -> tuple[object, dict[str, object]]:
-    """The newest flow run in this session's API, and its task runs' states by run name."""
+    """The newest flow run in this session's API (a new one), and its task runs by run name."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
         (run,) = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+        assert run.id not in SEEN_RUNS, "the command made no flow run"
+        SEEN_RUNS.add(run.id)
         task_runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
         )
     # Stages named without an input ("promote_model") get a random suffix from Prefect.
-    return run, {
-        (t.name if "[" in t.name else t.name.rsplit("-", 1)[0]): t.state for t in task_runs
-    }
+    return run, {(t.name if "[" in t.name else t.name.rsplit("-", 1)[0]): t for t in task_runs}
 
 
 def _leftovers(artifacts: Path) -> list[Path]:
@@ -216,21 +229,21 @@ def _fail_at_every_stage_in_turn(tmp_path: Path, *runner: str) -> None:
 
         run, states = _last_flow_run()
         assert run.state.is_failed() and errors[0].removeprefix("error: ") in run.state.message
-        assert states[label].name == "Failed", (stage, states[label])
+        assert states[label].state.name == "Failed", (stage, states[label].state)
         # (On a cluster a stage may have run early, beside an earlier one that failed: its
         # output is blocked now too.)
         for earlier in (reusable - {label}) & states.keys():
-            assert states[earlier].name == "Cached", (stage, earlier, states[earlier])
+            assert states[earlier].state.name == "Cached", (stage, earlier, states[earlier].state)
         if number:
             # The stage that failed last time ran, its cause removed; on a cluster it may
             # instead have been stopped, running beside the stage that failed this time.
-            before = states[LABELS[order[number - 1]]]
+            before = states[LABELS[order[number - 1]]].state
             stopped = runner and before.name == "Failed" and "RunStopped" in before.message
             assert before.name == "Completed" or stopped, (stage, before)
         reusable = (reusable - {label}) | {
             name
-            for name, state in states.items()
-            if state.name in ("Completed", "Cached") and name not in ALWAYS_RUN
+            for name, task_run in states.items()
+            if task_run.state.name in ("Completed", "Cached") and name not in ALWAYS_RUN
         }
 
     rerun = _cli(artifacts, tmp_path, *runner)
@@ -245,6 +258,22 @@ def test_a_failure_at_every_stage_ends_in_one_line_and_a_rerun_resumes(tmp_path)
 
 def test_the_same_on_a_running_dask_cluster(tmp_path, dask_cluster):
     _fail_at_every_stage_in_turn(tmp_path, "--dask-address", dask_cluster.address)
+    # Bad input that only a stage finds (a hostile member), raised on a worker: exit 2.
+    hostile = _archive(tmp_path / "hostile.zip", HOSTILE["traversal"][0](tmp_path))
+    result = subprocess.run(
+        [
+            *flow_command(hostile, tmp_path / "other", epochs=1),
+            "--dask-address",
+            dask_cluster.address,
+        ],
+        env=flow_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: extract_dataset failed: --data ") and "'..'" in errors[0]
 
 
 # ----------------------------------------------------------------------------- hostile data
@@ -278,7 +307,10 @@ def _with_images(tmp_path: Path, extra: list) -> list:
 HOSTILE = {
     "traversal": (lambda t: _with_images(t, [("d/../../x.jpg", b"x")]), "contains '..'"),
     "absolute": (lambda t: _with_images(t, [("/tmp/x.jpg", b"x")]), "has an absolute path"),
-    "symlink": (lambda t: _with_images(t, [(_symlink("d/train/cats/l.jpg"), b"/etc")]), "link"),
+    "symlink": (
+        lambda t: _with_images(t, [(_symlink("d/train/cats/l.jpg"), b"/etc")]),
+        "is a symbolic link",
+    ),
     "bomb": (lambda t: _with_images(t, [("d/zeros.bin", bytes(3 << 20))]), "likely zip bomb"),
     "no images": (lambda t: [("d/readme.txt", b"no images")], "has no class folders"),
     "one class": (
@@ -295,16 +327,23 @@ def test_hostile_or_unusable_archives_end_in_one_line_and_exit_2(tmp_path, case)
     members, expected = HOSTILE[case]
     data = _archive(tmp_path / "data.zip", members(tmp_path))
     artifacts = tmp_path / "artifacts"
+    before = set(tmp_path.rglob("*"))
     command = flow_command(data, artifacts, epochs=1)
     result = subprocess.run(
         command, env=flow_env(tmp_path / "home"), capture_output=True, text=True, timeout=600
     )
+    outside = [
+        path
+        for path in set(tmp_path.rglob("*")) - before
+        if not path.is_relative_to(artifacts) and not path.is_relative_to(tmp_path / "home")
+    ]
+    assert not outside
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(errors) == 1 and expected in errors[0] and f"--data {data}" in errors[0], errors
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "x.jpg").exists() and not Path("/tmp/x.jpg").exists()
-    assert not list(artifacts.glob("02_images/*"))
+    assert not Path("/tmp/x.jpg").exists()
+    assert not list(artifacts.glob("02_images/*/images"))  # nothing extracted
 
 
 # ----------------------------------------------------------------------------- stopping the rest
@@ -336,38 +375,43 @@ def test_a_training_that_fails_stops_the_others_within_an_epoch(tmp_path, runner
     )
     reader.start()
     deadline = time.monotonic() + 300
-    while len(_epochs(artifacts, "model1")) < 2:
+
+    def ready() -> bool:  # model1 two epochs in; on the cluster, another model training too
+        others = (
+            runner == "sequential" or _epochs(artifacts, "model2") or _epochs(artifacts, "model3")
+        )
+        return len(_epochs(artifacts, "model1")) >= 2 and bool(others)
+
+    while not ready():
         assert run.poll() is None and time.monotonic() < deadline, output
         time.sleep(0.02)
     # model1's working folder goes bad mid-training: its next epoch cannot be saved.
     (partial,) = (artifacts / "04_models/model1").glob(".*.partial")
-    shutil.rmtree(partial)
+    partial.rename(partial.with_name("gone"))
     partial.write_text("in the way\n")
-    reader.join()
+    reader.join(timeout=600)
+    assert not reader.is_alive() and "err" in output, "the run did not end"
 
     errors = [line for line in output["err"].splitlines() if line.startswith("error:")]
     assert run.returncode == 1 and len(errors) == 1, output["err"][-3000:]
     assert errors[0].startswith("error: train_model[model1] failed: ")
-    flow_run, _ = _last_flow_run()
+    flow_run, states = _last_flow_run()
     assert flow_run.state.is_failed() and errors[0].removeprefix("error: ") in (
         flow_run.state.message
     )
-    from prefect import get_client
-
-    with get_client(sync_client=True) as client:
-        (failed,) = [
-            t
-            for t in client.read_task_runs()
-            if t.flow_run_id == flow_run.id and t.name == "train_model[model1]"
-        ]
-    failed_at = failed.state.timestamp.timestamp()
+    failed_at = states["train_model[model1]"].state.timestamp.timestamp()
+    epochs = {model: _epochs(artifacts, model) for model in ("model2", "model3")}
     after = {
-        model: sum(row["finished_at"] > failed_at for row in _epochs(artifacts, model))
-        for model in ("model2", "model3")
+        model: sum(row["finished_at"] > failed_at for row in rows) for model, rows in epochs.items()
     }
     assert max(after.values()) <= 1, after
-    total = {model: len(_epochs(artifacts, model)) for model in ("model2", "model3")}
+    total = {model: len(rows) for model, rows in epochs.items()}
     assert sum(total.values()) < 2 * 40, total  # neither trained to the end
     if runner == "sequential":
         assert total == {"model2": 0, "model3": 0}  # queued behind model1: never started
+    else:  # beside model1 on the other worker: one of them was training when model1 failed
+        started = [
+            states[f"train_model[{m}]"].start_time for m in epochs if f"train_model[{m}]" in states
+        ]
+        assert any(start and start.timestamp() < failed_at for start in started), states
     print(f"{runner}: epochs after model1 failed {after}, in all {total}")

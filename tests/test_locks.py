@@ -35,11 +35,26 @@ def test_it_is_a_prefect_lock_manager_and_locks_exclusively(tmp_path):
     assert manager.acquire_lock("decode-key", holder="second", acquire_timeout=0)
 
 
-def test_a_lock_file_caught_before_its_creator_wrote_it_counts_as_held(tmp_path):
+def test_a_lock_file_naming_no_holder_is_held_for_a_minute_then_abandoned(tmp_path):
     manager = ArtifactsLockManager(tmp_path)
-    (tmp_path / "decode-key.lock").touch()  # created with O_EXCL, content not written yet
+    lock = tmp_path / "decode-key.lock"
+    lock.touch()  # not one this manager wrote: it writes a lock whole, holder and all
     assert manager.is_locked("decode-key")
     assert not manager.acquire_lock("decode-key", holder="second run", acquire_timeout=0.3)
+    long_ago = time.time() - 61
+    os.utime(lock, (long_ago, long_ago))
+    assert manager.acquire_lock("decode-key", holder="second run", acquire_timeout=0)
+    assert not list(tmp_path.glob(".decode-key.lock.*"))  # no drafts left beside the locks
+
+
+def test_a_lock_whose_pid_now_belongs_to_another_process_is_released(tmp_path):
+    manager = ArtifactsLockManager(tmp_path)
+    host, pid, started = locks.this_process().split(":")
+    # This very pid, but started at another time: the process that took the lock is gone.
+    _claim(tmp_path / "train-key.lock", f"{host}:{pid}:{int(started) - 1}")
+    assert not manager.is_locked("train-key")
+    _claim(tmp_path / "train-key.lock", f"{host}:{pid}:{started}")
+    assert manager.is_locked("train-key")
 
 
 def test_a_lock_from_another_host_expires_only_when_its_heartbeat_stops(tmp_path, monkeypatch):

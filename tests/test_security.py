@@ -1,0 +1,160 @@
+"""Scale-out that lets no one in: the README's secured cluster recipe run as it stands (mutual
+TLS between the run, the scheduler and the workers; a Prefect API that wants a password), and
+what it refuses: a plain client, a client certified by another CA, a request without the
+password, a run whose TLS settings do not match its address."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, flow_command, free_port, make_dataset, zip_folder
+
+pytestmark = [pytest.mark.slow]
+
+MARKER = "<!-- secured-cluster-recipe -->"
+
+
+def recipe() -> str:
+    """The README's secured-cluster commands, as written."""
+    text = (REPO / "README.md").read_text()
+    block = text.split(MARKER, 1)[1]
+    match = re.search(r"```bash\n(.*?)```", block, re.S)
+    assert match, "the README lost its secured-cluster recipe"
+    return match.group(1)
+
+
+def _make_certs(folder: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts/make_certs.py"), str(folder)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _refused(address: str, **client: object) -> bool:
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=3, set_as_default=False, **client):
+            return False
+    except (OSError, TimeoutError):
+        return True
+
+
+def test_the_readme_recipe_starts_a_secured_cluster_that_trains_and_refuses_strangers(tmp_path):
+    from distributed import Security
+
+    data = zip_folder(make_dataset(tmp_path / "src"), tmp_path / "tiny.zip")
+    artifacts = tmp_path / "artifacts"
+    certs, other = tmp_path / "certs", tmp_path / "other-ca"
+    api_port, dask_port = free_port(), free_port()
+    script = tmp_path / "recipe.sh"
+    script.write_text("set -euo pipefail\n" + recipe())
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "DASK_"))
+    }
+    env.update(
+        HOST="127.0.0.1",
+        API_PORT=str(api_port),
+        DASK_PORT=str(dask_port),
+        CERTS=str(certs),
+        DATA=str(data),
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+    )
+    # The options the recipe's run line passes on: two models, one epoch, tiny images.
+    options = flow_command(data, artifacts, epochs=1, models="model1,model2")[4:]
+    cluster = subprocess.Popen(
+        ["bash", str(script), *options],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the recipe's servers and workers: one group to stop
+    )
+    try:
+        out, err = cluster.communicate(timeout=600)
+        assert cluster.returncode == 0, (out, err[-4000:])
+        summary = json.loads((artifacts / "summary.json").read_text())
+        assert set(summary["models"]) == {"model1", "model2"}
+        workers = {model["worker"]["pid"] for model in summary["models"].values()}
+        assert os.getpid() not in workers and cluster.pid not in workers
+
+        address = f"tls://127.0.0.1:{dask_port}"
+        # Plain TCP, and a certificate from another CA: both refused.
+        assert _refused(f"tcp://127.0.0.1:{dask_port}")
+        _make_certs(other)
+        stranger = Security(
+            tls_ca_file=str(other / "ca.pem"),
+            tls_client_cert=str(other / "client.pem"),
+            tls_client_key=str(other / "client-key.pem"),
+            require_encryption=True,
+        )
+        assert _refused(address, security=stranger)
+        member = Security(
+            tls_ca_file=str(certs / "ca.pem"),
+            tls_client_cert=str(certs / "client.pem"),
+            tls_client_key=str(certs / "client-key.pem"),
+            require_encryption=True,
+        )
+        assert not _refused(address, security=member)
+
+        # The API: nothing without the password, not even a read; the run's flow is there
+        # for a client that has it.
+        api = f"http://127.0.0.1:{api_port}/api"
+        assert httpx.post(f"{api}/flow_runs/filter", json={}).status_code == 401
+        assert httpx.post(f"{api}/flows/", json={"name": "intruder"}).status_code == 401
+        user, _, password = (certs / "api-auth").read_text().strip().partition(":")
+        runs = httpx.post(f"{api}/flow_runs/filter", json={}, auth=(user, password))
+        assert runs.status_code == 200
+        assert [run["state_type"] for run in runs.json()] == ["COMPLETED"]
+        flows = httpx.post(f"{api}/flows/filter", json={}, auth=(user, password)).json()
+        assert [flow["name"] for flow in flows] == ["catdog-train"]  # no "intruder"
+        assert (certs / "ca-key.pem").stat().st_mode & 0o077 == 0
+    finally:
+        for stop in (signal.SIGTERM, signal.SIGKILL):  # the server, the scheduler, the workers
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(cluster.pid, stop)
+            time.sleep(1)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "settings", "expected"),
+    [
+        ("tls", {}, "a TLS scheduler needs this client's CA file, certificate and key"),
+        ("tcp", {"DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True"}, "use tls://"),
+    ],
+)
+def test_an_address_whose_scheme_and_security_disagree_stops_before_any_work(
+    tmp_path, scheme, settings, expected
+):
+    import socket
+
+    data = zip_folder(make_dataset(tmp_path / "src"), tmp_path / "tiny.zip")
+    artifacts = tmp_path / "artifacts"
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        address = f"{scheme}://127.0.0.1:{listening.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+        result = subprocess.run(
+            [*flow_command(data, artifacts, epochs=1), "--dask-address", address],
+            env={**env, **settings, "PREFECT_HOME": str(tmp_path / "home")},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert not artifacts.exists()
