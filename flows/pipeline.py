@@ -130,9 +130,7 @@ def settle(
                 if isinstance(wrapped, concurrent.futures.Future):
                     wrapped.cancel()
     # The first in stage order (the table's), then in submission order among the models.
-    failures = sorted(
-        (label for label in futures if endings[label].failed_first), key=_stage_rank
-    )
+    failures = sorted((label for label in futures if endings[label].failed_first), key=_stage_rank)
     if failures:
         raise failure(failures[0], endings[failures[0]].error)
     return {label: endings[label] for label in futures}
