@@ -2,6 +2,7 @@
 
     python -m catdog cache prune [--artifacts DIR] [--keep N] [--dry-run]
     python -m catdog registry [rollback] [--artifacts DIR]
+    python -m catdog export [--model PATH] [--out DIR]
     python -m catdog predict ...        (see `python -m catdog predict --help`)
 
 Each subcommand has an `_add_<name>` function that declares it and a `_run_<name>` function
@@ -16,6 +17,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from catdog.config import RUN
@@ -131,6 +133,73 @@ def _run_registry(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def _add_export(commands: Any) -> None:
+    export = commands.add_parser(
+        "export",
+        help="export a model for serving (TensorFlow SavedModel, LiteRT) and check it",
+        description="Export a trained model (default: production) as a TensorFlow SavedModel "
+        "(for TensorFlow Serving) and a LiteRT model (for ai-edge-litert, without TensorFlow), "
+        "with serving.json; then load each in a fresh process and check that it gives the "
+        "Keras model's probabilities on 32 generated images. Exit code 1 if a check fails.",
+    )
+    export.add_argument("--model", type=Path, help="a .keras file (default: production)")
+    export.add_argument("--classes", help="comma-separated class names, if none are on record")
+    export.add_argument(
+        "--out", type=Path, default=Path("export"), help="the folder to write (./export)"
+    )
+    export.add_argument(
+        "--artifacts",
+        default=os.environ.get("CATDOG_ARTIFACTS", RUN.artifacts),
+        help=f"artifacts folder to find production in (env CATDOG_ARTIFACTS; ./{RUN.artifacts})",
+    )
+    export.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace, extra: list[str]) -> int:
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from catdog.errors import CatdogError
+    from catdog.evaluation import load_model, predict_logits, softmax
+    from catdog.export import check_export, export_model
+    from catdog.io import replace_directory
+    from catdog.predict import choose_model
+
+    try:
+        classes = args.classes.split(",") if args.classes else None
+        choice = choose_model(Path(args.artifacts), args.model, classes, runtime="keras")
+    except CatdogError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model = load_model(choice.path)
+    side = int(model.input_shape[1])
+    out = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        spec = export_model(model, staged, choice.classes)
+        images = np.random.default_rng(0).integers(0, 256, (32, side, side, 3), np.uint8)
+        np.save(staged / "check-images.npy", images)
+        reference = softmax(predict_logits(model, images)).astype(np.float32)
+        check = check_export(staged, staged / "check-images.npy", reference)
+        (staged / "check-images.npy").unlink()
+        print(f"{choice.path} ({choice.origin}), {spec.precision}, {side}x{side}")
+        print(f"check on {check.images} generated images: {check.reason()}")
+        if not check.passed:
+            print(f"error: the exports did not pass their check; {out} left as it was")
+            return 1
+        replace_directory(staged, out)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    print(f"exported to {out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- predict
 # The predictor lives in `catdog/predict.py`, which declares its own options:
 #     def add_arguments(parser: argparse.ArgumentParser) -> None
@@ -178,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_cache(commands)
     _add_registry(commands)
+    _add_export(commands)
     _add_predict(commands)
     return parser
 

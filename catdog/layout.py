@@ -22,6 +22,7 @@ RECORD_FILE = "record.json"  # a stage output's record: its key, stage, facts an
 MODEL_FILE = "model.keras"  # a training folder's model: its best epoch by validation accuracy
 FINAL_MODEL_FILE = "final.keras"  # a training folder's last epoch
 HISTORY_ROWS_FILE = "history-rows.json"  # a training folder's per-epoch metrics
+PROBABILITIES_FILE = "probabilities.npy"  # an evaluation's class probabilities per test image
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 REGISTRY_FILE = "registry.json"
@@ -108,6 +109,15 @@ class Layout:
     def production_archive(self, number: int, model: str) -> Path:
         """Where the `number`th promoted model is kept for rollback."""
         return self.production_dir / "models" / f"{number:04d}-{model}.keras"
+
+    def production_archive_export(self, number: int, model: str) -> Path:
+        """Where the exports of the `number`th promoted model are kept (see catdog.export)."""
+        return self.production_dir / "models" / f"{number:04d}-{model}.export"
+
+    @property
+    def production_export(self) -> Path:
+        """The exports of the production model now: saved_model/, model.tflite, serving.json."""
+        return self.production_dir / "export"
 
     @property
     def gate_lock(self) -> Path:

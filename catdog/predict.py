@@ -1,4 +1,5 @@
-"""`python -m catdog predict`: classify photos with the production model (or any .keras file)."""
+"""`python -m catdog predict`: classify photos with the production model (or any model), through
+its LiteRT export where it has one (no TensorFlow import), else through Keras."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,17 @@ from catdog.config import RUN
 from catdog.data.extract import IMAGE_SUFFIXES
 from catdog.errors import ModelError
 from catdog.layout import Layout
+from catdog.serving import SERVING_FILE, ServingSpec
+
+RUNTIMES = ("auto", "litert", "keras")
 
 
 @dataclass(frozen=True)
 class ModelChoice:
-    path: Path
+    path: Path  # a .keras file (runtime "keras") or an export folder (runtime "litert")
     classes: list[str]
     origin: str  # "production", "last run's best" or "--model"
+    runtime: str  # "keras" or "litert"
 
 
 @dataclass(frozen=True)
@@ -36,25 +41,36 @@ class Prediction:
     error: str | None = None
 
 
-def choose_model(artifacts: Path, model: Path | None, classes: list[str] | None) -> ModelChoice:
-    """The model to use: `--model`, else production, else the best model of the last run."""
+def _is_export(path: Path) -> bool:
+    return (path / SERVING_FILE).is_file()
+
+
+def choose_model(
+    artifacts: Path, model: Path | None, classes: list[str] | None, runtime: str = "auto"
+) -> ModelChoice:
+    """The model to use and how: `--model` (a .keras file or an export folder), else
+    production, else the best model of the last run; its LiteRT export where there is one
+    (no TensorFlow import), unless `runtime` says "keras".
+
+    Raises:
+        ModelError: No model, no class names, or no export for `runtime` "litert".
+    """
     layout = Layout.at(artifacts)
-    registry = layout.registry
-    summary = layout.summary
-    known_classes = classes
-    if known_classes is None:
-        for source in (registry, summary):
-            if source.is_file():
-                data = json.loads(source.read_text())
-                known_classes = data.get("classes") or data.get("data", {}).get("classes")
-                if known_classes:
-                    break
+    registry, summary = layout.registry, layout.summary
+    export: Path | None = None
     if model is not None:
-        if not model.is_file():
-            raise ModelError(f"--model {model}: no such file")
+        if not model.exists():
+            raise ModelError(f"--model {model}: no such file or folder")
         chosen, origin = model, "--model"
+        if model.is_dir():
+            if not _is_export(model):
+                raise ModelError(f"--model {model}: a folder, but no export ({SERVING_FILE})")
+            export = model
     elif registry.is_file():
-        chosen, origin = Path(json.loads(registry.read_text())["path"]), "production"
+        current = json.loads(registry.read_text())
+        chosen, origin = Path(current["path"]), "production"
+        if current.get("exports") and _is_export(layout.production_export):
+            export = layout.production_export
     elif summary.is_file():
         data = json.loads(summary.read_text())
         best = data.get("best_model")
@@ -66,9 +82,30 @@ def choose_model(artifacts: Path, model: Path | None, classes: list[str] | None)
             f"no production model in {layout.production_dir} and no run in {layout.root}; "
             "train one with `python flows/train_flow.py` or pass --model PATH"
         )
-    if not known_classes:
+    if runtime == "litert" and export is None:
+        raise ModelError(
+            f"--runtime litert: {chosen} has no LiteRT export; make one with "
+            "`python -m catdog export`, or use --runtime keras"
+        )
+    if export is not None and runtime != "keras":
+        spec = ServingSpec.load(export)
+        return ModelChoice(export, classes or spec.classes, origin, "litert")
+    if chosen.is_dir():
+        raise ModelError(f"--model {chosen}: an export; --runtime keras needs a .keras file")
+    known = classes or _classes_on_record(registry, summary)
+    if not known:
         raise ModelError("cannot tell the class names; pass --classes cats,dogs")
-    return ModelChoice(chosen, list(known_classes), origin)
+    return ModelChoice(chosen, known, origin, "keras")
+
+
+def _classes_on_record(*sources: Path) -> list[str] | None:
+    for source in sources:
+        if source.is_file():
+            data = json.loads(source.read_text())
+            found = data.get("classes") or data.get("data", {}).get("classes")
+            if found:
+                return list(found)
+    return None
 
 
 def expand(inputs: list[Path]) -> Iterator[Path]:
@@ -84,15 +121,9 @@ def expand(inputs: list[Path]) -> Iterator[Path]:
 
 def predict_files(choice: ModelChoice, files: list[Path], batch_size: int = 32) -> list[Prediction]:
     """Class and probability per file; an unreadable file gets an error, the rest go on."""
-
     from catdog.data.images import load_image
-    from catdog.evaluation import load_model, predict_logits, softmax
 
-    try:
-        model = load_model(choice.path)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load model {choice.path}: {error}") from error
-    size = int(model.input_shape[1])
+    probabilities, size = _probabilities(choice)
     results: list[Prediction] = []
     readable: list[tuple[Path, np.ndarray]] = []
     for path in files:
@@ -102,12 +133,27 @@ def predict_files(choice: ModelChoice, files: list[Path], batch_size: int = 32) 
             results.append(Prediction(path, None, None, f"cannot read image: {error}"))
     for start in range(0, len(readable), batch_size):  # decoded a batch at a time
         chunk = readable[start : start + batch_size]
-        probs = softmax(predict_logits(model, np.stack([image for _, image in chunk])))
+        probs = probabilities(np.stack([image for _, image in chunk]).astype(np.float32))
         for (path, _), row in zip(chunk, probs, strict=True):
             index = int(np.argmax(row))
             results.append(Prediction(path, choice.classes[index], float(row[index])))
     order = {path: i for i, path in enumerate(files)}
     return sorted(results, key=lambda r: order[r.path])
+
+
+def _probabilities(choice: ModelChoice) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    """The chosen model as images -> probabilities, and its input side."""
+    if choice.runtime == "litert":
+        from catdog.serving import litert_predictor
+
+        return litert_predictor(choice.path), ServingSpec.load(choice.path).image_size
+    from catdog.evaluation import load_model, predict_logits, softmax
+
+    try:
+        model = load_model(choice.path)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load model {choice.path}: {error}") from error
+    return (lambda images: softmax(predict_logits(model, images))), int(model.input_shape[1])
 
 
 def _write_rows(writer: Any, predictions: list[Prediction]) -> None:
@@ -127,17 +173,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="artifacts folder to find the production model in (default ./artifacts)",
     )
     parser.add_argument("--classes", help="comma-separated class names, if the model has none")
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="auto: the LiteRT export where the model has one (no TensorFlow), else Keras",
+    )
     parser.add_argument("--csv", type=Path, help="write the predictions to this CSV file too")
 
 
 def run(args: argparse.Namespace) -> int:
     classes = args.classes.split(",") if args.classes else None
-    choice = choose_model(args.artifacts, args.model, classes)
+    choice = choose_model(args.artifacts, args.model, classes, args.runtime)
     missing = [path for path in args.inputs if not path.exists()]
     for path in missing:
         print(f"error: {path}: no such file or folder", file=sys.stderr)
     files = list(expand([path for path in args.inputs if path.exists()]))
-    print(f"model: {choice.path} ({choice.origin})", file=sys.stderr)
+    print(f"model: {choice.path} ({choice.origin}, {choice.runtime})", file=sys.stderr)
     predictions = predict_files(choice, files)
     for item in predictions:
         if item.error:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ import numpy as np
 from catdog.arrays import Rows
 from catdog.data.records import Manifest
 from catdog.errors import CatdogError
-from catdog.io import atomic_write_json, exclusive_lock, read_json
+from catdog.export import ExportCheck
+from catdog.io import atomic_write_json, exclusive_lock, read_json, replace_directory
 from catdog.layout import MODEL_FILE, Layout
 from catdog.records import (
     ArraysRecord,
@@ -48,6 +50,7 @@ STATE_FIELDS = (
     "code",
     "run_id",
     "flow_run",
+    "exports",
 )
 
 
@@ -288,12 +291,16 @@ def _judge(
     return Decision(decision.promote, decision.reason + detail), evidence
 
 
+Ship = Callable[[Candidate, Path], ExportCheck]  # exports the candidate into a folder, checked
+
+
 def promote(
     layout: Layout,
     candidate: Candidate,
     split: SplitFacts,
     margin: float,
     run: dict[str, Any],
+    ship: Ship | None = None,
 ) -> PromotionRecord:
     """Apply the gate to `candidate` and record the decision; on promotion, install it as
     production. Runs on one artifacts folder take turns here.
@@ -304,6 +311,8 @@ def promote(
         split: This run's test split and what its models trained on.
         margin: Accuracy the candidate must gain over production.
         run: "id" and "name" of this run, recorded with the decision.
+        ship: Writes the candidate's exports into a folder and checks them; a candidate
+            whose exports fail their check is not promoted. None: no exports.
 
     Returns:
         The decision and its evidence, for summary.json and the report.
@@ -311,6 +320,16 @@ def promote(
     with exclusive_lock(layout.gate_lock):
         registry = read_registry(layout)
         decision, evidence = _judge(layout, registry, candidate, split, margin)
+        exports, check = None, None
+        if decision.promote and ship is not None:
+            number = len(registry["history"])
+            exports, check = _ship(layout, candidate, number, ship)
+            if exports is None:
+                decision = Decision(
+                    False,
+                    f"kept production: {candidate.name} would be promoted ({decision.reason}), "
+                    f"but its exports failed their check: {check.reason()}",
+                )
         entry: dict[str, Any] = {
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "action": "promote" if decision.promote else "keep",
@@ -322,9 +341,10 @@ def promote(
             "replaced": registry.get("entry"),  # the entry whose model was in production
             "run_id": run["id"],
             "flow_run": run.get("name"),
+            "export_check": check.to_json() if check else None,
         }
         if decision.promote:
-            entry.update(_install(layout, candidate, split, run, len(registry["history"])))
+            entry.update(_install(layout, candidate, split, run, len(registry["history"]), exports))
         history = [*registry["history"], entry]
         current = (
             {**{k: entry[k] for k in STATE_FIELDS}, "entry": len(history) - 1}
@@ -341,11 +361,35 @@ def promote(
         candidate_accuracy=evidence.candidate_accuracy if evidence else None,
         production_accuracy=evidence.production_accuracy if evidence else None,
         evidence=asdict(evidence) if evidence else None,
+        export_check=check.to_json() if check else None,
     )
 
 
+def _ship(
+    layout: Layout, candidate: Candidate, number: int, ship: Ship
+) -> tuple[str | None, ExportCheck]:
+    """Export the candidate beside its archive and check it; the folder (relative to the
+    artifacts root) if the exports passed, None (and nothing left behind) if not."""
+    folder = layout.production_archive_export(number, candidate.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staged = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        check = ship(candidate, staged)
+        if not check.passed:
+            return None, check
+        staged.rename(folder)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return layout.relative(folder), check
+
+
 def _install(
-    layout: Layout, candidate: Candidate, split: SplitFacts, run: dict[str, Any], number: int
+    layout: Layout,
+    candidate: Candidate,
+    split: SplitFacts,
+    run: dict[str, Any],
+    number: int,
+    exports: str | None,
 ) -> dict[str, Any]:
     """Archive the candidate's file and facts under production/models, then make it current."""
     archive_path = layout.production_archive(number, candidate.name)
@@ -373,14 +417,23 @@ def _install(
         "code": candidate.code,
         "run_id": run["id"],
         "flow_run": run.get("name"),
+        "exports": exports,
     }
 
 
-def _make_current(layout: Layout, archive: str) -> None:
-    """Copy the archived model to `production/model.keras`, the file people look for."""
+def _make_current(layout: Layout, archive: str, exports: str | None) -> None:
+    """Copy the archived model to `production/model.keras` and its exports (if any) to
+    `production/export/`, the files people and `predict` look for."""
     staged = layout.production_dir / f".{layout.production_model.name}.{uuid.uuid4().hex}.tmp"
     shutil.copyfile(layout.root / archive, staged)
     staged.replace(layout.production_model)
+    current = layout.production_export
+    if exports is None:  # a model without exports: none of another model's may stay
+        shutil.rmtree(current, ignore_errors=True)
+        return
+    new = current.with_name(f".{current.name}.{uuid.uuid4().hex}.tmp")
+    shutil.copytree(layout.root / exports, new)
+    replace_directory(new, current)
 
 
 def _write_registry(layout: Layout, current: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -392,7 +445,7 @@ def _write_registry(layout: Layout, current: dict[str, Any], history: list[dict[
     path = {"path": str(layout.root / current["archive"])} if current.get("model") else {}
     atomic_write_json(layout.registry, {**current, **path, "history": history})
     if current.get("model"):
-        _make_current(layout, current["archive"])
+        _make_current(layout, current["archive"], current.get("exports"))
 
 
 def rollback(layout: Layout) -> dict[str, Any]:
@@ -422,7 +475,7 @@ def rollback(layout: Layout) -> dict[str, Any]:
         if not archive_path.is_file():
             raise RegistryError(f"the earlier production model {archive_path} is missing")
         entry = {
-            **{k: target[k] for k in STATE_FIELDS},
+            **{k: target.get(k) for k in STATE_FIELDS},
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "action": "rollback",
             "reason": f"rolled back from {registry['model']} (entry {registry['entry']}) to "
@@ -431,6 +484,6 @@ def rollback(layout: Layout) -> dict[str, Any]:
             "replaced": target.get("replaced"),
         }
         history = [*history, entry]
-        current = {**{k: target[k] for k in STATE_FIELDS}, "entry": len(history) - 1}
+        current = {**{k: target.get(k) for k in STATE_FIELDS}, "entry": len(history) - 1}
         _write_registry(layout, current, history)
     return entry

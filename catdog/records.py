@@ -138,7 +138,8 @@ class PromotionRecord:
     margin: float
     candidate_accuracy: float | None = None
     production_accuracy: float | None = None
-    evidence: dict[str, Any] | None = None
+    evidence: dict[str, Any] | None = None  # catdog.promotion.Evidence, as JSON
+    export_check: dict[str, Any] | None = None  # catdog.export.ExportCheck, as JSON
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,10 @@ def render_report(summary: dict[str, Any], figures: dict[str, str]) -> str:
     if promotion:
         verdict = "promoted" if promotion["promoted"] else "kept"
         lines += ["## Production model", "", f"**{verdict}**: {promotion['reason']}", ""]
+        check = promotion.get("export_check")
+        if check:
+            outcome = "passed" if check["passed"] else "failed"
+            lines += [f"Exports checked in fresh processes ({outcome}): {check['reason']}.", ""]
         if promotion.get("evidence"):
             lines += [markdown_table([gate_evidence_row(promotion)])]
     if "comparison" in figures:

@@ -94,3 +94,10 @@ Strategy = Annotated[
         "GPU of the machine that trains it (tf.distribute.MirroredStrategy)"
     ),
 ]
+Export = Annotated[
+    bool,
+    Field(
+        description="export a model the gate would promote (TensorFlow SavedModel, LiteRT) and "
+        "promote it only if each export, loaded in a fresh process, gives its probabilities"
+    ),
+]

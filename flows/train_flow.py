@@ -38,6 +38,7 @@ from flows.parameters import (
     Data,
     DownloadRetries,
     Epochs,
+    Export,
     FeatureViews,
     FinetuneEpochs,
     ImageSize,
@@ -87,6 +88,7 @@ def train_flow(
     precision: Precision = TRAIN.precision,
     strategy: Strategy = TRAIN.strategy,
     offline: Offline = False,
+    export: Export = True,
 ) -> ReportRecord:
     """Download, split, count, look, train every model, evaluate, promote, report."""
     quiet_tracebacks()
@@ -173,7 +175,7 @@ def train_flow(
                 evaluated=evaluated,
             )
         )
-        promotion = run.submit("promote", records=records, margin=promote_margin)
+        promotion = run.submit("promote", records=records, margin=promote_margin, export=export)
         run.settle()
         about = RunInfo(
             data=data,

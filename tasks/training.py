@@ -12,7 +12,7 @@ from prefect import get_run_logger
 from catdog import catalog
 from catdog.errors import RunStopped
 from catdog.hashing import HashMemo, code_fingerprint, sha256_file
-from catdog.layout import MODEL_FILE, Layout
+from catdog.layout import MODEL_FILE, PROBABILITIES_FILE, Layout
 from catdog.records import (
     ArraysRecord,
     CountsRecord,
@@ -186,15 +186,19 @@ def evaluate_model(
     artifacts: str,
 ) -> EvaluationRecord:
     """Score a trained model on the test split: accuracy, loss, confusion matrix, errors."""
-    from catdog.evaluation import load_model, score_model
+    import numpy as np
+
+    from catdog.evaluation import load_model, predict_logits, score, softmax
     from catdog.plots import evaluation_figures, save_figure
 
     layout = Layout.at(artifacts)
     with stage_output(layout, model) as out:
         classes = list(arrays.classes)
         x_test, y_test = load_arrays(layout, arrays, "test")
-        network = load_model(layout.resolve(trained.dir) / MODEL_FILE)
-        metrics = score_model(network, x_test, y_test, classes)
+        logits = predict_logits(load_model(layout.resolve(trained.dir) / MODEL_FILE), x_test)
+        metrics = score(logits, y_test, classes)
+        # What its exports must reproduce, image by image, before it can ship.
+        np.save(out.folder / PROBABILITIES_FILE, softmax(logits).astype(np.float32))
         baseline = counts.baseline["validation"]
         figures = evaluation_figures(
             model, trained.history, baseline, metrics, x_test, y_test, classes
