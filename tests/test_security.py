@@ -57,7 +57,7 @@ def test_the_readme_recipe_starts_a_secured_cluster_that_trains_and_refuses_stra
 
     data = zip_folder(make_dataset(tmp_path / "src"), tmp_path / "tiny.zip")
     artifacts = tmp_path / "artifacts"
-    certs, other = tmp_path / "certs", tmp_path / "other-ca"
+    certs, other = tmp_path / "cluster" / "certs", tmp_path / "other-ca"
     api_port, dask_port = free_port(), free_port()
     script = tmp_path / "recipe.sh"
     script.write_text("set -euo pipefail\n" + recipe())
@@ -68,7 +68,7 @@ def test_the_readme_recipe_starts_a_secured_cluster_that_trains_and_refuses_stra
         HOST="127.0.0.1",
         API_PORT=str(api_port),
         DASK_PORT=str(dask_port),
-        CERTS=str(certs),
+        CLUSTER=str(tmp_path / "cluster"),
         DATA=str(data),
         PREFECT_HOME=str(tmp_path / "prefect-home"),
         PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
