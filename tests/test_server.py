@@ -148,3 +148,109 @@ def test_a_served_schedule_follows_the_archive_at_a_url(
     finally:
         serving.terminate()
         serving.communicate(timeout=60)
+
+
+def test_serve_and_a_process_worker_run_against_an_api_that_wants_a_password(
+    tmp_path: Path, dataset_zip: Path
+) -> None:
+    """A server under PREFECT_SERVER_API_AUTH_STRING: a client without the password is refused
+    and creates nothing; with it, `serve` and a process worker each run a deployment run."""
+    import time
+
+    import httpx
+
+    script = load_script()
+    port = script.free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    password = "catdog:not-a-real-secret"
+    env = script.server_env(api_url, tmp_path / "prefect-home")
+    process = script.start_server(
+        port, {**env, "PREFECT_SERVER_API_AUTH_STRING": password}, tmp_path / "log"
+    )
+    client_env = {**env, "PREFECT_API_AUTH_STRING": password, "PWD": str(ROOT)}
+    auth = tuple(password.split(":", 1))
+    started: list[subprocess.Popen] = []
+
+    def prefect(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            cwd=ROOT,
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def finished(deployment: str, count: int) -> list[dict]:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            runs = httpx.post(
+                f"{api_url}/flow_runs/filter",
+                json={"deployments": {"name": {"any_": [deployment]}}},
+                auth=auth,
+            ).json()
+            done = [run for run in runs if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+            if len(done) >= count:
+                return done
+            time.sleep(2)
+        raise AssertionError(f"no run of {deployment} finished in time")
+
+    options = ["--data", str(dataset_zip), "--models", "model1", "--epochs", "1"]
+    options += ["--image-size", "32", "--batch-size", "8", "--no-export"]
+    try:
+        script.wait_healthy(api_url, process, timeout=180)
+        assert httpx.post(f"{api_url}/flows/filter", json={}).status_code == 401
+        assert httpx.post(f"{api_url}/flows/", json={"name": "x"}).status_code == 401
+        assert httpx.post(f"{api_url}/flows/filter", json={}, auth=auth).json() == []
+
+        serving = subprocess.Popen(
+            [
+                *(sys.executable, str(ROOT / "flows/train_flow.py"), "serve"),
+                *("--interval", "86400", *options),
+                *("--artifacts", str(tmp_path / "served"), "--name", "served"),
+            ],
+            env=client_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(serving)
+        deadline = time.monotonic() + 120
+        while "catdog-train/served" not in prefect("deployment", "ls"):
+            assert time.monotonic() < deadline and serving.poll() is None
+            time.sleep(2)
+        prefect("deployment", "run", "catdog-train/served")
+        assert {run["state_type"] for run in finished("served", 1)} == {"COMPLETED"}
+
+        prefect("work-pool", "create", "catdog-process", "--type", "process")
+        parameters = [
+            f"--param={name}={value}"
+            for name, value in (
+                ("data", str(dataset_zip)),
+                ("models", '["model1"]'),
+                ("epochs", "1"),
+                ("image_size", "32"),
+                ("batch_size", "8"),
+                ("export", "false"),
+                ("artifacts", str(tmp_path / "by-worker")),
+            )
+        ]
+        prefect("--no-prompt", "deploy", "-n", "scheduled-retraining", *parameters)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "catdog-process"],
+            cwd=ROOT,
+            env=client_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(worker)
+        prefect("deployment", "run", "catdog-train/scheduled-retraining")
+        runs = finished("scheduled-retraining", 1)
+        assert {run["state_type"] for run in runs} == {"COMPLETED"}
+        assert (tmp_path / "by-worker" / "summary.json").is_file()
+    finally:
+        for child in started:
+            child.terminate()
+            child.wait(timeout=60)
+        script.stop_server(process)
