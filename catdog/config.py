@@ -59,7 +59,9 @@ class PipelineConfig:
     promote_margin: float = 0.0  # accuracy a new best model must gain over production's
     download_retries: int = 4  # retries of a transient download failure, with backoff
     train_retries: int = 0  # retries of a failed training task; each resumes where it died
-    keep_runs: int = 3  # `cache prune` keeps what this many of the latest runs used
+    # After its report a run removes the stage outputs that none of this many of the latest
+    # runs used (0 keeps everything); `cache prune` keeps as many by default.
+    keep_runs: int = 5
 
 
 DATA, TRAIN, RUN = DataConfig(), TrainConfig(), PipelineConfig()

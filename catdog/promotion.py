@@ -13,7 +13,7 @@ import math
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,9 +59,23 @@ class RegistryError(CatdogError):
 
 
 @dataclass(frozen=True)
+class Policy:
+    """What a candidate must meet to replace production (None: that rule is off)."""
+
+    margin: float = 0.0  # test-accuracy gain over production, on the same test images
+    min_accuracy: float | None = None  # the candidate's own test accuracy, at least
+    min_class_recall: float | None = None  # every class's test recall, at least
+    # McNemar p against production, at most: the gain must be more than chance on these images
+    max_p_value: float | None = None
+
+
+@dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
+    # Which rule decided: "first", "margin", "min_accuracy", "min_class_recall",
+    # "max_p_value", "not_comparable" (production saw test images) or "exports".
+    rule: str = "margin"
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ class Candidate:
     predictions: Sequence[int]  # class per test image, in split order
     image_size: int
     code: str  # fingerprint of the code that trained it
+    class_recall: dict[str, float] = field(default_factory=dict)  # on the test split
 
 
 @dataclass(frozen=True)
@@ -150,7 +165,7 @@ def decide(
     """Promote `candidate_name` if no production model exists, or if it beats production's
     accuracy on the same test split by more than `margin` (absolute accuracy points)."""
     if production_accuracy is None:
-        return Decision(True, f"{candidate_name} is the first production model")
+        return Decision(True, f"{candidate_name} is the first production model", "first")
     gain = candidate_accuracy - production_accuracy
     # Rounded: 0.8 - 0.7 is 0.10000000000000009 in floats, which must not beat a 0.1 margin.
     if round(gain, 9) > round(margin, 9):
@@ -164,6 +179,29 @@ def decide(
         f"kept production ({production_accuracy:.4f} on the test split): {candidate_name} "
         f"scores {candidate_accuracy:.4f}, {gain:+.4f}, not above the margin {margin:.4f}",
     )
+
+
+def below_a_floor(candidate: Candidate, policy: Policy) -> Decision | None:
+    """A decision to keep production if the candidate misses an absolute floor of `policy`
+    (its test accuracy, or one class's recall), whatever production scores; else None."""
+    if policy.min_accuracy is not None and candidate.test_accuracy < policy.min_accuracy:
+        return Decision(
+            False,
+            f"kept production: {candidate.name} scores {candidate.test_accuracy:.4f} on the "
+            f"test split, under the floor of {policy.min_accuracy:.4f} (--min-accuracy)",
+            "min_accuracy",
+        )
+    if policy.min_class_recall is not None:
+        low = {c: r for c, r in candidate.class_recall.items() if r < policy.min_class_recall}
+        if low:
+            listed = ", ".join(f"{c} {r:.4f}" for c, r in low.items())
+            return Decision(
+                False,
+                f"kept production: {candidate.name}'s recall on the test split is under the "
+                f"floor of {policy.min_class_recall:.4f} for {listed} (--min-class-recall)",
+                "min_class_recall",
+            )
+    return None
 
 
 def shipped_val_accuracy(model: dict[str, Any]) -> float:
@@ -202,6 +240,7 @@ def best_candidate(
         predictions=evaluated[best].predictions,
         image_size=arrays[best].image_size,
         code=code,
+        class_recall={c: m["recall"] for c, m in evaluated[best].per_class.items()},
     )
 
 
@@ -259,10 +298,13 @@ def _production_predictions(
 
 
 def _judge(
-    layout: Layout, current: dict[str, Any], candidate: Candidate, split: SplitFacts, margin: float
+    layout: Layout, current: dict[str, Any], candidate: Candidate, split: SplitFacts, policy: Policy
 ) -> tuple[Decision, Evidence | None]:
+    floor = below_a_floor(candidate, policy)
+    if floor is not None:
+        return floor, None
     if not current.get("model"):
-        return Decision(True, f"{candidate.name} is the first production model"), None
+        return Decision(True, f"{candidate.name} is the first production model", "first"), None
     seen = set(_archive_facts(layout, current["archive"], "seen") or [])
     overlap = len(seen.intersection(split.test_hashes))
     if overlap:
@@ -272,6 +314,7 @@ def _judge(
                 f"not compared: production ({current['model']}) trained or was selected on "
                 f"{overlap} of this run's {len(split.test_hashes)} test images (the seed or "
                 "the split changed), so this split cannot score it fairly; kept production",
+                "not_comparable",
             ),
             None,
         )
@@ -280,7 +323,7 @@ def _judge(
     decision = decide(
         evidence.candidate_accuracy,
         evidence.production_accuracy,
-        margin=margin,
+        margin=policy.margin,
         candidate_name=candidate.name,
     )
     detail = (
@@ -288,7 +331,20 @@ def _judge(
         f"({evidence.candidate_only} right by the candidate only, {evidence.production_only} "
         f"by production only), McNemar p = {evidence.p_value:.3g}"
     )
-    return Decision(decision.promote, decision.reason + detail), evidence
+    chance = policy.max_p_value is not None and evidence.p_value > policy.max_p_value
+    if decision.promote and chance:
+        return (
+            Decision(
+                False,
+                f"kept production: {candidate.name} scores {evidence.candidate_accuracy:.4f} "
+                f"against production's {evidence.production_accuracy:.4f}, but McNemar p = "
+                f"{evidence.p_value:.3g} is above {policy.max_p_value:g} (--max-p-value): "
+                "no more than chance on these images" + detail,
+                "max_p_value",
+            ),
+            evidence,
+        )
+    return Decision(decision.promote, decision.reason + detail, decision.rule), evidence
 
 
 Ship = Callable[[Candidate, Path], ExportCheck]  # exports the candidate into a folder, checked
@@ -298,7 +354,7 @@ def promote(
     layout: Layout,
     candidate: Candidate,
     split: SplitFacts,
-    margin: float,
+    policy: Policy,
     run: dict[str, Any],
     ship: Ship | None = None,
 ) -> PromotionRecord:
@@ -309,7 +365,7 @@ def promote(
         layout: The artifacts folder.
         candidate: The run's best model.
         split: This run's test split and what its models trained on.
-        margin: Accuracy the candidate must gain over production.
+        policy: What the candidate must meet (a margin over production, floors).
         run: "id" and "name" of this run, recorded with the decision.
         ship: Writes the candidate's exports into a folder and checks them; a candidate
             whose exports fail their check is not promoted. None: no exports.
@@ -319,7 +375,7 @@ def promote(
     """
     with exclusive_lock(layout.gate_lock):
         registry = read_registry(layout)
-        decision, evidence = _judge(layout, registry, candidate, split, margin)
+        decision, evidence = _judge(layout, registry, candidate, split, policy)
         exports, check = None, None
         if decision.promote and ship is not None:
             number = len(registry["history"])
@@ -329,6 +385,7 @@ def promote(
                     False,
                     f"kept production: {candidate.name} would be promoted ({decision.reason}), "
                     f"but its exports failed their check: {check.reason()}",
+                    "exports",
                 )
         entry: dict[str, Any] = {
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -336,7 +393,9 @@ def promote(
             "candidate": candidate.name,
             "candidate_epoch": candidate.epoch,
             "reason": decision.reason,
-            "margin": margin,
+            "rule": decision.rule,
+            "policy": asdict(policy),
+            "margin": policy.margin,
             "evidence": asdict(evidence) if evidence else None,
             "replaced": registry.get("entry"),  # the entry whose model was in production
             "run_id": run["id"],
@@ -357,7 +416,9 @@ def promote(
         reason=decision.reason,
         candidate=candidate.name,
         candidate_epoch=candidate.epoch,
-        margin=margin,
+        margin=policy.margin,
+        rule=decision.rule,
+        policy=asdict(policy),
         candidate_accuracy=evidence.candidate_accuracy if evidence else None,
         production_accuracy=evidence.production_accuracy if evidence else None,
         evidence=asdict(evidence) if evidence else None,

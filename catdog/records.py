@@ -136,6 +136,8 @@ class PromotionRecord:
     candidate: str
     candidate_epoch: int
     margin: float
+    rule: str = "margin"  # which rule of the policy decided (catdog.promotion.Decision)
+    policy: dict[str, Any] = field(default_factory=dict)  # catdog.promotion.Policy, as JSON
     candidate_accuracy: float | None = None
     production_accuracy: float | None = None
     evidence: dict[str, Any] | None = None  # catdog.promotion.Evidence, as JSON

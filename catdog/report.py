@@ -135,7 +135,9 @@ def render_report(summary: dict[str, Any], figures: dict[str, str]) -> str:
     promotion = summary.get("promotion")
     if promotion:
         verdict = "promoted" if promotion["promoted"] else "kept"
-        lines += ["## Production model", "", f"**{verdict}**: {promotion['reason']}", ""]
+        rule = promotion.get("rule", "margin")
+        lines += ["## Production model", "", f"**{verdict}** (rule: {rule}): {promotion['reason']}"]
+        lines += [""]
         check = promotion.get("export_check")
         if check:
             outcome = "passed" if check["passed"] else "failed"

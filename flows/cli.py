@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         "assignment's models) as a Prefect flow with cached stages.",
         epilog="Models: "
         + "; ".join(f"{spec.name}: {spec.description}" for spec in catalog.MODELS)
-        + ". Subcommand: `python flows/train_flow.py serve --cron '0 3 * * 1' [options]` "
-        "serves the same flow on a schedule.",
+        + ". Subcommands: `python flows/train_flow.py serve --cron '0 3 * * 1' [options]` "
+        "serves the same flow on a schedule; `... alerts --webhook URL` sets up notifications.",
     )
     add_flow_options(parser, train_flow.fn, env=ENV, optional_value={"refresh": "all"})
     parser.add_argument(
@@ -162,6 +162,49 @@ def serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def alerts_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python flows/train_flow.py alerts",
+        description="Set up Prefect automations on the server PREFECT_API_URL names that notify "
+        "when a catdog run fails or crashes, when production changes and when a data check "
+        "fails; run again to replace them, --remove to take them down.",
+    )
+    parser.add_argument("--webhook", metavar="URL", help="POST JSON {subject, body} here")
+    parser.add_argument("--slack-webhook", metavar="URL", help="a Slack incoming webhook")
+    parser.add_argument("--remove", action="store_true", help="remove the catdog automations")
+    return parser
+
+
+def _alerts(argv: list[str]) -> int:
+    args = alerts_parser().parse_args(argv)
+    if not args.remove and not (args.webhook or args.slack_webhook):
+        alerts_parser().error("give --webhook or --slack-webhook (or --remove)")
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import alerts
+    from flows.runners import check_api_access
+
+    if not PREFECT_API_URL.value():
+        print(
+            "error: alerts live on a Prefect server: start one with `prefect server start` "
+            "and set PREFECT_API_URL, e.g. PREFECT_API_URL=http://127.0.0.1:4200/api",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        check_api_access()
+    except CatdogError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    if args.remove:
+        removed = alerts.remove()
+        print(f"removed {len(removed)} automation(s): {', '.join(removed) or 'none'}")
+        return 0
+    for name in alerts.install(args.webhook, args.slack_webhook):
+        print(f"automation: {name}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from prefect import serve
 
@@ -192,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python flows/train_flow.py [serve] [options]`; returns the exit code."""
     _prepare_environment()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["alerts"]:
+        return _alerts(argv[1:])
     serving = bool(argv) and argv[0] == "serve"
     # A run's temporary API server starts now, before Prefect is imported, so that its start-up
     # overlaps this process's (see flows/local_api.py).

@@ -73,6 +73,27 @@ PromoteMargin = Annotated[
     float,
     Field(ge=0, le=1, description="accuracy a new best model must gain over production"),
 ]
+MinAccuracy = Annotated[
+    float | None,
+    Field(ge=0, le=1, description="promote no model whose test accuracy is under this floor"),
+]
+MinClassRecall = Annotated[
+    float | None,
+    Field(
+        ge=0,
+        le=1,
+        description="promote no model whose test recall of any class is under this floor",
+    ),
+]
+MaxPValue = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        le=1,
+        description="promote over production only if the exact McNemar test on the shared "
+        "test images gives at most this p-value",
+    ),
+]
 TrainRetries = Annotated[
     int, Field(ge=0, description="retries of a failed training task; each resumes")
 ]
@@ -99,5 +120,13 @@ Export = Annotated[
     Field(
         description="export a model the gate would promote (TensorFlow SavedModel, LiteRT) and "
         "promote it only if each export, loaded in a fresh process, gives its probabilities"
+    ),
+]
+KeepRuns = Annotated[
+    int,
+    Field(
+        ge=0,
+        description="after the report, remove stage outputs that none of the last N runs used, "
+        "as `python -m catdog cache prune` does (0 keeps everything)",
     ),
 ]

@@ -29,6 +29,7 @@ from catdog.checks import check_run
 from catdog.config import DATA, OFFICIAL_DATA_URL, RUN, TRAIN
 from catdog.data.freshness import check_source
 from catdog.layout import Layout
+from catdog.promotion import Policy
 from catdog.records import ReportRecord
 from catdog.summary import RunInfo, RunRecords
 from flows.console import quiet_tracebacks
@@ -42,7 +43,11 @@ from flows.parameters import (
     FeatureViews,
     FinetuneEpochs,
     ImageSize,
+    KeepRuns,
     MaxImagesPerClass,
+    MaxPValue,
+    MinAccuracy,
+    MinClassRecall,
     Models,
     Offline,
     Precision,
@@ -83,12 +88,16 @@ def train_flow(
     finetune_epochs: FinetuneEpochs = TRAIN.finetune_epochs,
     feature_views: FeatureViews = TRAIN.feature_views,
     promote_margin: PromoteMargin = RUN.promote_margin,
+    min_accuracy: MinAccuracy = None,
+    min_class_recall: MinClassRecall = None,
+    max_p_value: MaxPValue = None,
     train_retries: TrainRetries = RUN.train_retries,
     download_retries: DownloadRetries = RUN.download_retries,
     precision: Precision = TRAIN.precision,
     strategy: Strategy = TRAIN.strategy,
     offline: Offline = False,
     export: Export = True,
+    keep_runs: KeepRuns = RUN.keep_runs,
 ) -> ReportRecord:
     """Download, split, count, look, train every model, evaluate, promote, report."""
     quiet_tracebacks()
@@ -175,7 +184,8 @@ def train_flow(
                 evaluated=evaluated,
             )
         )
-        promotion = run.submit("promote", records=records, margin=promote_margin, export=export)
+        policy = Policy(promote_margin, min_accuracy, min_class_recall, max_p_value)
+        promotion = run.submit("promote", records=records, policy=policy, export=export)
         run.settle()
         about = RunInfo(
             data=data,
@@ -189,7 +199,12 @@ def train_flow(
             source_warning=source.warning,
         )
         report = run.submit(
-            "report", run=about, records=records, promotion=promotion, tasks=dict(run.outcomes)
+            "report",
+            run=about,
+            records=records,
+            promotion=promotion,
+            tasks=dict(run.outcomes),
+            keep_runs=keep_runs,
         )
         run.settle()
         return report.result()

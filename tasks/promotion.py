@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from prefect import get_run_logger
+from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from catdog.export import ExportCheck
 from catdog.hashing import code_fingerprint
 from catdog.layout import PROBABILITIES_FILE, Layout
-from catdog.promotion import Candidate, best_candidate, promote, split_facts
+from catdog.promotion import Candidate, Policy, best_candidate, promote, split_facts
 from catdog.records import PromotionRecord
 from catdog.stages import TRAIN_CODE
 from catdog.summary import RunRecords
@@ -21,7 +23,7 @@ from tasks.data import split_manifest_of
 
 @stage_task("promote")
 def promote_model(
-    records: RunRecords, margin: float, export: bool, artifacts: str
+    records: RunRecords, policy: Policy, export: bool, artifacts: str
 ) -> PromotionRecord:
     """Score the run's best model against production on the same test images; promote it only
     if it is better by more than the margin."""
@@ -44,7 +46,7 @@ def promote_model(
         layout,
         candidate,
         split_facts(split_manifest_of(layout, records.split), records.split, records.manifest),
-        margin,
+        policy,
         {"id": str(flow_run.get_id() or "local"), "name": flow_run.get_name()},
         ship=ship if export else None,
     )
@@ -57,4 +59,30 @@ def promote_model(
     )
     if decision.export_check:
         logger.info("exports checked in fresh processes: %s", decision.export_check["reason"])
+    announce(layout, decision)
     return decision
+
+
+def announce(layout: Layout, decision: PromotionRecord) -> None:
+    """Emit `catdog.model.promoted` or `catdog.model.kept` for automations and alerts: the
+    production of this artifacts folder, the run, the candidate, the accuracies, the rule
+    that decided and the gate's evidence."""
+    run_id, name = flow_run.get_id(), flow_run.get_name()
+    related = []
+    if run_id:
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.flow-run.{run_id}",
+                "prefect.resource.role": "flow-run",
+                "prefect.resource.name": str(name),
+            }
+        )
+    emit_event(
+        event=f"catdog.model.{'promoted' if decision.promoted else 'kept'}",
+        resource={
+            "prefect.resource.id": f"catdog.production.{layout.root}",
+            "prefect.resource.name": f"catdog production in {layout.root}",
+        },
+        related=related,
+        payload={**asdict(decision), "flow_run": str(name), "artifacts": str(layout.root)},
+    )

@@ -23,9 +23,11 @@ def write_report(
     records: RunRecords,
     promotion: PromotionRecord,
     tasks: dict[str, TaskOutcome],
+    keep_runs: int,
     artifacts: str,
 ) -> ReportRecord:
-    """Write this run's summary.json and report.md, and show them in the UI."""
+    """Write this run's summary.json and report.md, show them in the UI, and remove what the
+    last `keep_runs` runs no longer use."""
     layout = Layout.at(artifacts)
     summary, report = write_run(
         layout,
@@ -39,6 +41,8 @@ def write_report(
     except Exception as error:  # the files are written: the UI's copies must not fail the run
         get_run_logger().warning("the report's artifacts did not reach the UI (%s)", error)
     get_run_logger().info("report: %s", summary["run"]["report"])
+    if keep_runs:
+        _prune(layout, keep_runs)
     return ReportRecord(
         summary=str(layout.summary),
         report=summary["run"]["report"],
@@ -62,3 +66,22 @@ def _publish(summary: dict[str, Any], report: str) -> None:
     # Figures are published as their own artifacts; relative image links would not resolve.
     text = "\n".join(line for line in report.splitlines() if not line.startswith("!["))
     ui.publish_markdown("run-report", text + "\n", "The run report")
+
+
+def _prune(layout: Layout, keep: int) -> None:
+    """`cache prune --keep N`, unless another run is computing a stage right now (it holds a
+    lock): what it writes is not on any finished run's list yet."""
+    from catdog.io import human_bytes
+    from catdog.prune import prune
+
+    logger = get_run_logger()
+    if any(layout.locks_dir.glob("*.lock")):
+        logger.info("not pruning: another run on %s is computing a stage", layout.root)
+        return
+    report = prune(layout.root, keep=keep)
+    logger.info(
+        "kept what the last %d run(s) used; removed %d item(s), %s",
+        len(report.kept_runs),
+        len(report.removals),
+        human_bytes(report.freed_bytes),
+    )

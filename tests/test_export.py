@@ -17,7 +17,7 @@ from catdog import catalog, models
 from catdog.evaluation import softmax
 from catdog.export import check_export, export_model
 from catdog.layout import Layout
-from catdog.promotion import Candidate, SplitFacts, promote, read_registry, rollback
+from catdog.promotion import Candidate, Policy, SplitFacts, promote, read_registry, rollback
 from catdog.serving import LITERT_FILE, SAVED_MODEL_DIR, SERVING_FILE, ServingSpec
 from catdog.training import dtype_policy
 
@@ -126,11 +126,15 @@ def test_the_gate_ships_only_checked_exports_and_rollback_brings_them_back(tmp_p
         return ship
 
     first, first_model = candidate("first", 1, 6)
-    assert promote(layout, first, _split("t"), 0.0, run, ship=shipping(first_model)).promoted
+    assert promote(
+        layout, first, _split("t"), Policy(0.0), run, ship=shipping(first_model)
+    ).promoted
     shipped = (layout.production_export / LITERT_FILE).read_bytes()
 
     better, better_model = candidate("better", 2, 9)
-    decision = promote(layout, better, _split("t"), 0.0, run, ship=shipping(better_model, True))
+    decision = promote(
+        layout, better, _split("t"), Policy(0.0), run, ship=shipping(better_model, True)
+    )
     assert not decision.promoted and "exports failed their check" in decision.reason
     assert decision.export_check["passed"] is False
     registry = read_registry(layout)
@@ -138,7 +142,9 @@ def test_the_gate_ships_only_checked_exports_and_rollback_brings_them_back(tmp_p
     assert (layout.production_export / LITERT_FILE).read_bytes() == shipped
     assert not list(layout.production_dir.glob("models/.*"))  # nothing half-written kept
 
-    assert promote(layout, better, _split("t"), 0.0, run, ship=shipping(better_model)).promoted
+    assert promote(
+        layout, better, _split("t"), Policy(0.0), run, ship=shipping(better_model)
+    ).promoted
     assert (layout.production_export / LITERT_FILE).read_bytes() != shipped
     rollback(layout)
     assert read_registry(layout)["model"] == "first"

@@ -56,6 +56,7 @@ from catdog.errors import CatdogError  # noqa: E402
 from catdog.layout import Layout  # noqa: E402
 from catdog.promotion import (  # noqa: E402
     Candidate,
+    Policy,
     SplitFacts,
     compare,
     mcnemar_exact,
@@ -108,11 +109,13 @@ def test_compare_counts_disagreements_both_ways():
 def test_better_by_the_margin_is_promoted_equal_or_worse_is_not(tmp_path):
     layout = Layout.at(tmp_path / "artifacts")
     run = {"id": "r1", "name": "first"}
-    assert promote(layout, candidate(tmp_path, "model1", 12), split(), 0.0, run).promoted
+    assert promote(layout, candidate(tmp_path, "model1", 12), split(), Policy(0.0), run).promoted
     for right, margin, promoted in ((12, 0.0, False), (10, 0.0, False), (16, 0.25, False)):
-        decision = promote(layout, candidate(tmp_path, "model2", right), split(), margin, run)
+        decision = promote(
+            layout, candidate(tmp_path, "model2", right), split(), Policy(margin), run
+        )
         assert decision.promoted is promoted, decision
-    decision = promote(layout, candidate(tmp_path, "model3", 16), split(), 0.1, run)
+    decision = promote(layout, candidate(tmp_path, "model3", 16), split(), Policy(0.1), run)
     assert decision.promoted is True
     assert decision.evidence["disagreements"] == 4 and decision.evidence["candidate_only"] == 4
     registry = read_registry(layout)
@@ -130,8 +133,8 @@ def test_better_by_the_margin_is_promoted_equal_or_worse_is_not(tmp_path):
 def test_production_that_saw_a_test_image_is_not_compared(tmp_path):
     layout = Layout.at(tmp_path / "artifacts")
     run = {"id": "r1"}
-    promote(layout, candidate(tmp_path, "model1", 10), split(seen=("t3", "x")), 0.0, run)
-    decision = promote(layout, candidate(tmp_path, "model2", 20), split("s2"), 0.0, run)
+    promote(layout, candidate(tmp_path, "model1", 10), split(seen=("t3", "x")), Policy(0.0), run)
+    decision = promote(layout, candidate(tmp_path, "model2", 20), split("s2"), Policy(0.0), run)
     assert decision.promoted is False and decision.evidence is None
     assert "trained or was selected on 1 of this run's 20 test images" in decision.reason
     assert read_registry(layout)["model"] == "model1"
@@ -143,7 +146,9 @@ def test_rollback_restores_what_production_replaced_then_what_that_replaced(tmp_
     with pytest.raises(CatdogError, match="no production model"):
         rollback(layout)
     for right in (10, 14, 18):
-        assert promote(layout, candidate(tmp_path, "model1", right), split(), 0.0, run).promoted
+        assert promote(
+            layout, candidate(tmp_path, "model1", right), split(), Policy(0.0), run
+        ).promoted
     rollback(layout)
     assert layout.production_model.read_bytes() == b"model1 14"
     rollback(layout)
@@ -153,7 +158,7 @@ def test_rollback_restores_what_production_replaced_then_what_that_replaced(tmp_
         rollback(layout)
     assert layout.registry.read_bytes() == before  # a refused rollback changes nothing
     # The gate now judges against the restored model: 14 right beats its 10.
-    assert promote(layout, candidate(tmp_path, "model2", 14), split(), 0.0, run).promoted
+    assert promote(layout, candidate(tmp_path, "model2", 14), split(), Policy(0.0), run).promoted
 
 
 def test_concurrent_runs_take_turns_and_every_decision_is_kept(tmp_path):
@@ -166,7 +171,7 @@ def test_concurrent_runs_take_turns_and_every_decision_is_kept(tmp_path):
                 layout,
                 candidate(tmp_path, f"m{number}", 10 + number % 5),
                 split(),
-                0.0,
+                Policy(0.0),
                 {"id": str(number)},
             )
         except BaseException as error:  # reported below, in the test's thread
@@ -185,3 +190,55 @@ def test_concurrent_runs_take_turns_and_every_decision_is_kept(tmp_path):
     accuracies = [e["test_accuracy"] for e in installed]
     assert accuracies == sorted(set(accuracies))
     assert not list(layout.production_dir.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+def test_each_rule_of_the_policy_decides_and_says_so(tmp_path):
+    from catdog.promotion import below_a_floor
+
+    def with_recall(right: int, recall: dict[str, float]) -> Candidate:
+        return Candidate(
+            "model2", "x.keras", 3, 0.7, right / len(LABELS), [], 32, "c", class_recall=recall
+        )
+
+    balanced = {"cats": 0.8, "dogs": 0.8}
+    assert below_a_floor(with_recall(16, balanced), Policy()) is None
+    decision = below_a_floor(with_recall(16, balanced), Policy(min_accuracy=0.85))
+    assert decision.rule == "min_accuracy" and "under the floor of 0.8500" in decision.reason
+    lopsided = {"cats": 1.0, "dogs": 0.4}
+    decision = below_a_floor(with_recall(14, lopsided), Policy(min_class_recall=0.5))
+    assert decision.rule == "min_class_recall" and "dogs 0.4000" in decision.reason
+    assert "cats" not in decision.reason
+    assert below_a_floor(with_recall(14, lopsided), Policy(min_class_recall=0.4)) is None
+
+
+def test_a_better_candidate_with_a_class_under_the_recall_floor_keeps_production(tmp_path):
+    layout = Layout.at(tmp_path / "artifacts")
+    run = {"id": "r"}
+    first = candidate(tmp_path, "model1", 10)
+    assert promote(layout, first, split(), Policy(), run).rule == "first"
+    # Better overall (16 of 20 right against 10), but with a recall of 0.6 on dogs.
+    better = candidate(tmp_path, "model2", 16)
+    lopsided = Candidate(**{**better.__dict__, "class_recall": {"cats": 1.0, "dogs": 0.6}})
+    decision = promote(layout, lopsided, split(), Policy(min_class_recall=0.7), run)
+    assert not decision.promoted and decision.rule == "min_class_recall"
+    registry = read_registry(layout)
+    assert registry["model"] == "model1"
+    assert registry["history"][-1]["rule"] == "min_class_recall"
+    assert registry["history"][-1]["policy"]["min_class_recall"] == 0.7
+    # Without the floor the same candidate is promoted, on the margin rule.
+    assert promote(layout, lopsided, split(), Policy(), run).rule == "margin"
+
+
+def test_a_gain_no_bigger_than_chance_keeps_production_under_max_p_value(tmp_path):
+    layout = Layout.at(tmp_path / "artifacts")
+    run = {"id": "r"}
+    promote(layout, candidate(tmp_path, "model1", 10), split(), Policy(), run)
+    slightly = candidate(tmp_path, "model2", 12)  # 2 more right: p = 0.5
+    decision = promote(layout, slightly, split(), Policy(max_p_value=0.05), run)
+    assert not decision.promoted and decision.rule == "max_p_value"
+    assert "McNemar p = 0.5 is above 0.05" in decision.reason
+    clearly = candidate(tmp_path, "model3", 18)  # 8 more right, none lost: p = 2/256
+    assert promote(layout, clearly, split(), Policy(max_p_value=0.05), run).promoted

@@ -254,3 +254,85 @@ def test_serve_and_a_process_worker_run_against_an_api_that_wants_a_password(
             child.terminate()
             child.wait(timeout=60)
         script.stop_server(process)
+
+
+def test_alerts_notify_a_failure_and_a_promotion_once_and_come_down(
+    server: dict[str, str], tmp_path: Path, dataset_zip: Path
+) -> None:
+    """The alerts setup against a real server, with a webhook receiver on 127.0.0.1: a run on
+    a hostile archive sends one failure notification naming it; a first run, one "production
+    changed"; an unchanged rerun, none; --remove leaves no catdog automation."""
+    import json
+    import threading
+    import time
+    import zipfile
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict[str, str]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    flow = [sys.executable, str(ROOT / "flows/train_flow.py")]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*flow, *args], env=server, capture_output=True, text=True, timeout=600, cwd=tmp_path
+        )
+
+    def notifications(count: int, within: float = 60) -> list[dict[str, str]]:
+        deadline = time.monotonic() + within
+        while len(received) < count and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return list(received)
+
+    try:
+        webhook = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
+        setup = run("alerts", "--webhook", webhook)
+        assert setup.returncode == 0, setup.stderr
+        assert run("alerts", "--webhook", webhook).returncode == 0  # again: replaced, not doubled
+
+        hostile = tmp_path / "hostile.zip"
+        with zipfile.ZipFile(hostile, "w") as archive, zipfile.ZipFile(dataset_zip) as good:
+            for member in good.namelist():
+                archive.writestr(member, good.read(member))
+            archive.writestr("../../escape.jpg", b"x")
+        small = ["--models", "model1", "--epochs", "1", "--image-size", "32", "--no-export"]
+        failed = run("--data", str(hostile), *small, "--artifacts", str(tmp_path / "a"))
+        assert failed.returncode == 2, failed.stderr
+        [failure] = notifications(1)
+        assert "Failed" in failure["subject"] and "escape.jpg" in failure["body"]
+        assert "on hostile.zip" in failure["subject"]  # the run's name
+
+        first = run("--data", str(dataset_zip), *small, "--artifacts", str(tmp_path / "b"))
+        assert first.returncode == 0, first.stderr
+        changed = notifications(2)[1]
+        assert changed["subject"] == "catdog: model1 is production"
+        assert "rule first" in changed["body"]
+        rerun = run("--data", str(dataset_zip), *small, "--artifacts", str(tmp_path / "b"))
+        assert rerun.returncode == 0, rerun.stderr
+        time.sleep(15)  # what an automation would have sent by now
+        assert len(received) == 2, received
+
+        removed = run("alerts", "--remove")
+        assert removed.returncode == 0 and "removed 3 automation(s)" in removed.stdout
+
+        async def names() -> list[str]:
+            from prefect.client.orchestration import PrefectClient
+
+            async with PrefectClient(server["PREFECT_API_URL"]) as client:
+                return [automation.name for automation in await client.read_automations()]
+
+        assert not [name for name in asyncio.run(names()) if name.startswith("catdog")]
+    finally:
+        hook.shutdown()
+        hook.server_close()
