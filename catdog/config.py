@@ -62,6 +62,7 @@ class PipelineConfig:
     # After its report a run removes the stage outputs that none of this many of the latest
     # runs used (0 keeps everything); `cache prune` keeps as many by default.
     keep_runs: int = 5
+    approval_timeout: int = 24 * 3600  # seconds a run waits for --approve-promotion's answer
 
 
 DATA, TRAIN, RUN = DataConfig(), TrainConfig(), PipelineConfig()

@@ -347,6 +347,27 @@ def _judge(
     return Decision(decision.promote, decision.reason + detail, decision.rule), evidence
 
 
+def propose(
+    layout: Layout, candidate: Candidate, split: SplitFacts, policy: Policy
+) -> PromotionRecord:
+    """What the gate would decide for `candidate` now (to ask a person first); nothing is
+    written."""
+    with exclusive_lock(layout.gate_lock):
+        decision, evidence = _judge(layout, read_registry(layout), candidate, split, policy)
+    return PromotionRecord(
+        promoted=decision.promote,
+        reason=decision.reason,
+        candidate=candidate.name,
+        candidate_epoch=candidate.epoch,
+        margin=policy.margin,
+        rule=decision.rule,
+        policy=asdict(policy),
+        candidate_accuracy=evidence.candidate_accuracy if evidence else None,
+        production_accuracy=evidence.production_accuracy if evidence else None,
+        evidence=asdict(evidence) if evidence else None,
+    )
+
+
 Ship = Callable[[Candidate, Path], ExportCheck]  # exports the candidate into a folder, checked
 
 
@@ -357,6 +378,7 @@ def promote(
     policy: Policy,
     run: dict[str, Any],
     ship: Ship | None = None,
+    approval: dict[str, str] | None = None,
 ) -> PromotionRecord:
     """Apply the gate to `candidate` and record the decision; on promotion, install it as
     production. Runs on one artifacts folder take turns here.
@@ -369,6 +391,8 @@ def promote(
         run: "id" and "name" of this run, recorded with the decision.
         ship: Writes the candidate's exports into a folder and checks them; a candidate
             whose exports fail their check is not promoted. None: no exports.
+        approval: When a person was asked: {"outcome": "approved", "rejected" or "timed out",
+            "by": who}; only "approved" lets the candidate through.
 
     Returns:
         The decision and its evidence, for summary.json and the report.
@@ -376,6 +400,14 @@ def promote(
     with exclusive_lock(layout.gate_lock):
         registry = read_registry(layout)
         decision, evidence = _judge(layout, registry, candidate, split, policy)
+        if decision.promote and approval and approval.get("outcome") != "approved":
+            by = f" by {approval['by']}" if approval.get("by") else ""
+            decision = Decision(
+                False,
+                f"kept production: {candidate.name} would be promoted ({decision.reason}), but "
+                f"the promotion was {approval.get('outcome', 'not approved')}{by}",
+                "approval",
+            )
         exports, check = None, None
         if decision.promote and ship is not None:
             number = len(registry["history"])
@@ -401,6 +433,7 @@ def promote(
             "run_id": run["id"],
             "flow_run": run.get("name"),
             "export_check": check.to_json() if check else None,
+            "approval": approval,
         }
         if decision.promote:
             entry.update(_install(layout, candidate, split, run, len(registry["history"]), exports))
@@ -423,6 +456,7 @@ def promote(
         production_accuracy=evidence.production_accuracy if evidence else None,
         evidence=asdict(evidence) if evidence else None,
         export_check=check.to_json() if check else None,
+        approval=approval,
     )
 
 

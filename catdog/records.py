@@ -142,6 +142,7 @@ class PromotionRecord:
     production_accuracy: float | None = None
     evidence: dict[str, Any] | None = None  # catdog.promotion.Evidence, as JSON
     export_check: dict[str, Any] | None = None  # catdog.export.ExportCheck, as JSON
+    approval: dict[str, str] | None = None  # {"outcome", "by"} when a person was asked
 
 
 @dataclass(frozen=True)

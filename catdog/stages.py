@@ -114,6 +114,15 @@ STAGES: tuple[Stage, ...] = (
         gpu=True,
     ),
     # Reads and writes production/ under a lock: never cached, never retried.
+    # What the gate would decide, to ask a person before `promote` (--approve-promotion).
+    Stage(
+        "propose",
+        "propose_promotion",
+        "production",
+        ("catdog.promotion",),
+        PromotionRecord,
+        cached=False,
+    ),
     Stage(
         "promote",
         "promote_model",

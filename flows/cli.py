@@ -217,6 +217,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lasting_api() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
 def _run(args: argparse.Namespace, api: EarlyApiServer | None) -> int:
     from prefect import tags
 
@@ -259,6 +265,12 @@ def _main(argv: list[str], serving: bool, api: EarlyApiServer | None) -> int:
         )
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
+    if args.approve_promotion and not serving and not _lasting_api():
+        parser.error(
+            "--approve-promotion pauses the run until someone answers in the Prefect UI, which "
+            "needs a Prefect server that outlives the run: start one with `prefect server "
+            "start` and set PREFECT_API_URL"
+        )
     try:
         if resolved := check_run(args.data, args.models, args.weights, args.transfer_image_size):
             args.weights = resolved

@@ -130,3 +130,13 @@ KeepRuns = Annotated[
         "as `python -m catdog cache prune` does (0 keeps everything)",
     ),
 ]
+ApprovePromotion = Annotated[
+    bool,
+    Field(
+        description="when the gate would promote, pause the run for a person's approval in the "
+        "Prefect UI (needs a Prefect server); no answer within the timeout keeps production"
+    ),
+]
+ApprovalTimeout = Annotated[
+    int, Field(ge=1, description="seconds to wait for an approval before keeping production")
+]

@@ -36,7 +36,7 @@ from tasks.data import (
     plot_samples,
     split_dataset,
 )
-from tasks.promotion import promote_model
+from tasks.promotion import promote_model, propose_promotion
 from tasks.report import write_report
 from tasks.training import evaluate_model, extract_features, train_model
 
@@ -56,6 +56,7 @@ TASKS: dict[str, Task] = {
         extract_features,
         train_model,
         evaluate_model,
+        propose_promotion,
         promote_model,
         write_report,
     )

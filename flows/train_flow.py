@@ -32,8 +32,11 @@ from catdog.layout import Layout
 from catdog.promotion import Policy
 from catdog.records import ReportRecord
 from catdog.summary import RunInfo, RunRecords
+from flows.approval import ask_for_approval
 from flows.console import quiet_tracebacks
 from flows.parameters import (
+    ApprovalTimeout,
+    ApprovePromotion,
     Artifacts,
     BatchSize,
     Data,
@@ -98,6 +101,8 @@ def train_flow(
     offline: Offline = False,
     export: Export = True,
     keep_runs: KeepRuns = RUN.keep_runs,
+    approve_promotion: ApprovePromotion = False,
+    approval_timeout: ApprovalTimeout = RUN.approval_timeout,
 ) -> ReportRecord:
     """Download, split, count, look, train every model, evaluate, promote, report."""
     quiet_tracebacks()
@@ -185,7 +190,15 @@ def train_flow(
             )
         )
         policy = Policy(promote_margin, min_accuracy, min_class_recall, max_p_value)
-        promotion = run.submit("promote", records=records, policy=policy, export=export)
+        approval = None
+        if approve_promotion:
+            proposal = run.submit("propose", records=records, policy=policy)
+            run.settle()
+            if proposal.result().promoted:
+                approval = ask_for_approval(proposal.result(), approval_timeout)
+        promotion = run.submit(
+            "promote", records=records, policy=policy, export=export, approval=approval
+        )
         run.settle()
         about = RunInfo(
             data=data,

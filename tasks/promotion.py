@@ -13,7 +13,15 @@ from prefect.runtime import flow_run
 from catdog.export import ExportCheck
 from catdog.hashing import code_fingerprint
 from catdog.layout import PROBABILITIES_FILE, Layout
-from catdog.promotion import Candidate, Policy, best_candidate, promote, split_facts
+from catdog.promotion import (
+    Candidate,
+    Policy,
+    SplitFacts,
+    best_candidate,
+    promote,
+    propose,
+    split_facts,
+)
 from catdog.records import PromotionRecord
 from catdog.stages import TRAIN_CODE
 from catdog.summary import RunRecords
@@ -21,16 +29,35 @@ from tasks.caching import stage_task
 from tasks.data import split_manifest_of
 
 
+def _candidate(layout: Layout, records: RunRecords) -> Candidate:
+    return best_candidate(
+        layout, records.trained, records.evaluated, records.arrays, code_fingerprint(*TRAIN_CODE)
+    )
+
+
+def _split(layout: Layout, records: RunRecords) -> SplitFacts:
+    return split_facts(split_manifest_of(layout, records.split), records.split, records.manifest)
+
+
+@stage_task("propose")
+def propose_promotion(records: RunRecords, policy: Policy, artifacts: str) -> PromotionRecord:
+    """What the gate would decide for the run's best model: to ask a person before it acts."""
+    layout = Layout.at(artifacts)
+    return propose(layout, _candidate(layout, records), _split(layout, records), policy)
+
+
 @stage_task("promote")
 def promote_model(
-    records: RunRecords, policy: Policy, export: bool, artifacts: str
+    records: RunRecords,
+    policy: Policy,
+    export: bool,
+    approval: dict[str, str] | None,
+    artifacts: str,
 ) -> PromotionRecord:
     """Score the run's best model against production on the same test images; promote it only
     if it is better by more than the margin."""
     layout = Layout.at(artifacts)
-    candidate = best_candidate(
-        layout, records.trained, records.evaluated, records.arrays, code_fingerprint(*TRAIN_CODE)
-    )
+    candidate = _candidate(layout, records)
 
     def ship(candidate: Candidate, folder: Path) -> ExportCheck:
         """Export the candidate and check each export in a fresh process on the test split."""
@@ -45,10 +72,11 @@ def promote_model(
     decision = promote(
         layout,
         candidate,
-        split_facts(split_manifest_of(layout, records.split), records.split, records.manifest),
+        _split(layout, records),
         policy,
         {"id": str(flow_run.get_id() or "local"), "name": flow_run.get_name()},
         ship=ship if export else None,
+        approval=approval,
     )
     logger = get_run_logger()
     logger.info(
