@@ -242,3 +242,34 @@ def test_a_gain_no_bigger_than_chance_keeps_production_under_max_p_value(tmp_pat
     assert "McNemar p = 0.5 is above 0.05" in decision.reason
     clearly = candidate(tmp_path, "model3", 18)  # 8 more right, none lost: p = 2/256
     assert promote(layout, clearly, split(), Policy(max_p_value=0.05), run).promoted
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_each_run_tells_the_event_feed_what_the_gate_did(dataset_zip, tmp_path):
+    import time
+
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from tests.conftest import run_flow
+
+    artifacts = tmp_path / "artifacts"
+    first = run_flow(dataset_zip, artifacts)
+    again = run_flow(dataset_zip, artifacts)
+    wanted = EventFilter(
+        event=EventNameFilter(prefix=["catdog.model."]),
+        resource=EventResourceFilter(id=[f"catdog.production.{artifacts}"]),
+    )
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while len(events := client.read_events(filter=wanted, limit=50).events) < 2:
+            assert time.monotonic() < deadline, events
+            time.sleep(0.5)
+    by_name = {event.event: event for event in events}
+    promoted, kept = by_name["catdog.model.promoted"], by_name["catdog.model.kept"]
+    assert promoted.payload["candidate"] == "model1" and promoted.payload["rule"] == "first"
+    assert kept.payload["reason"] == again["promotion"]["reason"]
+    runs = {event.event: [r.id for r in event.related if r.role == "flow-run"] for event in events}
+    assert runs["catdog.model.promoted"] == [f"prefect.flow-run.{first['run']['id']}"]
+    assert runs["catdog.model.kept"] == [f"prefect.flow-run.{again['run']['id']}"]

@@ -249,3 +249,32 @@ def test_cli_hands_predict_its_own_arguments(monkeypatch) -> None:
     monkeypatch.setattr(catdog, "predict", fake, raising=False)
     assert main(["predict", "a.jpg", "b", "--top", "2"]) == 0
     assert received[0].inputs == ["a.jpg", "b"] and received[0].top == 2
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_a_run_keeps_only_what_its_last_runs_used(tmp_path):
+    """--keep-runs: after its report, a run removes what none of the last N runs used; the
+    folder production's model trained in stays."""
+    from tests.conftest import make_dataset, run_flow, zip_folder
+
+    artifacts = tmp_path / "artifacts"
+    first = zip_folder(make_dataset(tmp_path / "one", seed=1), tmp_path / "one.zip")
+    second = zip_folder(make_dataset(tmp_path / "two", seed=2), tmp_path / "two.zip")
+    one = run_flow(first, artifacts, keep_runs=1)
+    two = run_flow(second, artifacts, keep_runs=1)
+    gone = set(one["artifacts_used"]) - set(two["artifacts_used"])
+    assert gone and all(not (artifacts / folder).exists() for folder in gone - _kept(artifacts))
+    assert all((artifacts / folder).exists() for folder in two["artifacts_used"])
+    production_source = Path(
+        json.loads((artifacts / "production/registry.json").read_text())["source"]
+    )
+    assert production_source.is_file()  # the model production came from, whichever run it was
+    three = run_flow(second, artifacts, keep_runs=0)  # 0 keeps everything
+    assert all((artifacts / folder).exists() for folder in three["artifacts_used"])
+
+
+def _kept(artifacts: Path) -> set[str]:
+    """Stage folders kept for production's lineage (its model's training folder)."""
+    source = json.loads((artifacts / "production/registry.json").read_text())["source"]
+    return {str(Path(source).parent.relative_to(artifacts))}
