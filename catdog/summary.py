@@ -220,7 +220,9 @@ def write_run(
         (summary, report Markdown).
     """
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    run_dir = layout.runs_dir / f"{stamp}-{str(run['id'])[:8]}"
+    # The id's end: Prefect's ids (UUIDv7) begin with the time, so two runs of one second
+    # would share their first characters.
+    run_dir = layout.runs_dir / f"{stamp}-{str(run['id'])[-12:]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = build_summary(layout, run, records, tasks, promotion)
     summary["run"]["report"] = str(run_dir / REPORT_FILE)

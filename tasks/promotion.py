@@ -55,7 +55,8 @@ def promote_model(
     artifacts: str,
 ) -> PromotionRecord:
     """Score the run's best model against production on the same test images; promote it only
-    if it is better by more than the margin."""
+    if it meets the policy, its exports pass their check and, when a person was asked, they
+    approved."""
     layout = Layout.at(artifacts)
     candidate = _candidate(layout, records)
 

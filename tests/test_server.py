@@ -204,6 +204,14 @@ def test_serve_and_a_process_worker_run_against_an_api_that_wants_a_password(
         assert httpx.post(f"{api_url}/flows/filter", json={}).status_code == 401
         assert httpx.post(f"{api_url}/flows/", json={"name": "x"}).status_code == 401
         assert httpx.post(f"{api_url}/flows/filter", json={}, auth=auth).json() == []
+        # The alerts setup, through the same password.
+        flow_cli = [sys.executable, str(ROOT / "flows/train_flow.py"), "alerts"]
+        for extra in (["--webhook", "http://127.0.0.1:9/hook"], ["--remove"]):
+            done = subprocess.run(
+                [*flow_cli, *extra], env=client_env, capture_output=True, text=True, timeout=120
+            )
+            assert done.returncode == 0, done.stderr
+        assert "removed 3 automation(s)" in done.stdout
 
         serving = subprocess.Popen(
             [
