@@ -4,7 +4,7 @@ before every other run, with `--keep-runs 3`.
     .venv/bin/python bench/soak.py [--runs 12] [--interval 40]
 
 Starts its own `prefect server start` (own PREFECT_HOME, a free port) and an HTTP site on
-127.0.0.1, serves the flow (model1, one epoch, 32x32, exports on), and after every run records
+127.0.0.1, serves the flow (model1, 3 epochs, 32x32, exports on), and after every run records
 the artifacts folder's size, the serving process's resident memory and the Prefect database's
 size. At the end `predict` and `registry rollback` must work. Writes section `soak` of
 bench/RESULTS.md and RESULTS.soak.json.
@@ -51,16 +51,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def publish(path: Path, version: int, per_class: int = 12) -> None:
-    """A tiny dataset in the official layout; each version's images differ."""
+def publish(path: Path, version: int, per_class: int = 40) -> None:
+    """A tiny dataset in the official layout; each version's images differ, and which class is
+    the bright one flips from version to version (a drift production cannot follow: each new
+    version's model beats it, so production changes and there is something to roll back)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(version)
     staged = path.with_suffix(".tmp")
     with zipfile.ZipFile(staged, "w") as archive:
-        for split, count in (("train", per_class), ("validation", 6)):
-            for label, base in (("cats", 40), ("dogs", 170)):
+        for split, count in (("train", per_class), ("validation", per_class // 2)):
+            bright = {"cats": 40, "dogs": 170} if version % 2 else {"cats": 170, "dogs": 40}
+            for label, base in bright.items():
                 for i in range(count):
                     pixels = rng.integers(0, 80, (30, 40, 3), dtype=np.uint8) + base
                     image = Image.fromarray(pixels.astype(np.uint8))
@@ -118,7 +121,7 @@ def main() -> int:
         _wait_healthy(env["PREFECT_API_URL"])
         command = [sys.executable, str(REPO / "flows/train_flow.py"), "serve"]
         command += ["--interval", str(args.interval), "--data", url, "--models", "model1"]
-        command += ["--epochs", "1", "--image-size", "32", "--batch-size", "8"]
+        command += ["--epochs", "3", "--image-size", "32", "--batch-size", "8"]
         command += ["--keep-runs", str(args.keep_runs), "--artifacts", str(artifacts)]
         with (work / "serve.log").open("w") as log:
             serving = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

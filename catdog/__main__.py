@@ -176,9 +176,15 @@ def _run_export(args: argparse.Namespace, extra: list[str]) -> int:
     except CatdogError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    out = args.out.resolve()
+    if out.exists() and not (out / "serving.json").is_file() and any(out.iterdir()):
+        print(
+            f"error: --out {out}: a folder that holds no export; give a new or empty one",
+            file=sys.stderr,
+        )
+        return 2
     model = load_model(choice.path)
     side = int(model.input_shape[1])
-    out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -191,7 +197,10 @@ def _run_export(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"{choice.path} ({choice.origin}), {spec.precision}, {side}x{side}")
         print(f"check on {check.images} generated images: {check.reason()}")
         if not check.passed:
-            print(f"error: the exports did not pass their check; {out} left as it was")
+            print(
+                f"error: the exports did not pass their check; {out} left as it was",
+                file=sys.stderr,
+            )
             return 1
         replace_directory(staged, out)
     finally:

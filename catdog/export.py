@@ -9,6 +9,7 @@ its own weights, so its exports may differ from it a little more than a float32 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -134,12 +135,19 @@ def check_export(folder: Path, images: Path, reference: np.ndarray) -> ExportChe
         for runtime in RUNTIMES:
             out = Path(scratch) / f"{runtime}.npy"
             started = time.perf_counter()
-            probe = subprocess.run(
-                [sys.executable, "-m", "catdog.serving", "probe", runtime, folder, images, out],
-                capture_output=True,
-                text=True,
-                timeout=PROBE_TIMEOUT_S,
-            )
+            try:
+                probe = subprocess.run(
+                    [sys.executable, "-m", "catdog.serving", "probe", runtime, folder, images, out],
+                    capture_output=True,
+                    text=True,
+                    timeout=PROBE_TIMEOUT_S,
+                    # On the CPU: the process that trained may hold the GPU's memory.
+                    env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                )
+            except subprocess.TimeoutExpired:
+                problem = f"no answer within {PROBE_TIMEOUT_S} s"
+                checks.append(RuntimeCheck(runtime, False, problem=problem))
+                continue
             seconds = time.perf_counter() - started
             if probe.returncode != 0 or not out.is_file():
                 last = (probe.stderr.strip().splitlines() or ["no output"])[-1]

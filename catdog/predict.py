@@ -69,8 +69,9 @@ def choose_model(
     elif registry.is_file():
         current = json.loads(registry.read_text())
         chosen, origin = Path(current["path"]), "production"
-        if current.get("exports") and _is_export(layout.production_export):
-            export = layout.production_export
+        # The archived export the registry names (production/export/ is a copy for people).
+        if current.get("exports") and _is_export(layout.root / current["exports"]):
+            export = layout.root / current["exports"]
     elif summary.is_file():
         data = json.loads(summary.read_text())
         best = data.get("best_model")

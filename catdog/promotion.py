@@ -23,7 +23,7 @@ import numpy as np
 from catdog.arrays import Rows
 from catdog.data.records import Manifest
 from catdog.errors import CatdogError
-from catdog.export import ExportCheck
+from catdog.export import ExportCheck, RuntimeCheck
 from catdog.io import atomic_write_json, exclusive_lock, read_json, replace_directory
 from catdog.layout import MODEL_FILE, Layout
 from catdog.records import (
@@ -74,7 +74,7 @@ class Decision:
     promote: bool
     reason: str
     # Which rule decided: "first", "margin", "min_accuracy", "min_class_recall",
-    # "max_p_value", "not_comparable" (production saw test images) or "exports".
+    # "max_p_value", "not_comparable" (production saw test images), "exports" or "approval".
     rule: str = "margin"
 
 
@@ -400,7 +400,7 @@ def promote(
     with exclusive_lock(layout.gate_lock):
         registry = read_registry(layout)
         decision, evidence = _judge(layout, registry, candidate, split, policy)
-        if decision.promote and approval and approval.get("outcome") != "approved":
+        if decision.promote and approval is not None and approval.get("outcome") != "approved":
             by = f" by {approval['by']}" if approval.get("by") else ""
             decision = Decision(
                 False,
@@ -469,10 +469,17 @@ def _ship(
     folder.parent.mkdir(parents=True, exist_ok=True)
     staged = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
     try:
-        check = ship(candidate, staged)
+        try:
+            check = ship(candidate, staged)
+        except Exception as error:  # an export that cannot be made keeps production, saying why
+            problem = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
+            failed = RuntimeCheck("export", False, problem=problem)
+            return None, ExportCheck(
+                images=len(candidate.predictions), tolerance=0.0, runtimes=[failed]
+            )
         if not check.passed:
             return None, check
-        staged.rename(folder)
+        replace_directory(staged, folder)  # one a crashed gate left there is replaced
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return layout.relative(folder), check
@@ -569,6 +576,9 @@ def rollback(layout: Layout) -> dict[str, Any]:
         archive_path = layout.root / target["archive"]
         if not archive_path.is_file():
             raise RegistryError(f"the earlier production model {archive_path} is missing")
+        exports = target.get("exports")
+        if exports and not (layout.root / exports).is_dir():
+            raise RegistryError(f"the earlier production model's exports {exports} are missing")
         entry = {
             **{k: target.get(k) for k in STATE_FIELDS},
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
