@@ -124,6 +124,11 @@ class Layout:
         """Runs on one artifacts folder take turns at the promotion gate by this lock."""
         return self.production_dir / ".gate.lock"
 
+    @property
+    def running_dir(self) -> Path:
+        """Markers of the runs in progress on this folder (see catdog.processes)."""
+        return self.prefect_dir / "running"
+
     def stop_request(self, run_id: str) -> Path:
         """Present while run `run_id` is stopping: its stages still queued or training see it
         (on any worker sharing the folder) and stop."""

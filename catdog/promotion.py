@@ -1,8 +1,11 @@
 """The promotion gate and the production registry.
 
 A new best model replaces production only when, scored with production on the same current
-test split, it is better by more than a margin; the decision states both accuracies, the
-images on which the two disagree and an exact McNemar p-value. Runs take turns at the gate
+test split, it meets the policy: better by more than a margin and, where set, above an accuracy
+floor, above a recall floor on every class and significant under an exact McNemar test; the
+decision names the rule that decided and states both accuracies and the images on which the two
+disagree. A person's approval, when asked for, and exports that pass their check come on top
+(see `promote`). Runs take turns at the gate
 (an OS file lock), and every decision is appended to the registry's history, so production can
 be rolled back to the model it replaced.
 """
@@ -574,11 +577,13 @@ def rollback(layout: Layout) -> dict[str, Any]:
             )
         target = history[replaced]
         archive_path = layout.root / target["archive"]
-        if not archive_path.is_file():
-            raise RegistryError(f"the earlier production model {archive_path} is missing")
         exports = target.get("exports")
-        if exports and not (layout.root / exports).is_dir():
-            raise RegistryError(f"the earlier production model's exports {exports} are missing")
+        if not archive_path.is_file() or (exports and not (layout.root / exports).is_dir()):
+            raise RegistryError(
+                f"the earlier production model {target['archive']} (entry {replaced}) is no "
+                "longer archived: pruning (--keep-runs N, `cache prune --keep N`) keeps the "
+                "last N production models"
+            )
         entry = {
             **{k: target.get(k) for k in STATE_FIELDS},
             "time": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -6,10 +6,15 @@ last N runs, removes every other stage folder (`<stage>-<hash>` under `catdog.la
 with the Prefect cache-key and result files of the same key, and clears leftovers of crashed
 runs (`.<name>.tmp-*`, `.<name>.old-*` and `.partial` folders) once they are a day old.
 
-Never touched: `production/`, run reports and their `summary.json`, files whose names are not
-stage keys, anything outside the artifacts folder (symbolic links are never followed), and
-anything modified after the newest finished run (a run may be in progress). A removed stage is
-simply recomputed by the next run that needs it. No Prefect or TensorFlow import here.
+Production keeps its current model and exports, the training folder it came from, and the
+archives of the last N production models (what `registry rollback` can go back to); archives of
+older ones (`production/models/NNNN-<model>.*`) go. Nothing is pruned while another run on the
+folder is in progress (its marker in `.prefect/running/` names a live process).
+
+Never touched: production's current files, run reports and their `summary.json`, files whose
+names are not stage keys, anything outside the artifacts folder (symbolic links are never
+followed), and anything modified after the newest finished run. A removed stage is simply
+recomputed by the next run that needs it. No Prefect or TensorFlow import here.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from catdog.config import RUN
 from catdog.errors import CatdogError
-from catdog.io import atomic_write_json, human_bytes
+from catdog.io import atomic_write_json, exclusive_lock, human_bytes
 from catdog.layout import (
     PRODUCTION_DIR,
     RUNS_DIR,
@@ -36,6 +42,7 @@ from catdog.layout import (
     Layout,
     size_on_disk,
 )
+from catdog.processes import runs_in_progress
 
 DEFAULT_KEEP = RUN.keep_runs
 LEFTOVER_AGE_SECONDS = 24 * 3600.0
@@ -43,6 +50,8 @@ USED = "artifacts_used"
 
 KEY = re.compile(rf"^(?:{'|'.join(map(re.escape, STAGE_DIRS))})-[0-9a-f]{{8,64}}$")
 LEFTOVER = re.compile(r"^(?:\..+\.(?:tmp|old)-[0-9a-f]+|\..+\.partial|\.partial)$")
+# An archived production model's files: NNNN-<model>.keras, .keras.*.json, .export/
+ARCHIVE = re.compile(r"^(\d{4}-[A-Za-z0-9_.-]+?)\.(?:keras(?:\..+)?|export)$")
 NEVER = (PRODUCTION_DIR, RUNS_DIR)  # relative to the root; never listed, never entered
 
 log = logging.getLogger(__name__)
@@ -57,7 +66,7 @@ class Removal:
     """One thing pruning removes (or would remove)."""
 
     path: Path
-    kind: str  # "stage", "cache" or "leftover"
+    kind: str  # "stage", "cache", "leftover" or "archive" (an earlier production model)
     size: int  # bytes
 
 
@@ -70,6 +79,7 @@ class PruneReport:
     removals: list[Removal] = field(default_factory=list)
     skipped_recent: list[Path] = field(default_factory=list)
     dry_run: bool = False
+    busy: list[str] = field(default_factory=list)  # other runs in progress: nothing pruned
 
     @property
     def freed_bytes(self) -> int:
@@ -81,6 +91,11 @@ class PruneReport:
     def render(self, verbose: bool = True) -> str:
         """A short human-readable account, one removed path a line when `verbose`."""
         verb = "would remove" if self.dry_run else "removed"
+        if self.busy:
+            return (
+                f"artifacts: {self.root}\nnothing removed: run(s) {', '.join(self.busy)} in "
+                "progress on this folder may still need any of it; prune after they end"
+            )
         lines = [
             f"artifacts: {self.root}",
             f"keeping what the last {len(self.kept_runs)} run(s) use: {', '.join(self.kept_runs)}",
@@ -92,7 +107,8 @@ class PruneReport:
             lines.append(f"  kept {self._rel(path)}: newer than the last finished run")
         lines.append(
             f"{verb} {self.count('stage')} stage folder(s), {self.count('cache')} cache file(s), "
-            f"{self.count('leftover')} leftover(s): {len(self.removals)} item(s), "
+            f"{self.count('leftover')} leftover(s), {self.count('archive')} archived "
+            f"production file(s): {len(self.removals)} item(s), "
             f"{human_bytes(self.freed_bytes)} {'would be ' if self.dry_run else ''}freed"
         )
         return "\n".join(lines)
@@ -242,13 +258,43 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
-def plan(layout: Layout, keep: int = DEFAULT_KEEP, now: float | None = None) -> PruneReport:
+def production_archives(layout: Layout, keep: int) -> list[Path]:
+    """Archived production models (and their exports and facts) older than the last `keep`
+    production models: those `registry rollback` could only reach by `keep` or more steps."""
+    folder = layout.production_dir / "models"
+    try:
+        registry = json.loads(layout.registry.read_text(encoding="utf-8"))
+        history, entry = registry["history"], registry.get("entry")
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no registry, or one pruning cannot read: keep every archive
+    kept: set[str] = set()
+    while entry is not None and len(kept) < keep:
+        archive = str(history[entry].get("archive") or "")
+        kept.add(PurePosixPath(archive).name.removesuffix(".keras"))
+        entry = history[entry].get("replaced")
+    if not kept:
+        return []
+    return [
+        path
+        for path in _children(folder)
+        if ARCHIVE.match(path.name) and ARCHIVE.match(path.name)[1] not in kept
+    ]
+
+
+def plan(
+    layout: Layout,
+    keep: int = DEFAULT_KEEP,
+    now: float | None = None,
+    this_run: str | None = None,
+) -> PruneReport:
     """Decide what to remove, without removing anything.
 
     Args:
         layout: a checked artifacts folder (see `check_artifacts`).
-        keep: how many of the most recent finished runs to keep the outputs of (at least 1).
+        keep: how many of the most recent finished runs to keep the outputs of (at least 1),
+            and how many production models to keep the archives of.
         now: the current time (seconds since the epoch), for the age of leftovers.
+        this_run: the id of the run pruning, whose own in-progress marker does not count.
 
     Raises:
         ValueError: `keep` is below 1.
@@ -263,6 +309,9 @@ def plan(layout: Layout, keep: int = DEFAULT_KEEP, now: float | None = None) -> 
     # Anything written after the newest finished run may belong to a run in progress.
     newest_run = max((summary.stat().st_mtime for summary in summaries), default=now)
     report = PruneReport(layout.root, [summary.parent.name for summary in kept])
+    report.busy = runs_in_progress(layout.running_dir, besides=this_run)
+    if report.busy:
+        return report
 
     def consider(path: Path, kind: str) -> None:
         if path.lstat().st_mtime > newest_run:
@@ -279,6 +328,8 @@ def plan(layout: Layout, keep: int = DEFAULT_KEEP, now: float | None = None) -> 
     for path in leftovers(layout):
         if now - _newest_mtime(path) > LEFTOVER_AGE_SECONDS:
             report.removals.append(Removal(path, "leftover", size_on_disk(path)))
+    for path in production_archives(layout, keep):
+        report.removals.append(Removal(path, "archive", size_on_disk(path)))
     return report
 
 
@@ -287,6 +338,7 @@ def prune(
     keep: int = DEFAULT_KEEP,
     dry_run: bool = False,
     now: float | None = None,
+    this_run: str | None = None,
 ) -> PruneReport:
     """Remove what the last `keep` runs do not use; with `dry_run`, only say what would go.
 
@@ -295,6 +347,7 @@ def prune(
         keep: how many of the most recent finished runs to keep the outputs of.
         dry_run: report only; delete nothing.
         now: the current time (seconds since the epoch), for the age of leftovers.
+        this_run: the id of the run pruning, whose own in-progress marker does not count.
 
     Returns:
         What was (or would be) removed, and how many bytes that frees.
@@ -304,18 +357,22 @@ def prune(
             list what it uses.
     """
     layout = check_artifacts(root)
-    report = plan(layout, keep=keep, now=now)
+    report = plan(layout, keep=keep, now=now, this_run=this_run)  # refusals touch nothing
     report.dry_run = dry_run
-    if dry_run:
+    if dry_run or not report.removals:
         return report
-    for removal in report.removals:
-        if not _inside(layout, removal.path):  # re-checked at the last moment
-            continue
-        if removal.path.is_dir():
-            shutil.rmtree(removal.path)
-        else:
-            removal.path.unlink(missing_ok=True)
-        log.info("removed %s (%s)", removal.path, human_bytes(removal.size))
+    # The gate's lock: no promotion or rollback changes the registry while archives go.
+    with exclusive_lock(layout.gate_lock) if layout.production_dir.is_dir() else nullcontext():
+        report = plan(layout, keep=keep, now=now, this_run=this_run)
+        for removal in report.removals:
+            archived = removal.kind == "archive"
+            if not archived and not _inside(layout, removal.path):  # re-checked at the end
+                continue
+            if removal.path.is_dir() and not removal.path.is_symlink():
+                shutil.rmtree(removal.path)
+            else:
+                removal.path.unlink(missing_ok=True)
+            log.info("removed %s (%s)", removal.path, human_bytes(removal.size))
     _forget_missing_hashes(layout)
     return report
 

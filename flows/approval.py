@@ -2,16 +2,25 @@
 
 The run pauses with Prefect's `pause_flow_run(wait_for_input=...)`: the UI shows the gate's
 evidence and a form (approve, and who you are), and resuming the run with it decides. No answer
-within the timeout keeps production. A pause needs an API that outlives the run.
+within the timeout keeps production, and the run goes on to its report and completes: the run
+answers its own pause with "reject" at the deadline. (Left to Prefect's own pause timeout, the
+server would fail the run, and a failure alert would follow for a run that did its job.)
+A pause needs an API that outlives the run.
 """
 
 from __future__ import annotations
 
+import contextvars
+import threading
+
+from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
+from prefect.flow_runs import pause_flow_run, resume_flow_run
 from prefect.input import RunInput
 
 from catdog.records import PromotionRecord
+
+PAUSE_GRACE_S = 120
 
 
 class Approval(RunInput):
@@ -50,9 +59,37 @@ def ask_for_approval(proposal: PromotionRecord, timeout: int) -> dict[str, str]:
     Returns:
         {"outcome": "approved", "rejected" or "timed out", "by": who answered}.
     """
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        raise RuntimeError("ask_for_approval pauses a flow run: call it inside one")
+    run_id = context.flow_run.id
+    answered, expired = threading.Event(), threading.Event()
+
+    def answer_at_the_deadline() -> None:
+        if answered.wait(timeout):
+            return
+        try:  # refused when a person's answer came first: theirs stands
+            resume_flow_run(run_id, run_input={"approve": False, "by": ""})
+        except Exception:  # not paused any more, or the API is gone
+            return
+        expired.set()
+
+    timer = threading.Thread(
+        target=contextvars.copy_context().run,  # the API settings of this run
+        args=(answer_at_the_deadline,),
+        name="approval-deadline",
+        daemon=True,
+    )
+    timer.start()
     form = Approval.with_initial_data(description=_evidence(proposal))
     try:
-        answer = pause_flow_run(wait_for_input=form, timeout=timeout)
+        # Prefect's own timeout only ends a pause nobody resumes at all (this process died).
+        answer = pause_flow_run(wait_for_input=form, timeout=timeout + PAUSE_GRACE_S)
     except FlowPauseTimeout:
+        return {"outcome": "timed out", "by": ""}
+    finally:
+        answered.set()
+        timer.join()
+    if expired.is_set():
         return {"outcome": "timed out", "by": ""}
     return {"outcome": "approved" if answer.approve else "rejected", "by": answer.by}

@@ -196,12 +196,17 @@ def _alerts(argv: list[str]) -> int:
     except CatdogError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    if args.remove:
-        removed = alerts.remove()
-        print(f"removed {len(removed)} automation(s): {', '.join(removed) or 'none'}")
-        return 0
-    for name in alerts.install(args.webhook, args.slack_webhook):
-        print(f"automation: {name}")
+    try:
+        if args.remove:
+            removed = alerts.remove()
+            print(f"removed {len(removed)} automation(s): {', '.join(removed) or 'none'}")
+            return 0
+        for name in alerts.install(args.webhook, args.slack_webhook):
+            print(f"automation: {name}")
+    except Exception as error:  # the server refused or went away: one line, as everywhere
+        message = f"{type(error).__name__}: {' '.join(str(error).split())}"
+        print(f"error: alerts on {PREFECT_API_URL.value()}: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

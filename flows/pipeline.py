@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 
 from catdog.errors import CatdogError, RunStopped, StageFailed, StageInputError
 from catdog.layout import Layout
+from catdog.processes import mark_running, unmark_running
 from catdog.records import Record
 from catdog.stages import BY_TASK, STAGE_NAMES, refreshed, stage
 from catdog.summary import TaskOutcome
@@ -172,6 +173,7 @@ class Pipeline:
         self.retries = dict(retries)  # by the flow parameter the stage table names
         self.futures: dict[str, PrefectFuture[Any]] = {}
         self.outcomes: dict[str, TaskOutcome] = {}
+        self._marker: Path | None = None
 
     def submit(self, name: str, **inputs: Any) -> PrefectFuture[Any]:
         """Submit stage `name`'s task; what it returns is its future, which later stages take
@@ -224,8 +226,12 @@ class Pipeline:
             log.warning("could not ask the run's other stages to stop (%s)", error)
 
     def __enter__(self) -> Pipeline:
+        # Pruning (by any run or `cache prune`) waits while this marker says the run is on.
+        self._marker = mark_running(self.layout.running_dir, str(flow_run.get_id() or "local"))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         # Every task has ended by now (settle waits for all), so none still needs to see it.
         self._stop_request().unlink(missing_ok=True)
+        if self._marker is not None:
+            unmark_running(self._marker)

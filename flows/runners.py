@@ -59,8 +59,7 @@ def task_runner(runner: Runner, workers: int | None, dask_address: str | None) -
         address = check_scheduler_address(dask_address)
         security = cluster_security(address)
         check_lasting_api(dask_address)
-        if address.startswith("tls://"):  # certificates to check; over TCP, connecting is all
-            check_client(address, security)
+        check_client(address, security)
         return DaskTaskRunner(address=address, client_kwargs={"security": security})
     from distributed import Security
 
@@ -125,10 +124,14 @@ def check_client(address: str, security: Any, timeout: float = 10.0) -> None:
         with Client(address, security=security, timeout=timeout, set_as_default=False):
             pass
     except (OSError, TimeoutError) as error:
-        hint = " (its TLS certificates: is each signed by the CA the other trusts?)"
+        hint = (
+            " (its TLS certificates: is each signed by the CA the other trusts?)"
+            if address.startswith("tls://")
+            else " (a scheduler that takes TLS needs a tls:// address)"
+        )
         raise ClusterError(
-            f"--dask-address {address}: could not connect to the scheduler"
-            f"{hint if address.startswith('tls://') else ''}: {' '.join(str(error).split())}"
+            f"--dask-address {address}: could not connect to the scheduler{hint}: "
+            f"{' '.join(str(error).split())}"
         ) from None
 
 

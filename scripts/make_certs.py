@@ -42,6 +42,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     )
     # Created private: the key must never be readable by another user, even for a moment.
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a key file that was already there keeps its own mode else
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(data)
 
@@ -57,6 +58,7 @@ def make_certs(folder: Path, days: int = 365) -> dict[str, Path]:
         Every file written, by name without the extension.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)  # the keys' folder: nobody else lists it or swaps files in it
     now = datetime.datetime.now(datetime.UTC)
     lifetime = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days))
 

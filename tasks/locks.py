@@ -13,117 +13,27 @@ or, held from another machine, when it has not been touched for `hold_timeout()`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import socket
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from catdog.io import exclusive_lock
+from catdog.processes import (  # noqa: F401 - HOLD_TIMEOUT_ENV and Heartbeat: the lock's API
+    HEARTBEAT,
+    HOLD_TIMEOUT_ENV,
+    Heartbeat,
+    process_is_gone,
+    this_process,
+)
 
 log = logging.getLogger(__name__)
 
-# A lock held from another host cannot be checked by pid: a lock untouched for this many
-# seconds counts as abandoned. Raise it where the shared filesystem can stall for longer.
-HOLD_TIMEOUT_ENV = "CATDOG_LOCK_HOLD_TIMEOUT"
-DEFAULT_HOLD_TIMEOUT = 300.0
-HEARTBEAT_SECONDS = 30.0
 POLL_SECONDS = 0.1
 UNNAMED_TIMEOUT = 60.0  # seconds after which a lock file naming no holder is abandoned
-
-
-def hold_timeout() -> float:
-    """Seconds without a heartbeat after which another host's lock is abandoned."""
-    value = os.environ.get(HOLD_TIMEOUT_ENV, "")
-    try:
-        return float(value) if value else DEFAULT_HOLD_TIMEOUT
-    except ValueError:
-        log.warning(
-            "%s=%r is not a number of seconds; using %.0f",
-            HOLD_TIMEOUT_ENV,
-            value,
-            DEFAULT_HOLD_TIMEOUT,
-        )
-        return DEFAULT_HOLD_TIMEOUT
-
-
-def _started(pid: int | str) -> str:
-    """When process `pid` started (clock ticks since boot), "" where /proc cannot tell: with
-    the pid it names one process, never a later one given the same pid."""
-    try:  # the fields after the command's closing parenthesis; start time is the 20th
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def this_process() -> str:
-    """This process as a lock names it: "host:pid:start"."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_started(os.getpid())}"
-
-
-class Heartbeat:
-    """One daemon thread per process that touches the lock files it holds."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._held: set[Path] = set()
-        self._guard = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def hold(self, lock_file: Path) -> None:
-        with self._guard:
-            self._held.add(lock_file)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._beat, name="lock-heartbeat", daemon=True
-                )
-                self._thread.start()
-
-    def drop(self, lock_file: Path) -> None:
-        with self._guard:
-            self._held.discard(lock_file)
-
-    def _beat(self) -> None:
-        while True:
-            time.sleep(self.interval)
-            with self._guard:
-                held = list(self._held)
-            for lock_file in held:
-                with contextlib.suppress(OSError):
-                    os.utime(lock_file)
-
-
-HEARTBEAT = Heartbeat(HEARTBEAT_SECONDS)
-
-
-def process_is_gone(owner: str, seconds_since_heartbeat: float) -> bool:
-    """True when `owner` ("host:pid[:start]") names a process of this machine that has ended
-    (or is a zombie nobody reaped, or whose pid now belongs to a later process), or a process
-    elsewhere whose heartbeat stopped."""
-    host, _, process = owner.partition(":")
-    pid, _, started = process.partition(":")
-    if host != socket.gethostname():
-        return seconds_since_heartbeat > hold_timeout()
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    if started and _started(pid) not in ("", started):
-        return True  # the pid was given to another process since
-    try:  # the first field after the command is the state; Z: exited, not yet reaped
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state == "Z"
 
 
 class ArtifactsLockManager:

@@ -69,16 +69,20 @@ def _publish(summary: dict[str, Any], report: str) -> None:
 
 
 def _prune(layout: Layout, keep: int) -> None:
-    """`cache prune --keep N`, unless another run is computing a stage right now (it holds a
-    lock): what it writes is not on any finished run's list yet."""
+    """`cache prune --keep N`, unless another run on the folder is in progress (what it uses
+    is on no finished run's list yet). The run's work is done: a failure here is a warning."""
     from catdog.io import human_bytes
     from catdog.prune import prune
 
     logger = get_run_logger()
-    if any(layout.locks_dir.glob("*.lock")):
-        logger.info("not pruning: another run on %s is computing a stage", layout.root)
+    try:
+        report = prune(layout.root, keep=keep, this_run=str(flow_run.get_id() or "local"))
+    except Exception as error:  # the next run, or `cache prune`, tries again
+        logger.warning("not pruning %s: %s", layout.root, error)
         return
-    report = prune(layout.root, keep=keep)
+    if report.busy:
+        logger.info("not pruning: run(s) %s in progress on %s", ", ".join(report.busy), layout.root)
+        return
     logger.info(
         "kept what the last %d run(s) used; removed %d item(s), %s",
         len(report.kept_runs),

@@ -56,6 +56,7 @@ def test_the_answer_decides(dataset_zip, tmp_path, answer, outcome):
     paused = _paused_run(started)
     resume_flow_run(paused.id, run_input=answer)
     thread.join(timeout=300)
+    assert _latest_run_state() == "COMPLETED"
     summary = result["summary"]
     registry = read_registry(Layout.at(artifacts))
     decision = registry["history"][-1]
@@ -67,9 +68,19 @@ def test_the_answer_decides(dataset_zip, tmp_path, answer, outcome):
         assert "rejected by bob" in summary["promotion"]["reason"] and not registry.get("model")
 
 
+def _latest_run_state() -> str:
+    from prefect import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        [latest] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+    return latest.state.type.value
+
+
 def test_no_answer_within_the_timeout_keeps_production(dataset_zip, tmp_path):
     artifacts = tmp_path / "artifacts"
     summary = run_flow(dataset_zip, artifacts, approve_promotion=True, approval_timeout=3)
+    assert _latest_run_state() == "COMPLETED"  # keeping production is not a failure
     assert not summary["promotion"]["promoted"]
     assert "timed out" in summary["promotion"]["reason"]
     assert read_registry(Layout.at(artifacts))["history"][-1]["approval"]["outcome"] == "timed out"

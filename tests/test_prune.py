@@ -126,6 +126,87 @@ def test_prune_keeps_the_last_runs_and_removes_the_rest(artifacts: dict) -> None
     assert again.removals == [] and again.freed_bytes == 0
 
 
+def _promotions(root: Path, count: int) -> list[str]:
+    """A registry of `count` promotions, each replacing the one before, with a kept decision
+    between them; the archived files' stems, oldest first."""
+    models = root / "production" / "models"
+    history: list[dict] = []
+    stems = []
+    for number in range(count):
+        stem = f"{2 * number:04d}-model1"
+        write(models / f"{stem}.keras", 1000)
+        write(models / f"{stem}.keras.seen.json", 10)
+        write(models / f"{stem}.keras.predictions-0123456789abcdef.json", 10)
+        write(models / f"{stem}.export" / "model.tflite", 300)
+        replaced = len(history) - 2 if history else None
+        history.append(
+            {
+                "action": "promote",
+                "model": "model1",
+                "archive": f"production/models/{stem}.keras",
+                "exports": f"production/models/{stem}.export",
+                "replaced": replaced,
+            }
+        )
+        history.append({"action": "keep", "candidate": "model1", "replaced": len(history) - 1})
+        stems.append(stem)
+    current = {**history[-2], "entry": len(history) - 2, "source": "elsewhere"}
+    (root / "production" / "registry.json").write_text(json.dumps({**current, "history": history}))
+    return stems
+
+
+def test_only_the_last_production_models_stay_archived(artifacts: dict) -> None:
+    from catdog.layout import Layout
+    from catdog.promotion import RegistryError, rollback
+
+    root = artifacts["root"]
+    stems = _promotions(root, 4)
+    models = root / "production" / "models"
+
+    report = prune(root, keep=2, now=NOW)
+
+    archived = {path.name for path in models.iterdir()}
+    assert {name.split(".")[0] for name in archived} == set(stems[-2:])
+    assert report.count("archive") == 2 * 4  # model, seen, predictions, exports of each
+    assert "archived production file(s)" in report.render()
+    assert (root / "production" / "model.keras").is_file()
+    rollback(Layout.at(root))  # back to the model before production's: still archived
+    with pytest.raises(RegistryError, match=r"no longer archived.*keeps the last N"):
+        rollback(Layout.at(root))
+
+
+def test_nothing_is_pruned_while_another_run_is_in_progress(artifacts: dict) -> None:
+    from catdog.layout import Layout
+    from catdog.processes import mark_running, unmark_running
+
+    root = artifacts["root"]
+    running = Layout.at(root).running_dir
+    marker = mark_running(running, "other-run")
+    try:
+        report = prune(root, keep=1, now=NOW)
+        assert report.busy == ["other-run"] and report.removals == []
+        assert "other-run in progress" in report.render()
+        assert all((root / rel).exists() for run in artifacts["runs"] for rel in run["used"])
+        assert prune(root, keep=1, now=NOW, this_run="other-run").count("stage") > 0
+    finally:
+        unmark_running(marker)
+
+
+def test_the_marker_of_a_run_whose_process_is_gone_is_cleared(artifacts: dict) -> None:
+    import socket
+
+    from catdog.layout import Layout
+
+    root = artifacts["root"]
+    marker = Layout.at(root).running_dir / "crashed-run.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"process": f"{socket.gethostname()}:999999999:1"}))
+
+    report = prune(root, keep=1, now=NOW)
+
+    assert report.busy == [] and report.count("stage") > 0 and not marker.exists()
+
+
 def test_dry_run_deletes_nothing_and_reports_the_same(artifacts: dict) -> None:
     root = artifacts["root"]
     before = sorted((p, p.stat().st_size) for p in root.rglob("*"))
@@ -211,7 +292,8 @@ def test_cli_reports_count_and_megabytes(artifacts: dict, capsys) -> None:
     assert "B would be freed" in out
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "removed 7 stage folder(s), 14 cache file(s), 0 leftover(s): 21 item(s)" in out
+    assert "removed 7 stage folder(s), 14 cache file(s), 0 leftover(s), 0 archived" in out
+    assert ": 21 item(s)" in out
     assert "B freed" in out
 
 
@@ -270,8 +352,22 @@ def test_a_run_keeps_only_what_its_last_runs_used(tmp_path):
         json.loads((artifacts / "production/registry.json").read_text())["source"]
     )
     assert production_source.is_file()  # the model production came from, whichever run it was
-    three = run_flow(second, artifacts, keep_runs=0)  # 0 keeps everything
-    assert all((artifacts / folder).exists() for folder in three["artifacts_used"])
+    three = run_flow(first, artifacts, keep_runs=0)  # 0 keeps everything
+    only_two = set(two["artifacts_used"]) - set(three["artifacts_used"]) - _kept(artifacts)
+    assert only_two and all((artifacts / folder).exists() for folder in only_two)
+
+    from catdog.layout import Layout
+    from catdog.processes import mark_running, unmark_running
+
+    running = Layout.at(artifacts).running_dir
+    assert not list(running.glob("*.json"))  # each run's marker goes with it
+    marker = mark_running(running, "another-run")  # a run in progress elsewhere
+    try:
+        four = run_flow(second, artifacts, keep_runs=1)
+    finally:
+        unmark_running(marker)
+    only_three = set(three["artifacts_used"]) - set(four["artifacts_used"]) - _kept(artifacts)
+    assert only_three and all((artifacts / folder).exists() for folder in only_three)
 
 
 def _kept(artifacts: Path) -> set[str]:

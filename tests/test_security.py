@@ -95,6 +95,23 @@ def test_the_readme_recipe_starts_a_secured_cluster_that_trains_and_refuses_stra
         address = f"tls://127.0.0.1:{dask_port}"
         # Plain TCP, and a certificate from another CA: both refused.
         assert _refused(f"tcp://127.0.0.1:{dask_port}")
+        user, _, password = (certs / "api-auth").read_text().strip().partition(":")
+        plain_tcp = ["--dask-address", f"tcp://127.0.0.1:{dask_port}"]
+        plain = subprocess.run(  # the command line says so in one line, before any work
+            [*flow_command(data, tmp_path / "elsewhere", epochs=1), *plain_tcp],
+            env={
+                **env,
+                "PREFECT_API_URL": f"http://127.0.0.1:{api_port}/api",
+                "PREFECT_API_AUTH_STRING": f"{user}:{password}",
+            },
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        errors = [line for line in plain.stderr.splitlines() if line.startswith("error:")]
+        assert plain.returncode == 2 and len(errors) == 1, plain.stderr[-3000:]
+        assert "needs a tls:// address" in errors[0]
+        assert not (tmp_path / "elsewhere").exists()
         _make_certs(other)
         stranger = Security(
             tls_ca_file=str(other / "ca.pem"),
@@ -116,7 +133,6 @@ def test_the_readme_recipe_starts_a_secured_cluster_that_trains_and_refuses_stra
         api = f"http://127.0.0.1:{api_port}/api"
         assert httpx.post(f"{api}/flow_runs/filter", json={}).status_code == 401
         assert httpx.post(f"{api}/flows/", json={"name": "intruder"}).status_code == 401
-        user, _, password = (certs / "api-auth").read_text().strip().partition(":")
         runs = httpx.post(f"{api}/flow_runs/filter", json={}, auth=(user, password))
         assert runs.status_code == 200
         assert [run["state_type"] for run in runs.json()] == ["COMPLETED"]
