@@ -70,6 +70,7 @@ def test_report_states_data_baseline_best_model_and_promotion():
         "candidate": "model4",
         "candidate_epoch": 2,
         "margin": 0.0,
+        "rule": "margin",
         "evidence": {
             "candidate_accuracy": 0.975,
             "production_accuracy": 0.98,
@@ -91,7 +92,7 @@ def test_report_states_data_baseline_best_model_and_promotion():
         "**Best model (by the validation accuracy of its saved epoch): model4**, epoch 2, "
         "test accuracy 98.0%"
     ) in text
-    assert "**kept**: kept production (0.9800 on the test split)" in text
+    assert "**kept** (rule: margin): kept production (0.9800 on the test split)" in text
     assert "| model4 (epoch 2) | 97.5% | 98.0% | 3 | 1 | 2 | 1 | 0.0 | kept production |" in text
     assert "![comparison](c.png)" in text and "![model4 curves](m4.png)" in text
     assert "![model1 curves]" not in text  # no figure, no broken link
