@@ -15,6 +15,10 @@ class DataError(CatdogError):
     """The dataset (archive, folder or images) cannot be used as given."""
 
 
+class DataCheckFailed(DataError):
+    """This run's data differs from the data that trained production (--on-data-issue stop)."""
+
+
 class ArchiveError(DataError):
     """An archive is corrupt, hostile (path traversal, links, zip bomb) or not an archive."""
 

@@ -312,3 +312,45 @@ def evaluation_figures(
             [metrics["confidence"][i] for i in worst],
         )
     return figures
+
+
+def property_histograms(
+    values_by_split: Mapping[str, np.ndarray], names: Sequence[str], bins: int = 30
+) -> Figure:
+    """One small histogram per image property, every split overlaid (rows: images, columns:
+    `names`)."""
+    ncols = 4
+    nrows = math.ceil(len(names) / ncols)
+    fig = Figure(figsize=(ncols * 2.8, nrows * 2.2), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for k, name in enumerate(names):
+        ax = axes[k]
+        everything = np.concatenate([v[:, k] for v in values_by_split.values() if len(v)])
+        edges = np.histogram_bin_edges(everything, bins=bins) if everything.size else bins
+        for split, values in values_by_split.items():
+            if len(values):
+                ax.hist(values[:, k], bins=edges, histtype="step", density=True, label=split)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks([])
+    for ax in axes[len(names) :]:
+        ax.axis("off")
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def thumbnail_rows(rows: Sequence[Sequence[tuple[np.ndarray, str]]], title: str = "") -> Figure:
+    """Rows of small captioned images (near-duplicate groups, suspect labels)."""
+    ncols = max((len(row) for row in rows), default=1)
+    fig, axes = _grid(max(1, len(rows)), ncols)
+    for r, row in enumerate(rows):
+        for c in range(ncols):
+            ax = axes[r][c]
+            if c < len(row):
+                _show(ax, row[c][0], row[c][1])
+                ax.title.set_fontsize(7)
+            else:
+                ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -350,13 +350,30 @@ def _judge(
     return Decision(decision.promote, decision.reason + detail, decision.rule), evidence
 
 
+def _held(decision: Decision, candidate: Candidate, hold: str | None) -> Decision:
+    """A promotion that failed data checks under --on-data-issue hold keeps production."""
+    if not decision.promote or not hold:
+        return decision
+    return Decision(
+        False,
+        f"kept production: {candidate.name} would be promoted ({decision.reason}), but {hold} "
+        "(--on-data-issue hold)",
+        "data_checks",
+    )
+
+
 def propose(
-    layout: Layout, candidate: Candidate, split: SplitFacts, policy: Policy
+    layout: Layout,
+    candidate: Candidate,
+    split: SplitFacts,
+    policy: Policy,
+    hold: str | None = None,
 ) -> PromotionRecord:
     """What the gate would decide for `candidate` now (to ask a person first); nothing is
     written."""
     with exclusive_lock(layout.gate_lock):
         decision, evidence = _judge(layout, read_registry(layout), candidate, split, policy)
+        decision = _held(decision, candidate, hold)
     return PromotionRecord(
         promoted=decision.promote,
         reason=decision.reason,
@@ -382,6 +399,8 @@ def promote(
     run: dict[str, Any],
     ship: Ship | None = None,
     approval: dict[str, str] | None = None,
+    hold: str | None = None,
+    reference: Mapping[str, Path] | None = None,
 ) -> PromotionRecord:
     """Apply the gate to `candidate` and record the decision; on promotion, install it as
     production. Runs on one artifacts folder take turns here.
@@ -396,6 +415,10 @@ def promote(
             whose exports fail their check is not promoted. None: no exports.
         approval: When a person was asked: {"outcome": "approved", "rejected" or "timed out",
             "by": who}; only "approved" lets the candidate through.
+        hold: Why the run's data holds production back (failed data checks under
+            --on-data-issue hold); None lets the gate decide.
+        reference: Files describing the candidate's training data (name -> path), kept beside
+            its archive as `<archive>.<name>` for later runs' data checks.
 
     Returns:
         The decision and its evidence, for summary.json and the report.
@@ -403,6 +426,7 @@ def promote(
     with exclusive_lock(layout.gate_lock):
         registry = read_registry(layout)
         decision, evidence = _judge(layout, registry, candidate, split, policy)
+        decision = _held(decision, candidate, hold)
         if decision.promote and approval is not None and approval.get("outcome") != "approved":
             by = f" by {approval['by']}" if approval.get("by") else ""
             decision = Decision(
@@ -439,7 +463,11 @@ def promote(
             "approval": approval,
         }
         if decision.promote:
-            entry.update(_install(layout, candidate, split, run, len(registry["history"]), exports))
+            entry.update(
+                _install(
+                    layout, candidate, split, run, len(registry["history"]), exports, reference
+                )
+            )
         history = [*registry["history"], entry]
         current = (
             {**{k: entry[k] for k in STATE_FIELDS}, "entry": len(history) - 1}
@@ -495,6 +523,7 @@ def _install(
     run: dict[str, Any],
     number: int,
     exports: str | None,
+    reference: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Archive the candidate's file and facts under production/models, then make it current."""
     archive_path = layout.production_archive(number, candidate.name)
@@ -508,6 +537,11 @@ def _install(
         layout.root / f"{archive}.keras.predictions-{split.split_hash[:16]}.json",
         list(candidate.predictions),
     )
+    for name, source in (reference or {}).items():
+        target = layout.root / f"{archive}.keras.{name}"
+        staged = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        shutil.copyfile(source, staged)
+        staged.replace(target)
     return {
         "model": candidate.name,
         "epoch": candidate.epoch,

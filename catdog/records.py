@@ -59,6 +59,16 @@ class ManifestRecord(Record):
 
 
 @dataclass(frozen=True)
+class InspectionRecord(Record):
+    """`inspection.npz` (every image's properties and hashes) and `near_duplicates.json`."""
+
+    images: int = 0
+    near_duplicate_groups: int = 0
+    near_duplicate_images: int = 0
+    max_bits: int = 0  # the Hamming distance (of 64 bits) that links two images
+
+
+@dataclass(frozen=True)
 class SplitRecord(Record):
     root: str = ""
     classes: list[str] = field(default_factory=list)
@@ -73,6 +83,24 @@ class CountsRecord(Record):
     baseline: dict[str, float] = field(default_factory=dict)  # majority-class accuracy per split
     majority_class: str = ""
     imbalance_warning: str | None = None
+
+
+@dataclass(frozen=True)
+class ProfileRecord(Record):
+    """`profile.json` (per split and class), `reference.npz` (the training split's properties
+    and class counts, kept with a promoted model), and figures."""
+
+    near_duplicates: dict[str, int] = field(default_factory=dict)  # groups, images, across_splits
+    groups: list[list[dict[str, str]]] = field(default_factory=list)  # [{"path", "split"}], shown
+
+
+@dataclass(frozen=True)
+class SuspectsRecord(Record):
+    """`features_sample.npy` (training features kept with a promoted model) and
+    `suspects.png`."""
+
+    suspects: list[dict[str, Any]] = field(default_factory=list)  # {path, label, probability}
+    features: str = ""  # what computed the features: model, image size, weights
 
 
 @dataclass(frozen=True)
@@ -125,6 +153,20 @@ class EvaluationRecord(Record):
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)
     confusion_matrix: list[list[int]] = field(default_factory=list)
     predictions: list[int] = field(default_factory=list)  # class per test image, split order
+
+
+@dataclass(frozen=True)
+class DataChecksRecord:
+    """This run's data against the data that trained production (no folder of its own)."""
+
+    checks: list[dict[str, Any]] = field(default_factory=list)  # DataCheck.to_json()
+    reference: str | None = None  # the production archive compared with; None: no reference
+    note: str = ""  # why a check did not run
+    policy: str = "warn"  # --on-data-issue
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [check for check in self.checks if not check["passed"]]
 
 
 @dataclass(frozen=True)

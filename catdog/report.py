@@ -71,6 +71,59 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def data_check_lines(summary: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """The report's data checks: drift against production's data, near-duplicates, suspect
+    labels, and the profile's figure."""
+    checks = summary.get("data_checks", [])
+    failed = [check["name"] for check in checks if not check["passed"]]
+    lines = ["## Data checks", ""]
+    if checks:
+        verdict = f"**failed: {', '.join(failed)}**" if failed else "all passed"
+        lines += [
+            f"This run's training data against the data that trained production "
+            f"(`{summary.get('data_checks_reference')}`): {verdict} "
+            f"(--on-data-issue {summary.get('on_data_issue', 'warn')}).",
+            "",
+            markdown_table(
+                [
+                    {
+                        "check": check["name"],
+                        "verdict": "passed" if check["passed"] else "FAILED",
+                        "statistic": check["statistic"],
+                        "threshold": check["threshold"],
+                        "detail": check["detail"],
+                    }
+                    for check in checks
+                ]
+            ),
+        ]
+    if summary.get("data_checks_note"):
+        lines += [f"- {summary['data_checks_note']}", ""]
+    near = summary.get("near_duplicates") or {}
+    lines += [
+        f"- near-duplicates: {near.get('groups', 0)} group(s) of {near.get('images', 0)} "
+        f"images, {near.get('across_splits', 0)} straddling splits",
+    ]
+    for group in summary.get("near_duplicate_groups", [])[:10]:
+        lines.append("  - " + ", ".join(f"`{m['path']}` ({m['split']})" for m in group))
+    if "near_duplicates" in figures:
+        lines += ["", f"![near-duplicates]({figures['near_duplicates']})"]
+    suspects = summary.get("suspect_labels", [])
+    if suspects:
+        lines += [
+            "",
+            f"Suspect labels (a cross-validated linear probe on {summary.get('suspects_from')} "
+            "features; the probability it gives each image's own label, lowest first):",
+            "",
+            markdown_table(suspects[:10]),
+        ]
+        if "suspects" in figures:
+            lines += [f"![suspect labels]({figures['suspects']})", ""]
+    if "profile" in figures:
+        lines += ["", "Image properties per split:", "", f"![profile]({figures['profile']})", ""]
+    return [*lines, ""]
+
+
 def render_report(summary: dict[str, Any], figures: dict[str, str]) -> str:
     """Markdown for people: data, baseline, every model, the best one, promotion, figures."""
     data = summary["data"]
@@ -105,6 +158,7 @@ def render_report(summary: dict[str, Any], figures: dict[str, str]) -> str:
         f"![augmentation]({figures.get('augmentation', '')})",
         "",
     ]
+    lines += data_check_lines(summary, figures)
     lines += ["## Models", "", markdown_table(leaderboard_rows(summary))]
     best = summary.get("best_model")
     if best:

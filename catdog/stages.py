@@ -15,15 +15,19 @@ from catdog.records import (
     ArchiveRecord,
     ArraysRecord,
     CountsRecord,
+    DataChecksRecord,
     EvaluationRecord,
     FeaturesRecord,
     FiguresRecord,
     ImagesRecord,
+    InspectionRecord,
     ManifestRecord,
+    ProfileRecord,
     PromotionRecord,
     Record,
     ReportRecord,
     SplitRecord,
+    SuspectsRecord,
     TrainedRecord,
 )
 
@@ -37,7 +41,7 @@ class Stage:
     task: str  # its Prefect task's name, e.g. "decode_images"
     folder: str  # where its outputs go, under the artifacts root
     code: tuple[str, ...]  # the library modules whose source is part of its cache key
-    record: type[Record] | type[PromotionRecord] | type[ReportRecord]  # what its task returns
+    record: type[Record | PromotionRecord | ReportRecord | DataChecksRecord]  # what it returns
     label: str = ""  # its task run's name, formatted with the task's inputs; default `task`
     per_model: bool = False  # one folder per model: <folder>/<model>/<key>
     retries: str | None = None  # the flow parameter that sets its retries, if any
@@ -66,8 +70,22 @@ STAGES: tuple[Stage, ...] = (
         ("catdog.data.manifest",),
         ManifestRecord,
     ),
+    Stage(
+        "inspect",
+        "inspect_images",
+        "03_splits/inspections",
+        ("catdog.data.quality",),
+        InspectionRecord,
+    ),
     Stage("split", "split_dataset", "03_splits/splits", ("catdog.data.split",), SplitRecord),
     Stage("count", "count_labels", "03_splits/counts", ("catdog.data.counts",), CountsRecord),
+    Stage(
+        "profile",
+        "profile_data",
+        "03_splits/profiles",
+        ("catdog.data.quality", "catdog.plots"),
+        ProfileRecord,
+    ),
     Stage(
         "plot",
         "plot_samples",
@@ -91,6 +109,22 @@ STAGES: tuple[Stage, ...] = (
         FeaturesRecord,
         label="extract_features[{model}]",
         gpu=True,
+    ),
+    Stage(
+        "suspects",
+        "find_suspect_labels",
+        "03_splits/suspects",
+        ("catdog.data.quality", "catdog.plots"),
+        SuspectsRecord,
+    ),
+    # Compares with production's reference, which changes between runs: never cached.
+    Stage(
+        "check",
+        "check_data",
+        "production",
+        ("catdog.data.quality",),
+        DataChecksRecord,
+        cached=False,
     ),
     Stage(
         "train",

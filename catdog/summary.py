@@ -19,12 +19,16 @@ from catdog.layout import MODEL_FILE, RECORD_FILE, REPORT_FILE, SUMMARY_FILE, La
 from catdog.records import (
     ArraysRecord,
     CountsRecord,
+    DataChecksRecord,
     EvaluationRecord,
     FeaturesRecord,
     FiguresRecord,
+    InspectionRecord,
     ManifestRecord,
+    ProfileRecord,
     PromotionRecord,
     SplitRecord,
+    SuspectsRecord,
     TrainedRecord,
 )
 from catdog.report import render_report
@@ -48,6 +52,10 @@ class RunRecords:
     features: dict[str, FeaturesRecord]  # per model trained on cached features
     trained: dict[str, TrainedRecord]
     evaluated: dict[str, EvaluationRecord]
+    inspection: InspectionRecord
+    profile: ProfileRecord
+    suspects: SuspectsRecord | None  # None when no model of the run has cached features
+    checks: DataChecksRecord
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,14 @@ def build_summary(
             "source_fresh": run["source_fresh"],
             "source_warning": run["source_warning"],
         },
+        "data_checks": records.checks.checks,
+        "data_checks_reference": records.checks.reference,
+        "data_checks_note": records.checks.note,
+        "on_data_issue": records.checks.policy,
+        "near_duplicates": records.profile.near_duplicates,
+        "near_duplicate_groups": records.profile.groups,
+        "suspect_labels": records.suspects.suspects if records.suspects else [],
+        "suspects_from": records.suspects.features if records.suspects else None,
         "models": models,
         "best_model": promotion.candidate if promotion else None,
         "promotion": asdict(promotion) if promotion else None,
@@ -177,6 +193,12 @@ def figure_paths(layout: Layout, records: RunRecords, summary: dict[str, Any]) -
     """Every figure of the run that exists, by report reference ("samples", "model1:curves")."""
     figures_dir = layout.resolve(records.figures.dir)
     paths = {kind: figures_dir / f"{kind}.png" for kind in ("samples", "augmentation")}
+    profile_dir = layout.resolve(records.profile.dir)
+    for kind in ("profile", "near_duplicates"):
+        paths[kind] = profile_dir / f"{kind}.png"
+    if records.suspects:
+        paths["suspects"] = layout.resolve(records.suspects.dir) / "suspects.png"
+    paths = {kind: path for kind, path in paths.items() if path.is_file()}
     for name, model in summary["models"].items():
         for kind, file_name in EVALUATION_FIGURES.items():
             path = Path(model["evaluation_dir"]) / file_name

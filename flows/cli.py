@@ -159,6 +159,8 @@ def serve_parser() -> argparse.ArgumentParser:
         "--interval", type=at_least_one("seconds"), metavar="SECONDS", help="seconds between runs"
     )
     parser.add_argument("--name", default="scheduled-retraining", help="deployment name")
+    # Nobody watches a scheduled run: data that changed trains and reports, production waits.
+    parser.set_defaults(on_data_issue="hold")
     return parser
 
 

@@ -130,6 +130,14 @@ KeepRuns = Annotated[
         "as `python -m catdog cache prune` does (0 keeps everything)",
     ),
 ]
+OnDataIssue = Annotated[
+    Literal["warn", "hold", "stop"],
+    Field(
+        description="when this run's data differs from the data that trained production (class "
+        "balance, image properties, feature embeddings): warn (train and promote as usual, and "
+        "say so), hold (train and report, keep production) or stop (stop before training)"
+    ),
+]
 ApprovePromotion = Annotated[
     bool,
     Field(

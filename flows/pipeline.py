@@ -38,6 +38,7 @@ from tasks.data import (
     split_dataset,
 )
 from tasks.promotion import promote_model, propose_promotion
+from tasks.quality import check_data, find_suspect_labels, inspect_images, profile_data
 from tasks.report import write_report
 from tasks.training import evaluate_model, extract_features, train_model
 
@@ -50,11 +51,15 @@ TASKS: dict[str, Task] = {
         download_dataset,
         extract_dataset,
         build_manifest,
+        inspect_images,
         split_dataset,
         count_labels,
+        profile_data,
         plot_samples,
         decode_images,
         extract_features,
+        find_suspect_labels,
+        check_data,
         train_model,
         evaluate_model,
         propose_promotion,
@@ -208,6 +213,8 @@ class Pipeline:
         """What settled futures returned, by name: a future, or a dict of them, each."""
 
         def result(value: Any) -> Any:
+            if value is None:  # a stage this run does not have
+                return None
             if isinstance(value, dict):
                 return {name: result(item) for name, item in value.items()}
             return value.result()

@@ -53,6 +53,7 @@ from flows.parameters import (
     MinClassRecall,
     Models,
     Offline,
+    OnDataIssue,
     Precision,
     PromoteMargin,
     Refresh,
@@ -103,8 +104,9 @@ def train_flow(
     keep_runs: KeepRuns = RUN.keep_runs,
     approve_promotion: ApprovePromotion = False,
     approval_timeout: ApprovalTimeout = RUN.approval_timeout,
+    on_data_issue: OnDataIssue = "warn",
 ) -> ReportRecord:
-    """Download, split, count, look, train every model, evaluate, promote, report."""
+    """Download, check and split, count, look, train every model, evaluate, promote, report."""
     quiet_tracebacks()
     # Runs from a deployment or the UI skip the command line: the same checks, before any stage.
     weights_used = check_run(data, models, weights, transfer_image_size)
@@ -127,15 +129,18 @@ def train_flow(
         archive = run.submit("download", data=data, sha256=sha256, revision=source.revision)
         images = run.submit("extract", archive=archive)
         manifest = run.submit("manifest", images=images)
+        inspection = run.submit("inspect", manifest=manifest)
         split = run.submit(
             "split",
             manifest=manifest,
+            inspection=inspection,
             seed=seed,
             test_fraction=DATA.test_fraction,
             flat_fractions=list(DATA.flat_fractions),
             max_images_per_class=max_images_per_class,
         )
         counts = run.submit("count", split=split)
+        profile = run.submit("profile", split=split, inspection=inspection)
         figures = run.submit(
             "plot",
             split=split,
@@ -160,6 +165,22 @@ def train_flow(
                     views=feature_views,
                     seed=seed,
                 )
+        probed = next(iter(features), None)  # the first frozen base's features serve the checks
+        suspects = None
+        if probed:
+            suspects = run.submit(
+                "suspects",
+                split=split,
+                features=features[probed],
+                about=f"{probed} at {sides[catalog.spec(probed).input_size]}px, weights "
+                f"{Path(weights_used).name if weights_used else 'none'}",
+                seed=seed,
+            )
+        checks = run.submit(
+            "check", profile=profile, suspects=suspects, on_data_issue=on_data_issue, seed=seed
+        )
+        if on_data_issue == "stop":
+            run.settle()  # a failed check stops the run here, before any training
         for name in to_train:
             entry = catalog.spec(name)
             trained[name] = run.submit(
@@ -187,6 +208,10 @@ def train_flow(
                 features=features,
                 trained=trained,
                 evaluated=evaluated,
+                inspection=inspection,
+                profile=profile,
+                suspects=suspects,
+                checks=checks,
             )
         )
         policy = Policy(promote_margin, min_accuracy, min_class_recall, max_p_value)

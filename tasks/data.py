@@ -24,6 +24,7 @@ from catdog.records import (
     CountsRecord,
     FiguresRecord,
     ImagesRecord,
+    InspectionRecord,
     ManifestRecord,
     SplitRecord,
 )
@@ -53,6 +54,16 @@ def _manifest(layout: Layout, record: ManifestRecord | SplitRecord, name: str) -
     """Load a manifest, its images root resolved against the current artifacts folder."""
     manifest = Manifest.load(layout.resolve(record.dir) / name)
     return replace(manifest, root=str(layout.resolve(record.root)))
+
+
+def manifest_of(layout: Layout, manifest: ManifestRecord) -> Manifest:
+    """The manifest that a `build_manifest` record points to."""
+    return _manifest(layout, manifest, "manifest.json")
+
+
+def near_duplicates_of(layout: Layout, inspection: InspectionRecord) -> list[list[str]]:
+    """The near-duplicate groups an `inspect_images` record found (paths)."""
+    return json.loads((layout.resolve(inspection.dir) / "near_duplicates.json").read_text())
 
 
 def split_manifest_of(layout: Layout, split: SplitRecord) -> Manifest:
@@ -164,19 +175,22 @@ def build_manifest(images: ImagesRecord, artifacts: str) -> ManifestRecord:
 @stage_task("split")
 def split_dataset(
     manifest: ManifestRecord,
+    inspection: InspectionRecord,
     seed: int,
     test_fraction: float,
     flat_fractions: list[float],
     max_images_per_class: int | None,
     artifacts: str,
 ) -> SplitRecord:
-    """Assign every image to train, validation or test, deterministically for the seed."""
+    """Assign every image to train, validation or test, deterministically for the seed; each
+    group of near-duplicates to one split."""
     from catdog.data.split import split_manifest
 
     layout = Layout.at(artifacts)
     with stage_output(layout) as out:
         split = split_manifest(
-            _manifest(layout, manifest, "manifest.json"),
+            manifest_of(layout, manifest),
+            near_duplicates=near_duplicates_of(layout, inspection),
             seed=seed,
             test_fraction=test_fraction,
             flat_fractions=tuple(flat_fractions),

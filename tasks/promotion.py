@@ -27,6 +27,7 @@ from catdog.stages import TRAIN_CODE
 from catdog.summary import RunRecords
 from tasks.caching import stage_task
 from tasks.data import split_manifest_of
+from tasks.quality import FEATURES_SAMPLE_FILE, REFERENCE_FILE
 
 
 def _candidate(layout: Layout, records: RunRecords) -> Candidate:
@@ -39,11 +40,29 @@ def _split(layout: Layout, records: RunRecords) -> SplitFacts:
     return split_facts(split_manifest_of(layout, records.split), records.split, records.manifest)
 
 
+def _hold(records: RunRecords) -> str | None:
+    """Why failed data checks hold production back, under --on-data-issue hold."""
+    failed = records.checks.failed
+    if records.checks.policy != "hold" or not failed:
+        return None
+    return f"data checks failed ({', '.join(check['name'] for check in failed)})"
+
+
+def _reference(layout: Layout, records: RunRecords) -> dict[str, Path]:
+    """What describes the candidate's training data, kept with it if it is promoted."""
+    files = {REFERENCE_FILE: layout.resolve(records.profile.dir) / REFERENCE_FILE}
+    if records.suspects:
+        files[FEATURES_SAMPLE_FILE] = layout.resolve(records.suspects.dir) / FEATURES_SAMPLE_FILE
+    return files
+
+
 @stage_task("propose")
 def propose_promotion(records: RunRecords, policy: Policy, artifacts: str) -> PromotionRecord:
     """What the gate would decide for the run's best model: to ask a person before it acts."""
     layout = Layout.at(artifacts)
-    return propose(layout, _candidate(layout, records), _split(layout, records), policy)
+    return propose(
+        layout, _candidate(layout, records), _split(layout, records), policy, _hold(records)
+    )
 
 
 @stage_task("promote")
@@ -78,6 +97,8 @@ def promote_model(
         {"id": str(flow_run.get_id() or "local"), "name": flow_run.get_name()},
         ship=ship if export else None,
         approval=approval,
+        hold=_hold(records),
+        reference=_reference(layout, records),
     )
     logger = get_run_logger()
     logger.info(

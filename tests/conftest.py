@@ -160,8 +160,8 @@ def publish(site_folder: Path, tmp_path: Path, name: str, train: int, seed: int)
 # Exports on promotion have tests of their own (test_export.py); the other runs skip them, a
 # few seconds each.
 SMALL = {"image_size": 32, "batch_size": 8, "seed": 7, "export": False}
-# The stages every run runs, cached or not: the promotion gate and the report.
-ALWAYS_RUN = {"promote_model", "write_report"}
+# The stages every run runs, cached or not: the data checks, the promotion gate and the report.
+ALWAYS_RUN = {"check_data", "promote_model", "write_report"}
 
 
 def run_flow(data: Path, artifacts: Path, **overrides) -> dict:

@@ -27,6 +27,7 @@ DATA_STAGES = {"download_dataset", "extract_dataset", "build_manifest"}
 SPLIT_AND_LATER = {
     "split_dataset",
     "count_labels",
+    "profile_data",
     "plot_samples",
     "decode_images[32]",
     "train_model[model1]",

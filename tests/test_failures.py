@@ -121,11 +121,14 @@ LABELS = {
     "download": "download_dataset",
     "extract": "extract_dataset",
     "manifest": "build_manifest",
+    "inspect": "inspect_images",
     "split": "split_dataset",
     "count": "count_labels",
+    "profile": "profile_data",
     "plot": "plot_samples",
     "decode": "decode_images[32]",
     "features": "extract_features[model4]",
+    "suspects": "find_suspect_labels",
     "train": "train_model[model1]",
     "evaluate": "evaluate_model[model1]",
     "promote": "promote_model",
@@ -358,8 +361,8 @@ def _epochs(artifacts: Path, model: str) -> list[dict]:
 def test_a_training_that_fails_stops_the_others_within_an_epoch(tmp_path, runner, request):
     artifacts = tmp_path / "artifacts"
     data = zip_folder(make_dataset(tmp_path / "src", train=40), tmp_path / "tiny.zip")
-    command = [*flow_command(data, artifacts, epochs=40, models="model1,model2,model3")]
-    command += ["--image-size", "64"]  # epochs long enough to tell one from the next
+    command = [*flow_command(data, artifacts, epochs=60, models="model1,model2,model3")]
+    command += ["--image-size", "96"]  # epochs long enough to tell one from the next
     if runner == "dask":
         command += ["--dask-address", request.getfixturevalue("dask_cluster").address]
     run = subprocess.Popen(

@@ -96,6 +96,15 @@ def test_serve_rejects_a_bad_schedule_in_one_line(capsys, dataset_zip, tmp_path)
     assert exit_info.value.code == 2
 
 
+def train_flow_defaults() -> dict:
+    import inspect
+
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(train_flow.fn).parameters.items()
+    }
+
+
 def test_prefect_yaml_declares_the_same_deployment() -> None:
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     [deployment] = config["deployments"]
@@ -104,8 +113,11 @@ def test_prefect_yaml_declares_the_same_deployment() -> None:
     assert deployment["work_pool"]["name"] == "catdog-process"
     assert deployment["schedules"] == [{"cron": CRON, "timezone": "UTC", "active": True}]
     assert deployment["tags"] == ["catdog", "scheduled"]
-    # Every parameter comes from the flow's defaults, so the two cannot disagree.
-    assert deployment["parameters"] == {}
+    # Every parameter comes from the flow's defaults, so the two cannot disagree, but the one
+    # both scheduled deployments set: data that fails its checks holds production back.
+    assert deployment["parameters"] == {"on_data_issue": "hold"}
+    assert serve_parser().get_default("on_data_issue") == "hold"
+    assert train_flow_defaults()["on_data_issue"] == "warn"
     path, function = deployment["entrypoint"].split(":")
     assert (ROOT / path).is_file() and train_flow.fn.__name__ == function
     [pull] = config["pull"]

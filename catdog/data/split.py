@@ -8,7 +8,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 
-from catdog.data.records import SPLITS, ImageEntry, Manifest
+from catdog.data.records import SPLITS, ImageEntry, Manifest, SkippedFile
 from catdog.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,57 @@ def _split_validation(
     return list(ordered[n_test:]), list(ordered[:n_test])
 
 
+def _fixed_by_folders(layout: str, entry: ImageEntry) -> bool:
+    """Whether the dataset's own folders fix this image's split (catdog cannot move it)."""
+    if layout == "train_validation_test":
+        return True
+    return layout == "train_validation" and entry.source_split == "train"
+
+
+def keep_groups_together(
+    layout: str,
+    entries: dict[str, ImageEntry],
+    split_of: dict[str, str],
+    groups: Sequence[Sequence[str]],
+    seed: int,
+) -> list[SkippedFile]:
+    """Make every near-duplicate group sit in one split; `split_of` (path -> split) is
+    updated in place, and the images left out are returned.
+
+    Where catdog makes the split, a group moves as one unit to the split of its first member
+    in the seeded order (so adding images moves no other group). Where the dataset's folders
+    fix it, the group stays in the earliest split its fixed members are in, and copies in
+    later splits (a training image's copy in validation or test) are left out.
+    """
+    left_out: list[SkippedFile] = []
+    rank = {split: index for index, split in enumerate(SPLITS)}
+    for group in groups:
+        members = sorted(
+            (entries[path] for path in group if path in entries),
+            key=lambda entry: _order_key(seed, entry),
+        )
+        if len({split_of[entry.path] for entry in members}) < 2:
+            continue
+        fixed = [entry for entry in members if _fixed_by_folders(layout, entry)]
+        if not fixed:
+            for entry in members:
+                split_of[entry.path] = split_of[members[0].path]
+            continue
+        keeper = min(fixed, key=lambda entry: (rank[split_of[entry.path]], entry.path))
+        target = split_of[keeper.path]
+        for entry in members:
+            if split_of[entry.path] == target:
+                continue
+            if target == "train" or _fixed_by_folders(layout, entry):
+                left_out.append(
+                    SkippedFile(entry.path, f"near-duplicate of {keeper.path} ({target})")
+                )
+                del split_of[entry.path]
+            else:  # a validation/ image that catdog would have put in test: keep it with its copy
+                split_of[entry.path] = target
+    return left_out
+
+
 def split_manifest(
     manifest: Manifest,
     *,
@@ -81,6 +132,7 @@ def split_manifest(
     test_fraction: float = 0.2,
     flat_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     max_images_per_class: int | None = None,
+    near_duplicates: Sequence[Sequence[str]] = (),
 ) -> Manifest:
     """Assign each image a split, deterministically for a given seed and manifest content.
 
@@ -101,6 +153,8 @@ def split_manifest(
         flat_fractions: Train, validation and test shares for a single-root dataset.
         max_images_per_class: Keep at most this many images per split and class (the first
             in the seeded order); the rest are dropped from the manifest. None keeps all.
+        near_duplicates: Groups of near-identical images (paths); each ends in one split
+            (see `keep_groups_together`), copies left out are listed in `skipped`.
 
     Returns:
         A manifest whose images all have `split` set, sorted by path, with `split_settings`.
@@ -128,7 +182,7 @@ def split_manifest(
     for group in by_source.values():
         group.sort(key=lambda entry: _order_key(seed, entry))
 
-    assigned: dict[tuple[str, str], list[ImageEntry]] = {}
+    proposed: dict[tuple[str, str], list[ImageEntry]] = {}
     placed = 0
     for class_name in manifest.classes:
         if manifest.layout == "single_root":
@@ -149,7 +203,32 @@ def split_manifest(
                 f"manifest of {manifest.root} has an unknown layout {manifest.layout!r}"
             )
         for split in SPLITS:
-            entries = parts[split]
+            proposed[(split, class_name)] = parts[split]
+            placed += len(parts[split])
+
+    if placed != len(manifest.images):
+        # Entries whose class or source folder does not fit the layout would vanish silently.
+        raise DataError(
+            f"manifest of {manifest.root} is inconsistent: {len(manifest.images) - placed} "
+            f"image(s) have a class or source split that does not match layout {manifest.layout!r}"
+        )
+
+    split_of = {entry.path: split for (split, _), part in proposed.items() for entry in part}
+    left_out = keep_groups_together(
+        manifest.layout,
+        {entry.path: entry for entry in manifest.images},
+        split_of,
+        near_duplicates,
+        seed,
+    )
+    assigned: dict[tuple[str, str], list[ImageEntry]] = {}
+    for class_name in manifest.classes:
+        ordered = sorted(
+            (e for e in manifest.images if e.class_name == class_name and e.path in split_of),
+            key=lambda entry: _order_key(seed, entry),
+        )
+        for split in SPLITS:
+            entries = [entry for entry in ordered if split_of[entry.path] == split]
             # Every class must be present in every split: a model never trained on a class,
             # or a metric computed without it, is silently wrong rather than merely noisy.
             if not entries:
@@ -158,17 +237,9 @@ def split_manifest(
                     f"{manifest.root} (all missing, skipped or duplicates); add images or "
                     "remove the class"
                 )
-            placed += len(entries)
             if max_images_per_class is not None:
                 entries = entries[:max_images_per_class]
             assigned[(split, class_name)] = entries
-
-    if placed != len(manifest.images):
-        # Entries whose class or source folder does not fit the layout would vanish silently.
-        raise DataError(
-            f"manifest of {manifest.root} is inconsistent: {len(manifest.images) - placed} "
-            f"image(s) have a class or source split that does not match layout {manifest.layout!r}"
-        )
 
     images = sorted(
         (
@@ -197,4 +268,12 @@ def split_manifest(
         seed,
         ", ".join(f"{s} {sum(1 for i in images if i.split == s)}" for s in SPLITS),
     )
-    return manifest.with_images(images, split_settings=settings)
+    if left_out:
+        logger.warning(
+            "%d near-duplicate(s) of images in an earlier split left out (first: %s: %s)",
+            len(left_out),
+            left_out[0].path,
+            left_out[0].reason,
+        )
+    skipped = tuple(sorted((*manifest.skipped, *left_out), key=lambda entry: entry.path))
+    return manifest.with_images(images, split_settings=settings, skipped=skipped)
