@@ -96,7 +96,7 @@ class ProfileRecord(Record):
 
 @dataclass(frozen=True)
 class SuspectsRecord(Record):
-    """`features_sample.npy` (training features kept with a promoted model) and
+    """`features_sample.npz` (training features kept with a promoted model) and
     `suspects.png`."""
 
     suspects: list[dict[str, Any]] = field(default_factory=list)  # {path, label, probability}

@@ -172,7 +172,14 @@ def build_manifest(images: ImagesRecord, artifacts: str) -> ManifestRecord:
     return out.record
 
 
-@stage_task("split")
+def _near_duplicates_fingerprint(inputs: dict[str, Any]) -> str | None:
+    """The split depends on the groups the inspection found, not on how they were found:
+    editing the data checks' code must not re-split the data and retrain every model."""
+    inspection: InspectionRecord = inputs["inspection"]
+    return inspection.files.get("near_duplicates.json")
+
+
+@stage_task("split", fingerprint=_near_duplicates_fingerprint, unkeyed=("inspection",))
 def split_dataset(
     manifest: ManifestRecord,
     inspection: InspectionRecord,

@@ -310,6 +310,14 @@ def test_code_edits_rerun_their_stages_and_a_catalog_entry_adds_a_model(dataset_
     latest = _run_summaries(artifacts)[-1]
     assert computed(latest) == SPLIT_AND_LATER | ALWAYS_RUN
 
+    # The data checks' code: they rerun; the split, which only reads the groups they found,
+    # and everything trained on it do not.
+    checks_module = checkout / "catdog/data/quality.py"
+    checks_module.write_text(checks_module.read_text() + "\n\ndef _unused() -> None:\n    pass\n")
+    _finish(_flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout))
+    latest = _run_summaries(artifacts)[-1]
+    assert computed(latest) == {"inspect_images", "profile_data"} | ALWAYS_RUN
+
 
 TINY_BUILDER = """
 import keras

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from catdog.data import quality
-from catdog.data.records import ImageEntry, Manifest
+from catdog.data.records import SPLITS, ImageEntry, Manifest
 from catdog.data.split import split_manifest
 from tests.conftest import REAL_WEIGHTS, REPO, api_env, make_dataset, run_flow, zip_folder
 
@@ -74,6 +74,7 @@ def test_grouping_is_transitive_and_indices_come_back_sorted():
     # 0-1: 3 bits, 1-2: 6 bits, 0-2: 3 bits; a threshold of 3 links all three through 0.
     assert quality.near_duplicate_groups(hashes, 3) == [[0, 1, 2]]
     assert quality.near_duplicate_groups(hashes, 2) == []
+    assert quality.near_duplicate_groups(np.zeros((0, 3), np.uint64), 8) == []
 
 
 def entry(path: str, class_name: str, source: str | None) -> ImageEntry:
@@ -100,13 +101,24 @@ def test_where_catdog_splits_a_group_moves_as_one_unit(seed):
     plain = split_manifest(manifest, seed=seed)
     kept = split_manifest(manifest, seed=seed, near_duplicates=groups)
     where = {e.path: e.split for e in kept.images}
-    assert all(len({where[p] for p in group}) == 1 for group in groups)
+    before = {e.path: e.split for e in plain.images}
+    for group in groups:  # all in the earliest split any of them was in: never gathered in test
+        earliest = min((before[p] for p in group), key=SPLITS.index)
+        assert {where[p] for p in group} == {earliest}
     straddled = [g for g in groups if len({e.split for e in plain.images if e.path in g}) > 1]
     assert straddled, "the groups must straddle splits without the rule, or this test is vacuous"
     # Only grouped images moved; every other image kept its split.
     grouped = {p for group in groups for p in group}
     assert all(e.split == where[e.path] for e in plain.images if e.path not in grouped)
     assert len(kept.images) == len(manifest.images)
+
+
+def test_a_move_that_would_empty_a_split_of_a_class_is_not_made():
+    manifest = flat_manifest(3)  # one image per split and class
+    plain = split_manifest(manifest, seed=0)
+    cats = {e.split: e.path for e in plain.images if e.class_name == "cats"}
+    kept = split_manifest(manifest, seed=0, near_duplicates=[[cats["train"], cats["test"]]])
+    assert {e.path: e.split for e in kept.images} == {e.path: e.split for e in plain.images}
 
 
 def test_where_the_folders_split_copies_of_training_images_are_left_out():

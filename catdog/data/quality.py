@@ -171,11 +171,13 @@ def near_duplicate_groups(hashes: np.ndarray, max_bits: int) -> list[list[int]]:
     the whole image or of a centre (`hashes` as `Inspection.hashes`).
 
     Two hashes within `max_bits` agree exactly on at least one of `max_bits + 1` bands of
-    their bits (pigeonhole), so only images sharing a band are compared: near-linear in the
-    number of images instead of every pair.
+    their bits (pigeonhole), so only images sharing a band are compared, a bucket at a time
+    (about n²/100 comparisons in numpy, instead of n²/2 in Python).
     """
+    if len(hashes) == 0:
+        return []
     table = np.asarray(hashes, dtype=np.uint64).reshape(len(hashes), -1)
-    whole = [int(h) for h in table[:, 0]]
+    whole = table[:, 0]
     parent = list(range(len(whole)))
 
     def root(i: int) -> int:
@@ -186,15 +188,20 @@ def near_duplicate_groups(hashes: np.ndarray, max_bits: int) -> list[list[int]]:
 
     edges = np.linspace(0, 64, max_bits + 2).astype(int)
     for low, high in itertools.pairwise(edges):
-        mask = (1 << int(high - low)) - 1
-        buckets: dict[int, list[int]] = defaultdict(list)
-        for j, value in enumerate(whole):
-            buckets[(value >> int(low)) & mask].append(j)
-        for i, row in enumerate(table):
-            for value in (int(h) for h in row):
-                for j in buckets.get((value >> int(low)) & mask, ()):
-                    if j != i and root(i) != root(j) and hamming(value, whole[j]) <= max_bits:
-                        parent[root(i)] = root(j)
+        shift, mask = np.uint64(low), np.uint64((1 << int(high - low)) - 1)
+        keys = (whole >> shift) & mask
+        order = np.argsort(keys, kind="stable")
+        ordered = keys[order]
+        for scale in range(table.shape[1]):
+            queries = (table[:, scale] >> shift) & mask
+            starts = np.searchsorted(ordered, queries, side="left")
+            ends = np.searchsorted(ordered, queries, side="right")
+            for i in np.flatnonzero(ends > starts):
+                candidates = order[starts[i] : ends[i]]
+                near = np.bitwise_count(whole[candidates] ^ table[i, scale]) <= max_bits
+                for j in candidates[near]:
+                    if j != i and root(i) != root(int(j)):
+                        parent[root(i)] = root(int(j))
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(len(whole)):
         groups[root(i)].append(i)

@@ -86,42 +86,54 @@ def keep_groups_together(
     entries: dict[str, ImageEntry],
     split_of: dict[str, str],
     groups: Sequence[Sequence[str]],
-    seed: int,
 ) -> list[SkippedFile]:
     """Make every near-duplicate group sit in one split; `split_of` (path -> split) is
     updated in place, and the images left out are returned.
 
-    Where catdog makes the split, a group moves as one unit to the split of its first member
-    in the seeded order (so adding images moves no other group). Where the dataset's folders
-    fix it, the group stays in the earliest split its fixed members are in, and copies in
-    later splits (a training image's copy in validation or test) are left out.
+    Where catdog makes the split, a group moves as one unit to the earliest split one of its
+    members is in (train, then validation, then test): copies leave the test split rather than
+    gather in it, and a model trained before this rule never finds its training images in a
+    test split. Where the dataset's folders fix the split, the group stays where its first
+    fixed member is, and copies elsewhere (a training image's copy in validation or test) are
+    left out. A move that would leave a class without images in a split is not made; the group
+    then still straddles splits, which the profile counts.
     """
     left_out: list[SkippedFile] = []
     rank = {split: index for index, split in enumerate(SPLITS)}
+    sizes: dict[tuple[str, str], int] = defaultdict(int)
+    for path, split in split_of.items():
+        sizes[(split, entries[path].class_name)] += 1
     for group in groups:
         members = sorted(
             (entries[path] for path in group if path in entries),
-            key=lambda entry: _order_key(seed, entry),
+            key=lambda entry: (rank[split_of[entry.path]], entry.path),
         )
         if len({split_of[entry.path] for entry in members}) < 2:
             continue
         fixed = [entry for entry in members if _fixed_by_folders(layout, entry)]
-        if not fixed:
-            for entry in members:
-                split_of[entry.path] = split_of[members[0].path]
-            continue
-        keeper = min(fixed, key=lambda entry: (rank[split_of[entry.path]], entry.path))
+        keeper = fixed[0] if fixed else members[0]
         target = split_of[keeper.path]
-        for entry in members:
-            if split_of[entry.path] == target:
-                continue
-            if target == "train" or _fixed_by_folders(layout, entry):
+        moving = [entry for entry in members if split_of[entry.path] != target]
+        taken: dict[tuple[str, str], int] = defaultdict(int)
+        for entry in moving:
+            taken[(split_of[entry.path], entry.class_name)] += 1
+        if any(sizes[key] <= count for key, count in taken.items()):
+            logger.warning(
+                "near-duplicates %s kept where they are: moving them would leave a class "
+                "without images in a split",
+                ", ".join(entry.path for entry in members),
+            )
+            continue
+        for entry in moving:
+            sizes[(split_of[entry.path], entry.class_name)] -= 1
+            if fixed:  # the folders fix where it is: a copy of an earlier split's image goes
                 left_out.append(
                     SkippedFile(entry.path, f"near-duplicate of {keeper.path} ({target})")
                 )
                 del split_of[entry.path]
-            else:  # a validation/ image that catdog would have put in test: keep it with its copy
+            else:
                 split_of[entry.path] = target
+                sizes[(target, entry.class_name)] += 1
     return left_out
 
 
@@ -219,7 +231,6 @@ def split_manifest(
         {entry.path: entry for entry in manifest.images},
         split_of,
         near_duplicates,
-        seed,
     )
     assigned: dict[tuple[str, str], list[ImageEntry]] = {}
     for class_name in manifest.classes:
