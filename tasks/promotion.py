@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 from prefect import get_run_logger
-from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from catdog.export import ExportCheck
@@ -27,6 +26,7 @@ from catdog.stages import TRAIN_CODE
 from catdog.summary import RunRecords
 from tasks.caching import stage_task
 from tasks.data import split_manifest_of
+from tasks.events import emit_run_event
 from tasks.quality import FEATURES_SAMPLE_FILE, REFERENCE_FILE
 
 
@@ -117,22 +117,9 @@ def announce(layout: Layout, decision: PromotionRecord) -> None:
     """Emit `catdog.model.promoted` or `catdog.model.kept` for automations and alerts: the
     production of this artifacts folder, the run, the candidate, the accuracies, the rule
     that decided and the gate's evidence."""
-    run_id, name = flow_run.get_id(), flow_run.get_name()
-    related = []
-    if run_id:
-        related.append(
-            {
-                "prefect.resource.id": f"prefect.flow-run.{run_id}",
-                "prefect.resource.role": "flow-run",
-                "prefect.resource.name": str(name),
-            }
-        )
-    emit_event(
-        event=f"catdog.model.{'promoted' if decision.promoted else 'kept'}",
-        resource={
-            "prefect.resource.id": f"catdog.production.{layout.root}",
-            "prefect.resource.name": f"catdog production in {layout.root}",
-        },
-        related=related,
-        payload={**asdict(decision), "flow_run": str(name), "artifacts": str(layout.root)},
+    emit_run_event(
+        f"catdog.model.{'promoted' if decision.promoted else 'kept'}",
+        f"catdog.production.{layout.root}",
+        f"catdog production in {layout.root}",
+        {**asdict(decision), "artifacts": str(layout.root)},
     )

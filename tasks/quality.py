@@ -11,8 +11,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from prefect import get_run_logger
-from prefect.events import emit_event
-from prefect.runtime import flow_run
 
 from catdog.data import quality
 from catdog.data.records import SPLITS, Manifest
@@ -31,6 +29,7 @@ from catdog.records import (
 from tasks import ui
 from tasks.caching import stage_output, stage_task
 from tasks.data import manifest_of, near_duplicates_of, split_manifest_of
+from tasks.events import emit_run_event
 
 THUMBNAIL_SIDE = 96
 SHOWN_GROUPS = 10  # near-duplicate groups in the report's figure
@@ -313,28 +312,9 @@ def check_data(
 
 
 def _announce(layout: Layout, check: dict[str, Any], policy: str) -> None:
-    run_id, name = flow_run.get_id(), flow_run.get_name()
-    related = []
-    if run_id:
-        related.append(
-            {
-                "prefect.resource.id": f"prefect.flow-run.{run_id}",
-                "prefect.resource.role": "flow-run",
-                "prefect.resource.name": str(name),
-            }
-        )
-    emit_event(
-        event="catdog.data.check.failed",
-        resource={
-            "prefect.resource.id": f"catdog.data.{layout.root}",
-            "prefect.resource.name": f"catdog data checks in {layout.root}",
-        },
-        related=related,
-        payload={
-            "check": check["name"],
-            **check,
-            "policy": policy,
-            "flow_run": str(name),
-            "artifacts": str(layout.root),
-        },
+    emit_run_event(
+        "catdog.data.check.failed",
+        f"catdog.data.{layout.root}",
+        f"catdog data checks in {layout.root}",
+        {"check": check["name"], **check, "policy": policy, "artifacts": str(layout.root)},
     )
