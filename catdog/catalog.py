@@ -56,6 +56,9 @@ MODELS: tuple[ModelSpec, ...] = (
         "RandomFlip and RandomRotation, then convolution blocks with batch normalization",
         "catdog.models:make_model2",
         cosine_decay=True,
+        # Keyed by precision like the others: an explicit --precision trains it under that
+        # policy, and must not return the result of another.
+        settings=(*_COMMON_SETTINGS, "precision"),
         default=True,
     ),
     ModelSpec(

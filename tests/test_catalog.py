@@ -47,7 +47,7 @@ def test_every_entry_is_consistent():
         if spec.trains_on_features:
             assert spec.frozen_base and "feature_views" in spec.settings
             assert "precision" not in spec.settings  # its head trains in float32
-        if spec.bfloat16:
+        else:  # trained under --precision's dtype policy, so keyed by it
             assert "precision" in spec.settings
 
 
@@ -75,7 +75,7 @@ COMMON = {"epochs", "batch_size", "learning_rate", "strategy"}
     ("name", "keyed"),
     [
         ("model1", {*COMMON, "precision"}),
-        ("model2", COMMON),
+        ("model2", {*COMMON, "precision"}),
         ("model4", {*COMMON, "feature_views", "dropout"}),
         (
             "model4_finetune",

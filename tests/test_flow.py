@@ -168,3 +168,10 @@ def _zip_without_classes(tmp: Path) -> Path:
         handle.writestr("readme.txt", "no images here")
         handle.writestr("photos/a.txt", "still none")
     return archive
+
+
+def test_an_explicit_precision_trains_anew_instead_of_reusing_another(dataset_zip, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    run_flow(dataset_zip, artifacts, models=["model2"], precision="float32")
+    again = run_flow(dataset_zip, artifacts, models=["model2"], precision="mixed_bfloat16")
+    assert again["tasks"]["train_model[model2]"] == "Completed"
