@@ -18,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -26,6 +28,8 @@ from statistics import median
 from typing import Any
 
 from catdog import catalog
+from catdog.data.manifest import build_manifest
+from catdog.data.records import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -33,6 +37,16 @@ SHARED = REPO.parent / "shared"
 SNAPSHOT_PARTS = ("catdog", "tasks", "flows")
 GIB = 1024**3
 MIB = 1024**2
+
+
+@contextlib.contextmanager
+def extracted_dataset(archive: Path) -> Iterator[Manifest]:
+    """The dataset archive unpacked into a temporary folder, as its manifest (every usable
+    image, paths relative to `manifest.root`); the folder goes when the block ends."""
+    with tempfile.TemporaryDirectory() as work:
+        with zipfile.ZipFile(archive) as handle:
+            handle.extractall(work)
+        yield build_manifest(Path(work))
 
 
 def log(message: str) -> None:

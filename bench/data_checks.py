@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +32,12 @@ from bench.common import (
     SHARED,
     bf16_flags,
     environment_markdown,
+    extracted_dataset,
     log,
     table,
     write_section,
 )
 from catdog.data import quality
-from catdog.data.manifest import build_manifest
 
 SEEDS = 20
 SIZE = 224
@@ -112,10 +110,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as work:
-        with zipfile.ZipFile(args.data) as archive:
-            archive.extractall(work)
-        manifest = build_manifest(Path(work))
+    with extracted_dataset(args.data) as manifest:
         root = Path(manifest.root)
         paths = [entry.path for entry in manifest.images]
         labels = np.array([entry.label for entry in manifest.images])

@@ -20,9 +20,7 @@ import argparse
 import io
 import json
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +33,11 @@ from bench.common import (
     SHARED,
     bf16_flags,
     environment_markdown,
+    extracted_dataset,
     log,
     table,
     write_section,
 )
-from catdog.data.manifest import build_manifest
 from catdog.data.quality import (
     NEAR_DUPLICATE_BITS,
     centre_hashes,
@@ -88,10 +86,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as work:
-        with zipfile.ZipFile(args.data) as archive:
-            archive.extractall(work)
-        manifest = build_manifest(Path(work))
+    with extracted_dataset(args.data) as manifest:
         root = Path(manifest.root)
         paths = [entry.path for entry in manifest.images]
         started = time.perf_counter()

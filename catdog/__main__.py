@@ -25,6 +25,14 @@ from catdog.config import RUN
 Handler = Callable[[argparse.Namespace, list[str]], int]
 
 
+def _add_artifacts_option(parser: argparse.ArgumentParser, what: str = "artifacts folder") -> None:
+    parser.add_argument(
+        "--artifacts",
+        default=os.environ.get("CATDOG_ARTIFACTS", RUN.artifacts),
+        help=f"{what} (env CATDOG_ARTIFACTS; default ./{RUN.artifacts})",
+    )
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -50,11 +58,7 @@ def _add_cache(commands: Any) -> None:
         "leftovers of crashed runs older than a day. production/ and the run reports are "
         "never touched; a removed stage is recomputed by the next run that needs it.",
     )
-    prune.add_argument(
-        "--artifacts",
-        default=os.environ.get("CATDOG_ARTIFACTS", RUN.artifacts),
-        help=f"artifacts folder (env CATDOG_ARTIFACTS; default ./{RUN.artifacts})",
-    )
+    _add_artifacts_option(prune)
     prune.add_argument(
         "--keep",
         type=_positive,
@@ -98,11 +102,7 @@ def _add_registry(commands: Any) -> None:
     registry.add_argument(
         "action", nargs="?", choices=["list", "rollback"], default="list", help="(list)"
     )
-    registry.add_argument(
-        "--artifacts",
-        default=os.environ.get("CATDOG_ARTIFACTS", RUN.artifacts),
-        help=f"artifacts folder (env CATDOG_ARTIFACTS; default ./{RUN.artifacts})",
-    )
+    _add_artifacts_option(registry)
     registry.set_defaults(handler=_run_registry)
 
 
@@ -150,11 +150,7 @@ def _add_export(commands: Any) -> None:
     export.add_argument(
         "--out", type=Path, default=Path("export"), help="the folder to write (./export)"
     )
-    export.add_argument(
-        "--artifacts",
-        default=os.environ.get("CATDOG_ARTIFACTS", RUN.artifacts),
-        help=f"artifacts folder to find production in (env CATDOG_ARTIFACTS; ./{RUN.artifacts})",
-    )
+    _add_artifacts_option(export, "artifacts folder to find production in")
     export.set_defaults(handler=_run_export)
 
 

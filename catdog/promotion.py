@@ -350,6 +350,29 @@ def _judge(
     return Decision(decision.promote, decision.reason + detail, decision.rule), evidence
 
 
+def _record(
+    decision: Decision,
+    evidence: Evidence | None,
+    candidate: Candidate,
+    policy: Policy,
+    **extra: Any,
+) -> PromotionRecord:
+    """The gate's decision as the record the flow, the report and the events read."""
+    return PromotionRecord(
+        promoted=decision.promote,
+        reason=decision.reason,
+        candidate=candidate.name,
+        candidate_epoch=candidate.epoch,
+        margin=policy.margin,
+        rule=decision.rule,
+        policy=asdict(policy),
+        candidate_accuracy=evidence.candidate_accuracy if evidence else None,
+        production_accuracy=evidence.production_accuracy if evidence else None,
+        evidence=asdict(evidence) if evidence else None,
+        **extra,
+    )
+
+
 def _held(decision: Decision, candidate: Candidate, hold: str | None) -> Decision:
     """A promotion that failed data checks under --on-data-issue hold keeps production."""
     if not decision.promote or not hold:
@@ -374,18 +397,7 @@ def propose(
     with exclusive_lock(layout.gate_lock):
         decision, evidence = _judge(layout, read_registry(layout), candidate, split, policy)
         decision = _held(decision, candidate, hold)
-    return PromotionRecord(
-        promoted=decision.promote,
-        reason=decision.reason,
-        candidate=candidate.name,
-        candidate_epoch=candidate.epoch,
-        margin=policy.margin,
-        rule=decision.rule,
-        policy=asdict(policy),
-        candidate_accuracy=evidence.candidate_accuracy if evidence else None,
-        production_accuracy=evidence.production_accuracy if evidence else None,
-        evidence=asdict(evidence) if evidence else None,
-    )
+    return _record(decision, evidence, candidate, policy)
 
 
 Ship = Callable[[Candidate, Path], ExportCheck]  # exports the candidate into a folder, checked
@@ -475,17 +487,11 @@ def promote(
             else {k: v for k, v in registry.items() if k != "history"}
         )
         _write_registry(layout, current, history)
-    return PromotionRecord(
-        promoted=decision.promote,
-        reason=decision.reason,
-        candidate=candidate.name,
-        candidate_epoch=candidate.epoch,
-        margin=policy.margin,
-        rule=decision.rule,
-        policy=asdict(policy),
-        candidate_accuracy=evidence.candidate_accuracy if evidence else None,
-        production_accuracy=evidence.production_accuracy if evidence else None,
-        evidence=asdict(evidence) if evidence else None,
+    return _record(
+        decision,
+        evidence,
+        candidate,
+        policy,
         export_check=check.to_json() if check else None,
         approval=approval,
     )
