@@ -246,6 +246,18 @@ def snapshot_sources(dest: Path) -> dict[str, Any]:
     }
 
 
+def snapshot_revision(revision: str, dest: Path) -> dict[str, Any]:
+    """catdog/, tasks/ and flows/ as committed at git `revision`, written into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision, *SNAPSHOT_PARTS],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return {"path": str(dest), "git_head": _git("rev-parse", revision), "git_status": ""}
+
+
 def snapshot_facts(snapshot: dict[str, Any]) -> dict[str, str]:
     """The 'catdog sources' line of a section: which code it measured."""
     if not snapshot:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     BENCH,
-    REPO,
     SHARED,
     bf16_flags,
     catdog_env,
@@ -35,6 +33,7 @@ from bench.common import (
     log,
     measure_catdog,
     snapshot_facts,
+    snapshot_revision,
     snapshot_sources,
     table,
     write_section,
@@ -58,14 +57,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         after = snapshot_sources(work / "after")
-        before_root = work / "before"
-        before_root.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(REPO), "archive", args.before, "catdog", "tasks", "flows"],
-            check=True,
-            capture_output=True,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(before_root)], input=archive, check=True)
+        before_root = Path(snapshot_revision(args.before, work / "before")["path"])
         sources = {"before": before_root, "after": Path(after["path"])}
 
         def command(side: str, artifacts: Path, epochs: int) -> list[str]:

@@ -47,6 +47,7 @@ from common import (
     own_epoch_seconds,
     resolve_inputs,
     snapshot_facts,
+    snapshot_revision,
     snapshot_sources,
     table,
     write_section,
@@ -79,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="NAME=ARGS",
         help="a setting to compare, as extra flow arguments split on spaces, e.g. "
-        "'bf16=--precision=mixed_bfloat16' (repeatable; the first is the reference; "
+        "'bf16=--precision=mixed_bfloat16', or '@REV' first to run catdog as committed at git "
+        "revision REV, e.g. 'before=@29d62a5' (repeatable; the first is the reference; "
         "default: one variant with the defaults)",
     )
     parser.add_argument(
@@ -123,14 +125,23 @@ def run_all(args: argparse.Namespace, work: Path, raw: RawLog) -> list[dict[str,
     """Every (seed, variant) run, alternating the variants' order from seed to seed."""
     source = work / "src"
     raw.data["snapshot"] = snapshot_sources(source)
-    env = catdog_env(source, work / "prefect-home")
+    sources, revisions = {}, {}
+    for name, extra in args.variants:
+        if extra and extra[0].startswith("@"):
+            revisions[name] = snapshot_revision(extra[0][1:], work / f"src-{name}")
+            sources[name] = Path(revisions[name]["path"])
+        else:
+            sources[name] = source
+    raw.data["revisions"] = revisions
+    home = work / "prefect-home"
     runs: list[dict[str, Any]] = []
     for index, seed in enumerate(args.seed_list):
         order = args.variants if index % 2 == 0 else list(reversed(args.variants))
         for name, extra in order:
+            flow_args = [arg for arg in extra if not arg.startswith("@")]
             command = [
                 sys.executable,
-                str(flow_script(source)),
+                str(flow_script(sources[name])),
                 "--data",
                 str(args.data),
                 "--weights",
@@ -150,7 +161,7 @@ def run_all(args: argparse.Namespace, work: Path, raw: RawLog) -> list[dict[str,
                     if args.max_images_per_class
                     else []
                 ),
-                *extra,
+                *flow_args,
             ]
             log(f"seed {seed}, {name} ...")
             run, summary = measure_catdog(
@@ -158,7 +169,7 @@ def run_all(args: argparse.Namespace, work: Path, raw: RawLog) -> list[dict[str,
                 work / f"seed-{seed}-{name}.log",
                 work / f"seed-{seed}",
                 timeout=args.timeout,
-                env=env,
+                env=catdog_env(sources[name], home),
             )
             figures = summary and {m: model_figures(summary, m) for m in summary["models"]}
             log(
@@ -220,7 +231,9 @@ def render(args: argparse.Namespace, data: dict[str, Any]) -> str:
         f"- command: `{data.get('command') or command_line()}`",
         "- variants: "
         + "; ".join(
-            f"{name} = `{' '.join(extra) or '(defaults)'}`" for name, extra in args.variants
+            f"{name} = `{' '.join(extra) or '(defaults)'}`"
+            + (f" (catdog as committed at {extra[0][1:]})" if extra and extra[0][0] == "@" else "")
+            for name, extra in args.variants
         ),
         "",
         "Each seed moves the validation/test cut, the shuffling and the initial weights; the "

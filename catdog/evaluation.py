@@ -195,6 +195,8 @@ def load_model(path: str | os.PathLike[str]) -> Any:
     """A saved `.keras` model, loaded in safe mode (no Lambda layers, no arbitrary code)."""
     import keras  # here, so that the metrics above stay importable without TensorFlow
 
+    import catdog.layers  # noqa: F401  registers catdog's layers with Keras
+
     return keras.models.load_model(path, safe_mode=True)
 
 

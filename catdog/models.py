@@ -7,7 +7,9 @@ MobileNetV2 with a new classification head. model4_finetune has model4's archite
 trained as model4 first, then `unfreeze_top` opens the top of the base to fine-tuning.
 
 Every model takes float32 pixel values in 0..255 and outputs logits, and every model saves to
-and loads from the `.keras` format in safe mode: no Lambda layers, only built-in layers.
+and loads from the `.keras` format in safe mode: no Lambda layers, only built-in layers and
+the two of `catdog.layers` (the augmentation, model2's batch normalization), which this module
+registers by importing it.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import keras
 from catdog import catalog
 from catdog.config import MIN_MOBILENET_SIZE
 from catdog.errors import ModelError, WeightsError
+from catdog.layers import FusedBatchNormalization, RandomFlipAndRotation, sub_seed
 from catdog.weights import resolve_weights
 
 BASE_LAYER_NAME = "mobilenetv2_base"  # the MobileNetV2 sub-model inside model4
 PREPROCESS_LAYER_NAME = "preprocess"  # scales 0..255 to -1..1, as mobilenet_v2.preprocess_input
-AUGMENTATION_LAYER_NAME = "augmentation"  # the Sequential of random flip and rotation
+AUGMENTATION_LAYER_NAME = "augmentation"  # the random flip and rotation
 HEAD_LAYER_NAME = "head"  # the final Dense layer that outputs logits
 
 # Where Keras itself downloads MobileNetV2's weights from (keras.applications.mobilenet_v2).
@@ -126,11 +129,6 @@ def _download_reason(exc: BaseException) -> str:
 # --- building blocks -------------------------------------------------------------------------
 
 
-def _sub_seed(seed: int | None, offset: int) -> int | None:
-    # Distinct seeds per random layer so the flip and the rotation don't draw the same stream.
-    return None if seed is None else seed + offset
-
-
 class SeedStream:
     """Explicit seeds for the layers and initializers that draw one, in the order they are built.
 
@@ -153,24 +151,20 @@ class SeedStream:
         return keras.initializers.GlorotUniform(seed=self.draw())
 
 
-def make_augmentation(seed: int | None = None) -> keras.Sequential:
+def make_augmentation(seed: int | None = None) -> RandomFlipAndRotation:
     """The blog's data augmentation: random horizontal flip, then rotation by up to ±20%·2π.
 
-    Active only when the model is called with `training=True` (fit); identity in predict.
+    The draws of `RandomFlip("horizontal")` and `RandomRotation(0.2)` seeded `seed` and
+    `seed + 1`, applied as one transform (`catdog.layers.RandomFlipAndRotation`). Active only
+    when the model is called with `training=True` (fit); identity in predict.
 
     Args:
         seed: Seed of the random layers; None draws a fresh one.
 
     Returns:
-        A Sequential named "augmentation".
+        A layer named "augmentation".
     """
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=_sub_seed(seed, 0), name="random_flip"),
-            keras.layers.RandomRotation(0.2, seed=_sub_seed(seed, 1), name="random_rotation"),
-        ],
-        name=AUGMENTATION_LAYER_NAME,
-    )
+    return RandomFlipAndRotation(0.2, seed=seed, name=AUGMENTATION_LAYER_NAME)
 
 
 def _logits(num_classes: int, seeds: SeedStream) -> keras.layers.Layer:
@@ -211,7 +205,7 @@ def _cnn_layers(num_classes: int, seed: int | None) -> list[keras.layers.Layer]:
         keras.layers.Dense(
             64, activation="relu", kernel_initializer=kernels.glorot_uniform(), name="dense2"
         ),
-        keras.layers.Dropout(0.5, seed=_sub_seed(seed, 2), name="dropout"),
+        keras.layers.Dropout(0.5, seed=sub_seed(seed, 2), name="dropout"),
         _logits(num_classes, kernels),
     ]
 
@@ -256,7 +250,7 @@ def _conv_block(filters: int, index: int, kernels: SeedStream) -> list[keras.lay
             name=f"conv{index}",
         ),
         keras.layers.MaxPooling2D(name=f"pool{index}"),
-        keras.layers.BatchNormalization(name=f"bn{index}"),
+        FusedBatchNormalization(name=f"bn{index}"),
     ]
 
 
@@ -290,7 +284,7 @@ def make_model2(
             keras.layers.Dense(
                 64, activation="relu", kernel_initializer=kernels.glorot_uniform(), name="dense1"
             ),
-            keras.layers.Dropout(0.5, seed=_sub_seed(seed, 2), name="dropout"),
+            keras.layers.Dropout(0.5, seed=sub_seed(seed, 2), name="dropout"),
             _logits(num_classes, kernels),
         ],
         name="model2",
@@ -397,7 +391,7 @@ def make_model4(
     # fine-tuning does not wreck the ImageNet statistics (the tutorial's advice).
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dropout(dropout, seed=_sub_seed(seed, 2), name="dropout")(x)
+    x = keras.layers.Dropout(dropout, seed=sub_seed(seed, 2), name="dropout")(x)
     outputs = _logits(num_classes, SeedStream(seed))(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -449,8 +443,8 @@ def get_base(model: keras.Model) -> keras.Model:
         ) from exc
 
 
-def get_augmentation(model: keras.Model) -> keras.Sequential:
-    """The "augmentation" Sequential of model2, model3, model4 or model4_finetune.
+def get_augmentation(model: keras.Model) -> keras.layers.Layer:
+    """The "augmentation" layer of model2, model3, model4 or model4_finetune.
 
     Call it with `training=True` to draw augmented images; it is the identity otherwise.
 

@@ -32,7 +32,13 @@ from catdog.records import (
 )
 
 # The library modules a model's stages run: their source keys features, training and promotion.
-TRAIN_CODE = ("catdog.training", "catdog.models", "catdog.features", "catdog.arrays")
+TRAIN_CODE = (
+    "catdog.training",
+    "catdog.models",
+    "catdog.layers",
+    "catdog.features",
+    "catdog.arrays",
+)
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ STAGES: tuple[Stage, ...] = (
         "plot",
         "plot_samples",
         "03_splits/figures",
-        ("catdog.plots", "catdog.data.samples"),
+        ("catdog.plots", "catdog.data.samples", "catdog.layers"),
         FiguresRecord,
     ),
     Stage(

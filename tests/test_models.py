@@ -14,8 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 
-from catdog import catalog, models
+from catdog import catalog, layers, models
 from catdog.errors import ModelError, WeightsError
+from catdog.evaluation import load_model
 from tests.conftest import REAL_WEIGHTS
 
 pytestmark = pytest.mark.slow  # trains with TensorFlow
@@ -83,8 +84,8 @@ def test_model2_is_augmentation_then_normalized_conv_blocks(size, flat):
     model = models.build_model("model2", (size, size, 3), CLASSES, seed=0)
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == [
-        "Sequential",  # RandomFlip, RandomRotation: first, and no rescaling
-        *["Conv2D", "MaxPooling2D", "BatchNormalization"] * 3,
+        "RandomFlipAndRotation",  # first, and no rescaling
+        *["Conv2D", "MaxPooling2D", "FusedBatchNormalization"] * 3,
         "Flatten",
         "Dense",
         "Dropout",
@@ -158,7 +159,7 @@ def test_head_trained_on_features_transplants_into_model4():
     np.testing.assert_allclose(
         model.predict(x, verbose=0), head.predict(features, verbose=0), rtol=1e-4, atol=1e-4
     )
-    assert isinstance(models.get_augmentation(model), keras.Sequential)
+    assert isinstance(models.get_augmentation(model), layers.RandomFlipAndRotation)
     with pytest.raises(ModelError, match="head"):
         models.transplant_head(models.make_head(MOBILENET_NO_TOP_FEATURES, 3), model)
     with pytest.raises(ModelError, match="augmentation"):
@@ -180,7 +181,7 @@ def test_keras_file_round_trip_in_safe_mode(built, name, tmp_path):
     x, _ = random_images(4, seed=1)
     path = tmp_path / f"{name}.keras"
     model.save(path)
-    loaded = keras.models.load_model(path, safe_mode=True)
+    loaded = load_model(path)
     # predict runs in inference mode: augmentation and dropout are identities.
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5

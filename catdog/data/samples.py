@@ -25,15 +25,10 @@ def pick_samples(
 
 
 def augmentation_views(image: np.ndarray, *, draws: int, seed: int) -> list[np.ndarray]:
-    """`draws` outputs of the models' RandomFlip("horizontal") + RandomRotation(0.2)."""
-    import keras
+    """`draws` outputs of the models' augmentation (RandomFlip + RandomRotation) seeded `seed`."""
+    from catdog import models
 
-    augment = keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.2, seed=seed + 1),
-        ]
-    )
+    augment = models.make_augmentation(seed)
     batch = np.repeat(image[None].astype("float32"), draws, axis=0)
     views = np.asarray(augment(batch, training=True))
     return [np.clip(view, 0, 255).astype(np.uint8) for view in views]
