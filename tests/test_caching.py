@@ -152,12 +152,11 @@ def test_promotion_gate_registry_and_rollback_on_real_runs(dataset_zip, tmp_path
 
 
 def test_production_is_remeasured_at_its_own_input_size_on_new_data(tmp_path):
-    import keras
     import numpy as np
 
     from catdog.data.images import load_images
     from catdog.data.records import Manifest
-    from catdog.evaluation import score
+    from catdog.evaluation import load_model, score
     from catdog.layout import STAGE_DIRS
 
     folder = make_dataset(tmp_path / "photos")
@@ -178,7 +177,7 @@ def test_production_is_remeasured_at_its_own_input_size_on_new_data(tmp_path):
     split_dir = next(d for d in summary["artifacts_used"] if d.startswith(STAGE_DIRS["split"]))
     manifest = Manifest.load(artifacts / split_dir / "split.json")
     test = manifest.in_split("test")
-    production = keras.models.load_model(artifacts / "production/model.keras", safe_mode=True)
+    production = load_model(artifacts / "production/model.keras")
     images = load_images(manifest.paths(test), 32).astype(np.float32)
     expected = score(production.predict(images, verbose=0), [e.label for e in test], ["c", "d"])
     assert summary["promotion"]["production_accuracy"] == pytest.approx(expected["accuracy"])

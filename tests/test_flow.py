@@ -58,7 +58,7 @@ def test_first_run_computes_second_reuses_and_epochs_rerun_only_training(dataset
 
 
 def test_transfer_models_get_images_at_their_own_size(dataset_zip, tmp_path):
-    import keras
+    from catdog.evaluation import load_model
 
     summary = run_flow(
         dataset_zip,
@@ -72,7 +72,7 @@ def test_transfer_models_get_images_at_their_own_size(dataset_zip, tmp_path):
     assert summary["models"]["model1"]["image_size"] == 32
     assert summary["models"]["model4"]["image_size"] == 48
     assert summary["run"]["transfer_image_size"] == 48
-    model4 = keras.models.load_model(summary["models"]["model4"]["path"], safe_mode=True)
+    model4 = load_model(summary["models"]["model4"]["path"])
     assert model4.input_shape == (None, 48, 48, 3)
 
 
