@@ -257,10 +257,16 @@ def dask_cluster(tmp_path: Path) -> Iterator[DaskCluster]:
     logs = tmp_path / "dask-logs"
     logs.mkdir()
     files = contextlib.ExitStack()
+    # A task goes to a worker that holds its inputs: every training depends on the same
+    # decoded arrays, so all of them may queue on one worker while the other idles, until the
+    # scheduler's work stealing moves one. It moves a queued task when its expected run time
+    # dwarfs the transfer of its inputs; a task kind that has not finished yet is expected to
+    # take `unknown-task-duration` (0.5 s by default, too short to be worth moving at once).
+    scheduler_env = {**env, "DASK_DISTRIBUTED__SCHEDULER__UNKNOWN_TASK_DURATION": "60s"}
     processes = [
         subprocess.Popen(
             [*dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-            env=env,
+            env=scheduler_env,
             stdout=subprocess.DEVNULL,
             stderr=files.enter_context((logs / "scheduler.log").open("w")),
         )
