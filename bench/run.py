@@ -467,6 +467,20 @@ def _cached_row(run: dict[str, Any]) -> list[str]:
     ]
 
 
+def _reused_blog_note(data: dict[str, Any]) -> list[str]:
+    """Where the blog's figures come from when this run did not measure them (--reuse-blog)."""
+    reused = data.get("reused_blog")
+    if not reused:
+        return []
+    return [
+        "",
+        f"Blog figures marked 'reused' were not measured in this run: they come from "
+        f"`{reused['from']}` (measured {reused['measured']}, {reused['epochs']} epochs); "
+        "the blog's code is fixed, catdog's changed in between. Compare its 'other "
+        "processes' CPU' with catdog's: contention differed.",
+    ]
+
+
 def _header_lines(data: dict[str, Any], title: str) -> list[str]:
     return [
         f"## {title} ({data.get('finished') or now()})",
@@ -642,15 +656,7 @@ def render_comparison(data: dict[str, Any]) -> str:
         "",
         *parts,
     ]
-    reused = data.get("reused_blog")
-    if reused:
-        body += [
-            "",
-            f"Blog rows marked 'reused' were not measured in this run: they come from "
-            f"`{reused['from']}` (measured {reused['measured']}, {reused['epochs']} epochs); "
-            "the blog's code is fixed, catdog's changed in between. Compare its 'other "
-            "processes' CPU' with catdog's: contention differed.",
-        ]
+    body += _reused_blog_note(data)
     if checks:
         body += ["", "### Targets", "", table(["target", "measured", "verdict"], checks)]
     return "\n".join(body)
@@ -852,8 +858,20 @@ def cold_flow(bench: Bench, raw: RawLog) -> None:
     raw.data["cpu_flags"] = bf16_flags()
     rounds: list[dict[str, Any]] = []
     raw.data["rounds"] = rounds
-    for _ in range(args.repeats):
-        blog = [bench.blog(model, args.epochs, data_dir) for model in BLOG_MODELS]
+    earlier: list[dict[str, Any]] = []
+    if args.reuse_blog:  # the blog's code does not change: catdog alone against its figures
+        earlier_data = json.loads(args.reuse_blog.read_text())
+        earlier = [round_["blog"] for round_ in earlier_data.get("rounds", [])]
+        raw.data["reused_blog"] = {
+            "from": str(args.reuse_blog),
+            "measured": earlier_data.get("finished") or earlier_data.get("started"),
+            "epochs": (earlier_data.get("args") or {}).get("epochs"),
+        }
+    for index in range(args.repeats):
+        if earlier:
+            blog = [{**entry, "reused": True} for entry in earlier[index % len(earlier)]]
+        else:
+            blog = [bench.blog(model, args.epochs, data_dir) for model in BLOG_MODELS]
         rounds.append({"blog": blog})
         raw.save()
         rounds[-1]["catdog"] = bench.catdog(None, args.epochs, label="cold-flow")
@@ -906,7 +924,7 @@ def render_cold_flow(data: dict[str, Any]) -> str:
             all_better &= better
             rows.append(
                 [
-                    entry["model"],
+                    entry["model"] + (" (blog reused)" if entry.get("reused") else ""),
                     fmt(b["wall_s"], 1, " s"),
                     _pct(b["val_acc"]),
                     _pct(b["test_acc"]),
@@ -947,7 +965,8 @@ def render_cold_flow(data: dict[str, Any]) -> str:
                 verdict(r_wall is not None and r_wall <= target and all_better),
             ]
         )
-    lines += ["### Targets", "", table(["target", "measured", "verdict"], checks)]
+    lines += _reused_blog_note(data)
+    lines += ["", "### Targets", "", table(["target", "measured", "verdict"], checks)]
     return "\n".join(lines)
 
 
@@ -1056,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
             "fractions": args.fractions,
             "full_per_class": args.full_per_class,
             "seed": args.seed,
+            "catdog_arg": args.catdog_arg,
         },
     )
     try:

@@ -4,8 +4,8 @@
 `RandomRotation(factor)` draw with the same seeds, and applies both as one affine transform:
 a flip maps pixel centres onto pixel centres, so flipping then rotating with bilinear
 interpolation and reflected edges is the rotation read from mirrored coordinates. That saves
-the flip's full copy of the batch and its per-image select (a quarter of the augmentation's
-CPU time on 160x160 batches of 32, bench/RESULTS.md, section `augmentation`).
+the flip's full copy of the batch and its per-image select: about 30% of the augmentation's
+CPU time in model2's and model3's epochs (bench/RESULTS.md, section `epoch-profile`).
 
 `FusedBatchNormalization` is Keras's BatchNormalization computed by TensorFlow's fused kernel
 (one pass for the statistics and the normalization, one for the gradient) where Keras 3
