@@ -249,11 +249,13 @@ def snapshot_sources(dest: Path) -> dict[str, Any]:
 def snapshot_revision(revision: str, dest: Path) -> dict[str, Any]:
     """catdog/, tasks/ and flows/ as committed at git `revision`, written into `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", revision, *SNAPSHOT_PARTS],
-        check=True,
-        capture_output=True,
-    ).stdout
+    archived = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision, *SNAPSHOT_PARTS], capture_output=True
+    )
+    if archived.returncode != 0:
+        reason = archived.stderr.decode(errors="replace").strip().splitlines()
+        raise SystemExit(f"git revision {revision!r}: {reason[-1] if reason else 'not found'}")
+    archive = archived.stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return {"path": str(dest), "git_head": _git("rev-parse", revision), "git_status": ""}
 

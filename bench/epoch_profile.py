@@ -71,15 +71,15 @@ CATEGORIES = (
 )
 
 
-def with_keras_layers(model: keras.Sequential, seed: int) -> keras.Sequential:
+def with_keras_layers(model: keras.Sequential) -> keras.Sequential:
     """`model` with Keras's built-in layers where catdog's stand for them (same seeds)."""
     replaced = []
     for layer in model.layers:
         if isinstance(layer, layers.RandomFlipAndRotation):
             layer = keras.Sequential(
                 [
-                    keras.layers.RandomFlip("horizontal", seed=seed),
-                    keras.layers.RandomRotation(0.2, seed=seed + 1),
+                    keras.layers.RandomFlip("horizontal", seed=layers.sub_seed(layer.seed, 0)),
+                    keras.layers.RandomRotation(layer.factor, seed=layers.sub_seed(layer.seed, 1)),
                 ],
                 name=layer.name,
             )
@@ -179,7 +179,7 @@ def main() -> int:
             policies[name] = policy
             after = models.build_model(name, (SIZE, SIZE, 3), 2, weights=None, seed=SEED)
             before = with_keras_layers(
-                models.build_model(name, (SIZE, SIZE, 3), 2, weights=None, seed=SEED), SEED
+                models.build_model(name, (SIZE, SIZE, 3), 2, weights=None, seed=SEED)
             )
             pipeline = models.build_model(name, (SIZE, SIZE, 3), 2, weights=None, seed=SEED)
             augment = models.get_augmentation(pipeline)

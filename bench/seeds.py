@@ -61,6 +61,11 @@ def _variant(value: str) -> tuple[str, list[str]]:
     return name, extra.split() if extra else []
 
 
+def _revision(extra: list[str]) -> str | None:
+    """The git revision a variant runs catdog at ('@REV' first in its arguments), if any."""
+    return extra[0][1:] if extra and extra[0].startswith("@") else None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(
@@ -127,8 +132,8 @@ def run_all(args: argparse.Namespace, work: Path, raw: RawLog) -> list[dict[str,
     raw.data["snapshot"] = snapshot_sources(source)
     sources, revisions = {}, {}
     for name, extra in args.variants:
-        if extra and extra[0].startswith("@"):
-            revisions[name] = snapshot_revision(extra[0][1:], work / f"src-{name}")
+        if revision := _revision(extra):
+            revisions[name] = snapshot_revision(revision, work / f"src-{name}")
             sources[name] = Path(revisions[name]["path"])
         else:
             sources[name] = source
@@ -138,7 +143,7 @@ def run_all(args: argparse.Namespace, work: Path, raw: RawLog) -> list[dict[str,
     for index, seed in enumerate(args.seed_list):
         order = args.variants if index % 2 == 0 else list(reversed(args.variants))
         for name, extra in order:
-            flow_args = [arg for arg in extra if not arg.startswith("@")]
+            flow_args = extra[1:] if name in revisions else extra
             command = [
                 sys.executable,
                 str(flow_script(sources[name])),
@@ -232,7 +237,7 @@ def render(args: argparse.Namespace, data: dict[str, Any]) -> str:
         "- variants: "
         + "; ".join(
             f"{name} = `{' '.join(extra) or '(defaults)'}`"
-            + (f" (catdog as committed at {extra[0][1:]})" if extra and extra[0][0] == "@" else "")
+            + (f" (catdog as committed at {rev})" if (rev := _revision(extra)) else "")
             for name, extra in args.variants
         ),
         "",

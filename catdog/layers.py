@@ -111,32 +111,24 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         channels = inputs.shape[-1]
         gamma = self.gamma if self.scale else tf.ones([channels], tf.float32)
         beta = self.beta if self.center else tf.zeros([channels], tf.float32)
-        if training and self.trainable:
-            outputs, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
-                x=inputs,
-                scale=gamma,
-                offset=beta,
-                mean=tf.zeros([0], tf.float32),
-                variance=tf.zeros([0], tf.float32),
-                epsilon=self.epsilon,
-                data_format="NHWC",
-                is_training=True,
-            )
+        from_batch = bool(training and self.trainable)
+        # From the batch, the kernel takes empty statistics and returns the batch's.
+        empty = tf.zeros([0], tf.float32)
+        outputs, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=gamma,
+            offset=beta,
+            mean=empty if from_batch else self.moving_mean,
+            variance=empty if from_batch else self.moving_variance,
+            epsilon=self.epsilon,
+            data_format="NHWC",
+            is_training=from_batch,
+        )
+        if from_batch:
             count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
             biased = tf.where(count > 1.0, unbiased * (count - 1.0) / count, 0.0)
             self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
             self.moving_variance.assign(
                 self.moving_variance * self.momentum + biased * (1.0 - self.momentum)
-            )
-        else:
-            outputs, *_ = tf.raw_ops.FusedBatchNormV3(
-                x=inputs,
-                scale=gamma,
-                offset=beta,
-                mean=self.moving_mean,
-                variance=self.moving_variance,
-                epsilon=self.epsilon,
-                data_format="NHWC",
-                is_training=False,
             )
         return keras.ops.cast(outputs, self.compute_dtype)
