@@ -107,29 +107,34 @@ def _add_registry(commands: Any) -> None:
 
 
 def _run_registry(args: argparse.Namespace, extra: list[str]) -> int:
+    from catdog import registry
     from catdog.errors import CatdogError
     from catdog.layout import Layout
-    from catdog.promotion import read_registry, rollback
 
     layout = Layout.at(args.artifacts)
-    if args.action == "rollback":
-        try:
-            entry = rollback(layout)
-        except CatdogError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        print(entry["reason"])
-        return 0
-    registry = read_registry(layout)
-    if not registry["history"]:
+    try:
+        if args.action == "rollback":
+            print(registry.rollback(layout)["reason"])
+            return 0
+        recorded = registry.read(layout)
+    except CatdogError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not recorded.history:
         print(f"no promotion decision recorded in {layout.registry}")
         return 0
-    for number, entry in enumerate(registry["history"]):
-        current = " (current)" if number == registry.get("entry") else ""
+    current = recorded.production.entry if recorded.production else None
+    for number, entry in enumerate(recorded.history):
+        mark = " (current)" if number == current else ""
         model = entry.get("model") or entry.get("candidate")
         epoch = entry.get("epoch") or entry.get("candidate_epoch")
-        print(f"{number:4d}  {entry['time']}  {entry['action']:8s}  {model} epoch {epoch}{current}")
+        print(f"{number:4d}  {entry['time']}  {entry['action']:8s}  {model} epoch {epoch}{mark}")
         print(f"      {entry['reason']}")
+    if current is None:
+        print(
+            f"no production model: none of these {len(recorded.history)} decisions promoted "
+            "a model (`predict` and `export` use the last run's best model meanwhile)"
+        )
     return 0
 
 
@@ -162,7 +167,7 @@ def _run_export(args: argparse.Namespace, extra: list[str]) -> int:
 
     from catdog.errors import CatdogError
     from catdog.evaluation import load_model, predict_logits, softmax
-    from catdog.export import check_export, export_model
+    from catdog.export import export_checked
     from catdog.io import replace_directory
     from catdog.predict import choose_model
 
@@ -184,13 +189,13 @@ def _run_export(args: argparse.Namespace, extra: list[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        spec = export_model(model, staged, choice.classes)
         images = np.random.default_rng(0).integers(0, 256, (32, side, side, 3), np.uint8)
         np.save(staged / "check-images.npy", images)
-        reference = softmax(predict_logits(model, images)).astype(np.float32)
-        check = check_export(staged, staged / "check-images.npy", reference)
+        trained = softmax(predict_logits(model, images)).astype(np.float32)
+        check = export_checked(model, staged, choice.classes, staged / "check-images.npy", trained)
         (staged / "check-images.npy").unlink()
-        print(f"{choice.path} ({choice.origin}), {spec.precision}, {side}x{side}")
+        precision = check.precision.trained_precision if check.precision else "?"
+        print(f"{choice.path} ({choice.origin}), {precision}, {side}x{side}")
         print(f"check on {check.images} generated images: {check.reason()}")
         if not check.passed:
             print(

@@ -20,6 +20,8 @@ from catdog.config import RUN
 from catdog.data.extract import IMAGE_SUFFIXES
 from catdog.errors import ModelError
 from catdog.layout import Layout
+from catdog.registry import archive_path
+from catdog.registry import read as read_registry
 from catdog.serving import SERVING_FILE, ServingSpec
 
 RUNTIMES = ("auto", "litert", "keras")
@@ -56,7 +58,7 @@ def choose_model(
         ModelError: No model, no class names, or no export for `runtime` "litert".
     """
     layout = Layout.at(artifacts)
-    registry, summary = layout.registry, layout.summary
+    summary = layout.summary
     export: Path | None = None
     if model is not None:
         if not model.exists():
@@ -66,18 +68,18 @@ def choose_model(
             if not _is_export(model):
                 raise ModelError(f"--model {model}: a folder, but no export ({SERVING_FILE})")
             export = model
-    elif registry.is_file():
-        current = json.loads(registry.read_text())
-        chosen, origin = Path(current["path"]), "production"
+    elif (production := read_registry(layout).production) is not None:
+        chosen, origin = archive_path(layout, production), "production"
         # The archived export the registry names (production/export/ is a copy for people).
-        if current.get("exports") and _is_export(layout.root / current["exports"]):
-            export = layout.root / current["exports"]
+        if production.exports and _is_export(layout.root / production.exports):
+            export = layout.root / production.exports
     elif summary.is_file():
         data = json.loads(summary.read_text())
         best = data.get("best_model")
         if not best:
             raise ModelError(f"{summary} names no best model; train one first or pass --model")
-        chosen, origin = Path(data["models"][best]["path"]), "last run's best"
+        chosen = Path(data["models"][best]["path"])
+        origin = f"no production model in {layout.production_dir} yet, so the last run's best"
     else:
         raise ModelError(
             f"no production model in {layout.production_dir} and no run in {layout.root}; "
@@ -93,19 +95,20 @@ def choose_model(
         return ModelChoice(export, classes or spec.classes, origin, "litert")
     if chosen.is_dir():
         raise ModelError(f"--model {chosen}: an export; --runtime keras needs a .keras file")
-    known = classes or _classes_on_record(registry, summary)
+    known = classes or _classes_on_record(layout)
     if not known:
         raise ModelError("cannot tell the class names; pass --classes cats,dogs")
     return ModelChoice(chosen, known, origin, "keras")
 
 
-def _classes_on_record(*sources: Path) -> list[str] | None:
-    for source in sources:
-        if source.is_file():
-            data = json.loads(source.read_text())
-            found = data.get("classes") or data.get("data", {}).get("classes")
-            if found:
-                return list(found)
+def _classes_on_record(layout: Layout) -> list[str] | None:
+    production = read_registry(layout).production
+    if production is not None:
+        return list(production.classes)
+    if layout.summary.is_file():
+        found = json.loads(layout.summary.read_text()).get("data", {}).get("classes")
+        if found:
+            return list(found)
     return None
 
 

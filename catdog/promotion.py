@@ -1,4 +1,4 @@
-"""The promotion gate and the production registry.
+"""The promotion gate: the run's best model against production (see `catdog.registry`).
 
 A new best model replaces production only when, scored with production on the same current
 test split, it meets the policy: better by more than a margin and, where set, above an accuracy
@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from catdog import registry
 from catdog.arrays import Rows
 from catdog.data.records import Manifest
-from catdog.errors import CatdogError
 from catdog.export import ExportCheck, RuntimeCheck
 from catdog.io import atomic_write_json, exclusive_lock, read_json, replace_directory
 from catdog.layout import MODEL_FILE, Layout
@@ -37,28 +37,9 @@ from catdog.records import (
     SplitRecord,
     TrainedRecord,
 )
+from catdog.registry import Production
 
-# Fields of a registry entry that describe the production model it installed.
-STATE_FIELDS = (
-    "model",
-    "epoch",
-    "archive",
-    "source",
-    "test_accuracy",
-    "val_accuracy",
-    "data_hash",
-    "split_hash",
-    "classes",
-    "image_size",
-    "code",
-    "run_id",
-    "flow_run",
-    "exports",
-)
-
-
-class RegistryError(CatdogError):
-    """The production registry cannot do what was asked (e.g. nothing to roll back to)."""
+SEEN_FILE = "seen.json"  # beside an archived model: the images it trained or was selected on
 
 
 @dataclass(frozen=True)
@@ -265,56 +246,45 @@ def split_facts(split: Manifest, split_record: SplitRecord, manifest: ManifestRe
     )
 
 
-# ----------------------------------------------------------------------------- the registry
+def _predictions_file(split: SplitFacts) -> str:
+    """Beside an archived model: its predictions on one split's test images."""
+    return f"predictions-{split.split_hash[:16]}.json"
 
 
-def read_registry(layout: Layout) -> dict[str, Any]:
-    """The registry: the current production model's fields at the top level (what `predict`
-    and `cache prune` read) and "history", every decision in order. Empty when none."""
-    if not layout.registry.is_file():
-        return {"history": []}
-    return dict(read_json(layout.registry))
-
-
-def _archive_facts(layout: Layout, archive: str, kind: str) -> Any:
-    path = layout.root / f"{archive}.{kind}.json"
-    return read_json(path) if path.is_file() else None
-
-
-def _production_predictions(
-    layout: Layout, current: dict[str, Any], split: SplitFacts
-) -> list[int]:
+def _production_predictions(layout: Layout, current: Production, split: SplitFacts) -> list[int]:
     """Production's predictions on this split's test images, computed once per split."""
-    cached = _archive_facts(layout, current["archive"], f"predictions-{split.split_hash[:16]}")
-    if cached is not None:
-        return list(cached)
+    kept = registry.archive_file(layout, current.archive, _predictions_file(split))
+    if kept.is_file():
+        return list(read_json(kept))
     from catdog.evaluation import load_model, score_model
 
-    model = load_model(layout.root / current["archive"])
+    model = load_model(registry.archive_path(layout, current))
     images = split.test_images(int(model.input_shape[1]))
     predictions = score_model(model, images, split.test_labels, split.classes)["predictions"]
-    atomic_write_json(
-        layout.root / f"{current['archive']}.predictions-{split.split_hash[:16]}.json",
-        predictions,
-    )
+    atomic_write_json(kept, predictions)
     return predictions
 
 
 def _judge(
-    layout: Layout, current: dict[str, Any], candidate: Candidate, split: SplitFacts, policy: Policy
+    layout: Layout,
+    current: Production | None,
+    candidate: Candidate,
+    split: SplitFacts,
+    policy: Policy,
 ) -> tuple[Decision, Evidence | None]:
     floor = below_a_floor(candidate, policy)
     if floor is not None:
         return floor, None
-    if not current.get("model"):
+    if current is None:
         return Decision(True, f"{candidate.name} is the first production model", "first"), None
-    seen = set(_archive_facts(layout, current["archive"], "seen") or [])
+    seen_file = registry.archive_file(layout, current.archive, SEEN_FILE)
+    seen = set(read_json(seen_file) if seen_file.is_file() else [])
     overlap = len(seen.intersection(split.test_hashes))
     if overlap:
         return (
             Decision(
                 False,
-                f"not compared: production ({current['model']}) trained or was selected on "
+                f"not compared: production ({current.model}) trained or was selected on "
                 f"{overlap} of this run's {len(split.test_hashes)} test images (the seed or "
                 "the split changed), so this split cannot score it fairly; kept production",
                 "not_comparable",
@@ -395,7 +365,8 @@ def propose(
     """What the gate would decide for `candidate` now (to ask a person first); nothing is
     written."""
     with exclusive_lock(layout.gate_lock):
-        decision, evidence = _judge(layout, read_registry(layout), candidate, split, policy)
+        current = registry.read(layout).production
+        decision, evidence = _judge(layout, current, candidate, split, policy)
         decision = _held(decision, candidate, hold)
     return _record(decision, evidence, candidate, policy)
 
@@ -436,8 +407,8 @@ def promote(
         The decision and its evidence, for summary.json and the report.
     """
     with exclusive_lock(layout.gate_lock):
-        registry = read_registry(layout)
-        decision, evidence = _judge(layout, registry, candidate, split, policy)
+        now = registry.read(layout)
+        decision, evidence = _judge(layout, now.production, candidate, split, policy)
         decision = _held(decision, candidate, hold)
         if decision.promote and approval is not None and approval.get("outcome") != "approved":
             by = f" by {approval['by']}" if approval.get("by") else ""
@@ -449,8 +420,7 @@ def promote(
             )
         exports, check = None, None
         if decision.promote and ship is not None:
-            number = len(registry["history"])
-            exports, check = _ship(layout, candidate, number, ship)
+            exports, check = _ship(layout, candidate, len(now.history), ship)
             if exports is None:
                 decision = Decision(
                     False,
@@ -468,25 +438,20 @@ def promote(
             "policy": asdict(policy),
             "margin": policy.margin,
             "evidence": asdict(evidence) if evidence else None,
-            "replaced": registry.get("entry"),  # the entry whose model was in production
+            # the entry whose model was in production
+            "replaced": now.production.entry if now.production else None,
             "run_id": run["id"],
             "flow_run": run.get("name"),
             "export_check": check.to_json() if check else None,
             "approval": approval,
         }
+        installed = None
         if decision.promote:
-            entry.update(
-                _install(
-                    layout, candidate, split, run, len(registry["history"]), exports, reference
-                )
+            installed = _install(
+                layout, candidate, split, run, len(now.history), exports, reference
             )
-        history = [*registry["history"], entry]
-        current = (
-            {**{k: entry[k] for k in STATE_FIELDS}, "entry": len(history) - 1}
-            if decision.promote
-            else {k: v for k, v in registry.items() if k != "history"}
-        )
-        _write_registry(layout, current, history)
+            entry.update(installed.facts())
+        registry.record(layout, now, entry, installed)
     return _record(
         decision,
         evidence,
@@ -530,110 +495,27 @@ def _install(
     number: int,
     exports: str | None,
     reference: Mapping[str, Path] | None = None,
-) -> dict[str, Any]:
-    """Archive the candidate's file and facts under production/models, then make it current."""
-    archive_path = layout.production_archive(number, candidate.name)
-    archive = layout.relative(archive_path).removesuffix(".keras")
-    archive_path.parent.mkdir(parents=True, exist_ok=True)
-    staged = archive_path.with_name(f".{archive_path.name}.{uuid.uuid4().hex}.tmp")
-    shutil.copyfile(candidate.path, staged)
-    staged.replace(archive_path)
-    atomic_write_json(layout.root / f"{archive}.keras.seen.json", sorted(split.seen_hashes))
-    atomic_write_json(
-        layout.root / f"{archive}.keras.predictions-{split.split_hash[:16]}.json",
-        list(candidate.predictions),
-    )
-    for name, source in (reference or {}).items():
-        target = layout.root / f"{archive}.keras.{name}"
-        staged = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copyfile(source, staged)
-        staged.replace(target)
-    return {
-        "model": candidate.name,
-        "epoch": candidate.epoch,
-        "archive": f"{archive}.keras",
-        "source": candidate.path,
-        "test_accuracy": candidate.test_accuracy,
-        "val_accuracy": candidate.val_accuracy,
-        "data_hash": split.data_hash,
-        "split_hash": split.split_hash,
-        "classes": list(split.classes),
-        "image_size": candidate.image_size,
-        "code": candidate.code,
-        "run_id": run["id"],
-        "flow_run": run.get("name"),
-        "exports": exports,
+) -> Production:
+    """Archive the candidate's file and facts under production/models, as the next production."""
+    extras: dict[str, Any] = {
+        SEEN_FILE: sorted(split.seen_hashes),
+        _predictions_file(split): list(candidate.predictions),
+        **{name: Path(path) for name, path in (reference or {}).items()},
     }
-
-
-def _make_current(layout: Layout, archive: str, exports: str | None) -> None:
-    """Copy the archived model to `production/model.keras` and its exports (if any) to
-    `production/export/`, the files people and `predict` look for."""
-    staged = layout.production_dir / f".{layout.production_model.name}.{uuid.uuid4().hex}.tmp"
-    shutil.copyfile(layout.root / archive, staged)
-    staged.replace(layout.production_model)
-    current = layout.production_export
-    if exports is None:  # a model without exports: none of another model's may stay
-        shutil.rmtree(current, ignore_errors=True)
-        return
-    new = current.with_name(f".{current.name}.{uuid.uuid4().hex}.tmp")
-    shutil.copytree(layout.root / exports, new)
-    replace_directory(new, current)
-
-
-def _write_registry(layout: Layout, current: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    """Write the registry, then copy what it names current to `production/model.keras`.
-
-    The registry is the commit point: its "path" names the archived file, written before it,
-    so a crash at any moment leaves `predict` a production model the registry describes.
-    """
-    path = {"path": str(layout.root / current["archive"])} if current.get("model") else {}
-    atomic_write_json(layout.registry, {**current, **path, "history": history})
-    if current.get("model"):
-        _make_current(layout, current["archive"], current.get("exports"))
-
-
-def rollback(layout: Layout) -> dict[str, Any]:
-    """Make the model that the current production model replaced current again.
-
-    Returns:
-        The registry entry recording the rollback.
-
-    Raises:
-        RegistryError: No production model, or none before it.
-    """
-    with exclusive_lock(layout.gate_lock):
-        registry = read_registry(layout)
-        history = registry["history"]
-        if registry.get("entry") is None:
-            raise RegistryError(
-                f"no production model in {layout.production_dir}: nothing to roll back"
-            )
-        replaced = history[registry["entry"]].get("replaced")
-        if replaced is None:
-            raise RegistryError(
-                f"production ({registry['model']}) is the first production model of "
-                f"{layout.root}: there is nothing before it to roll back to"
-            )
-        target = history[replaced]
-        archive_path = layout.root / target["archive"]
-        exports = target.get("exports")
-        if not archive_path.is_file() or (exports and not (layout.root / exports).is_dir()):
-            raise RegistryError(
-                f"the earlier production model {target['archive']} (entry {replaced}) is no "
-                "longer archived: pruning (--keep-runs N, `cache prune --keep N`) keeps the "
-                "last N production models"
-            )
-        entry = {
-            **{k: target.get(k) for k in STATE_FIELDS},
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-            "action": "rollback",
-            "reason": f"rolled back from {registry['model']} (entry {registry['entry']}) to "
-            f"{target['model']} (entry {replaced})",
-            # Rolling back again goes to what the restored model had replaced.
-            "replaced": target.get("replaced"),
-        }
-        history = [*history, entry]
-        current = {**{k: target.get(k) for k in STATE_FIELDS}, "entry": len(history) - 1}
-        _write_registry(layout, current, history)
-    return entry
+    archive = registry.archive(layout, number, candidate.name, Path(candidate.path), extras)
+    return Production(
+        model=candidate.name,
+        epoch=candidate.epoch,
+        archive=archive,
+        source=candidate.path,
+        test_accuracy=candidate.test_accuracy,
+        val_accuracy=candidate.val_accuracy,
+        data_hash=split.data_hash,
+        split_hash=split.split_hash,
+        classes=list(split.classes),
+        image_size=candidate.image_size,
+        code=candidate.code,
+        run_id=run["id"],
+        flow_run=run.get("name"),
+        exports=exports,
+    )

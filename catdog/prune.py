@@ -43,6 +43,8 @@ from catdog.layout import (
     size_on_disk,
 )
 from catdog.processes import runs_in_progress
+from catdog.registry import RegistryError
+from catdog.registry import read as read_registry
 
 DEFAULT_KEEP = RUN.keep_runs
 LEFTOVER_AGE_SECONDS = 24 * 3600.0
@@ -183,12 +185,12 @@ def used_keys(summaries: Iterable[Path]) -> set[str]:
 
 def _production_key(layout: Layout) -> set[str]:
     """The stage folder production's model was copied from, kept for its lineage."""
-    registry = layout.registry
     try:
-        source = json.loads(registry.read_text(encoding="utf-8")).get("source", "")
-    except (OSError, ValueError, AttributeError):
+        production = read_registry(layout).production
+    except RegistryError:
         return set()
-    return {part for part in Path(str(source)).parts if KEY.match(part)}
+    source = production.source if production else ""
+    return {part for part in Path(source).parts if KEY.match(part)}
 
 
 def _inside(layout: Layout, path: Path) -> bool:
@@ -263,10 +265,11 @@ def production_archives(layout: Layout, keep: int) -> list[Path]:
     production models: those `registry rollback` could only reach by `keep` or more steps."""
     folder = layout.production_dir / "models"
     try:
-        registry = json.loads(layout.registry.read_text(encoding="utf-8"))
-        history, entry = registry["history"], registry.get("entry")
-    except (OSError, ValueError, KeyError, TypeError):
-        return []  # no registry, or one pruning cannot read: keep every archive
+        registry = read_registry(layout)
+    except RegistryError:
+        return []  # a registry pruning cannot read: keep every archive
+    history = registry.history
+    entry = registry.production.entry if registry.production else None
     kept: set[str] = set()
     while entry is not None and len(kept) < keep:
         archive = str(history[entry].get("archive") or "")

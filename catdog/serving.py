@@ -6,7 +6,8 @@ What every export takes and returns (also in its `serving.json`):
   resized to the model's side as `catdog.data.images.load_image` does);
 - output: float32 class probabilities, shape (n, classes), in the order of `classes`.
 
-    python -m catdog.serving probe litert EXPORT_DIR IMAGES.npy OUT.npy   (a fresh process)
+    python -m catdog.serving probe EXPORT_DIR IMAGES.npy OUT_DIR   (a fresh process: each
+    runtime's probabilities on the images, in OUT_DIR/<runtime>.npy)
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class ServingSpec:
     classes: list[str]
     image_size: int  # the square side of its input images
     precision: str  # the dtype policy the model trained under; the export computes float32
-    tolerance: float  # the most an export's probability may differ from the Keras model's
+    # The most an export's probability may differ from the float32 model it was made from.
+    tolerance: float
 
     def save(self, folder: Path) -> None:
         facts = {
@@ -103,14 +105,24 @@ def predict_in_batches(predict: Predictor, images: np.ndarray, batch_size: int =
 
 
 def main(argv: list[str]) -> int:
-    """`probe RUNTIME EXPORT_DIR IMAGES.npy OUT.npy`: the export's probabilities on the images."""
-    if len(argv) != 5 or argv[0] != "probe" or argv[1] not in RUNTIMES:
-        print(f"usage: python -m catdog.serving probe {{{','.join(RUNTIMES)}}} DIR IN OUT")
+    """`probe EXPORT_DIR IMAGES.npy OUT_DIR`: each runtime's probabilities on the images, in
+    OUT_DIR/<runtime>.npy (or why not, in OUT_DIR/<runtime>.error); LiteRT first, so that its
+    run owes nothing to TensorFlow's import."""
+    if len(argv) != 4 or argv[0] != "probe":
+        print("usage: python -m catdog.serving probe EXPORT_DIR IMAGES.npy OUT_DIR")
         return 2
-    runtime, folder, images, out = argv[1], Path(argv[2]), Path(argv[3]), Path(argv[4])
-    probabilities = predict_in_batches(predictor(folder, runtime), np.load(images, mmap_mode="r"))
-    np.save(out, probabilities.astype(np.float32))
-    return 0
+    folder, images, out = Path(argv[1]), np.load(argv[2], mmap_mode="r"), Path(argv[3])
+    failed = False
+    for runtime in RUNTIMES:
+        try:
+            probabilities = predict_in_batches(predictor(folder, runtime), images)
+        except Exception as error:  # reported per runtime: the other one still runs
+            problem = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            (out / f"{runtime}.error").write_text(problem[:300])
+            failed = True
+            continue
+        np.save(out / f"{runtime}.npy", probabilities.astype(np.float32))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

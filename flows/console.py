@@ -1,8 +1,11 @@
 """What a run prints in the terminal when something fails: one line, not a traceback.
 
-Prefect logs every failed task and flow run with its traceback. The Prefect API keeps those
-tracebacks (the UI shows them under the run's logs); the terminal gets each record's message
-alone, unless `CATDOG_DEBUG=1` (or `--debug`) asks for everything.
+Prefect logs every failed task and flow run with its traceback, and every stage that never ran
+because an earlier one failed ("Finished in state NotReady"). The Prefect API keeps all of it
+(the UI shows it under the run's logs); the terminal gets each record's message alone, and
+nothing of the stages that never ran, unless `CATDOG_DEBUG=1` (or `--debug`) asks for
+everything. The same holds in the worker processes of `--runner dask`, which print to the
+run's terminal too (`dask_setup`).
 """
 
 from __future__ import annotations
@@ -32,8 +35,14 @@ class WithoutTraceback(logging.Formatter):
         return self.formatter.format(plain)
 
 
+def never_ran(record: logging.LogRecord) -> bool:
+    """False for the record of a task that never ran because an upstream one failed."""
+    return "Finished in state NotReady(" not in record.getMessage()
+
+
 def quiet_tracebacks() -> None:
-    """Keep tracebacks out of the terminal's log lines (not out of the API's), unless debugging."""
+    """Keep tracebacks, and the stages that never ran, out of the terminal's log lines (not out
+    of the API's), unless debugging."""
     if debugging():
         return
     from prefect.logging.handlers import PrefectConsoleHandler
@@ -45,3 +54,12 @@ def quiet_tracebacks() -> None:
                 handler.formatter, WithoutTraceback
             ):
                 handler.setFormatter(WithoutTraceback(handler.formatter or logging.Formatter()))
+                handler.addFilter(never_ran)
+
+
+def dask_setup(worker: object) -> None:
+    """Dask's preload hook, run as each worker of `--runner dask`'s local cluster starts: its
+    log lines reach the run's terminal, so they follow the terminal's rule."""
+    import prefect  # noqa: F401  (sets up Prefect's logging in this process)
+
+    quiet_tracebacks()

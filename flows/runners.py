@@ -216,6 +216,8 @@ def local_cluster(shares: list[WorkerShare], memory_limit: int, security: Any) -
                 "dashboard": False,
                 "security": security,
                 "protocol": "tls://",
+                # The workers print to the run's terminal: one line per failure there too.
+                "preload": ["flows.console"],
             },
         }
         for share in shares

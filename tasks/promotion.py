@@ -79,20 +79,29 @@ def promote_model(
     layout = Layout.at(artifacts)
     candidate = _candidate(layout, records)
 
-    def ship(candidate: Candidate, folder: Path) -> ExportCheck:
-        """Export the candidate and check each export in a fresh process on the test split."""
-        from catdog.evaluation import load_model
-        from catdog.export import check_export, export_model
+    split = _split(layout, records)
 
-        export_model(load_model(candidate.path), folder, list(records.split.classes))
-        test_images = layout.resolve(records.arrays[candidate.name].dir) / "test_x.npy"
-        keras_said = layout.resolve(records.evaluated[candidate.name].dir) / PROBABILITIES_FILE
-        return check_export(folder, test_images, np.load(keras_said))
+    def ship(candidate: Candidate, folder: Path) -> ExportCheck:
+        """Export the candidate and check it on the test split: each export in a fresh process
+        against the float32 model it was made from, and that model against the candidate."""
+        from catdog.evaluation import load_model
+        from catdog.export import export_checked
+
+        return export_checked(
+            load_model(candidate.path),
+            folder,
+            list(records.split.classes),
+            images=layout.resolve(records.arrays[candidate.name].dir) / "test_x.npy",
+            trained=np.load(
+                layout.resolve(records.evaluated[candidate.name].dir) / PROBABILITIES_FILE
+            ),
+            labels=split.test_labels,
+        )
 
     decision = promote(
         layout,
         candidate,
-        _split(layout, records),
+        split,
         policy,
         {"id": str(flow_run.get_id() or "local"), "name": flow_run.get_name()},
         ship=ship if export else None,

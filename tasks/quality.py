@@ -16,7 +16,6 @@ from catdog.data import quality
 from catdog.data.records import SPLITS, Manifest
 from catdog.errors import DataCheckFailed
 from catdog.layout import Layout
-from catdog.promotion import read_registry
 from catdog.records import (
     DataChecksRecord,
     FeaturesRecord,
@@ -26,6 +25,8 @@ from catdog.records import (
     SplitRecord,
     SuspectsRecord,
 )
+from catdog.registry import archive_file
+from catdog.registry import read as read_registry
 from tasks import ui
 from tasks.caching import stage_output, stage_task
 from tasks.data import manifest_of, near_duplicates_of, split_manifest_of
@@ -221,20 +222,20 @@ def _counts(reference: Any) -> dict[str, int]:
 
 def _reference(layout: Layout) -> tuple[str | None, dict[str, Path], str]:
     """Production's archive, its reference files, and why there is none."""
-    registry = read_registry(layout)
-    if not registry.get("model"):
+    production = read_registry(layout).production
+    if production is None:
         return None, {}, "no production model yet: nothing to compare this run's data with"
-    archive = registry["archive"]
+    archive = production.archive
     files = {
-        name: layout.root / f"{archive}.{name}"
+        name: archive_file(layout, archive, name)
         for name in (REFERENCE_FILE, FEATURES_SAMPLE_FILE)
-        if (layout.root / f"{archive}.{name}").is_file()
+        if archive_file(layout, archive, name).is_file()
     }
     if REFERENCE_FILE not in files:
         return (
             archive,
             {},
-            f"production ({registry['model']}) was promoted without a data reference",
+            f"production ({production.model}) was promoted without a data reference",
         )
     return archive, files, ""
 

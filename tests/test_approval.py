@@ -9,7 +9,7 @@ import time
 import pytest
 
 from catdog.layout import Layout
-from catdog.promotion import read_registry
+from catdog.registry import read as read_registry
 from flows.cli import main
 from tests.conftest import run_flow
 
@@ -59,13 +59,13 @@ def test_the_answer_decides(dataset_zip, tmp_path, answer, outcome):
     assert _latest_run_state() == "COMPLETED"
     summary = result["summary"]
     registry = read_registry(Layout.at(artifacts))
-    decision = registry["history"][-1]
+    decision = registry.history[-1]
     assert decision["approval"] == {"outcome": outcome, "by": answer["by"]}
     if outcome == "approved":
-        assert summary["promotion"]["promoted"] and registry["model"] == "model1"
+        assert summary["promotion"]["promoted"] and registry.production.model == "model1"
     else:
         assert not summary["promotion"]["promoted"] and summary["promotion"]["rule"] == "approval"
-        assert "rejected by bob" in summary["promotion"]["reason"] and not registry.get("model")
+        assert "rejected by bob" in summary["promotion"]["reason"] and registry.production is None
 
 
 def _latest_run_state() -> str:
@@ -83,7 +83,7 @@ def test_no_answer_within_the_timeout_keeps_production(dataset_zip, tmp_path):
     assert _latest_run_state() == "COMPLETED"  # keeping production is not a failure
     assert not summary["promotion"]["promoted"]
     assert "timed out" in summary["promotion"]["reason"]
-    assert read_registry(Layout.at(artifacts))["history"][-1]["approval"]["outcome"] == "timed out"
+    assert read_registry(Layout.at(artifacts)).history[-1]["approval"]["outcome"] == "timed out"
 
 
 def test_the_command_line_without_a_lasting_server_refuses_it(dataset_zip, tmp_path, capsys):

@@ -10,14 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
 from catdog import catalog, models
 from catdog.evaluation import softmax
-from catdog.export import check_export, export_model
+from catdog.export import TOLERANCE, check_export, export_checked, export_model, serving_model
 from catdog.layout import Layout
-from catdog.promotion import Candidate, Policy, SplitFacts, promote, read_registry, rollback
+from catdog.promotion import Candidate, Policy, SplitFacts, promote
+from catdog.registry import read as read_registry
+from catdog.registry import rollback
 from catdog.serving import LITERT_FILE, SAVED_MODEL_DIR, SERVING_FILE, ServingSpec
 from catdog.training import dtype_policy
 
@@ -26,10 +29,10 @@ pytestmark = [pytest.mark.slow]
 SIDE = 32
 
 
-def _model(name: str, seed: int = 1):
+def _model(name: str, seed: int = 1, policy: str | None = None):
     # bf16 where the catalog allows it, as `auto` trains it on hardware with bf16: the export
     # is rebuilt in float32 then.
-    policy = "mixed_bfloat16" if catalog.spec(name).bfloat16 else "float32"
+    policy = policy or ("mixed_bfloat16" if catalog.spec(name).bfloat16 else "float32")
     with dtype_policy(policy, name):
         return models.build_model(name, (SIDE, SIDE, 3), 2, weights=None, seed=seed)
 
@@ -51,24 +54,81 @@ def _probabilities(model, images: np.ndarray) -> np.ndarray:
 def test_every_model_exports_and_passes_its_check_in_fresh_processes(tmp_path, name):
     model = _model(name)
     images_path, images = _images(tmp_path)
-    spec = export_model(model, tmp_path / "export", ["cats", "dogs"])
+    check = export_checked(
+        model, tmp_path / "export", ["cats", "dogs"], images_path, _probabilities(model, images)
+    )
     assert (tmp_path / "export" / LITERT_FILE).is_file()
     assert (tmp_path / "export" / SAVED_MODEL_DIR / "saved_model.pb").is_file()
-    assert ServingSpec.load(tmp_path / "export") == spec
+    spec = ServingSpec.load(tmp_path / "export")
     served = json.loads((tmp_path / "export" / SERVING_FILE).read_text())
     assert served["classes"] == ["cats", "dogs"] and served["image_size"] == SIDE
-    assert spec.precision == ("mixed_bfloat16" if catalog.spec(name).bfloat16 else "float32")
-
-    check = check_export(tmp_path / "export", images_path, _probabilities(model, images))
+    trained = "mixed_bfloat16" if catalog.spec(name).bfloat16 else "float32"
+    assert spec.precision == trained and spec.tolerance == TOLERANCE
     assert check.passed, check.reason()
     assert [run.runtime for run in check.runtimes] == ["litert", "savedmodel"]
-    assert all(run.other_class == 0 for run in check.runtimes)
+    assert all(run.other_class == 0 and run.max_difference <= TOLERANCE for run in check.runtimes)
+    assert check.precision.trained_precision == trained
+
+
+def _trained(policy: str, folder: Path):
+    """model2 trained to tell bright images from dark ones: confident answers that depend on
+    the pixels, so that a served model which sees other pixels gives other classes."""
+    model = _model("model2", policy=policy)
+    rng = np.random.default_rng(3)
+    labels = np.arange(64) % 2
+    images = np.where(labels[:, None, None, None] == 1, 200, 40) + rng.integers(
+        -30, 30, (64, SIDE, SIDE, 3)
+    )
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(images.astype(np.float32), labels, epochs=8, batch_size=16, verbose=0)
+    path = folder / "images.npy"
+    np.save(path, images.astype(np.uint8))
+    return model, path, images.astype(np.uint8), labels
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "float32"])
+@pytest.mark.parametrize("broken", ["augmentation left on", "wrong preprocessing"])
+def test_a_served_model_that_is_not_the_trained_one_fails_its_check(
+    tmp_path, monkeypatch, policy, broken
+):
+    """The model the exports are made from is not the one trained and evaluated: caught at
+    both precisions, by the served model's classes against the trained model's."""
+    from catdog import export
+
+    model, images_path, images, labels = _trained(policy, tmp_path)
+    trained = _probabilities(model, images)
+    assert np.mean(trained.argmax(axis=1) == labels) > 0.9
+    made = export.serving_model
+
+    def wrong(of):
+        served = made(of)
+        inputs = keras.Input((SIDE, SIDE, 3), name="image")
+        if broken == "wrong preprocessing":  # scaled to 0..1 on the way in
+            return keras.Model(inputs, served(keras.layers.Rescaling(1 / 255)(inputs)))
+        # training=True: the augmentation draws, the batch normalization uses batch statistics
+        inner = served.layers[1]
+        logits = inner(inputs, training=True)
+        return keras.Model(inputs, keras.layers.Softmax(dtype="float32")(logits))
+
+    monkeypatch.setattr(export, "serving_model", wrong)
+    check = export_checked(
+        model, tmp_path / "export", ["cats", "dogs"], images_path, trained, labels
+    )
+    assert not check.passed
+    if broken == "wrong preprocessing":  # every export is what it was made from: that is wrong
+        assert all(run.passed for run in check.runtimes) and not check.precision.passed
+        assert check.precision.changed > check.precision.near_ties
+    else:  # the augmentation draws anew in every runtime
+        assert not all(run.passed for run in check.runtimes)
 
 
 def test_a_corrupted_export_fails_its_check(tmp_path):
     model = _model("model2")
     images_path, images = _images(tmp_path)
-    reference = _probabilities(model, images)
+    reference = np.asarray(serving_model(model).predict(images.astype(np.float32), verbose=0))
     export_model(model, tmp_path / "good", ["cats", "dogs"])
     # Another model's weights in the LiteRT file: it runs, and says other things.
     export_model(_model("model2", seed=99), tmp_path / "other", ["cats", "dogs"])
@@ -79,10 +139,10 @@ def test_a_corrupted_export_fails_its_check(tmp_path):
     assert not check.passed
     litert, savedmodel = check.runtimes
     assert not litert.passed and litert.max_difference > check.tolerance and savedmodel.passed
-    # A cut-off file does not load at all.
+    # A cut-off file does not load at all; the other runtime still runs in the same process.
     (wrong / LITERT_FILE).write_bytes((tmp_path / "good" / LITERT_FILE).read_bytes()[:1000])
     check = check_export(wrong, images_path, reference)
-    assert not check.passed and check.runtimes[0].problem
+    assert not check.passed and check.runtimes[0].problem and check.runtimes[1].passed
     assert "litert did not run" in check.reason()
 
 
@@ -117,11 +177,14 @@ def test_the_gate_ships_only_checked_exports_and_rollback_brings_them_back(tmp_p
 
     def shipping(model, corrupt: bool = False):
         def ship(chosen: Candidate, folder: Path):
-            export_model(model, folder, ["cats", "dogs"])
-            if corrupt:  # a LiteRT file of another model
+            trained = _probabilities(model, images)
+            check = export_checked(model, folder, ["cats", "dogs"], images_path, trained, LABELS)
+            if corrupt:  # a LiteRT file of another model, checked again
                 export_model(_model("model2", seed=77), folder / "other", ["cats", "dogs"])
                 shutil.copy(folder / "other" / LITERT_FILE, folder / LITERT_FILE)
-            return check_export(folder, images_path, _probabilities(model, images))
+                served = serving_model(model).predict(images.astype(np.float32), verbose=0)
+                check = check_export(folder, images_path, np.asarray(served))
+            return check
 
         return ship
 
@@ -138,7 +201,7 @@ def test_the_gate_ships_only_checked_exports_and_rollback_brings_them_back(tmp_p
     assert not decision.promoted and "exports failed their check" in decision.reason
     assert decision.export_check["passed"] is False
     registry = read_registry(layout)
-    assert registry["model"] == "first" and registry["history"][-1]["action"] == "keep"
+    assert registry.production.model == "first" and registry.history[-1]["action"] == "keep"
     assert (layout.production_export / LITERT_FILE).read_bytes() == shipped
     assert not list(layout.production_dir.glob("models/.*"))  # nothing half-written kept
 
@@ -149,7 +212,7 @@ def test_the_gate_ships_only_checked_exports_and_rollback_brings_them_back(tmp_p
 
     decision = promote(layout, better, _split("t"), Policy(0.0), run, ship=no_space)
     assert not decision.promoted and "No space left on device" in decision.reason
-    assert read_registry(layout)["model"] == "first"
+    assert read_registry(layout).production.model == "first"
     assert not list(layout.production_dir.glob("models/.*"))
 
     assert promote(
@@ -157,7 +220,7 @@ def test_the_gate_ships_only_checked_exports_and_rollback_brings_them_back(tmp_p
     ).promoted
     assert (layout.production_export / LITERT_FILE).read_bytes() != shipped
     rollback(layout)
-    assert read_registry(layout)["model"] == "first"
+    assert read_registry(layout).production.model == "first"
     assert (layout.production_export / LITERT_FILE).read_bytes() == shipped
 
 
@@ -172,7 +235,7 @@ def test_a_promoted_run_serves_without_catdog_and_predicts_on_litert(dataset_zip
     )
     layout = Layout.at(artifacts)
     registry = read_registry(layout)
-    assert registry["exports"] and (layout.production_export / LITERT_FILE).is_file()
+    assert registry.production.exports and (layout.production_export / LITERT_FILE).is_file()
     assert summary["promotion"]["export_check"]["passed"] is True
     best = summary["best_model"]
     evaluation = Path(summary["models"][best]["evaluation_dir"])

@@ -225,7 +225,8 @@ def _fail_at_every_stage_in_turn(tmp_path: Path, *runner: str) -> None:
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 1, (stage, result.stderr[-3000:])
         assert len(errors) == 1 and errors[0].startswith(f"error: {label} failed: "), errors
-        assert "Traceback" not in result.stderr + result.stdout, stage
+        terminal = result.stderr + result.stdout
+        assert "Traceback" not in terminal and "NotReady" not in terminal, (stage, terminal)
         assert not _leftovers(artifacts), (stage, _leftovers(artifacts))
         assert (summary.read_bytes() if summary.exists() else None) == summary_before, stage
         assert not list(artifacts.glob("05_reports/runs/*")), stage  # no report of a failed run
@@ -257,6 +258,10 @@ def _fail_at_every_stage_in_turn(tmp_path: Path, *runner: str) -> None:
 
 def test_a_failure_at_every_stage_ends_in_one_line_and_a_rerun_resumes(tmp_path):
     _fail_at_every_stage_in_turn(tmp_path)
+
+
+def test_the_same_on_the_runs_own_dask_cluster(tmp_path):
+    _fail_at_every_stage_in_turn(tmp_path, "--runner", "dask", "--workers", "2")
 
 
 def test_the_same_on_a_running_dask_cluster(tmp_path, dask_cluster):
@@ -325,15 +330,19 @@ HOSTILE = {
 }
 
 
-@pytest.mark.parametrize("case", list(HOSTILE))
-def test_hostile_or_unusable_archives_end_in_one_line_and_exit_2(tmp_path, case):
+def _hostile(tmp_path: Path, case: str, *runner: str) -> None:
     members, expected = HOSTILE[case]
     data = _archive(tmp_path / "data.zip", members(tmp_path))
     artifacts = tmp_path / "artifacts"
     before = set(tmp_path.rglob("*"))
-    command = flow_command(data, artifacts, epochs=1)
+    command = [*flow_command(data, artifacts, epochs=1), *runner]
     result = subprocess.run(
-        command, env=flow_env(tmp_path / "home"), capture_output=True, text=True, timeout=600
+        command,
+        env=flow_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     outside = [
         path
@@ -344,9 +353,28 @@ def test_hostile_or_unusable_archives_end_in_one_line_and_exit_2(tmp_path, case)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(errors) == 1 and expected in errors[0] and f"--data {data}" in errors[0], errors
-    assert "Traceback" not in result.stderr
+    # What the terminal shows: no traceback, nothing of the stages that never ran.
+    terminal = result.stderr + result.stdout
+    assert "Traceback" not in terminal and "NotReady" not in terminal, terminal[-3000:]
     assert not Path("/tmp/x.jpg").exists()
     assert not list(artifacts.glob("02_images/*/images"))  # nothing extracted
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_or_unusable_archives_end_in_one_line_and_exit_2(tmp_path, case):
+    _hostile(tmp_path, case)
+
+
+@pytest.mark.parametrize("runner", ["dask", "dask-address"])
+@pytest.mark.parametrize("case", ["traversal", "symlink", "bomb"])
+def test_hostile_archives_on_a_cluster_end_in_the_same_one_line(tmp_path, case, runner, request):
+    """The stages run in Dask's worker processes there; those of `--runner dask` print to the
+    run's terminal."""
+    if runner == "dask":
+        _hostile(tmp_path, case, "--runner", "dask")
+    else:
+        address = request.getfixturevalue("dask_cluster").address
+        _hostile(tmp_path, case, "--dask-address", address)
 
 
 # ----------------------------------------------------------------------------- stopping the rest

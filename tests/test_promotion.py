@@ -61,9 +61,9 @@ from catdog.promotion import (  # noqa: E402
     compare,
     mcnemar_exact,
     promote,
-    read_registry,
-    rollback,
 )
+from catdog.registry import read as read_registry  # noqa: E402
+from catdog.registry import rollback  # noqa: E402
 
 LABELS = [0, 1] * 10
 
@@ -119,9 +119,9 @@ def test_better_by_the_margin_is_promoted_equal_or_worse_is_not(tmp_path):
     assert decision.promoted is True
     assert decision.evidence["disagreements"] == 4 and decision.evidence["candidate_only"] == 4
     registry = read_registry(layout)
-    assert registry["model"] == "model3"
+    assert registry.production.model == "model3"
     assert layout.production_model.read_bytes() == b"model3 16"
-    assert [e["action"] for e in registry["history"]] == [
+    assert [e["action"] for e in registry.history] == [
         "promote",
         "keep",
         "keep",
@@ -137,7 +137,7 @@ def test_production_that_saw_a_test_image_is_not_compared(tmp_path):
     decision = promote(layout, candidate(tmp_path, "model2", 20), split("s2"), Policy(0.0), run)
     assert decision.promoted is False and decision.evidence is None
     assert "trained or was selected on 1 of this run's 20 test images" in decision.reason
-    assert read_registry(layout)["model"] == "model1"
+    assert read_registry(layout).production.model == "model1"
 
 
 def test_rollback_restores_what_production_replaced_then_what_that_replaced(tmp_path):
@@ -225,9 +225,9 @@ def test_a_better_candidate_with_a_class_under_the_recall_floor_keeps_production
     decision = promote(layout, lopsided, split(), Policy(min_class_recall=0.7), run)
     assert not decision.promoted and decision.rule == "min_class_recall"
     registry = read_registry(layout)
-    assert registry["model"] == "model1"
-    assert registry["history"][-1]["rule"] == "min_class_recall"
-    assert registry["history"][-1]["policy"]["min_class_recall"] == 0.7
+    assert registry.production.model == "model1"
+    assert registry.history[-1]["rule"] == "min_class_recall"
+    assert registry.history[-1]["policy"]["min_class_recall"] == 0.7
     # Without the floor the same candidate is promoted, on the margin rule.
     assert promote(layout, lopsided, split(), Policy(), run).rule == "margin"
 

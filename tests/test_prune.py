@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 import types
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from catdog.__main__ import main
 from catdog.prune import PruneError, prune
+from catdog.registry import Production
 
 DAY = 24 * 3600.0
 NOW = time.time()
@@ -126,6 +128,25 @@ def test_prune_keeps_the_last_runs_and_removes_the_rest(artifacts: dict) -> None
     assert again.removals == [] and again.freed_bytes == 0
 
 
+def _production(archive: str, source: str = "elsewhere", exports: str | None = None) -> Production:
+    return Production(
+        model="model1",
+        epoch=1,
+        archive=archive,
+        source=source,
+        test_accuracy=0.5,
+        val_accuracy=0.5,
+        data_hash="d",
+        split_hash="s",
+        classes=["cats", "dogs"],
+        image_size=32,
+        code="c",
+        run_id="r",
+        flow_run=None,
+        exports=exports,
+    )
+
+
 def _promotions(root: Path, count: int) -> list[str]:
     """A registry of `count` promotions, each replacing the one before, with a kept decision
     between them; the archived files' stems, oldest first."""
@@ -139,15 +160,10 @@ def _promotions(root: Path, count: int) -> list[str]:
         write(models / f"{stem}.keras.predictions-0123456789abcdef.json", 10)
         write(models / f"{stem}.export" / "model.tflite", 300)
         replaced = len(history) - 2 if history else None
-        history.append(
-            {
-                "action": "promote",
-                "model": "model1",
-                "archive": f"production/models/{stem}.keras",
-                "exports": f"production/models/{stem}.export",
-                "replaced": replaced,
-            }
+        installed = _production(
+            f"production/models/{stem}.keras", exports=f"production/models/{stem}.export"
         )
+        history.append({**installed.facts(), "action": "promote", "replaced": replaced})
         history.append({"action": "keep", "candidate": "model1", "replaced": len(history) - 1})
         stems.append(stem)
     current = {**history[-2], "entry": len(history) - 2, "source": "elsewhere"}
@@ -157,7 +173,7 @@ def _promotions(root: Path, count: int) -> list[str]:
 
 def test_only_the_last_production_models_stay_archived(artifacts: dict) -> None:
     from catdog.layout import Layout
-    from catdog.promotion import RegistryError, rollback
+    from catdog.registry import RegistryError, rollback
 
     root = artifacts["root"]
     stems = _promotions(root, 4)
@@ -228,8 +244,9 @@ def test_keep_more_runs_than_exist_removes_no_stage(artifacts: dict) -> None:
 def test_production_source_and_recent_outputs_are_kept(artifacts: dict) -> None:
     root, runs = artifacts["root"], artifacts["runs"]
     source = root / runs[0]["used"][3]
+    production = _production("production/models/0000-model1.keras", str(source / "model.keras"))
     (root / "production" / "registry.json").write_text(
-        json.dumps({"source": str(source / "model.keras")})
+        json.dumps({**asdict(production), "entry": 0, "history": [{"action": "promote"}]})
     )
     in_progress = stage_folder(root, f"04_models/model2/{key('train', 'live')}", mtime=NOW)
     report = prune(root, keep=1, now=NOW)

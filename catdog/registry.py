@@ -1,0 +1,210 @@
+"""The production registry: which model is production now, and every gate decision in order.
+
+`production/registry.json` is read and written here only. It holds the current production
+model's facts at the top level (with "entry", the index of the decision that made it current,
+and "path", its archived file) and "history", every decision in order: promotions, refusals
+("keep") and rollbacks. A registry whose history holds no promotion has no production model:
+`read` then returns `production=None`, a state every reader handles, not an error.
+
+Writing the registry is the commit point of a promotion or rollback: the archived model it
+names is written before it, and `production/model.keras` and `production/export/` (copies for
+people and tools that look there) after it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from catdog.errors import CatdogError
+from catdog.io import atomic_write_json, exclusive_lock, replace_directory
+from catdog.layout import Layout
+
+
+class RegistryError(CatdogError):
+    """The production registry cannot do what was asked (e.g. nothing to roll back to)."""
+
+
+@dataclass(frozen=True)
+class Production:
+    """The production model, as a promotion or rollback installed it."""
+
+    model: str  # its catalog name
+    epoch: int  # the epoch whose weights it holds
+    archive: str  # its archived .keras file, relative to the artifacts root
+    source: str  # the training folder's model.keras it was copied from
+    test_accuracy: float
+    val_accuracy: float
+    data_hash: str  # manifest hash of the data it trained on
+    split_hash: str
+    classes: list[str]
+    image_size: int
+    code: str  # fingerprint of the code that trained it
+    run_id: str
+    flow_run: str | None
+    exports: str | None  # its archived export folder (relative), None if it has none
+    entry: int = -1  # index in the history of the decision that made it current
+
+    @classmethod
+    def from_json(cls, facts: dict[str, Any]) -> Production:
+        known = {f.name for f in fields(cls)}
+        # Registries written before exports existed have no "exports" or "flow_run".
+        given = {k: facts[k] for k in known & facts.keys()}
+        return cls(**{"exports": None, "flow_run": None, **given})
+
+    def facts(self) -> dict[str, Any]:
+        """The fields a history entry records about the model it installed."""
+        return {k: v for k, v in asdict(self).items() if k != "entry"}
+
+
+@dataclass(frozen=True)
+class Registry:
+    production: Production | None  # None: no promotion yet (or none left after refusals)
+    # Every decision in order, as recorded: {"time", "action", "reason", ...}; a promotion or
+    # rollback also holds the installed model's `Production.facts()`. Older entries may lack
+    # newer keys, so readers use `.get` for anything but "time", "action" and "reason".
+    history: list[dict[str, Any]]
+
+    @property
+    def promotions(self) -> int:
+        return sum(entry.get("action") == "promote" for entry in self.history)
+
+
+def read(layout: Layout) -> Registry:
+    """The registry of `layout`'s artifacts folder; empty when there is none.
+
+    Raises:
+        RegistryError: The file exists but is not a registry catdog wrote.
+    """
+    path = layout.registry
+    if not path.is_file():
+        return Registry(None, [])
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        history = list(data["history"])
+        production = Production.from_json(data) if data.get("model") else None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RegistryError(
+            f"{path}: not a readable catdog registry ({type(error).__name__}: {error}); "
+            "restore it from a backup or move it aside"
+        ) from error
+    return Registry(production, history)
+
+
+def archive_path(layout: Layout, production: Production) -> Path:
+    return layout.root / production.archive
+
+
+def archive_file(layout: Layout, archive: str, name: str) -> Path:
+    """A file kept beside an archived model: `<archive>.<name>` (its facts, its data reference)."""
+    return layout.root / f"{archive}.{name}"
+
+
+def write(layout: Layout, production: Production | None, history: list[dict[str, Any]]) -> None:
+    """Write the registry, then copy what it names current to `production/model.keras` and
+    `production/export/`. The archived file it names is written before it, so a crash at any
+    moment leaves a registry that describes files that exist."""
+    current = (
+        {**asdict(production), "path": str(archive_path(layout, production))} if production else {}
+    )
+    atomic_write_json(layout.registry, {**current, "history": history})
+    if production is not None:
+        _make_current(layout, production)
+
+
+def _make_current(layout: Layout, production: Production) -> None:
+    """Copy the archived model and its exports (if any) to where people look for them."""
+    staged = layout.production_dir / f".{layout.production_model.name}.{uuid.uuid4().hex}.tmp"
+    shutil.copyfile(archive_path(layout, production), staged)
+    staged.replace(layout.production_model)
+    current = layout.production_export
+    if production.exports is None:  # a model without exports: none of another model's may stay
+        shutil.rmtree(current, ignore_errors=True)
+        return
+    new = current.with_name(f".{current.name}.{uuid.uuid4().hex}.tmp")
+    shutil.copytree(layout.root / production.exports, new)
+    replace_directory(new, current)
+
+
+def archive(layout: Layout, number: int, model: str, source: Path, extras: dict[str, Any]) -> str:
+    """Copy the `number`th promoted model's file into production/models, with `extras` beside it
+    (name -> a Path to copy, or JSON data to write); returns the archive, relative to the root."""
+    target = layout.production_archive(number, model)
+    relative = layout.relative(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for name, content in extras.items():
+        path = archive_file(layout, relative, name)
+        if isinstance(content, Path):
+            staged = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            shutil.copyfile(content, staged)
+            staged.replace(path)
+        else:
+            atomic_write_json(path, content)
+    staged = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    shutil.copyfile(source, staged)
+    staged.replace(target)
+    return relative
+
+
+def rollback(layout: Layout) -> dict[str, Any]:
+    """Make the model that the current production model replaced current again.
+
+    Returns:
+        The registry entry recording the rollback.
+
+    Raises:
+        RegistryError: No production model, or none before it.
+    """
+    with exclusive_lock(layout.gate_lock):
+        registry = read(layout)
+        current, history = registry.production, registry.history
+        if current is None:
+            raise RegistryError(
+                f"no production model in {layout.production_dir}: nothing to roll back"
+            )
+        replaced = history[current.entry].get("replaced")
+        if replaced is None:
+            raise RegistryError(
+                f"production ({current.model}) is the first production model of "
+                f"{layout.root}: there is nothing before it to roll back to"
+            )
+        target = Production.from_json(history[replaced])
+        if not archive_path(layout, target).is_file() or (
+            target.exports and not (layout.root / target.exports).is_dir()
+        ):
+            raise RegistryError(
+                f"the earlier production model {target.archive} (entry {replaced}) is no "
+                "longer archived: pruning (--keep-runs N, `cache prune --keep N`) keeps the "
+                "last N production models"
+            )
+        entry = {
+            **target.facts(),
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "action": "rollback",
+            "reason": f"rolled back from {current.model} (entry {current.entry}) to "
+            f"{target.model} (entry {replaced})",
+            # Rolling back again goes to what the restored model had replaced.
+            "replaced": history[replaced].get("replaced"),
+        }
+        history = [*history, entry]
+        write(layout, _current(target, len(history) - 1), history)
+    return entry
+
+
+def _current(production: Production, entry: int) -> Production:
+    return Production(**{**asdict(production), "entry": entry})
+
+
+def record(
+    layout: Layout, registry: Registry, entry: dict[str, Any], installed: Production | None
+) -> None:
+    """Append a gate decision to `registry` (as read under the gate's lock, which the caller
+    holds); `installed` (a promotion) becomes production."""
+    history = [*registry.history, entry]
+    production = _current(installed, len(history) - 1) if installed else registry.production
+    write(layout, production, history)
