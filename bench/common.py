@@ -120,11 +120,13 @@ def measure(
     timeout: float | None = None,
     env: dict[str, str] | None = None,
     sample_every: float = 1.0,
+    cwd: Path = REPO,
 ) -> Run:
     """Run `command` in a new session; wall time from here, peak memory from wait4 and /proc.
 
     Output goes to `log_path`. A command that outlives `timeout` seconds is killed with its
-    whole process group and recorded as timed out.
+    whole process group and recorded as timed out. It runs in `cwd` (the checkout: where a
+    snapshot's code must win, another folder, as `python -m` puts the folder first).
     """
     run = Run(command=[str(part) for part in command], log_path=str(log_path))
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,7 @@ def measure(
         try:
             proc = subprocess.Popen(
                 run.command,
-                cwd=REPO,
+                cwd=cwd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -151,8 +151,7 @@ def render(data: dict[str, Any]) -> str:
         per_seed = [data["seeds"][seed][name] for seed in data["seeds"]]
         precision = {entry["precision"] for entry in per_seed}
         apart = [
-            round(abs(e["accuracy_served"] - e["accuracy_trained"]) * e["images"])
-            for e in per_seed
+            round(abs(e["accuracy_served"] - e["accuracy_trained"]) * e["images"]) for e in per_seed
         ]
         rows.append(
             [
@@ -161,7 +160,9 @@ def render(data: dict[str, Any]) -> str:
                 " / ".join(f"{e['max_difference']:.3g}" for e in per_seed),
                 " / ".join(str(e["changed"]) for e in per_seed),
                 ", ".join(str(g) for e in per_seed for g in e["changed_gaps"]) or "-",
-                " / ".join(str(e["changed_outside_ties"]) for e in per_seed),
+                " / ".join(
+                    str(sum(g > data["tie_margin"] for g in e["changed_gaps"])) for e in per_seed
+                ),
                 " / ".join(str(a) for a in apart),
                 " / ".join(f"{e['litert_max_difference']:.2g}" for e in per_seed),
             ]

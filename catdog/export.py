@@ -11,8 +11,8 @@ The check has two parts, each judged by its own measure:
   process: the same computation up to the order of sums, so within `TOLERANCE`;
 - the served model against the model as trained and evaluated: the same model for a float32
   one (within `TOLERANCE`); for a bf16-trained one, float32 arithmetic on bf16-trained weights,
-  judged by what users see: no image in another class but near-ties, and the same accuracy
-  within `ACCURACY_IMAGES` images (bench/RESULTS.md, export-precision).
+  judged by what users see: no image in another class but near-ties (`TIE_MARGIN`), and the
+  same accuracy within `ACCURACY_IMAGES` images (`ACCURACY_SHARE` of a larger test split).
 """
 
 from __future__ import annotations
@@ -35,11 +35,16 @@ from catdog.serving import LITERT_FILE, RUNTIMES, SAVED_MODEL_DIR, ServingSpec
 # (and a float32 served model's from the model as trained): the same float32 computation.
 TOLERANCE = 1e-4
 # A bf16-trained model's image may change class in float32 only if the trained model's top two
-# probabilities are at most this far apart: a near-tie, which float32 arithmetic may tip.
-TIE_MARGIN = 0.1
-# How many test images' worth the served model's accuracy may differ from the trained model's.
+# probabilities are at most this far apart (at most 60/40 between two classes): over every bf16
+# model of the catalog and three seeds, float32 moved a probability by up to 0.17 and the images
+# that changed class had gaps of 0.025 at most (bench/RESULTS.md, export-precision).
+TIE_MARGIN = 0.2
+# The served model's test accuracy may differ from the trained model's by at most this many
+# images, or this share of them on a larger test split (measured: at most 1 of 200).
 ACCURACY_IMAGES = 1
+ACCURACY_SHARE = 0.005
 PROBE_TIMEOUT_S = 600
+BATCH = 32  # images per predict call on the served model, in the run's own process
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class PrecisionCheck:
             )
         accuracy = (
             f", test accuracy {self.accuracy_trained:.4f} trained, "
-            f"{self.accuracy_served:.4f} served (at most {ACCURACY_IMAGES} image apart)"
+            f"{self.accuracy_served:.4f} served"
             if self.accuracy_trained is not None and self.accuracy_served is not None
             else ""
         )
@@ -138,7 +143,8 @@ def judge_precision(
 ) -> PrecisionCheck:
     """Judge the served model's probabilities against the trained model's on the same images:
     within `TOLERANCE` for a float32 model; for a bf16-trained one, no image in another class
-    but near-ties (`TIE_MARGIN`), and the accuracy on `labels` within `ACCURACY_IMAGES`."""
+    but near-ties (`TIE_MARGIN`), and the accuracy on `labels` within `ACCURACY_IMAGES` images
+    (or `ACCURACY_SHARE` of them)."""
     difference = float(np.max(np.abs(served - trained))) if len(trained) else 0.0
     changed = served.argmax(axis=1) != trained.argmax(axis=1)
     margin = 2 * TOLERANCE if trained_precision == "float32" else TIE_MARGIN
@@ -156,7 +162,8 @@ def judge_precision(
             if accuracy_trained is not None and accuracy_served is not None
             else 0.0
         )
-        passed = int(changed.sum()) == int(ties.sum()) and round(apart, 6) <= ACCURACY_IMAGES
+        allowed = max(ACCURACY_IMAGES, ACCURACY_SHARE * len(trained))
+        passed = int(changed.sum()) == int(ties.sum()) and round(apart, 6) <= allowed
     return PrecisionCheck(
         trained_precision=trained_precision,
         images=len(trained),
@@ -239,15 +246,30 @@ def export_checked(
     served = serving_model(model)
     _export(served, precision, folder, classes)
     pixels = np.load(images, mmap_mode="r")
+    # Keras's predict (one compiled function), a batch at a time: called eagerly, a 224x224
+    # MobileNetV2 held gigabytes of activations.
     reference = np.concatenate(
         [
-            np.asarray(served(np.asarray(pixels[start : start + 64], np.float32)))
-            for start in range(0, len(pixels), 64)
+            served.predict(np.asarray(pixels[start : start + BATCH], np.float32), verbose=0)
+            for start in range(0, len(pixels), BATCH)
         ]
         or [np.zeros((0, len(classes)), np.float32)]
     )
+    del served
+    release_memory()  # before the probe process starts: the sum of the two is the run's peak
     check = check_export(folder, images, reference)
     return replace(check, precision=judge_precision(trained, reference, precision, labels))
+
+
+def release_memory() -> None:
+    """Give the heap's free pages back to the system (glibc only; elsewhere nothing)."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def check_export(folder: Path, images: Path, reference: np.ndarray) -> ExportCheck:

@@ -54,6 +54,19 @@ class TrainResult:
     replicas: int = 1  # devices each batch was split over
 
 
+CPUINFO = Path("/proc/cpuinfo")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # a CPU that computes bfloat16 natively
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU's flags (in `CPUINFO`) include AVX512-BF16 or AMX-BF16."""
+    try:
+        flags = set(CPUINFO.read_text().split())
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
 def resolve_precision(precision: str, model: str) -> str:
     """The Keras dtype policy for `precision` when training `model` on this machine.
 
@@ -66,11 +79,7 @@ def resolve_precision(precision: str, model: str) -> str:
         return "float32"
     if tf.config.list_physical_devices("GPU"):
         return "mixed_bfloat16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    return "mixed_bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 @contextmanager

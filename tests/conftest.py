@@ -9,17 +9,17 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from catdog.stages import STAGES
+from tests.builders import make_dataset, write_image, zip_folder
+from tests.http_site import Site, serving
+
+__all__ = ["make_dataset", "write_image", "zip_folder"]  # the suite imports them from here too
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -47,43 +47,6 @@ def prefect_api() -> Iterator[None]:
         yield
 
 
-def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 30), bright: bool = False):
-    """A small real JPEG whose content depends on `seed` (so hashes differ)."""
-    rng = np.random.default_rng(seed)
-    base = 170 if bright else 40
-    pixels = rng.integers(0, 80, (size[1], size[0], 3), dtype=np.uint8) + base
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.astype(np.uint8)).save(path, format="JPEG", quality=90)
-    return path
-
-
-def make_dataset(
-    root: Path,
-    *,
-    train: int = 12,
-    validation: int = 10,
-    classes: tuple[str, ...] = ("cats", "dogs"),
-    seed: int = 0,
-) -> Path:
-    """`root/{train,validation}/<class>/*.jpg`, classes told apart by brightness."""
-    counter = seed * 100_000
-    for split, count in (("train", train), ("validation", validation)):
-        for index, name in enumerate(classes):
-            for i in range(count):
-                counter += 1
-                write_image(
-                    root / split / name / f"{name}.{split}.{i}.jpg", counter, bright=index % 2 == 1
-                )
-    return root
-
-
-def zip_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
-    with zipfile.ZipFile(archive, "w") as handle:
-        for path in sorted(folder.rglob("*")):
-            handle.write(path, prefix + path.relative_to(folder).as_posix())
-    return archive
-
-
 @pytest.fixture
 def dataset_zip(tmp_path: Path) -> Path:
     """The official layout in miniature, nested one level down as in the real archive."""
@@ -91,61 +54,10 @@ def dataset_zip(tmp_path: Path) -> Path:
     return zip_folder(folder, tmp_path / "tiny.zip", prefix="tiny_filtered/")
 
 
-class Site(ThreadingHTTPServer):
-    """Serves a folder as `python -m http.server` does (Last-Modified, Content-Length, HEAD),
-    counting requests; `mode` makes it answer 503 or an HTML page instead."""
-
-    def __init__(self, folder: Path) -> None:
-        super().__init__(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
-        self.folder = folder
-        self.requests: list[str] = []
-        self.mode = "normal"
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
-
-
-class Handler(SimpleHTTPRequestHandler):
-    server: Site
-
-    def _scripted(self) -> bool:
-        self.server.requests.append(self.command)
-        if self.server.mode == "normal":
-            return False
-        status, body, kind = (
-            (503, b"busy", "text/plain")
-            if self.server.mode == "busy"
-            else (200, b"<html>Sign in to continue</html>", "text/html")
-        )
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command == "GET":
-            self.wfile.write(body)
-        return True
-
-    def do_GET(self) -> None:
-        if not self._scripted():
-            super().do_GET()
-
-    def do_HEAD(self) -> None:
-        if not self._scripted():
-            super().do_HEAD()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
-    folder = tmp_path / "site"
-    folder.mkdir()
-    server = Site(folder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(tmp_path / "site") as server:
+        yield server
 
 
 def publish(site_folder: Path, tmp_path: Path, name: str, train: int, seed: int) -> Path:
@@ -160,8 +72,9 @@ def publish(site_folder: Path, tmp_path: Path, name: str, train: int, seed: int)
 # Exports on promotion have tests of their own (test_export.py); the other runs skip them, a
 # few seconds each.
 SMALL = {"image_size": 32, "batch_size": 8, "seed": 7, "export": False}
-# The stages every run runs, cached or not: the data checks, the promotion gate and the report.
-ALWAYS_RUN = {"check_data", "promote_model", "write_report"}
+# The stages every run runs, cached or not: the data checks, the promotion gate and the report
+# (the stage table's uncached stages, but the proposal, which runs only when approval is asked).
+ALWAYS_RUN = {stage.task for stage in STAGES if not stage.cached and stage.name != "propose"}
 
 
 def run_flow(data: Path, artifacts: Path, **overrides) -> dict:

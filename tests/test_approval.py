@@ -56,6 +56,7 @@ def test_the_answer_decides(dataset_zip, tmp_path, answer, outcome):
     paused = _paused_run(started)
     resume_flow_run(paused.id, run_input=answer)
     thread.join(timeout=300)
+    assert not thread.is_alive(), "the flow did not end after the answer"
     assert _latest_run_state() == "COMPLETED"
     summary = result["summary"]
     registry = read_registry(Layout.at(artifacts))

@@ -36,9 +36,30 @@ def fails(kind: type[Exception], message: str) -> None:
     raise kind(message)
 
 
+# Set when settle asks the rest of the run to stop: tasks in the flow's threads wait on it, so
+# that the order under test never depends on timing.
+STOPPED = threading.Event()
+
+
 @task
-def takes_a_while(seconds: float) -> None:
-    time.sleep(seconds)
+def busy_until_stopped() -> None:
+    """Runs while settle hears of a failure: ends once the rest is told to stop."""
+    assert STOPPED.wait(timeout=120), "settle never asked the rest to stop"
+
+
+@task
+def fails_second(kind: type[Exception], message: str) -> None:
+    """Fails once settle has seen another failure and asked the rest to stop."""
+    assert STOPPED.wait(timeout=120), "settle never asked the rest to stop"
+    raise kind(message)
+
+
+def _stop(stops: list[str]):
+    def stop(label: str) -> None:
+        stops.append(label)
+        STOPPED.set()
+
+    return stop
 
 
 @task
@@ -48,6 +69,7 @@ def leaves_a_mark(path: Path) -> None:
 
 def test_settle_raises_the_first_failure_and_never_starts_what_was_queued(tmp_path):
     stops: list[str] = []
+    STOPPED.clear()
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=1))
     def run() -> None:
@@ -55,12 +77,12 @@ def test_settle_raises_the_first_failure_and_never_starts_what_was_queued(tmp_pa
             "first": passes.submit(1),
             "broken[a]": fails.submit(DataError, "--data x.zip: only one class folder"),
             "after": passes.submit(2, wait_for=[]),
-            # Runs while settle hears of the failure; what is queued behind it never starts.
-            "busy": takes_a_while.submit(2.0),
+            # Runs until settle hears of the failure; what is queued behind it never starts.
+            "busy": busy_until_stopped.submit(),
             "queued": leaves_a_mark.submit(tmp_path / "queued"),
         }
         futures["downstream"] = passes.submit(futures["broken[a]"])
-        settle(futures, stops.append)
+        settle(futures, _stop(stops))
 
     with pytest.raises(StageInputError) as raised:
         run()
@@ -70,27 +92,22 @@ def test_settle_raises_the_first_failure_and_never_starts_what_was_queued(tmp_pa
     assert not (tmp_path / "queued").exists()
 
 
-@task
-def fails_after(seconds: float, kind: type[Exception], message: str) -> None:
-    time.sleep(seconds)
-    raise kind(message)
-
-
 def test_settle_reports_the_first_real_failure_in_stage_order_with_its_type(tmp_path):
     stops: list[str] = []
+    STOPPED.clear()
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=3))
     def run() -> None:
         settle(
             {
                 "stopped": fails.submit(RunStopped, "stopped: the run stopped"),
-                # Fails last, but comes first in stage order: the one reported.
-                "decode_images[32]": fails_after.submit(
-                    0.5, OSError, "[Errno 28] No space left on device"
+                # Fails second, but comes first in stage order: the one reported.
+                "decode_images[32]": fails_second.submit(
+                    OSError, "[Errno 28] No space left on device"
                 ),
                 "train_model[model1]": fails.submit(ValueError, "later in stage order"),
             },
-            stops.append,
+            _stop(stops),
         )
 
     with pytest.raises(StageFailed) as raised:
@@ -117,22 +134,15 @@ def test_settle_returns_every_ending_when_nothing_fails():
 # ----------------------------------------------------------------------------- through the CLI
 
 MODELS = "model1,model4"
+# Each stage's task run in these runs (model4 is the one with features), from the stage table;
+# but the data checks (they write nothing that a file can block) and the proposal (asked for
+# only with --approve-promotion).
 LABELS = {
-    "download": "download_dataset",
-    "extract": "extract_dataset",
-    "manifest": "build_manifest",
-    "inspect": "inspect_images",
-    "split": "split_dataset",
-    "count": "count_labels",
-    "profile": "profile_data",
-    "plot": "plot_samples",
-    "decode": "decode_images[32]",
-    "features": "extract_features[model4]",
-    "suspects": "find_suspect_labels",
-    "train": "train_model[model1]",
-    "evaluate": "evaluate_model[model1]",
-    "promote": "promote_model",
-    "report": "write_report",
+    stage.name: stage.label_for(
+        {"image_size": 32, "model": "model4" if stage.name == "features" else "model1"}
+    )
+    for stage in STAGES
+    if stage.name not in ("check", "propose")
 }
 # Where a blocked stage cannot write: a cached stage's folder (model1's own, for a stage with a
 # folder per model), the gate's archive of promoted models, the run reports.

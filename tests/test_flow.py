@@ -29,7 +29,9 @@ def test_first_run_computes_second_reuses_and_epochs_rerun_only_training(dataset
     model = first["models"]["model1"]
     assert model["epochs"] == 1
     assert set(model["history"]) >= {"accuracy", "val_accuracy", "loss", "val_loss"}
-    assert 0.0 <= model["test_accuracy"] <= 1.0
+    matrix = model["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 4  # the 4 test images, each scored once
+    assert model["test_accuracy"] == sum(matrix[i][i] for i in range(2)) / 4
     assert Path(model["path"]).is_file() and model["path"].endswith(".keras")
     assert set(first["tasks"].values()) == {"Completed"}
     assert first["best_model"] == "model1"

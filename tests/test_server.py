@@ -1,4 +1,5 @@
-"""Against a real `prefect server start` (opt-in: CATDOG_SERVER_TESTS=1; about two minutes).
+"""Against a real `prefect server start`, each test on its own free port and Prefect home, the
+server stopped whole (its process group) however the test ends.
 
 The run's artifacts as the UI shows them, a rerun's cache hits, and `prefect deploy` of
 prefect.yaml. The rest of the suite uses Prefect's in-process test harness instead.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,13 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "check_server.py"
 
-pytestmark = [
-    pytest.mark.server,
-    pytest.mark.skipif(
-        os.environ.get("CATDOG_SERVER_TESTS") != "1",
-        reason="starts a real Prefect server; set CATDOG_SERVER_TESTS=1",
-    ),
-]
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 def load_script() -> ModuleType:

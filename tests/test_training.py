@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,21 +21,30 @@ from catdog.training import (
 pytestmark = pytest.mark.slow  # trains with TensorFlow
 
 
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu sse2 avx2 fma", False),  # AVX2 only
+        ("fpu avx2 avx512f avx512bw avx512_vnni", False),  # AVX-512 without bf16
+        ("fpu avx2 avx512f avx512_bf16", True),
+        ("fpu avx2 avx512f amx_tile amx_bf16 amx_int8", True),
+        (None, False),  # no /proc/cpuinfo (not Linux)
+    ],
+)
 @pytest.mark.parametrize("model", ["model1", "model2", "model3", "model4", "model4_finetune"])
-def test_auto_precision_is_bf16_only_where_measured_equal_and_native(model):
-    native = _cpu_has_native_bf16()  # this suite never sees a GPU (tensorflow-cpu)
+def test_auto_precision_is_bf16_only_where_measured_equal_and_native(
+    model, flags, native, tmp_path, monkeypatch
+):
+    from catdog import training
+
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    monkeypatch.setattr(training, "CPUINFO", cpuinfo)
     # model4's head trains on float32 features; the others measured equal under bf16.
     measured_equal = model in ("model1", "model2", "model3", "model4_finetune")
     expected = "mixed_bfloat16" if native and measured_equal else "float32"
-    assert resolve_precision("auto", model) == expected
+    assert resolve_precision("auto", model) == expected  # this suite never sees a GPU
     for explicit in ("float32", "mixed_bfloat16"):
         assert resolve_precision(explicit, model) == explicit
 

@@ -13,11 +13,9 @@ import logging
 import os
 import re
 import socket
-import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,59 +23,13 @@ import pytest
 from catdog.data.download import download_file
 from catdog.data.sources import is_url
 from catdog.errors import PermanentDownloadError, TransientDownloadError
-
-Behaviour = Callable[["_Handler"], None]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Bounds how long a keep-alive handler thread waits, so fixture teardown cannot hang.
-    timeout = 5
-    server: _ScriptedServer
-
-    def do_GET(self) -> None:
-        self.server.seen.append({"path": self.path, "range": self.headers.get("Range")})
-        script = self.server.script
-        behaviour = script.pop(0) if len(script) > 1 else script[0]
-        behaviour(self)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _ScriptedServer(ThreadingHTTPServer):
-    """Answers request i with script[i]; the last behaviour repeats."""
-
-    daemon_threads = False
-    block_on_close = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.script: list[Behaviour] = []
-        self.seen: list[dict[str, str | None]] = []
-        self.release = threading.Event()
-
-    def url(self, path: str = "/data.zip") -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        # Writes to sockets the client already dropped are expected here.
-        pass
+from tests.http_site import Behaviour, Handler, Site, serving
 
 
 @pytest.fixture
-def server() -> Iterator[_ScriptedServer]:
-    srv = _ScriptedServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.release.set()
-        srv.shutdown()
-        srv.server_close()  # joins the handler threads
-        thread.join(timeout=5)
-        assert not thread.is_alive()
+def server(tmp_path: Path) -> Iterator[Site]:
+    with serving(tmp_path / "www") as site:
+        yield site
 
 
 @pytest.fixture
@@ -108,7 +60,7 @@ def _leftovers(dest: Path) -> list[str]:
 # --- scripted server behaviours -------------------------------------------------------------
 
 
-def _headers(handler: _Handler, status: int, length: int, extra: dict[str, str]) -> None:
+def _headers(handler: Handler, status: int, length: int, extra: dict[str, str]) -> None:
     handler.send_response(status)
     for name, value in extra.items():
         handler.send_header(name, value)
@@ -119,7 +71,7 @@ def _headers(handler: _Handler, status: int, length: int, extra: dict[str, str])
 def serve(
     body: bytes, *, content_type: str = "application/zip", honour_range: bool = True
 ) -> Behaviour:
-    def respond(handler: _Handler) -> None:
+    def respond(handler: Handler) -> None:
         requested = handler.headers.get("Range")
         if honour_range and requested:
             match = re.fullmatch(r"bytes=(\d+)-", requested)
@@ -142,7 +94,7 @@ def serve(
 
 
 def status(code: int, headers: dict[str, str] | None = None) -> Behaviour:
-    def respond(handler: _Handler) -> None:
+    def respond(handler: Handler) -> None:
         text = f"error {code}".encode()
         _headers(handler, code, len(text), {"Content-Type": "text/plain", **(headers or {})})
         handler.wfile.write(text)
@@ -153,7 +105,7 @@ def status(code: int, headers: dict[str, str] | None = None) -> Behaviour:
 def drop_after(body: bytes, sent: int) -> Behaviour:
     """Promise the whole body, send `sent` bytes, then close the connection."""
 
-    def respond(handler: _Handler) -> None:
+    def respond(handler: Handler) -> None:
         _headers(handler, 200, len(body), {"Content-Type": "application/zip"})
         handler.wfile.write(body[:sent])
         handler.wfile.flush()
@@ -165,7 +117,7 @@ def drop_after(body: bytes, sent: int) -> Behaviour:
 def stall_after(body: bytes, sent: int) -> Behaviour:
     """Send `sent` bytes, then go silent until the test ends."""
 
-    def respond(handler: _Handler) -> None:
+    def respond(handler: Handler) -> None:
         _headers(handler, 200, len(body), {"Content-Type": "application/zip"})
         handler.wfile.write(body[:sent])
         handler.wfile.flush()
@@ -178,7 +130,7 @@ def stall_after(body: bytes, sent: int) -> Behaviour:
 def wrong_partial(body: bytes) -> Behaviour:
     """Answer a range request with a 206 that starts at byte 0 instead of where asked."""
 
-    def respond(handler: _Handler) -> None:
+    def respond(handler: Handler) -> None:
         extra = {"Content-Range": f"bytes 0-{len(body) - 1}/{len(body)}"}
         _headers(handler, 206, len(body), extra)
         handler.wfile.write(body)
@@ -189,7 +141,7 @@ def wrong_partial(body: bytes) -> Behaviour:
 # --- tests -----------------------------------------------------------------------------------
 
 
-def test_503_twice_then_success(server: _ScriptedServer, payload: bytes, dest: Path) -> None:
+def test_503_twice_then_success(server: Site, payload: bytes, dest: Path) -> None:
     server.script = [
         status(503, {"Retry-After": "3"}),
         status(503, {"Retry-After": "1.5"}),
@@ -218,7 +170,7 @@ def test_503_twice_then_success(server: _ScriptedServer, payload: bytes, dest: P
     ],
 )
 def test_transient_statuses(
-    server: _ScriptedServer,
+    server: Site,
     dest: Path,
     code: int,
     headers: dict[str, str],
@@ -232,9 +184,7 @@ def test_transient_statuses(
     assert _leftovers(dest) == []
 
 
-def test_dropped_connection_resumes_with_range(
-    server: _ScriptedServer, payload: bytes, dest: Path
-) -> None:
+def test_dropped_connection_resumes_with_range(server: Site, payload: bytes, dest: Path) -> None:
     half = len(payload) // 2
     server.script = [drop_after(payload, half), serve(payload)]
 
@@ -252,9 +202,7 @@ def test_dropped_connection_resumes_with_range(
     assert _leftovers(dest) == ["data.zip"]
 
 
-def test_server_ignoring_range_restarts_cleanly(
-    server: _ScriptedServer, payload: bytes, dest: Path
-) -> None:
+def test_server_ignoring_range_restarts_cleanly(server: Site, payload: bytes, dest: Path) -> None:
     dest.parent.mkdir(parents=True)
     _part(dest).write_bytes(b"not the start of the file" * 4)
     server.script = [serve(payload, honour_range=False)]
@@ -266,7 +214,7 @@ def test_server_ignoring_range_restarts_cleanly(
 
 
 def test_partial_response_at_wrong_offset_restarts(
-    server: _ScriptedServer, payload: bytes, dest: Path
+    server: Site, payload: bytes, dest: Path
 ) -> None:
     dest.parent.mkdir(parents=True)
     _part(dest).write_bytes(payload[:1000])
@@ -278,9 +226,7 @@ def test_partial_response_at_wrong_offset_restarts(
     assert _leftovers(dest) == ["data.zip"]
 
 
-def test_416_discards_part_and_is_transient(
-    server: _ScriptedServer, payload: bytes, dest: Path
-) -> None:
+def test_416_discards_part_and_is_transient(server: Site, payload: bytes, dest: Path) -> None:
     dest.parent.mkdir(parents=True)
     _part(dest).write_bytes(payload + b"stale bytes from an older, longer file")
     server.script = [serve(payload)]
@@ -293,9 +239,7 @@ def test_416_discards_part_and_is_transient(
     assert dest.read_bytes() == payload
 
 
-def test_stalled_read_times_out_quickly(
-    server: _ScriptedServer, payload: bytes, dest: Path
-) -> None:
+def test_stalled_read_times_out_quickly(server: Site, payload: bytes, dest: Path) -> None:
     sent = 50_000
     server.script = [stall_after(payload, sent)]
 
@@ -320,7 +264,7 @@ def test_connection_refused_is_transient(dest: Path) -> None:
 
 
 @pytest.mark.parametrize("code", [403, 404, 410])
-def test_client_errors_are_permanent(server: _ScriptedServer, dest: Path, code: int) -> None:
+def test_client_errors_are_permanent(server: Site, dest: Path, code: int) -> None:
     server.script = [status(code)]
     with pytest.raises(PermanentDownloadError) as caught:
         download_file(server.url(), dest)
@@ -331,9 +275,7 @@ def test_client_errors_are_permanent(server: _ScriptedServer, dest: Path, code: 
     assert _leftovers(dest) == []
 
 
-def test_failure_leaves_existing_dest_untouched(
-    server: _ScriptedServer, payload: bytes, dest: Path
-) -> None:
+def test_failure_leaves_existing_dest_untouched(server: Site, payload: bytes, dest: Path) -> None:
     dest.parent.mkdir(parents=True)
     dest.write_bytes(b"previous good file")
     server.script = [drop_after(payload, 1000)]
@@ -342,7 +284,7 @@ def test_failure_leaves_existing_dest_untouched(
     assert dest.read_bytes() == b"previous good file"
 
 
-def test_html_page_with_200_is_rejected(server: _ScriptedServer, dest: Path) -> None:
+def test_html_page_with_200_is_rejected(server: Site, dest: Path) -> None:
     page = b"<!DOCTYPE html><html><body>Please sign in to continue</body></html>"
     server.script = [serve(page, content_type="text/html; charset=utf-8")]
     with pytest.raises(PermanentDownloadError) as caught:
@@ -354,7 +296,7 @@ def test_html_page_with_200_is_rejected(server: _ScriptedServer, dest: Path) -> 
     assert _leftovers(dest) == []
 
 
-def test_truncated_zip_with_full_length_is_rejected(server: _ScriptedServer, dest: Path) -> None:
+def test_truncated_zip_with_full_length_is_rejected(server: Site, dest: Path) -> None:
     broken = b"PK\x03\x04" + b"\0" * 500  # a zip signature but no central directory
     server.script = [serve(broken)]
     with pytest.raises(PermanentDownloadError, match="truncated or corrupt"):
@@ -362,15 +304,13 @@ def test_truncated_zip_with_full_length_is_rejected(server: _ScriptedServer, des
     assert _leftovers(dest) == []
 
 
-def test_expect_zip_false_accepts_any_body(server: _ScriptedServer, dest: Path) -> None:
+def test_expect_zip_false_accepts_any_body(server: Site, dest: Path) -> None:
     server.script = [serve(b"plain text", content_type="text/plain")]
     download_file(server.url(), dest, expect_zip=False)
     assert dest.read_bytes() == b"plain text"
 
 
-def test_checksum_mismatch_is_permanent(
-    server: _ScriptedServer, payload: bytes, dest: Path
-) -> None:
+def test_checksum_mismatch_is_permanent(server: Site, payload: bytes, dest: Path) -> None:
     wrong = "0" * 64
     actual = hashlib.sha256(payload).hexdigest()
     server.script = [serve(payload)]
@@ -381,7 +321,7 @@ def test_checksum_mismatch_is_permanent(
 
 
 def test_checksum_match_succeeds_and_reports_progress(
-    server: _ScriptedServer, payload: bytes, dest: Path, caplog: pytest.LogCaptureFixture
+    server: Site, payload: bytes, dest: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server.script = [serve(payload)]
     calls: list[tuple[int, int | None]] = []
@@ -415,7 +355,7 @@ def test_missing_file_url_is_permanent(tmp_path: Path, dest: Path) -> None:
     assert _leftovers(dest) == []
 
 
-def test_password_is_not_shown(server: _ScriptedServer, dest: Path) -> None:
+def test_password_is_not_shown(server: Site, dest: Path) -> None:
     server.script = [status(404)]
     url = server.url().replace("http://", "http://user:hunter2@")
     with pytest.raises(PermanentDownloadError) as caught:

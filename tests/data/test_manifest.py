@@ -152,7 +152,7 @@ def test_three_classes_three_splits(dataset_factory: Callable[..., Path]) -> Non
 def test_val_folder_maps_to_validation(dataset_factory: Callable[..., Path]) -> None:
     manifest = build_manifest(dataset_factory(layout="train_val", n=1))
     assert {entry.source_split for entry in manifest.images} == {"train", "validation"}
-    assert "val/cats/cats.0.jpg" in {entry.path for entry in manifest.images}
+    assert "val/cats/cats.1.jpg" in {entry.path for entry in manifest.images}
 
 
 def test_single_root_with_nested_folders(
@@ -183,7 +183,7 @@ def test_duplicates_are_kept_once_in_the_earliest_split(
     shutil.copy(root / "train/cats/cats.1.jpg", root / "validation/cats/copy.jpg")
     shutil.copy(root / "train/cats/cats.1.jpg", root / "test/cats/again.jpg")
     # Validation and test share one picture that train does not have.
-    shutil.copy(root / "validation/dogs/dogs.0.jpg", root / "test/dogs/from-val.jpg")
+    shutil.copy(root / "validation/dogs/dogs.3.jpg", root / "test/dogs/from-val.jpg")
     # And a copy inside the same folder.
     shutil.copy(root / "train/dogs/dogs.2.jpg", root / "train/dogs/dogs.2 (copy).jpg")
 
@@ -191,7 +191,7 @@ def test_duplicates_are_kept_once_in_the_earliest_split(
     assert _skipped(manifest) == {
         "validation/cats/copy.jpg": "duplicate of train/cats/cats.1.jpg",
         "test/cats/again.jpg": "duplicate of train/cats/cats.1.jpg",
-        "test/dogs/from-val.jpg": "duplicate of validation/dogs/dogs.0.jpg",
+        "test/dogs/from-val.jpg": "duplicate of validation/dogs/dogs.3.jpg",
         "train/dogs/dogs.2.jpg": "duplicate of train/dogs/dogs.2 (copy).jpg",
     }
     assert len(manifest.images) == 18
