@@ -82,13 +82,11 @@ def promote_model(
     split = _split(layout, records)
 
     def ship(candidate: Candidate, folder: Path) -> ExportCheck:
-        """Export the candidate and check it on the test split: each export in a fresh process
-        against the float32 model it was made from, and that model against the candidate."""
-        from catdog.evaluation import load_model
+        """Export the candidate and check it on the test split (see catdog.export)."""
         from catdog.export import export_checked
 
         return export_checked(
-            load_model(candidate.path),
+            Path(candidate.path),  # loaded there, and let go before the probe process starts
             folder,
             list(records.split.classes),
             images=layout.resolve(records.arrays[candidate.name].dir) / "test_x.npy",
