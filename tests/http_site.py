@@ -15,16 +15,18 @@ Behaviour = Callable[["Handler"], None]
 
 
 class Handler(SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
     # Bounds how long a keep-alive handler thread waits, so that stopping cannot hang.
     timeout = 5
     server: Site
 
+    def setup(self) -> None:
+        self.protocol_version = self.server.protocol
+        super().setup()
+
     def _answer(self, serve_file: Callable[[], None]) -> None:
         site = self.server
-        site.seen.append(
-            {"method": self.command, "path": self.path, "range": self.headers.get("Range")}
-        )
+        site.requests.append(self.command)
+        site.seen.append({"path": self.path, "range": self.headers.get("Range")})
         if not site.script:
             serve_file()
             return
@@ -67,20 +69,17 @@ class Site(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, protocol: str = "HTTP/1.0") -> None:
         super().__init__(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
         self.folder = folder
+        self.protocol = protocol  # HTTP/1.1: keep-alive, as servers that resume downloads
         self.script: list[Behaviour] = []
-        self.seen: list[dict[str, str | None]] = []
+        self.requests: list[str] = []  # the method of each request so far
+        self.seen: list[dict[str, str | None]] = []  # the path and Range header of each
         self.release = threading.Event()  # stalled behaviours wait on it until the test ends
 
     def url(self, name: str = "data.zip") -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/{name.lstrip('/')}"
-
-    @property
-    def requests(self) -> list[str]:
-        """The method of each request so far."""
-        return [request["method"] or "" for request in self.seen]
 
     @property
     def mode(self) -> str:
@@ -95,10 +94,10 @@ class Site(ThreadingHTTPServer):
 
 
 @contextmanager
-def serving(folder: Path) -> Iterator[Site]:
+def serving(folder: Path, protocol: str = "HTTP/1.0") -> Iterator[Site]:
     """A Site on a free port for the block's duration, stopped with its handler threads."""
     folder.mkdir(parents=True, exist_ok=True)
-    site = Site(folder)
+    site = Site(folder, protocol)
     thread = threading.Thread(target=site.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:

@@ -15,7 +15,7 @@ from catdog.layout import Layout
 from tasks.caching import bind_to_artifacts
 from tasks.data import download_dataset
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]  # a Prefect API
 
 
 class Scripted(ThreadingHTTPServer):

@@ -88,7 +88,6 @@ def test_every_model_on_a_real_slice_promotes_its_best_with_checked_exports(tmp_
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(production, litert)" in result.stderr
-    said = {
-        Path(line.split("\t")[0]).name: line.split("\t")[1] for line in result.stdout.splitlines()
-    }
+    rows = [row.split(",") for row in result.stdout.strip().splitlines()[1:]]  # a CSV table
+    said = {Path(path).name: label for path, label, _ in rows}
     assert said == PHOTOS

@@ -83,6 +83,7 @@ def test_a_run_uses_its_early_server_and_stops_it(dataset_zip, tmp_path):
 
 
 @linux_only
+@pytest.mark.slow  # starts a Prefect API server
 def test_a_killed_run_takes_its_server_with_it(dataset_zip, tmp_path):
     run = subprocess.Popen(
         flow_command(dataset_zip, tmp_path / "artifacts", epochs=50),
@@ -108,6 +109,7 @@ def test_no_early_server_when_the_environment_names_an_api(monkeypatch):
     assert EarlyApiServer.spawn() is None
 
 
+@pytest.mark.slow  # starts a Prefect API server
 def test_an_api_url_from_a_profile_wins_and_the_early_server_stops(monkeypatch, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -122,6 +124,7 @@ def test_an_api_url_from_a_profile_wins_and_the_early_server_stops(monkeypatch, 
     assert server.process.poll() is not None
 
 
+@pytest.mark.slow  # starts a Prefect API server
 def test_a_server_that_cannot_start_falls_back_to_prefects_own(monkeypatch, tmp_path):
     from prefect.settings import (
         PREFECT_API_URL,

@@ -15,7 +15,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows.cli import build_deployment, main, serve_parser
 from flows.train_flow import train_flow
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]  # a Prefect API
 
 ROOT = Path(__file__).resolve().parents[1]
 CRON = "0 3 * * 1"

@@ -85,7 +85,9 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(server: dict[str, str]) -> 
     assert deployment.entrypoint == "flows/train_flow.py:train_flow"
     [schedule] = deployment.schedules
     assert schedule.schedule.cron == "0 3 * * 1" and schedule.active
-    assert deployment.parameters == {"epochs": 2}  # the rest are the flow's defaults
+    # prefect.yaml's own (hold production on failed data checks), the one given, the rest the
+    # flow's defaults.
+    assert deployment.parameters == {"on_data_issue": "hold", "epochs": 2}
     [pull] = deployment.pull_steps
     directory = pull["prefect.deployments.steps.set_working_directory"]["directory"]
     assert Path(directory).resolve() == ROOT

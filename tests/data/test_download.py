@@ -28,7 +28,7 @@ from tests.http_site import Behaviour, Handler, Site, serving
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Site]:
-    with serving(tmp_path / "www") as site:
+    with serving(tmp_path / "www", "HTTP/1.1") as site:
         yield site
 
 
