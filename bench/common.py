@@ -488,6 +488,16 @@ def command_line() -> str:
     return shlex.join([Path(sys.executable).as_posix(), *sys.argv])
 
 
+def run_facts() -> dict[str, str]:
+    """When, on which commit and CPU flags, and by which command a measurement ran."""
+    return {
+        "date": now(),
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "command": command_line(),
+        "bf16_flags": bf16_flags(),
+    }
+
+
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 

@@ -13,7 +13,6 @@ section `export-cost` of bench/RESULTS.md and its raw figures in RESULTS.export-
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,19 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     BENCH,
     GIB,
-    REPO,
     RawLog,
     add_input_arguments,
-    bf16_flags,
     catdog_env,
-    command_line,
     environment_markdown,
     flow_script,
     log,
     measure,
-    now,
     read_summary,
     resolve_inputs,
+    run_facts,
     snapshot_revision,
     table,
     write_section,
@@ -150,12 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raw = RawLog(BENCH / "RESULTS.export-cost.json")
     raw.data = {
-        "date": now(),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip(),
-        "command": command_line(),
-        "bf16_flags": bf16_flags(),
+        **run_facts(),
         "models": args.models,
         "epochs": args.epochs,
         "variants": {},

@@ -28,14 +28,12 @@ from common import (
     REPO,
     RawLog,
     add_input_arguments,
-    bf16_flags,
     catdog_env,
-    command_line,
     environment_markdown,
     log,
     measure_catdog,
-    now,
     resolve_inputs,
+    run_facts,
     table,
     write_section,
 )
@@ -206,12 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raw = RawLog(BENCH / "RESULTS.export-precision.json")
     raw.data = {
-        "date": now(),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip(),
-        "command": command_line(),
-        "bf16_flags": bf16_flags(),
+        **run_facts(),
         "epochs": args.epochs,
         "finetune_epochs": args.finetune_epochs,
         "max_images_per_class": args.max_images_per_class,

@@ -121,6 +121,21 @@ def flow_command(
     ]
 
 
+def real_flow_command(artifacts: Path, *options: str) -> list[str]:
+    """`python flows/train_flow.py` on ../shared's real photos and MobileNetV2 weights."""
+    return [
+        sys.executable,
+        str(REPO / "flows" / "train_flow.py"),
+        "--data",
+        str(REAL_ZIP),
+        "--weights",
+        str(REAL_WEIGHTS),
+        *options,
+        "--artifacts",
+        str(artifacts),
+    ]
+
+
 def api_env() -> dict[str, str]:
     """The environment that points a flow subprocess at this test session's Prefect API, so
     that it does not start (and migrate the database of) a server of its own."""

@@ -15,7 +15,7 @@ import pytest
 from catdog import catalog
 from catdog.layout import Layout
 from catdog.registry import read as read_registry
-from tests.conftest import REAL_WEIGHTS, REAL_ZIP, REPO, flow_env
+from tests.conftest import REAL_WEIGHTS, REAL_ZIP, flow_env, real_flow_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -30,20 +30,8 @@ UNSEEN = 40  # validation photos of each class that the run never reads
 
 
 def _flow(artifacts: Path, home: Path) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        str(REPO / "flows" / "train_flow.py"),
-        "--data",
-        str(REAL_ZIP),
-        "--weights",
-        str(REAL_WEIGHTS),
-        "--max-images-per-class",
-        str(PER_CLASS),
-        "--epochs",
-        str(EPOCHS),
-        "--artifacts",
-        str(artifacts),
-    ]
+    options = ("--max-images-per-class", str(PER_CLASS), "--epochs", str(EPOCHS))
+    command = real_flow_command(artifacts, *options)
     return subprocess.run(
         command, env=flow_env(home), capture_output=True, text=True, timeout=1200, cwd=home.parent
     )

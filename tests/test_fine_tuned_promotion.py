@@ -16,7 +16,7 @@ from catdog import catalog
 from catdog.layout import Layout
 from catdog.registry import read as read_registry
 from catdog.serving import ServingSpec
-from tests.conftest import REAL_WEIGHTS, REAL_ZIP, REPO, flow_env
+from tests.conftest import REAL_WEIGHTS, REAL_ZIP, flow_env, real_flow_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -29,26 +29,11 @@ def test_every_model_on_a_real_slice_promotes_its_best_with_checked_exports(tmp_
     if not (REAL_ZIP.is_file() and REAL_WEIGHTS.is_file()):
         pytest.skip("../shared's dataset and weights are not present")
     artifacts = tmp_path / "artifacts"
-    command = [
-        sys.executable,
-        str(REPO / "flows" / "train_flow.py"),
-        "--data",
-        str(REAL_ZIP),
-        "--weights",
-        str(REAL_WEIGHTS),
-        "--models",
-        ",".join(catalog.MODEL_NAMES),
-        "--max-images-per-class",
-        "50",
-        "--epochs",
-        "1",
-        "--finetune-epochs",
-        "3",
-        "--precision",
-        precision,
-        "--artifacts",
-        str(artifacts),
-    ]
+    command = real_flow_command(
+        artifacts,
+        *("--models", ",".join(catalog.MODEL_NAMES), "--max-images-per-class", "50"),
+        *("--epochs", "1", "--finetune-epochs", "3", "--precision", precision),
+    )
     run = subprocess.run(
         command, env=flow_env(tmp_path / "home"), capture_output=True, text=True, timeout=1200
     )
