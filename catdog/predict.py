@@ -31,7 +31,7 @@ RUNTIMES = ("auto", "litert", "keras")
 class ModelChoice:
     path: Path  # a .keras file (runtime "keras") or an export folder (runtime "litert")
     classes: list[str]
-    origin: str  # "production", "last run's best" or "--model"
+    origin: str  # "production", "--model", or why the last run's best (no production yet)
     runtime: str  # "keras" or "litert"
 
 
