@@ -170,6 +170,7 @@ def _run_export(args: argparse.Namespace, extra: list[str]) -> int:
     from catdog.export import export_checked
     from catdog.io import replace_directory
     from catdog.predict import choose_model
+    from catdog.serving import ServingSpec
 
     try:
         classes = args.classes.split(",") if args.classes else None
@@ -194,8 +195,8 @@ def _run_export(args: argparse.Namespace, extra: list[str]) -> int:
         trained = softmax(predict_logits(model, images)).astype(np.float32)
         check = export_checked(model, staged, choice.classes, staged / "check-images.npy", trained)
         (staged / "check-images.npy").unlink()
-        precision = check.precision.trained_precision if check.precision else "?"
-        print(f"{choice.path} ({choice.origin}), {precision}, {side}x{side}")
+        spec = ServingSpec.load(staged)
+        print(f"{choice.path} ({choice.origin}), {spec.precision}, {side}x{side}")
         print(f"check on {check.images} generated images: {check.reason()}")
         if not check.passed:
             print(
