@@ -20,7 +20,7 @@ from catdog.config import RUN
 from catdog.data.extract import IMAGE_SUFFIXES
 from catdog.errors import ModelError
 from catdog.layout import Layout
-from catdog.registry import archive_path
+from catdog.registry import Production, archive_path
 from catdog.registry import read as read_registry
 from catdog.serving import SERVING_FILE, ServingSpec
 
@@ -59,6 +59,7 @@ def choose_model(
     """
     layout = Layout.at(artifacts)
     summary = layout.summary
+    production = read_registry(layout).production
     export: Path | None = None
     if model is not None:
         if not model.exists():
@@ -68,7 +69,7 @@ def choose_model(
             if not _is_export(model):
                 raise ModelError(f"--model {model}: a folder, but no export ({SERVING_FILE})")
             export = model
-    elif (production := read_registry(layout).production) is not None:
+    elif production is not None:
         chosen, origin = archive_path(layout, production), "production"
         # The archived export the registry names (production/export/ is a copy for people).
         if production.exports and _is_export(layout.root / production.exports):
@@ -95,14 +96,13 @@ def choose_model(
         return ModelChoice(export, classes or spec.classes, origin, "litert")
     if chosen.is_dir():
         raise ModelError(f"--model {chosen}: an export; --runtime keras needs a .keras file")
-    known = classes or _classes_on_record(layout)
+    known = classes or _classes_on_record(layout, production)
     if not known:
         raise ModelError("cannot tell the class names; pass --classes cats,dogs")
     return ModelChoice(chosen, known, origin, "keras")
 
 
-def _classes_on_record(layout: Layout) -> list[str] | None:
-    production = read_registry(layout).production
+def _classes_on_record(layout: Layout, production: Production | None) -> list[str] | None:
     if production is not None:
         return list(production.classes)
     if layout.summary.is_file():

@@ -161,6 +161,11 @@ def _cli(artifacts: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedPr
         "32",
         *extra,
     ]
+    return _run(command, tmp_path)
+
+
+def _run(command: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A flow command as a user runs it, in `tmp_path`, against this session's API."""
     return subprocess.run(
         command,
         env=flow_env(tmp_path / "home"),
@@ -346,14 +351,7 @@ def _hostile(tmp_path: Path, case: str, *runner: str) -> None:
     artifacts = tmp_path / "artifacts"
     before = set(tmp_path.rglob("*"))
     command = [*flow_command(data, artifacts, epochs=1), *runner]
-    result = subprocess.run(
-        command,
-        env=flow_env(tmp_path / "home"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    result = _run(command, tmp_path)
     outside = [
         path
         for path in set(tmp_path.rglob("*")) - before
