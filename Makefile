@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python flows/train_flow.py $(run_args)
+	$(BIN)/catdog run $(run_args)
 
 # Tests run in TEST_WORKERS processes (pytest-xdist): most of a flow run is single-threaded
 # Python (tracing, Prefect, plotting), so two processes keep two cores busy.

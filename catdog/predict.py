@@ -84,7 +84,7 @@ def choose_model(
     else:
         raise ModelError(
             f"no production model in {layout.production_dir} and no run in {layout.root}; "
-            "train one with `python flows/train_flow.py` or pass --model PATH"
+            "train one with `catdog run` or pass --model PATH"
         )
     if runtime == "litert" and export is None:
         raise ModelError(

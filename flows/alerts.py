@@ -1,6 +1,6 @@
 """Alerts through Prefect's own automations: what a person wants to hear of an unattended run.
 
-`python flows/train_flow.py alerts --webhook URL [--slack-webhook URL]` saves Prefect
+`catdog alerts --webhook URL [--slack-webhook URL]` saves Prefect
 notification blocks for the destinations and creates, on the connected server, one automation
 per kind of news: a catdog run failed or crashed, production changed, a data check failed.
 Running it again replaces them (same names); `--remove` takes them and the blocks down. Runs
@@ -94,7 +94,7 @@ def install(webhook: str | None, slack: str | None = None) -> list[str]:
         )
         Automation(
             name=alert.name,
-            description="Made by `python flows/train_flow.py alerts`",
+            description="Made by `catdog alerts`",
             trigger=EventTrigger(
                 expect=set(alert.events),
                 match_related=match_related,

@@ -1,4 +1,5 @@
-"""The command line of `python flows/train_flow.py`: a run, or `serve` on a schedule.
+"""The flow's commands: a run, `serve` on a schedule, and `alerts`; `catdog run|serve|alerts`,
+or `python flows/train_flow.py [serve|alerts]` (the recipe's own entry).
 
 Every option but where the tasks run is one of the flow's parameters (flows/options.py builds
 them from the flow's signature). A run ends with its summary's path, or with one `error:` line:
@@ -14,6 +15,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,19 @@ from flows.local_api import EarlyApiServer
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
+
+
+@dataclass(frozen=True)
+class CommandNames:
+    """How the user called each command, for its `--help` and its errors."""
+
+    run: str
+    serve: str
+    alerts: str
+
+
+SCRIPT = CommandNames(*(f"python flows/train_flow.py{verb}" for verb in ("", " serve", " alerts")))
+COMMAND = CommandNames("catdog run", "catdog serve", "catdog alerts")
 
 # Parameters whose default an environment variable overrides on the command line.
 ENV = {
@@ -47,18 +62,17 @@ def _prepare_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str, serve_as: str) -> argparse.ArgumentParser:
     from flows.options import add_flow_options
     from flows.train_flow import train_flow
 
     parser = argparse.ArgumentParser(
-        prog="python flows/train_flow.py",
+        prog=prog,
         description="Train and compare image classifiers (default: the cats-vs-dogs "
         "assignment's models) as a Prefect flow with cached stages.",
         epilog="Models: "
         + "; ".join(f"{spec.name}: {spec.description}" for spec in catalog.MODELS)
-        + ". Subcommands: `python flows/train_flow.py serve --cron '0 3 * * 1' [options]` "
-        "serves the same flow on a schedule; `... alerts --webhook URL` sets up notifications.",
+        + f". `{serve_as} --cron '0 3 * * 1' [options]` serves the same flow on a schedule.",
     )
     add_flow_options(parser, train_flow.fn, env=ENV, optional_value={"refresh": "all"})
     parser.add_argument(
@@ -82,11 +96,11 @@ def at_least_one(unit: str = "") -> Callable[[str], int]:
     return convert
 
 
-def _run_parser() -> argparse.ArgumentParser:
+def run_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
     """The run options plus where the tasks run."""
     from flows.runners import RUNNERS
 
-    parser = _parser()
+    parser = _parser(names.run, names.serve)
     where = parser.add_argument_group("where the tasks run")
     where.add_argument(
         "--runner",
@@ -146,10 +160,9 @@ def build_deployment(args: argparse.Namespace) -> RunnerDeployment:
     return deployment
 
 
-def serve_parser() -> argparse.ArgumentParser:
+def serve_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
     """The run options plus a schedule and a deployment name, for `serve`."""
-    parser = _parser()
-    parser.prog += " serve"
+    parser = _parser(names.serve, names.serve)
     parser.description = "Serve the flow on a schedule: register the deployment, then run "
     parser.description += "each scheduled run in this process until stopped (Ctrl-C)."
     parser.epilog = None
@@ -164,9 +177,9 @@ def serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def alerts_parser() -> argparse.ArgumentParser:
+def alerts_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python flows/train_flow.py alerts",
+        prog=names.alerts,
         description="Set up Prefect automations on the server PREFECT_API_URL names that notify "
         "when a catdog run fails or crashes, when production changes and when a data check "
         "fails; run again to replace them, --remove to take them down.",
@@ -177,10 +190,11 @@ def alerts_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _alerts(argv: list[str]) -> int:
-    args = alerts_parser().parse_args(argv)
+def _alerts(argv: list[str], names: CommandNames) -> int:
+    parser = alerts_parser(names)
+    args = parser.parse_args(argv)
     if not args.remove and not (args.webhook or args.slack_webhook):
-        alerts_parser().error("give --webhook or --slack-webhook (or --remove)")
+        parser.error("give --webhook or --slack-webhook (or --remove)")
     from prefect.settings import PREFECT_API_URL
 
     from flows import alerts
@@ -244,26 +258,26 @@ def _run(args: argparse.Namespace, api: EarlyApiServer | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python flows/train_flow.py [serve] [options]`; returns the exit code."""
+def main(argv: list[str] | None = None, names: CommandNames = SCRIPT) -> int:
+    """A run, or `serve` or `alerts` when `argv` starts with it; returns the exit code."""
     _prepare_environment()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["alerts"]:
-        return _alerts(argv[1:])
+        return _alerts(argv[1:], names)
     serving = bool(argv) and argv[0] == "serve"
     # A run's temporary API server starts now, before Prefect is imported, so that its start-up
     # overlaps this process's (see flows/local_api.py).
     plain_run = not serving and not {"-h", "--help"} & set(argv)
     api = EarlyApiServer.spawn() if plain_run else None
     try:
-        return _main(argv, serving, api)
+        return _main(argv, serving, api, names)
     finally:
         if api:
             api.stop()
 
 
-def _main(argv: list[str], serving: bool, api: EarlyApiServer | None) -> int:
-    parser = serve_parser() if serving else _run_parser()
+def _main(argv: list[str], serving: bool, api: EarlyApiServer | None, names: CommandNames) -> int:
+    parser = serve_parser(names) if serving else run_parser(names)
     args = parser.parse_args(argv[1:] if serving else argv)
     if not serving and args.workers and (args.dask_address or args.runner != "dask"):
         parser.error(

@@ -121,11 +121,17 @@ def flow_command(
     ]
 
 
-def real_flow_command(artifacts: Path, *options: str) -> list[str]:
-    """`python flows/train_flow.py` on ../shared's real photos and MobileNetV2 weights."""
+# The two ways to start a run: the recipe's script, and the installed `catdog` command.
+FLOW_SCRIPT = (sys.executable, str(REPO / "flows" / "train_flow.py"))
+CATDOG_RUN = (str(Path(sys.executable).with_name("catdog")), "run")
+
+
+def real_flow_command(
+    artifacts: Path, *options: str, entry: tuple[str, ...] = FLOW_SCRIPT
+) -> list[str]:
+    """A run (`entry`) on ../shared's real photos and MobileNetV2 weights."""
     return [
-        sys.executable,
-        str(REPO / "flows" / "train_flow.py"),
+        *entry,
         "--data",
         str(REAL_ZIP),
         "--weights",

@@ -1,6 +1,6 @@
 """The default job on real data, end to end, as a user runs it and looks at it: the four models
 of the assignment on a slice of the real photos with the real MobileNetV2 weights, through
-`python flows/train_flow.py`, then `predict` on photos the run never saw."""
+the installed `catdog run`, then `catdog predict` on photos the run never saw."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from catdog import catalog
 from catdog.layout import Layout
 from catdog.registry import read as read_registry
-from tests.conftest import REAL_WEIGHTS, REAL_ZIP, flow_env, real_flow_command
+from tests.conftest import CATDOG_RUN, REAL_WEIGHTS, REAL_ZIP, flow_env, real_flow_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -31,7 +31,7 @@ UNSEEN = 40  # validation photos of each class that the run never reads
 
 def _flow(artifacts: Path, home: Path) -> subprocess.CompletedProcess:
     options = ("--max-images-per-class", str(PER_CLASS), "--epochs", str(EPOCHS))
-    command = real_flow_command(artifacts, *options)
+    command = real_flow_command(artifacts, *options, entry=CATDOG_RUN)
     return subprocess.run(
         command, env=flow_env(home), capture_output=True, text=True, timeout=1200, cwd=home.parent
     )
