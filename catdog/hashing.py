@@ -176,7 +176,7 @@ NOT_RESULT_CODE = frozenset(
         "catdog.errors",
         "catdog.io",
         "catdog.layout",
-        "catdog.records",
+        "catdog.stage_records",
         "catdog.stages",
     }
 )

@@ -29,7 +29,7 @@ from catdog.data.records import Manifest
 from catdog.export import ExportCheck, RuntimeCheck
 from catdog.io import atomic_write_json, exclusive_lock, read_json, replace_directory
 from catdog.layout import MODEL_FILE, Layout
-from catdog.records import (
+from catdog.stage_records import (
     ArraysRecord,
     EvaluationRecord,
     ManifestRecord,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from catdog.records import (
+from catdog.stage_records import (
     ArchiveRecord,
     ArraysRecord,
     CountsRecord,

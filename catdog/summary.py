@@ -16,7 +16,7 @@ from catdog import catalog
 from catdog.hashing import sha256_json
 from catdog.io import atomic_write_json, atomic_write_text, read_json
 from catdog.layout import MODEL_FILE, RECORD_FILE, REPORT_FILE, SUMMARY_FILE, Layout, size_on_disk
-from catdog.records import (
+from catdog.stage_records import (
     ArraysRecord,
     CountsRecord,
     DataChecksRecord,

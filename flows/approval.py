@@ -18,7 +18,7 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, resume_flow_run
 from prefect.input import RunInput
 
-from catdog.records import PromotionRecord
+from catdog.stage_records import PromotionRecord
 
 PAUSE_GRACE_S = 120
 

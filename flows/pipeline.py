@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from catdog.errors import CatdogError, RunStopped, StageFailed, StageInputError
 from catdog.layout import Layout
 from catdog.processes import mark_running, unmark_running
-from catdog.records import Record
+from catdog.stage_records import Record
 from catdog.stages import BY_TASK, STAGE_NAMES, refreshed, stage
 from catdog.summary import TaskOutcome
 from flows.runners import on_a_gpu

@@ -30,7 +30,7 @@ from catdog.config import DATA, OFFICIAL_DATA_URL, RUN, TRAIN
 from catdog.data.freshness import check_source
 from catdog.layout import Layout
 from catdog.promotion import Policy
-from catdog.records import ReportRecord
+from catdog.stage_records import ReportRecord
 from catdog.summary import RunInfo, RunRecords
 from flows.approval import ask_for_approval
 from flows.console import quiet_tracebacks

@@ -35,7 +35,7 @@ from catdog.errors import RunStopped
 from catdog.hashing import HashMemo, code_digest, code_fingerprint, sha256_json
 from catdog.io import atomic_directory, atomic_write_json, replace_directory
 from catdog.layout import RECORD_FILE, Layout
-from catdog.records import Record
+from catdog.stage_records import Record
 from catdog.stages import Stage, stage, stage_of_task
 from tasks.locks import ArtifactsLockManager
 

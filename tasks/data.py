@@ -18,7 +18,7 @@ from catdog.data.records import SPLITS, Manifest
 from catdog.errors import TransientDownloadError
 from catdog.hashing import HashMemo
 from catdog.layout import Layout
-from catdog.records import (
+from catdog.stage_records import (
     ArchiveRecord,
     ArraysRecord,
     CountsRecord,

@@ -21,7 +21,7 @@ from catdog.promotion import (
     propose,
     split_facts,
 )
-from catdog.records import PromotionRecord
+from catdog.stage_records import PromotionRecord
 from catdog.stages import TRAIN_CODE
 from catdog.summary import RunRecords
 from tasks.caching import stage_task

@@ -16,7 +16,7 @@ from catdog.data import quality
 from catdog.data.records import SPLITS, Manifest
 from catdog.errors import DataCheckFailed
 from catdog.layout import Layout
-from catdog.records import (
+from catdog.stage_records import (
     DataChecksRecord,
     FeaturesRecord,
     InspectionRecord,

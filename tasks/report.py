@@ -9,7 +9,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from catdog.layout import Layout
-from catdog.records import PromotionRecord, ReportRecord
+from catdog.stage_records import PromotionRecord, ReportRecord
 from catdog.report import leaderboard_rows
 from catdog.stages import stage
 from catdog.summary import RunInfo, RunRecords, TaskOutcome, write_run

@@ -13,7 +13,7 @@ from catdog import catalog
 from catdog.errors import RunStopped
 from catdog.hashing import HashMemo, code_fingerprint, sha256_file
 from catdog.layout import MODEL_FILE, PROBABILITIES_FILE, Layout
-from catdog.records import (
+from catdog.stage_records import (
     ArraysRecord,
     CountsRecord,
     EvaluationRecord,

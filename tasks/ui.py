@@ -22,7 +22,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from catdog.records import CountsRecord
+from catdog.stage_records import CountsRecord
 
 MAX_EMBED_WIDTH = 900
 log = logging.getLogger(__name__)
