@@ -11,7 +11,7 @@ from catdog.data.extract import find_dataset_root
 from catdog.weights import resolve_weights
 
 
-def check_data(data: str) -> None:
+def check_data_source(data: str) -> None:
     """Raise DataError unless `data` is a URL, a zip with class folders, or a folder of them."""
     source = sources.parse_source(data)
     if source.kind == "zip":
@@ -39,11 +39,11 @@ def weights_for(models: Sequence[str], weights: str, transfer_image_size: int) -
     return resolved
 
 
-def check_run(
+def check_run_inputs(
     data: str, models: Sequence[str], weights: str, transfer_image_size: int
 ) -> str | None:
     """Every check a run makes before any work; returns `weights_for` the run."""
     for name in models:
         catalog.spec(name)
-    check_data(data)
+    check_data_source(data)
     return weights_for(models, weights, transfer_image_size)

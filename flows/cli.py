@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catdog import catalog
-from catdog.checks import check_run
+from catdog.checks import check_run_inputs
 from catdog.cluster import DEFAULT_CPU_WORKERS
 from catdog.errors import CatdogError, StageFailed
 from flows.console import DEBUG_ENV, debugging
@@ -293,7 +293,9 @@ def _main(argv: list[str], serving: bool, api: EarlyApiServer | None, names: Com
             "start` and set PREFECT_API_URL"
         )
     try:
-        if resolved := check_run(args.data, args.models, args.weights, args.transfer_image_size):
+        if resolved := check_run_inputs(
+            args.data, args.models, args.weights, args.transfer_image_size
+        ):
             args.weights = resolved
         return _serve(args) if serving else _run(args, api)
     except (CatdogError, StageFailed) as error:

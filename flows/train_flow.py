@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 
 from catdog import catalog
 from catdog.catalog import DEFAULT_MODELS
-from catdog.checks import check_run
+from catdog.checks import check_run_inputs
 from catdog.config import DATA, OFFICIAL_DATA_URL, RUN, TRAIN
 from catdog.data.freshness import check_source
 from catdog.layout import Layout
@@ -109,7 +109,7 @@ def train_flow(
     """Download, check and split, count, look, train every model, evaluate, promote, report."""
     quiet_tracebacks()
     # Runs from a deployment or the UI skip the command line: the same checks, before any stage.
-    weights_used = check_run(data, models, weights, transfer_image_size)
+    weights_used = check_run_inputs(data, models, weights, transfer_image_size)
     layout = Layout.at(artifacts)
     # A URL is asked whether its archive changed (no body if not); the answer keys the download.
     source = check_source(data, layout.sources_memo, offline=offline)
