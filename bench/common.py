@@ -505,21 +505,45 @@ def now() -> str:
 # ----------------------------------------------------------------------------- output
 
 
+HISTORY_INTRO = (
+    "# catdog benchmark history\n\n"
+    "Superseded figures, kept for reference: sections a newer measurement replaced in "
+    "RESULTS.md (or ASSIGNMENT.md), verbatim, newest first; their raw JSON is in the git "
+    "history.\n"
+)
+
+
 def write_section(path: Path, name: str, body: str, title: str) -> None:
     """Put `body` into `path` between this section's markers, replacing an earlier copy.
 
     Sections written by other modes (or other scripts) are kept, so one results file can
-    collect the comparison, the scaling run and the full flow.
+    collect the comparison, the scaling run and the full flow. A replaced copy that differs
+    goes to the top of HISTORY.md beside `path`, so the results file holds today's figures only
+    and the earlier ones are not lost.
     """
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{start}\n{body.rstrip()}\n{end}"
     text = path.read_text() if path.is_file() else f"# {title}\n"
     if start in text and end in text:
         head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
+        earlier, tail = rest.split(end, 1)
+        if f"{start}{earlier}{end}" != block:
+            archive_section(path.with_name("HISTORY.md"), f"{start}{earlier}{end}")
         text = head + block + tail
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
+    _write_atomically(path, text)
+
+
+def archive_section(history: Path, block: str) -> None:
+    """Put a superseded section at the top of the history file, below its intro."""
+    text = history.read_text() if history.is_file() else HISTORY_INTRO
+    first = text.find("<!-- bench:")
+    intro, sections = (text, "") if first < 0 else (text[:first], text[first:])
+    _write_atomically(history, f"{intro.rstrip()}\n\n{block}\n\n{sections}".rstrip() + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)

@@ -18,9 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root on the path: `bench` imports as a package, whichever script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (
+from bench.common import (
     BENCH,
     GIB,
     RawLog,

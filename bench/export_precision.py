@@ -21,9 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root on the path: `bench` imports as a package, whichever script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (
+from bench.common import (
     BENCH,
     REPO,
     RawLog,
@@ -37,7 +38,6 @@ from common import (
     table,
     write_section,
 )
-
 from catdog import catalog
 
 # Run in a fresh process per seed: TensorFlow stays out of the bench's own process.

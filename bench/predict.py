@@ -21,15 +21,17 @@ import time
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root on the path: `bench` imports as a package, whichever script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (
+from bench.common import (
     BENCH,
     bf16_flags,
     command_line,
     environment_markdown,
     fmt,
     now,
+    run_facts,
     table,
     write_section,
 )
@@ -122,7 +124,13 @@ def main() -> int:
             "",
             f"`{command_line()}`",
             "",
-            environment_markdown({"CPU flags": bf16_flags(), "model": str(args.model)}),
+            environment_markdown(
+                {
+                    "CPU flags": bf16_flags(),
+                    "commit": run_facts()["commit"],
+                    "model": str(args.model),
+                }
+            ),
             "",
             table(
                 [

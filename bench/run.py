@@ -26,12 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from catdog import catalog
+# The repository root on the path: `bench` imports as a package, whichever script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from blog_recipe import BLOG_MODELS
-from common import (
+from bench.blog_recipe import BLOG_MODELS
+from bench.common import (
     BENCH,
     RawLog,
     Run,
@@ -57,6 +56,7 @@ from common import (
     verdict,
     write_section,
 )
+from catdog import catalog
 
 TITLE = "catdog benchmark results"
 CATDOG_MODELS = catalog.MODEL_NAMES

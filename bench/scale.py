@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root on the path: `bench` imports as a package, whichever script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (
+from bench.common import (
     BENCH,
     RawLog,
     add_input_arguments,
@@ -219,7 +220,7 @@ def render(data: dict[str, Any]) -> str:
         f"## Scale: the dataset at {', '.join(str(s['factor']) + 'x' for s in sizes)} "
         f"({data['started']})",
         "",
-        environment_markdown(data["environment"]),
+        environment_markdown({**data["environment"], "command": f"`{data['command']}`"}),
         "",
         f"`--models {MODELS} --epochs {data['epochs']} --seed {data['seed']}` on fresh "
         "artifacts per size, each run in its own process. Extra images are deterministic "

@@ -25,11 +25,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from catdog import catalog
+# The repository root on the path: `bench` imports as a package, whichever script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (
+from bench.common import (
     BENCH,
     RawLog,
     add_from_json_argument,
@@ -52,6 +51,7 @@ from common import (
     table,
     write_section,
 )
+from catdog import catalog
 
 
 def _variant(value: str) -> tuple[str, list[str]]:

@@ -10,7 +10,7 @@
    (features of model4's MobileNetV2 base at 224x224, ImageNet weights), and, with a fifth of
    the training cats filed under dogs, how many of those come out on top.
 
-    .venv/bin/python bench/data_checks.py [--data ZIP] [--weights H5]
+    .venv/bin/python bench/studies/data_checks.py [--data ZIP] [--weights H5]
 
 Writes section `data-checks` of bench/RESULTS.md and RESULTS.data-checks.json.
 """
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root on the path: `bench` imports as a package, whichever script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.common import (
     BENCH,
@@ -34,6 +35,7 @@ from bench.common import (
     environment_markdown,
     extracted_dataset,
     log,
+    run_facts,
     table,
     write_section,
 )
@@ -176,11 +178,13 @@ def main() -> int:
         "cpu": bf16_flags(),
     }
     (args.out.parent / "RESULTS.data-checks.json").write_text(json.dumps(raw, indent=1) + "\n")
+    facts = run_facts()
     body = "\n".join(
         [
-            "`.venv/bin/python bench/data_checks.py` on "
-            f"{args.data.name} ({len(paths)} images), features of model4's base at "
-            f"{SIZE}x{SIZE} with ImageNet weights.",
+            f"## Data checks: false alarms and suspect labels ({facts['date']})",
+            "",
+            f"`{facts['command']}` on {args.data.name} ({len(paths)} images), features of "
+            f"model4's base at {SIZE}x{SIZE} with ImageNet weights.",
             "",
             "Checks passed, at the flow's thresholds (shares move > "
             f"{quality.MAX_SHARE_CHANGE:g} with chi-square p < {quality.SIGNIFICANCE:g}; "
@@ -211,7 +215,7 @@ def main() -> int:
                 [[f"`{s['path']}`", s["label"], f"{s['probability']:.4f}"] for s in suspects],
             ),
             "",
-            environment_markdown({"CPU flags": bf16_flags()}),
+            environment_markdown({"CPU flags": facts["bf16_flags"], "commit": facts["commit"]}),
         ]
     )
     write_section(args.out, "data-checks", body, "Data checks: false alarms and findings")

@@ -7,7 +7,7 @@
    and with them, each on its own artifacts folder warmed by a one-epoch cold run; the cached
    reruns alternate, `--reruns` times each, and their medians are compared.
 
-    .venv/bin/python bench/data_checks_cost.py [--epochs 20] [--before 9d7c971]
+    .venv/bin/python bench/studies/data_checks_cost.py [--epochs 20] [--before 9d7c971]
 
 Writes section `data-checks-cost` of bench/RESULTS.md and RESULTS.data-checks-cost.json.
 """
@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root on the path: `bench` imports as a package, whichever script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.common import (
     BENCH,
@@ -32,6 +33,7 @@ from bench.common import (
     flow_script,
     log,
     measure_catdog,
+    run_facts,
     snapshot_facts,
     snapshot_revision,
     snapshot_sources,
@@ -115,10 +117,12 @@ def main() -> int:
         "cpu": bf16_flags(),
     }
     (args.out.parent / "RESULTS.data-checks-cost.json").write_text(json.dumps(raw, indent=1) + "\n")
+    facts = run_facts()
     body = "\n".join(
         [
-            "`.venv/bin/python bench/data_checks_cost.py` on "
-            f"{args.data.name}, the default models.",
+            f"## What the data checks cost ({facts['date']})",
+            "",
+            f"`{facts['command']}` on {args.data.name}, the default models.",
             "",
             f"- cold default run ({args.epochs} epochs): {full.wall_seconds:.0f} s; the data "
             f"checks' stages took {added:.1f} s of it ("

@@ -1,7 +1,7 @@
 """catdog's decoded pixels against the blog's loader, on the real dataset: how close, how sharp,
 how fast.
 
-    python bench/decode_parity.py --section decode-parity
+    python bench/studies/decode_parity.py --section decode-parity
 
 For every image of the archive, at the blog's side (160) and model4's (224), three decoders:
 - "blog": `image_dataset_from_directory` (TensorFlow decodes the JPEG, then `tf.image.resize`,
@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root on the path: `bench` imports as a package, whichever script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from blog_recipe import extract_zip
-from common import (
+from bench.blog_recipe import extract_zip
+from bench.common import (
     BENCH,
     RawLog,
     _git,

@@ -1,6 +1,6 @@
 """Where an epoch of model2 and model3 goes, with Keras's layers (before) and catdog's (after).
 
-    .venv/bin/python bench/epoch_profile.py [--rounds 3]
+    .venv/bin/python bench/studies/epoch_profile.py [--rounds 3]
 
 "before" is each model with the built-in layers catdog's stand for: `RandomFlip` then
 `RandomRotation` for the augmentation, `BatchNormalization` for model2's normalization;
@@ -34,7 +34,8 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root on the path: `bench` imports as a package, whichever script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import keras
 import tensorflow as tf

@@ -8,10 +8,10 @@ distance to its nearest *other* image in the dataset. Then the chosen threshold
 (`catdog.data.quality.NEAR_DUPLICATE_BITS`) is applied to the whole dataset: the groups it finds,
 how many straddle the dataset's own train/ and validation/ folders, and how long a pass takes.
 
-    .venv/bin/python bench/near_duplicates.py [--data ../shared/data/cats_and_dogs_filtered.zip]
+    .venv/bin/python bench/studies/near_duplicates.py [--data ZIP] [--sample 300]
 
-Writes section `near-duplicates` of bench/RESULTS.md, RESULTS.near-duplicates.json, and a
-figure of the groups (bench/near-duplicates.png).
+Writes section `near-duplicates` of bench/RESULTS.md and RESULTS.near-duplicates.json (the
+distances as histograms: how many images or copies lie at each bit distance).
 """
 
 from __future__ import annotations
@@ -26,15 +26,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root on the path: `bench` imports as a package, whichever script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.common import (
     BENCH,
     SHARED,
-    bf16_flags,
     environment_markdown,
     extracted_dataset,
     log,
+    run_facts,
     table,
     write_section,
 )
@@ -71,6 +72,13 @@ def variants(image: Image.Image) -> dict[str, Image.Image]:
         "crop 5%": crop,
         "all three": _reencode(crop.resize((w // 2, h // 2)), 50),
     }
+
+
+def histogram(distances: np.ndarray | list[int]) -> dict[str, int]:
+    """How many of `distances` lie at each bit distance: every figure of the section's table
+    comes back from it, in a few dozen numbers instead of one per image."""
+    values, counts = np.unique(np.asarray(distances, dtype=int), return_counts=True)
+    return {str(value): int(count) for value, count in zip(values, counts, strict=True)}
 
 
 def popcount_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -192,22 +200,27 @@ def main() -> int:
         "threshold_bits": NEAR_DUPLICATE_BITS,
         "images": len(paths),
         "inspect_seconds": inspect_seconds,
-        "copies": copies,
+        "copies": {
+            name: {variant: histogram(values) for variant, values in by_variant.items()}
+            for name, by_variant in copies.items()
+        },
         "distinct_within": {
             name: {str(t): int((values <= t).sum()) for t in range(0, 17)}
             for name, values in nearest.items()
         },
-        "nearest_other": {name: values.tolist() for name, values in nearest.items()},
+        "nearest_other": {name: histogram(values) for name, values in nearest.items()},
         "groups": described,
         "straddling_train_validation": straddling,
         "cross_class": cross_class,
     }
     (args.out.parent / "RESULTS.near-duplicates.json").write_text(json.dumps(raw, indent=1) + "\n")
 
+    facts = run_facts()
     body = "\n".join(
         [
-            f"`{' '.join(['.venv/bin/python', 'bench/near_duplicates.py'])}` on "
-            f"{args.data.name} ({len(paths)} usable images).",
+            f"## Near-duplicates: the threshold, measured ({facts['date']})",
+            "",
+            f"`{facts['command']}` on {args.data.name} ({len(paths)} usable images).",
             "",
             f"Bit distances (of 64) from {len(sample)} sampled images to their copies, and from "
             "every image to its nearest other image; the last column is the share within the "
@@ -238,7 +251,7 @@ def main() -> int:
                 for group in described
             ),
             "",
-            environment_markdown({"CPU flags": bf16_flags()}),
+            environment_markdown({"CPU flags": facts["bf16_flags"], "commit": facts["commit"]}),
         ]
     )
     write_section(args.out, "near-duplicates", body, "Near-duplicates: the threshold, measured")
