@@ -12,6 +12,12 @@ from catdog.arrays import NpyRows, NpyWriter, Rows
 
 logger = logging.getLogger(__name__)
 
+# The feature cache's files, as `extract_features` writes them into its folder.
+TRAIN_FILE = "train.npy"  # float32 (views, n_train, dim)
+TRAIN_LABELS_FILE = "y_train.npy"  # int32 (n_train,)
+VAL_FILE = "val.npy"  # float32 (n_val, dim)
+VAL_LABELS_FILE = "y_val.npy"  # int32 (n_val,)
+
 
 @dataclass
 class FeatureSet:
@@ -34,12 +40,21 @@ class FeatureSet:
     @classmethod
     def load(cls, folder: Path, num_classes: int) -> FeatureSet:
         return cls(
-            train=NpyRows(folder / "train.npy", leading=2),
-            y_train=np.load(folder / "y_train.npy"),
-            val=NpyRows(folder / "val.npy"),
-            y_val=np.load(folder / "y_val.npy"),
+            train=NpyRows(folder / TRAIN_FILE, leading=2),
+            y_train=np.load(folder / TRAIN_LABELS_FILE),
+            val=NpyRows(folder / VAL_FILE),
+            y_val=np.load(folder / VAL_LABELS_FILE),
             num_classes=num_classes,
         )
+
+
+def unaugmented_train_features(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every training image's features without augmentation (view 0, memory-mapped, in the
+    split's order) and their labels, from a folder `extract_features` wrote."""
+    return (
+        np.load(folder / TRAIN_FILE, mmap_mode="r")[0],
+        np.load(folder / TRAIN_LABELS_FILE),
+    )
 
 
 # Pooled MobileNetV2 features per image; `feature_bytes` sizes the stage before it starts.
@@ -107,13 +122,13 @@ def extract_features(
 
     folder.mkdir(parents=True, exist_ok=True)
     with NpyWriter(
-        folder / "train.npy", (views, len(x_train), dim), np.float32, purpose, leading=2
+        folder / TRAIN_FILE, (views, len(x_train), dim), np.float32, purpose, leading=2
     ) as out:
         for view in range(views):
             embed(x_train, view, out)
             logger.info("features: train view %d of %d done", view + 1, views)
-    with NpyWriter(folder / "val.npy", (len(x_val), dim), np.float32, purpose) as out:
+    with NpyWriter(folder / VAL_FILE, (len(x_val), dim), np.float32, purpose) as out:
         embed(x_val, 0, out)
-    np.save(folder / "y_train.npy", np.asarray(y_train, dtype=np.int32))
-    np.save(folder / "y_val.npy", np.asarray(y_val, dtype=np.int32))
+    np.save(folder / TRAIN_LABELS_FILE, np.asarray(y_train, dtype=np.int32))
+    np.save(folder / VAL_LABELS_FILE, np.asarray(y_val, dtype=np.int32))
     return FeatureSet.load(folder, num_classes)

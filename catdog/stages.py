@@ -8,8 +8,8 @@ stage is an entry here, its record type, and its task.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from catdog.stage_records import (
     ArchiveRecord,
@@ -54,7 +54,7 @@ class Stage:
     gpu: bool = False  # goes to a worker with a GPU when the cluster has such workers
     cached: bool = True  # False: runs every time (it reads state outside its inputs)
 
-    def label_for(self, inputs: dict[str, Any]) -> str:
+    def label_for(self, inputs: Mapping[str, object]) -> str:
         """This stage's task run name for these inputs, e.g. "train_model[model1]"."""
         return (self.label or self.task).format(**inputs)
 
@@ -89,7 +89,13 @@ STAGES: tuple[Stage, ...] = (
         "profile",
         "profile_data",
         "03_splits/profiles",
-        ("catdog.data.quality", "catdog.plots"),
+        (
+            "catdog.data.quality",
+            "catdog.data.profile",
+            "catdog.data.reference",
+            "catdog.data.figures",
+            "catdog.plots",
+        ),
         ProfileRecord,
     ),
     Stage(
@@ -120,7 +126,13 @@ STAGES: tuple[Stage, ...] = (
         "suspects",
         "find_suspect_labels",
         "03_splits/suspects",
-        ("catdog.data.quality", "catdog.plots"),
+        (
+            "catdog.data.quality",
+            "catdog.data.suspects",
+            "catdog.data.reference",
+            "catdog.data.figures",
+            "catdog.plots",
+        ),
         SuspectsRecord,
     ),
     # Compares with production's reference, which changes between runs: never cached.
@@ -128,7 +140,7 @@ STAGES: tuple[Stage, ...] = (
         "check",
         "check_data",
         "production",
-        ("catdog.data.quality",),
+        ("catdog.data.quality", "catdog.data.reference"),
         DataChecksRecord,
         cached=False,
     ),
@@ -159,7 +171,7 @@ STAGES: tuple[Stage, ...] = (
         "propose",
         "propose_promotion",
         "production",
-        ("catdog.promotion",),
+        ("catdog.gate",),
         PromotionRecord,
         cached=False,
     ),
@@ -167,7 +179,7 @@ STAGES: tuple[Stage, ...] = (
         "promote",
         "promote_model",
         "production",
-        ("catdog.promotion",),
+        ("catdog.gate",),
         PromotionRecord,
         cached=False,
     ),
