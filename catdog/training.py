@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import keras
 import numpy as np
@@ -43,6 +44,20 @@ class TrainingData:
     num_classes: int
 
 
+class TrainedFacts(TypedDict):
+    """What a training tells its stage's record (fields of `catdog.stage_records.TrainedRecord`)."""
+
+    model: str
+    epochs: int
+    history: dict[str, list[float]]
+    epoch_seconds: list[float]
+    best_epoch: int
+    saved_from: str
+    replicas: int
+    trainable_params: int
+    total_params: int
+
+
 @dataclass
 class TrainResult:
     history: dict[str, list[float]]
@@ -52,6 +67,30 @@ class TrainResult:
     total_params: int
     saved_from: str | None = None  # whose weights model.keras holds, when not this model's
     replicas: int = 1  # devices each batch was split over
+
+    def facts(self, name: str) -> TrainedFacts:
+        """What this training of model `name` tells its stage's record."""
+        return TrainedFacts(
+            model=name,
+            epochs=len(self.epoch_seconds),
+            history=self.history,
+            epoch_seconds=self.epoch_seconds,
+            best_epoch=self.best_epoch,
+            saved_from=self.saved_from or name,
+            replicas=self.replicas,
+            trainable_params=self.trainable_params,
+            total_params=self.total_params,
+        )
+
+
+def describe_epoch(name: str, epoch: int, total: int, row: dict[str, float]) -> str:
+    """A finished epoch of model `name` in one line: its metrics (0 for one it lacks) and
+    seconds."""
+    return (
+        f"{name} epoch {epoch}/{total}: accuracy {row.get('accuracy', 0):.3f}, "
+        f"val_accuracy {row.get('val_accuracy', 0):.3f}, loss {row.get('loss', 0):.3f}, "
+        f"val_loss {row.get('val_loss', 0):.3f} ({row['seconds']:.1f} s)"
+    )
 
 
 CPUINFO = Path("/proc/cpuinfo")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger
 
@@ -23,7 +25,13 @@ from catdog.stage_records import (
 from tasks import ui
 from tasks.caching import check_not_stopped, raised, stage_output, stage_task
 
+if TYPE_CHECKING:
+    from catdog.features import FeatureSet
+    from catdog.training import TrainingData
 
+
+# A fingerprint reads the task's inputs by parameter name, as the cache policy hands them over
+# (a dict of every type the task takes).
 def _weights_fingerprint(inputs: dict[str, Any]) -> str | None:
     """A weights file is identified by its content, not by where it lies."""
     weights = inputs.get("weights")
@@ -90,13 +98,44 @@ def extract_features(
     return out.record
 
 
+def _training_data(layout: Layout, arrays: ArraysRecord) -> TrainingData:
+    """The decoded training and validation images, for a model that trains on them."""
+    from catdog import training
+
+    x_train, y_train = load_arrays(layout, arrays, "train")
+    x_val, y_val = load_arrays(layout, arrays, "validation")
+    return training.TrainingData(x_train, y_train, x_val, y_val, len(arrays.classes))
+
+
+def _cached_features(
+    layout: Layout, arrays: ArraysRecord, features: FeaturesRecord | None
+) -> Callable[[], FeatureSet] | None:
+    """What loads the cached features, for a model that trains on them."""
+    from catdog.features import FeatureSet
+
+    if features is None:
+        return None
+    return partial(FeatureSet.load, layout.resolve(features.dir), len(arrays.classes))
+
+
+def _input_keys(
+    arrays: ArraysRecord, features: FeaturesRecord | None, start: TrainedRecord | None
+) -> dict[str, str | None]:
+    """The keys of the stage outputs a training read."""
+    return {
+        "arrays": arrays.key,
+        "features": features.key if features else None,
+        "start": start.key if start else None,
+    }
+
+
 @stage_task("train", fingerprint=_model_fingerprint, retry_condition_fn=retry_unless_stopped)
 def train_model(
     model: str,
     arrays: ArraysRecord,
     features: FeaturesRecord | None,
     start: TrainedRecord | None,
-    settings: dict[str, Any],
+    settings: dict[str, Any],  # TrainConfig's fields as JSON: keyed by value and recorded
     seed: int,
     weights: str | None,
     artifacts: str,
@@ -104,36 +143,15 @@ def train_model(
     """Train one model; a run that died continues from its last finished epoch."""
     from catdog import training
     from catdog.config import TrainConfig
-    from catdog.features import FeatureSet
 
     logger = get_run_logger()
     layout = Layout.at(artifacts)
     config = TrainConfig(**settings)
-    num_classes = len(arrays.classes)
     total_epochs = config.finetune_epochs if start else config.epochs
     progress = ui.start_progress(f"{model}: epochs done of {total_epochs}")
 
-    def images() -> training.TrainingData:
-        x_train, y_train = load_arrays(layout, arrays, "train")
-        x_val, y_val = load_arrays(layout, arrays, "validation")
-        return training.TrainingData(x_train, y_train, x_val, y_val, num_classes)
-
-    def cached_features() -> FeatureSet:
-        assert features is not None
-        return FeatureSet.load(layout.resolve(features.dir), num_classes)
-
     def on_epoch(epoch: int, total: int, row: dict[str, float]) -> None:
-        logger.info(
-            "%s epoch %d/%d: accuracy %.3f, val_accuracy %.3f, loss %.3f, val_loss %.3f (%.1f s)",
-            model,
-            epoch,
-            total,
-            row.get("accuracy", 0),
-            row.get("val_accuracy", 0),
-            row.get("loss", 0),
-            row.get("val_loss", 0),
-            row["seconds"],
-        )
+        logger.info("%s", training.describe_epoch(model, epoch, total, row))
         ui.update_progress(progress, 100.0 * (epoch - (total - total_epochs)) / total_epochs)
         # Another stage failed: stop here; the finished epochs stay for the next run.
         check_not_stopped(layout)
@@ -146,31 +164,19 @@ def train_model(
             seed=seed,
             weights=weights,
             input_shape=(arrays.image_size, arrays.image_size, 3),
-            images=images,
-            features=cached_features if features else None,
+            images=partial(_training_data, layout, arrays),
+            features=_cached_features(layout, arrays, features),
             start_dir=layout.resolve(start.dir) if start else None,
             on_epoch=on_epoch,
         )
         out.facts.update(
-            model=model,
-            epochs=len(result.epoch_seconds),
-            history=result.history,
-            epoch_seconds=result.epoch_seconds,
-            best_epoch=result.best_epoch,
-            saved_from=result.saved_from or model,
-            replicas=result.replicas,
-            trainable_params=result.trainable_params,
-            total_params=result.total_params,
+            **result.facts(model),
             # Which process trained it: the flow's own, or a Dask worker's.
             worker={"host": socket.gethostname(), "pid": os.getpid()},
             settings=settings,
             seed=seed,
             weights=weights,
-            inputs={
-                "arrays": arrays.key,
-                "features": features.key if features else None,
-                "start": start.key if start else None,
-            },
+            inputs=_input_keys(arrays, features, start),
         )
         (out.folder / "config.json").write_text(json.dumps(out.facts, indent=2, default=str))
     ui.update_progress(progress, 100.0)

@@ -9,9 +9,11 @@ import pytest
 
 from catdog.config import TrainConfig
 from catdog.errors import ModelError
-from catdog.features import extract_features
+from catdog.features import TRAIN_FILE, extract_features, unaugmented_train_features
 from catdog.training import (
     TrainingData,
+    TrainResult,
+    describe_epoch,
     dtype_policy,
     resolve_precision,
     train,
@@ -57,6 +59,27 @@ def test_dtype_policy_restores_the_previous_policy():
         assert policy == "mixed_bfloat16"
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     assert keras.mixed_precision.global_policy().name == before
+
+
+def test_a_training_tells_its_record_what_it_did_and_each_epoch_is_one_line():
+    result = TrainResult({"accuracy": [0.5, 0.75]}, [1.5, 1.25], 2, 10, 30, replicas=2)
+    assert result.facts("model1") == {
+        "model": "model1",
+        "epochs": 2,
+        "history": {"accuracy": [0.5, 0.75]},
+        "epoch_seconds": [1.5, 1.25],
+        "best_epoch": 2,
+        "saved_from": "model1",  # its own weights
+        "replicas": 2,
+        "trainable_params": 10,
+        "total_params": 30,
+    }
+    result.saved_from = "model4"
+    assert result.facts("model4_finetune")["saved_from"] == "model4"
+    row = {"accuracy": 0.5, "val_accuracy": 0.25, "loss": 0.6931, "seconds": 12.34}
+    assert describe_epoch("model1", 3, 10, row) == (
+        "model1 epoch 3/10: accuracy 0.500, val_accuracy 0.250, loss 0.693, val_loss 0.000 (12.3 s)"
+    )
 
 
 class Crash(Exception):
@@ -122,8 +145,11 @@ def test_head_on_cached_features_then_fine_tune(data, tmp_path):
         views=3,
         seed=3,
     )
-    on_disk = np.load(tmp_path / "features" / "train.npy")
+    on_disk = np.load(tmp_path / "features" / TRAIN_FILE)
     assert on_disk.shape == (3, 24, 1280)
+    as_they_are, labels = unaugmented_train_features(tmp_path / "features")
+    np.testing.assert_array_equal(as_they_are, on_disk[0])
+    np.testing.assert_array_equal(labels, data.y_train)
     assert features.train.shape == (3 * 24, 1280) and features.views == 3
     assert features.val.shape == (8, 1280)
     # Row v * n + i of the reader is view v of image i.
