@@ -34,6 +34,8 @@ from tasks.caching import current_key, raised, stage_output, stage_task
 MAX_RETRY_AFTER_SECONDS = 60.0
 
 
+# A fingerprint reads the task's inputs by parameter name, as the cache policy hands them over
+# (a dict of every type the task takes).
 def _source_fingerprint(inputs: dict[str, Any]) -> str:
     layout = Layout.at(inputs["artifacts"])
     source = sources.parse_source(inputs["data"])

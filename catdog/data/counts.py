@@ -24,7 +24,7 @@ class LabelCounts:
     majority_class: str  # most frequent class in train (ties: the first in class order)
     imbalance_warning: str | None  # set when train's largest class > 1.5x its smallest
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:  # counts.json and the record's fields
         """A JSON-able dict of all fields."""
         return asdict(self)
 

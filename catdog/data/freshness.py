@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import httpx
 
@@ -28,6 +28,14 @@ _NO_HEAD = (405, 501)  # servers that do not implement HEAD: the archive must be
 
 class SourceUnavailable(Exception):
     """The server could not say whether the archive changed."""
+
+
+class GoodDownload(TypedDict):
+    """What the memo remembers of a URL's last good download."""
+
+    revision: str  # the validators it was keyed by (`probe`)
+    sha256: str  # the archive's content
+    downloaded_at: str  # ISO 8601, UTC
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,7 @@ def check_url(url: str, memo: Path, *, offline: bool) -> SourceCheck:
         return SourceCheck(last["revision"], fresh=False, warning=warning)
 
 
-def read_sources(memo: Path) -> dict[str, Any]:
+def read_sources(memo: Path) -> dict[str, GoodDownload]:
     """URL -> its last good download: revision, content hash, time."""
     try:
         return dict(read_json(memo)) if memo.is_file() else {}
@@ -142,9 +150,9 @@ def read_sources(memo: Path) -> dict[str, Any]:
 def remember(memo: Path, url: str, revision: str, sha256: str) -> None:
     """Record a good download of `url` (written whole, so a reader never sees half of it)."""
     sources = read_sources(memo)
-    sources[url] = {
-        "revision": revision,
-        "sha256": sha256,
-        "downloaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    sources[url] = GoodDownload(
+        revision=revision,
+        sha256=sha256,
+        downloaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
     atomic_write_json(memo, sources)

@@ -224,7 +224,7 @@ def _summary(values: np.ndarray) -> dict[str, float]:
 
 def profile(
     inspection: Inspection, groups: Mapping[tuple[str, str], Sequence[str]]
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # JSON, as profile.json holds it: one key per property
     """Per (split, class): the count, colour modes and each property's distribution
     (min, 5th percentile, median, 95th percentile, max, mean)."""
     index = {path: i for i, path in enumerate(inspection.paths)}
@@ -254,7 +254,7 @@ class DataCheck:
     threshold: float
     detail: str
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:  # a row of the record's checks and the UI's table
         return asdict(self)
 
 

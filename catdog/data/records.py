@@ -49,7 +49,7 @@ class Manifest:
     def with_images(self, images: Iterable[ImageEntry], **changes: Any) -> Manifest:
         return replace(self, images=tuple(images), **changes)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:  # the manifest file's JSON
         data = asdict(self)
         data["format"] = MANIFEST_FORMAT
         return data
