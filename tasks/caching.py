@@ -41,6 +41,10 @@ from tasks.locks import ArtifactsLockManager
 
 NOT_KEYED = ("artifacts",)  # where results live does not change what they are
 
+# A task's inputs (or a flow's parameters) by name, as Prefect hands them to a cache policy:
+# whatever the task takes.
+Inputs = dict[str, Any]
+
 
 def _memo(layout: Layout) -> HashMemo:
     return HashMemo(layout.hash_memo)
@@ -48,31 +52,37 @@ def _memo(layout: Layout) -> HashMemo:
 
 @dataclass
 class ContentAddressed(CachePolicy):
-    """Key = hash(stage, inputs, stage code, task code[, source fingerprint])."""
+    """Key = hash(stage, its record's class, inputs, stage code, task code[, source
+    fingerprint])."""
 
     stage: str = ""
     unkeyed: tuple[str, ...] = ()  # inputs the fingerprint stands in for
-    fingerprint: Callable[[dict[str, Any]], Any] | None = field(default=None, repr=False)
+    fingerprint: Callable[[Inputs], Any] | None = field(default=None, repr=False)
 
     def compute_key(
         self,
         task_ctx: TaskRunContext,
-        inputs: dict[str, Any],
-        flow_parameters: dict[str, Any],
+        inputs: Inputs,
+        flow_parameters: Inputs,
         **kwargs: Any,
     ) -> str | None:
         entry = stage(self.stage)
         skip = (*NOT_KEYED, *self.unkeyed)
         keyed = {name: _identity(value) for name, value in inputs.items() if name not in skip}
-        parts: dict[str, Any] = {
+        task = task_fingerprint(task_ctx.task.fn)
+        if self.fingerprint is not None:
+            task += task_fingerprint(self.fingerprint)
+        parts = {
             "stage": entry.name,
+            # A stored result is read back as the class of this name: a result of a class that
+            # moved or was renamed would come back a bare dict, so it is another key.
+            "record": f"{entry.record.__module__}.{entry.record.__qualname__}",
             "inputs": keyed,
             "code": code_fingerprint(*entry.code),
-            "task": task_fingerprint(task_ctx.task.fn),
+            "task": task,
         }
         if self.fingerprint is not None:
             parts["source"] = self.fingerprint(inputs)
-            parts["task"] += task_fingerprint(self.fingerprint)
         key = f"{entry.name}-{sha256_json(parts)[:32]}"
         layout = Layout.at(inputs["artifacts"])
         name = inputs.get("model") if entry.per_model else None
@@ -189,14 +199,14 @@ class StageOutput:
     """A stage's working folder, the facts its task adds, and then its sealed record."""
 
     folder: Path
-    facts: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, object] = field(default_factory=dict)  # the record's fields, by name
     record: Any = None
 
 
 def stage_task(
     name: str,
     *,
-    fingerprint: Callable[[dict[str, Any]], Any] | None = None,
+    fingerprint: Callable[[Inputs], Any] | None = None,
     unkeyed: tuple[str, ...] = (),
     **options: Any,
 ) -> Callable[[Callable[..., Any]], Task]:
