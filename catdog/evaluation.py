@@ -5,12 +5,35 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from catdog.arrays import Rows
+
+
+class ClassScores(TypedDict):
+    precision: float
+    recall: float
+    f1: float
+    support: int  # images of the class
+
+
+class ClassificationReport(TypedDict):
+    accuracy: float
+    per_class: dict[str, ClassScores]
+    macro_f1: float
+
+
+class Scores(ClassificationReport):
+    """`score`'s result: plain Python values, ready for JSON."""
+
+    loss: float
+    confusion_matrix: list[list[int]]
+    predictions: list[int]
+    confidence: list[float]
+    most_confident_errors: list[int]
 
 
 def _labels(values: ArrayLike, num_classes: int, what: str) -> np.ndarray:
@@ -57,7 +80,7 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0
 
 
-def classification_report(cm: ArrayLike, class_names: Sequence[str]) -> dict[str, Any]:
+def classification_report(cm: ArrayLike, class_names: Sequence[str]) -> ClassificationReport:
     """Accuracy, per-class precision / recall / F1 / support and macro F1 from a confusion matrix.
 
     Args:
@@ -80,7 +103,7 @@ def classification_report(cm: ArrayLike, class_names: Sequence[str]) -> dict[str
         )
     true_totals = matrix.sum(axis=1)
     pred_totals = matrix.sum(axis=0)
-    per_class: dict[str, dict[str, float | int]] = {}
+    per_class: dict[str, ClassScores] = {}
     f1s: list[float] = []
     for index, name in enumerate(class_names):
         hits = float(matrix[index, index])
@@ -148,7 +171,7 @@ def most_confident_errors(y_true: ArrayLike, probs: ArrayLike, k: int) -> list[i
     return [int(i) for i in wrong[order][:k]]
 
 
-def score(logits: ArrayLike, y_true: ArrayLike, class_names: Sequence[str]) -> dict[str, Any]:
+def score(logits: ArrayLike, y_true: ArrayLike, class_names: Sequence[str]) -> Scores:
     """Everything the report needs from a model's logits on a labelled split.
 
     Args:
@@ -211,8 +234,6 @@ def predict_logits(model: Any, images: Rows, batch_size: int = 64) -> np.ndarray
     return np.concatenate(outputs) if outputs else np.empty((0, classes), np.float32)
 
 
-def score_model(
-    model: Any, images: Rows, labels: ArrayLike, class_names: Sequence[str]
-) -> dict[str, Any]:
+def score_model(model: Any, images: Rows, labels: ArrayLike, class_names: Sequence[str]) -> Scores:
     """Predict `images` (uint8, at the model's input size) with a Keras model and `score` it."""
     return score(predict_logits(model, images), labels, class_names)

@@ -12,6 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# A JSON object as `json.loads` returns it: where files and events meet the typed records
+# (their to_json/from_json, the registry's history), whose keys only the JSON's readers know.
+JsonObject = dict[str, Any]
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file in the same folder, then rename."""

@@ -85,6 +85,7 @@ class RandomFlipAndRotation(keras.layers.Layer):
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return input_shape
 
+    # Keras's own signature: the JSON its constructor takes back, as Keras serializes it.
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "factor": self.factor, "seed": self.seed}
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
+from catdog.io import JsonObject
 
-def emit_run_event(event: str, resource: str, name: str, payload: dict[str, Any]) -> None:
+
+def emit_run_event(event: str, resource: str, name: str, payload: JsonObject) -> None:
     """Emit `event` about `resource` (its id and name), related to the running flow run, whose
     name joins the payload as "flow_run"."""
     run_id, run_name = flow_run.get_id(), flow_run.get_name()

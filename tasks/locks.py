@@ -19,7 +19,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from catdog.io import exclusive_lock
 from catdog.processes import (  # noqa: F401 - HOLD_TIMEOUT_ENV and Heartbeat: the lock's API
@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1
 UNNAMED_TIMEOUT = 60.0  # seconds after which a lock file naming no holder is abandoned
+
+
+class LockContent(TypedDict, total=False):
+    """A lock file's JSON; empty while its creator has not written it (or another tool's)."""
+
+    holder: str  # the holder Prefect names
+    process: str  # "host:pid:start" of the process holding it
+    expires: float | None  # when the hold ends (time.time()); None: held until released
 
 
 class ArtifactsLockManager:
@@ -56,7 +64,7 @@ class ArtifactsLockManager:
     def lock_file(self, key: str) -> Path:
         return self.directory / f"{key}.lock"
 
-    def _read(self, key: str) -> dict[str, Any] | None:
+    def _read(self, key: str) -> LockContent | None:
         """The lock's content; {} while its creator has not written it yet; None if free."""
         try:
             text = self.lock_file(key).read_text(encoding="utf-8")
@@ -67,7 +75,7 @@ class ArtifactsLockManager:
         except ValueError:
             return {}
 
-    def _abandoned(self, key: str, content: dict[str, Any]) -> bool:
+    def _abandoned(self, key: str, content: LockContent) -> bool:
         path = self.lock_file(key)
         try:
             age = time.time() - path.stat().st_mtime

@@ -10,8 +10,8 @@ from __future__ import annotations
 import base64
 import io
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 from uuid import UUID
 
 from PIL import Image
@@ -49,7 +49,7 @@ def publish_image(key: str, path: Path, description: str) -> None:
 def publish_counts(counts: CountsRecord) -> None:
     rows = []
     for split, per_class in counts.counts.items():
-        row: dict[str, Any] = {"split": split, **per_class}
+        row: dict[str, str | int | float] = {"split": split, **per_class}
         row["total"] = sum(per_class.values())
         row["majority baseline"] = round(counts.baseline[split], 4)
         rows.append(row)
@@ -78,8 +78,8 @@ def update_progress(artifact_id: UUID | None, percent: float) -> None:
         log.warning("progress artifact not updated (%s)", error)
 
 
-def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
-    create_table_artifact(key=key, table=rows, description=description)
+def publish_table(key: str, rows: Sequence[Mapping[str, object]], description: str) -> None:
+    create_table_artifact(key=key, table=[dict(row) for row in rows], description=description)
 
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:
