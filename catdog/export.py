@@ -18,17 +18,20 @@ larger test split).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from catdog.io import JsonObject, replace_directory
 from catdog.serving import LITERT_FILE, RUNTIMES, SAVED_MODEL_DIR, ServingSpec
 
 # The most an export's probability may differ from the served model's on any image and class
@@ -101,8 +104,19 @@ class ExportCheck:
         served_ok = self.precision is None or self.precision.passed
         return bool(self.runtimes) and all(c.passed for c in self.runtimes) and served_ok
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {**asdict(self), "passed": self.passed, "reason": self.reason()}
+
+    @classmethod
+    def from_json(cls, facts: JsonObject) -> ExportCheck:
+        """The check `to_json` wrote ("passed" and "reason" follow from the rest)."""
+        precision = facts["precision"]
+        return cls(
+            images=facts["images"],
+            tolerance=facts["tolerance"],
+            runtimes=[RuntimeCheck(**check) for check in facts["runtimes"]],
+            precision=PrecisionCheck(**precision) if precision else None,
+        )
 
     def reason(self) -> str:
         """One sentence for the report and the registry."""
@@ -248,6 +262,27 @@ def export_checked(
     if precision == "float32":
         return check
     return replace(check, precision=judge_precision(trained, reference, precision, labels))
+
+
+def export_into(folder: Path, make: Callable[[Path], ExportCheck], images: int) -> ExportCheck:
+    """Let `make` export into a staging folder and check it; the exports become `folder` only if
+    they pass (one a crashed run left there is replaced), and nothing is left behind if not.
+    An export that cannot be made at all fails its check, saying why (`images`: how many the
+    check would have compared)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staged = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        try:
+            check = make(staged)
+        except Exception as error:  # an export that cannot be made keeps production, saying why
+            problem = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
+            failed = RuntimeCheck("export", False, problem=problem)
+            return ExportCheck(images=images, tolerance=0.0, runtimes=[failed])
+        if check.passed:
+            replace_directory(staged, folder)
+        return check
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _probabilities(served: Any, images: Path) -> np.ndarray:

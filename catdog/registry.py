@@ -16,14 +16,32 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import NotRequired, TypedDict
 
+from catdog.candidates import Candidate, SplitFacts
 from catdog.errors import CatdogError
-from catdog.io import atomic_write_json, exclusive_lock, replace_directory
+from catdog.io import JsonObject, atomic_write_json, exclusive_lock, read_json, replace_directory
 from catdog.layout import Layout
+from catdog.stage_records import PromotionRecord
+
+# Beside an archived model: the images it trained or was selected on (their content hashes).
+SEEN_FILE = "seen.json"
+
+# One decision as recorded: {"time", "action", "reason", ...}; a promotion or rollback also holds
+# the installed model's `Production.facts()`. Older entries lack newer keys, so readers use
+# `.get` for anything but "time", "action" and "reason".
+HistoryEntry = JsonObject
+
+
+class RunIdentity(TypedDict):
+    """The run that asked the gate, as its decisions record it."""
+
+    id: str
+    name: NotRequired[str | None]  # its Prefect flow run's name, if it has one
 
 
 class RegistryError(CatdogError):
@@ -51,13 +69,13 @@ class Production:
     entry: int = -1  # index in the history of the decision that made it current
 
     @classmethod
-    def from_json(cls, facts: dict[str, Any]) -> Production:
+    def from_json(cls, facts: HistoryEntry) -> Production:
         known = {f.name for f in fields(cls)}
         # Registries written before exports existed have no "exports" or "flow_run".
         given = {k: facts[k] for k in known & facts.keys()}
         return cls(**{"exports": None, "flow_run": None, **given})
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> HistoryEntry:
         """The fields a history entry records about the model it installed."""
         return {k: v for k, v in asdict(self).items() if k != "entry"}
 
@@ -65,14 +83,11 @@ class Production:
 @dataclass(frozen=True)
 class Registry:
     production: Production | None  # None: no promotion yet (or none left after refusals)
-    # Every decision in order, as recorded: {"time", "action", "reason", ...}; a promotion or
-    # rollback also holds the installed model's `Production.facts()`. Older entries may lack
-    # newer keys, so readers use `.get` for anything but "time", "action" and "reason".
-    history: list[dict[str, Any]]
+    history: list[HistoryEntry]  # every decision in order, as recorded
 
     @property
     def promotions(self) -> int:
-        return sum(entry.get("action") == "promote" for entry in self.history)
+        return sum(entry["action"] == "promote" for entry in self.history)
 
 
 def read(layout: Layout) -> Registry:
@@ -105,7 +120,7 @@ def archive_file(layout: Layout, archive: str, name: str) -> Path:
     return layout.root / f"{archive}.{name}"
 
 
-def write(layout: Layout, production: Production | None, history: list[dict[str, Any]]) -> None:
+def write(layout: Layout, production: Production | None, history: list[HistoryEntry]) -> None:
     """Write the registry, then copy what it names current to `production/model.keras` and
     `production/export/`. The archived file it names is written before it, so a crash at any
     moment leaves a registry that describes files that exist."""
@@ -131,7 +146,13 @@ def _make_current(layout: Layout, production: Production) -> None:
     replace_directory(new, current)
 
 
-def archive(layout: Layout, number: int, model: str, source: Path, extras: dict[str, Any]) -> str:
+def archive(
+    layout: Layout,
+    number: int,
+    model: str,
+    source: Path,
+    extras: Mapping[str, Path | Sequence[str] | Sequence[int]],
+) -> str:
     """Copy the `number`th promoted model's file into production/models, with `extras` beside it
     (name -> a Path to copy, or JSON data to write); returns the archive, relative to the root."""
     target = layout.production_archive(number, model)
@@ -151,7 +172,7 @@ def archive(layout: Layout, number: int, model: str, source: Path, extras: dict[
     return relative
 
 
-def rollback(layout: Layout) -> dict[str, Any]:
+def rollback(layout: Layout) -> HistoryEntry:
     """Make the model that the current production model replaced current again.
 
     Returns:
@@ -201,10 +222,98 @@ def _current(production: Production, entry: int) -> Production:
 
 
 def record(
-    layout: Layout, registry: Registry, entry: dict[str, Any], installed: Production | None
+    layout: Layout, registry: Registry, entry: HistoryEntry, installed: Production | None
 ) -> None:
     """Append a gate decision to `registry` (as read under the gate's lock, which the caller
     holds); `installed` (a promotion) becomes production."""
     history = [*registry.history, entry]
     production = _current(installed, len(history) - 1) if installed else registry.production
     write(layout, production, history)
+
+
+def record_decision(
+    layout: Layout,
+    registry: Registry,
+    decision: PromotionRecord,
+    run: RunIdentity,
+    installed: Production | None,
+) -> None:
+    """Append the gate's decision on `registry` (read under the gate's lock, which the caller
+    holds): the decision, the run, the entry of the model it judged against, and on a promotion
+    the installed model's facts; `installed` becomes production."""
+    facts = decision.to_json()
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "action": "promote" if decision.promoted else "keep",
+        **{key: facts[key] for key in ("candidate", "candidate_epoch", "reason", "rule")},
+        **{key: facts[key] for key in ("policy", "margin", "evidence")},
+        # the entry whose model was in production
+        "replaced": registry.production.entry if registry.production else None,
+        "run_id": run["id"],
+        "flow_run": run.get("name"),
+        "export_check": facts["export_check"],
+        "approval": facts["approval"],
+    }
+    record(layout, registry, {**entry, **(installed.facts() if installed else {})}, installed)
+
+
+def predictions_file(split: SplitFacts) -> str:
+    """Beside an archived model: its predictions on one split's test images."""
+    return f"predictions-{split.split_hash[:16]}.json"
+
+
+def seen_among(layout: Layout, production: Production, hashes: Collection[str]) -> int:
+    """How many of these images (content hashes) `production` trained or was selected on."""
+    seen_file = archive_file(layout, production.archive, SEEN_FILE)
+    seen = set(read_json(seen_file) if seen_file.is_file() else [])
+    return len(seen.intersection(hashes))
+
+
+def production_predictions(layout: Layout, production: Production, split: SplitFacts) -> list[int]:
+    """`production`'s predictions on this split's test images, computed once per split and kept
+    beside its archive."""
+    kept = archive_file(layout, production.archive, predictions_file(split))
+    if kept.is_file():
+        return list(read_json(kept))
+    from catdog.evaluation import load_model, score_model
+
+    model = load_model(archive_path(layout, production))
+    images = split.test_images(int(model.input_shape[1]))
+    predictions = score_model(model, images, split.test_labels, split.classes)["predictions"]
+    atomic_write_json(kept, predictions)
+    return predictions
+
+
+def install(
+    layout: Layout,
+    number: int,
+    candidate: Candidate,
+    split: SplitFacts,
+    run: RunIdentity,
+    exports: str | None,
+    reference: Mapping[str, Path] | None = None,
+) -> Production:
+    """Archive the candidate's file and facts under production/models, as the next production
+    (the `number`th decision); `exports` is its archived export folder, if any."""
+    extras: dict[str, Path | Sequence[str] | Sequence[int]] = {
+        SEEN_FILE: sorted(split.seen_hashes),
+        predictions_file(split): list(candidate.predictions),
+        **{name: Path(path) for name, path in (reference or {}).items()},
+    }
+    relative = archive(layout, number, candidate.name, Path(candidate.path), extras)
+    return Production(
+        model=candidate.name,
+        epoch=candidate.epoch,
+        archive=relative,
+        source=candidate.path,
+        test_accuracy=candidate.test_accuracy,
+        val_accuracy=candidate.val_accuracy,
+        data_hash=split.data_hash,
+        split_hash=split.split_hash,
+        classes=list(split.classes),
+        image_size=candidate.image_size,
+        code=candidate.code,
+        run_id=run["id"],
+        flow_run=run.get("name"),
+        exports=exports,
+    )

@@ -3,14 +3,21 @@
 Records cross the layers (library, tasks, flow, report) and the wire (Dask, Prefect's JSON
 results), so they hold plain JSON values only, never arrays or TensorFlow objects: a folder
 relative to the artifacts root, the cache key that names it, the hash of every file in it,
-and what a later stage or the report needs to know without opening the files.
+and what a later stage or the report needs to know without opening the files. (The manifest's
+own records, one per image, are `catdog.data.records`.)
+
+A cached stage's record comes back from Prefect's JSON results through pydantic, by its class's
+qualified name: its fields keep types pydantic can rebuild (no TypedDict before Python 3.12).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from catdog.export import ExportCheck
+from catdog.io import JsonObject
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,8 @@ class SuspectsRecord(Record):
     """`features_sample.npz` (training features kept with a promoted model) and
     `suspects.png`."""
 
-    suspects: list[dict[str, Any]] = field(default_factory=list)  # {path, label, probability}
+    # {"path", "label", "probability"}, lowest probability first
+    suspects: list[dict[str, str | float]] = field(default_factory=list)
     features: str = ""  # what computed the features: model, image size, weights
 
 
@@ -132,8 +140,9 @@ class TrainedRecord(Record):
     replicas: int = 1  # devices one batch was split over
     trainable_params: int = 0
     total_params: int = 0
-    worker: dict[str, Any] = field(default_factory=dict)  # host and pid that trained it
-    settings: dict[str, Any] = field(default_factory=dict)  # the settings that key it
+    worker: dict[str, str | int] = field(default_factory=dict)  # {"host", "pid"} that trained it
+    # The settings that key it (catdog.config.TrainConfig's fields)
+    settings: dict[str, int | float | str] = field(default_factory=dict)
     seed: int = 0
     weights: str | None = None
     inputs: dict[str, str | None] = field(default_factory=dict)  # keys of what it read
@@ -159,14 +168,49 @@ class EvaluationRecord(Record):
 class DataChecksRecord:
     """This run's data against the data that trained production (no folder of its own)."""
 
-    checks: list[dict[str, Any]] = field(default_factory=list)  # DataCheck.to_json()
+    # DataCheck.to_json(): {"name", "passed", "statistic", "threshold", "detail"}
+    checks: list[dict[str, str | bool | float]] = field(default_factory=list)
     reference: str | None = None  # the production archive compared with; None: no reference
     note: str = ""  # why a check did not run
     policy: str = "warn"  # --on-data-issue
 
     @property
-    def failed(self) -> list[dict[str, Any]]:
+    def failed(self) -> list[dict[str, str | bool | float]]:
         return [check for check in self.checks if not check["passed"]]
+
+
+# The promotion gate's record (catdog.gate) and its parts.
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a candidate must meet to replace production (None: that rule is off)."""
+
+    margin: float = 0.0  # test-accuracy gain over production, on the same test images
+    min_accuracy: float | None = None  # the candidate's own test accuracy, at least
+    min_class_recall: float | None = None  # every class's test recall, at least
+    # McNemar p against production, at most: the gain must be more than chance on these images
+    max_p_value: float | None = None
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Candidate against production on the same test images."""
+
+    candidate_accuracy: float
+    production_accuracy: float
+    disagreements: int  # images that exactly one of the two classifies correctly
+    candidate_only: int  # right by the candidate only
+    production_only: int  # right by production only
+    p_value: float  # exact two-sided McNemar test on the disagreements
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A person's answer to `--approve-promotion`; only "approved" lets a candidate through."""
+
+    outcome: str  # "approved", "rejected", "timed out" or "not asked (...)"
+    by: str  # who answered, "" if nobody did
 
 
 @dataclass(frozen=True)
@@ -178,13 +222,36 @@ class PromotionRecord:
     candidate: str
     candidate_epoch: int
     margin: float
-    rule: str = "margin"  # which rule of the policy decided (catdog.promotion.Decision)
-    policy: dict[str, Any] = field(default_factory=dict)  # catdog.promotion.Policy, as JSON
-    candidate_accuracy: float | None = None
-    production_accuracy: float | None = None
-    evidence: dict[str, Any] | None = None  # catdog.promotion.Evidence, as JSON
-    export_check: dict[str, Any] | None = None  # catdog.export.ExportCheck, as JSON
-    approval: dict[str, str] | None = None  # {"outcome", "by"} when a person was asked
+    rule: str  # which rule decided (catdog.gate.Decision)
+    policy: Policy
+    candidate_accuracy: float | None  # None: not compared with production
+    production_accuracy: float | None
+    evidence: Evidence | None
+    export_check: ExportCheck | None  # None: no exports made
+    approval: Approval | None  # None: no person was asked
+
+    def to_json(self) -> JsonObject:
+        """As summary.json, the events and (in part) the registry hold it."""
+        return {
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            "policy": asdict(self.policy),
+            "evidence": asdict(self.evidence) if self.evidence else None,
+            "export_check": self.export_check.to_json() if self.export_check else None,
+            "approval": asdict(self.approval) if self.approval else None,
+        }
+
+    @classmethod
+    def from_json(cls, facts: JsonObject) -> PromotionRecord:
+        evidence, check, approval = facts["evidence"], facts["export_check"], facts["approval"]
+        return cls(
+            **{
+                **facts,
+                "policy": Policy(**facts["policy"]),
+                "evidence": Evidence(**evidence) if evidence else None,
+                "export_check": ExportCheck.from_json(check) if check else None,
+                "approval": Approval(**approval) if approval else None,
+            }
+        )
 
 
 @dataclass(frozen=True)

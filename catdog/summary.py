@@ -1,21 +1,22 @@
 """A run's record: summary.json and report.md, from the stages' typed records.
 
-Everything here is plain files and JSON; the promotion decision comes in as a record of its
-own (`catdog.promotion` makes it, before the report).
+`RunSummary` is summary.json as typed objects: built here from the stages' records, rendered by
+`catdog.report`, written with `to_json` and read back with `from_json`. The promotion decision
+comes in as a record of its own (`catdog.gate` makes it, before the report).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from catdog import catalog
 from catdog.hashing import sha256_json
-from catdog.io import atomic_write_json, atomic_write_text, read_json
+from catdog.io import JsonObject, atomic_write_json, atomic_write_text, read_json
 from catdog.layout import MODEL_FILE, RECORD_FILE, REPORT_FILE, SUMMARY_FILE, Layout, size_on_disk
+from catdog.report import render_report
 from catdog.stage_records import (
     ArraysRecord,
     CountsRecord,
@@ -31,7 +32,6 @@ from catdog.stage_records import (
     SuspectsRecord,
     TrainedRecord,
 )
-from catdog.report import render_report
 
 EVALUATION_FIGURES = {
     "curves": "curves.png",
@@ -60,7 +60,7 @@ class RunRecords:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What a run was asked to do, and where its data came from (summary.json's "run")."""
+    """What a run was asked to do, and where its data came from."""
 
     data: str
     models: list[str]  # the models trained, those they start from included
@@ -73,12 +73,6 @@ class RunInfo:
     source_fresh: bool = True
     source_warning: str | None = None
 
-    def to_json(self, run_id: str, name: str) -> dict[str, Any]:
-        facts = asdict(self)
-        if not any(catalog.spec(m).input_size == "transfer_image_size" for m in self.models):
-            facts["transfer_image_size"] = None
-        return {**facts, "id": run_id, "name": name}
-
 
 @dataclass(frozen=True)
 class TaskOutcome:
@@ -89,6 +83,129 @@ class TaskOutcome:
     dir: str | None = None  # its output folder, relative to the artifacts root
 
 
+# ----------------------------------------------------------------------------- summary.json
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """summary.json's "run": what it was asked to do (`RunInfo`), which run, where its report is."""
+
+    data: str
+    models: list[str]
+    epochs: int
+    seed: int
+    weights: str | None
+    image_size: int
+    transfer_image_size: int | None  # None: no frozen-base model ran
+    source_fresh: bool
+    source_warning: str | None
+    id: str  # the Prefect flow run's id ("local" outside one)
+    name: str
+    finished_at: str  # ISO 8601, UTC, to the second
+    report: str  # this run's report.md
+    comparison_figure: str | None = None  # every model's curves; None (left out): no model
+
+    def to_json(self) -> JsonObject:
+        facts = asdict(self)
+        if self.comparison_figure is None:
+            del facts["comparison_figure"]
+        return facts
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """summary.json's "data": the dataset, its split and the majority-class baseline."""
+
+    classes: list[str]
+    layout: str
+    images: int
+    skipped: int
+    skipped_files: list[dict[str, str]]  # {"path", "reason"}
+    counts: dict[str, dict[str, int]]  # [split][class]
+    baseline: dict[str, float]  # majority-class accuracy per split
+    baseline_accuracy: float  # on the test split
+    majority_class: str
+    manifest_hash: str
+    split_hash: str
+    source_fresh: bool
+    source_warning: str | None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model's entry in summary.json: its training, its test scores, where it lies."""
+
+    image_size: int
+    epochs: int
+    history: dict[str, list[float]]
+    epoch_seconds: list[float]
+    best_epoch: int  # 1-based: the epoch its file holds
+    saved_from: str  # whose weights that epoch's file holds
+    # Its training, with the stages it needs (its images' decode, the base's features); a
+    # stage two models share counts for each of them.
+    train_seconds: float
+    trainable_params: int
+    total_params: int
+    path: str  # its model.keras
+    worker: dict[str, str | int]  # {"host", "pid"} that trained it
+    test_accuracy: float
+    test_loss: float
+    confusion_matrix: list[list[int]]
+    per_class: dict[str, dict[str, float]]  # precision, recall, f1, support per class
+    macro_f1: float
+    evaluation_dir: str
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """summary.json, field by field: the run, its data and data checks, every model's scores,
+    the best model and the gate's decision, how each task ended and what the run used."""
+
+    run: RunFacts
+    data: DataSummary
+    data_checks: list[dict[str, str | bool | float]]  # DataCheck.to_json() each
+    data_checks_reference: str | None  # the production archive compared with
+    data_checks_note: str  # why a check did not run
+    on_data_issue: str
+    near_duplicates: dict[str, int]  # groups, images, across_splits
+    near_duplicate_groups: list[list[dict[str, str]]]  # [{"path", "split"}], those shown
+    suspect_labels: list[dict[str, str | float]]  # {"path", "label", "probability"}
+    suspects_from: str | None  # what computed the features; None: no suspects stage ran
+    models: dict[str, ModelSummary]
+    best_model: str | None
+    promotion: PromotionRecord | None
+    tasks: dict[str, str]  # task run name -> final state
+    artifacts_used: list[str]  # output folders, relative to the artifacts root
+    disk_bytes: dict[str, int]  # by stage, and "total"
+    stage_seconds: dict[str, float]  # by task run name, for the tasks that computed
+
+    def to_json(self) -> JsonObject:
+        facts = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {
+            **facts,
+            "run": self.run.to_json(),
+            "data": asdict(self.data),
+            "models": {name: asdict(model) for name, model in self.models.items()},
+            "promotion": self.promotion.to_json() if self.promotion else None,
+        }
+
+    @classmethod
+    def from_json(cls, facts: JsonObject) -> RunSummary:
+        promotion = facts["promotion"]
+        return cls(
+            **{
+                **facts,
+                "run": RunFacts(**facts["run"]),
+                "data": DataSummary(**facts["data"]),
+                "models": {name: ModelSummary(**m) for name, m in facts["models"].items()},
+                "promotion": PromotionRecord.from_json(promotion) if promotion else None,
+            }
+        )
+
+
+# ----------------------------------------------------------------------------- building it
+
+
 def features_for(name: str, records: RunRecords) -> FeaturesRecord | None:
     """The cached features model `name` trained on, or its starting model did."""
     entry = catalog.spec(name)
@@ -97,82 +214,64 @@ def features_for(name: str, records: RunRecords) -> FeaturesRecord | None:
     return records.features.get(name)
 
 
-def model_summary(layout: Layout, name: str, records: RunRecords) -> dict[str, Any]:
+def model_summary(layout: Layout, name: str, records: RunRecords) -> ModelSummary:
     """One model's entry in summary.json: its training, its test scores, where it lies."""
     trained, evaluated = records.trained[name], records.evaluated[name]
     arrays = records.arrays[name]
-    # A model's time includes the stages it needs: its images' decode, and the base's features
-    # for a model that trains on them (or starts from one that does). A stage that two models
-    # share counts for each of them.
     features = features_for(name, records)
     extra = arrays.seconds + (features.seconds if features else 0.0)
-    return {
-        "image_size": arrays.image_size,
-        "epochs": trained.epochs,
-        "history": trained.history,
-        "epoch_seconds": trained.epoch_seconds,
-        "best_epoch": trained.best_epoch,
-        "saved_from": trained.saved_from,  # whose weights that epoch's file holds
-        "train_seconds": trained.seconds + extra,
-        "trainable_params": trained.trainable_params,
-        "total_params": trained.total_params,
-        "path": str(layout.resolve(trained.dir) / MODEL_FILE),
-        "worker": trained.worker,
-        "test_accuracy": evaluated.accuracy,
-        "test_loss": evaluated.loss,
-        "confusion_matrix": evaluated.confusion_matrix,
-        "per_class": evaluated.per_class,
-        "macro_f1": evaluated.macro_f1,
-        "evaluation_dir": str(layout.resolve(evaluated.dir)),
-    }
+    return ModelSummary(
+        image_size=arrays.image_size,
+        epochs=trained.epochs,
+        history=trained.history,
+        epoch_seconds=trained.epoch_seconds,
+        best_epoch=trained.best_epoch,
+        saved_from=trained.saved_from,
+        train_seconds=trained.seconds + extra,
+        trainable_params=trained.trainable_params,
+        total_params=trained.total_params,
+        path=str(layout.resolve(trained.dir) / MODEL_FILE),
+        worker=trained.worker,
+        test_accuracy=evaluated.accuracy,
+        test_loss=evaluated.loss,
+        confusion_matrix=evaluated.confusion_matrix,
+        per_class=evaluated.per_class,
+        macro_f1=evaluated.macro_f1,
+        evaluation_dir=str(layout.resolve(evaluated.dir)),
+    )
 
 
-def build_summary(
-    layout: Layout,
-    run: dict[str, Any],
-    records: RunRecords,
-    tasks: dict[str, TaskOutcome],
-    promotion: PromotionRecord | None,
-) -> dict[str, Any]:
-    """summary.json's content, but the report's paths."""
+def data_summary(run: RunInfo, records: RunRecords) -> DataSummary:
     manifest, split, counts = records.manifest, records.split, records.counts
-    used = [outcome.dir for outcome in tasks.values() if outcome.dir]
-    models = {name: model_summary(layout, name, records) for name in records.trained}
-    return {
-        "run": {**run, "finished_at": datetime.now(UTC).isoformat(timespec="seconds")},
-        "data": {
-            "classes": split.classes,
-            "layout": manifest.layout,
-            "images": manifest.images,
-            "skipped": manifest.skipped,
-            "skipped_files": split.skipped,
-            "counts": counts.counts,
-            "baseline": counts.baseline,
-            "baseline_accuracy": counts.baseline["test"],
-            "majority_class": counts.majority_class,
-            "manifest_hash": manifest.manifest_hash,
-            "split_hash": split.split_hash,
-            "source_fresh": run["source_fresh"],
-            "source_warning": run["source_warning"],
-        },
-        "data_checks": records.checks.checks,
-        "data_checks_reference": records.checks.reference,
-        "data_checks_note": records.checks.note,
-        "on_data_issue": records.checks.policy,
-        "near_duplicates": records.profile.near_duplicates,
-        "near_duplicate_groups": records.profile.groups,
-        "suspect_labels": records.suspects.suspects if records.suspects else [],
-        "suspects_from": records.suspects.features if records.suspects else None,
-        "models": models,
-        "best_model": promotion.candidate if promotion else None,
-        "promotion": asdict(promotion) if promotion else None,
-        "tasks": {label: outcome.state for label, outcome in tasks.items()},
-        "artifacts_used": sorted(set(used)),
-        "disk_bytes": disk_bytes(layout, used),
-        "stage_seconds": {
-            label: outcome.seconds for label, outcome in tasks.items() if outcome.seconds
-        },
-    }
+    return DataSummary(
+        classes=split.classes,
+        layout=manifest.layout,
+        images=manifest.images,
+        skipped=manifest.skipped,
+        skipped_files=split.skipped,
+        counts=counts.counts,
+        baseline=counts.baseline,
+        baseline_accuracy=counts.baseline["test"],
+        majority_class=counts.majority_class,
+        manifest_hash=manifest.manifest_hash,
+        split_hash=split.split_hash,
+        source_fresh=run.source_fresh,
+        source_warning=run.source_warning,
+    )
+
+
+def run_facts(
+    run: RunInfo, run_id: str, name: str, finished: datetime, report: Path, comparison: Path | None
+) -> RunFacts:
+    transfer = any(catalog.spec(m).input_size == "transfer_image_size" for m in run.models)
+    return RunFacts(
+        **{**asdict(run), "transfer_image_size": run.transfer_image_size if transfer else None},
+        id=run_id,
+        name=name,
+        finished_at=finished.isoformat(timespec="seconds"),
+        report=str(report),
+        comparison_figure=str(comparison) if comparison else None,
+    )
 
 
 def disk_bytes(layout: Layout, folders: list[str]) -> dict[str, int]:
@@ -189,7 +288,9 @@ def disk_bytes(layout: Layout, folders: list[str]) -> dict[str, int]:
     return {**by_stage, "total": sum(by_stage.values())}
 
 
-def figure_paths(layout: Layout, records: RunRecords, summary: dict[str, Any]) -> dict[str, Path]:
+def figure_paths(
+    layout: Layout, records: RunRecords, models: dict[str, ModelSummary]
+) -> dict[str, Path]:
     """Every figure of the run that exists, by report reference ("samples", "model1:curves")."""
     figures_dir = layout.resolve(records.figures.dir)
     paths = {kind: figures_dir / f"{kind}.png" for kind in ("samples", "augmentation")}
@@ -199,63 +300,92 @@ def figure_paths(layout: Layout, records: RunRecords, summary: dict[str, Any]) -
     if records.suspects:
         paths["suspects"] = layout.resolve(records.suspects.dir) / "suspects.png"
     paths = {kind: path for kind, path in paths.items() if path.is_file()}
-    for name, model in summary["models"].items():
+    for name, model in models.items():
         for kind, file_name in EVALUATION_FIGURES.items():
-            path = Path(model["evaluation_dir"]) / file_name
+            path = Path(model.evaluation_dir) / file_name
             if path.is_file():
                 paths[f"{name}:{kind}"] = path
     return paths
 
 
-def comparison_figure(layout: Layout, summary: dict[str, Any]) -> Path:
+def comparison_figure(
+    layout: Layout, models: dict[str, ModelSummary], baseline: dict[str, float]
+) -> Path:
     """All models' validation curves on one figure, drawn once per distinct set of histories."""
-    histories = {name: model["history"] for name, model in summary["models"].items()}
+    histories = {name: model.history for name, model in models.items()}
     # A keyed folder of the report stage, so `cache prune` treats it like any stage output.
     folder = layout.output_dir("report", f"report-{sha256_json(histories)[:32]}")
     path = folder / "comparison.png"
     if not path.is_file():
         from catdog.plots import compare_models, save_figure
 
-        save_figure(compare_models(histories, summary["data"]["baseline"]["validation"]), path)
+        save_figure(compare_models(histories, baseline["validation"]), path)
     return path
 
 
 def write_run(
     layout: Layout,
-    run: dict[str, Any],
+    run: RunInfo,
     records: RunRecords,
     *,
+    run_id: str,
+    run_name: str,
     tasks: dict[str, TaskOutcome],
     promotion: PromotionRecord | None,
-) -> tuple[dict[str, Any], str]:
+) -> tuple[RunSummary, str]:
     """Write the run's summary.json and report.md (in its own run folder, and summary.json at
     the root).
 
     Args:
         layout: The artifacts folder.
-        run: The run's parameters and identity; "id" names the run folder.
+        run: What the run was asked to do.
         records: The stages' records.
+        run_id: The run's id; its end names the run folder.
+        run_name: The run's name, for people.
         tasks: How every task run of the run ended, by task run name.
         promotion: The promotion gate's decision on the run's best model.
 
     Returns:
         (summary, report Markdown).
     """
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    finished = datetime.now(UTC)
     # The id's end: Prefect's ids (UUIDv7) begin with the time, so two runs of one second
     # would share their first characters.
-    run_dir = layout.runs_dir / f"{stamp}-{str(run['id'])[-12:]}"
+    run_dir = layout.runs_dir / f"{finished.strftime('%Y%m%dT%H%M%SZ')}-{run_id[-12:]}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary = build_summary(layout, run, records, tasks, promotion)
-    summary["run"]["report"] = str(run_dir / REPORT_FILE)
-    figures = figure_paths(layout, records, summary)
-    if summary["models"]:
-        comparison = comparison_figure(layout, summary)
+    models = {name: model_summary(layout, name, records) for name in records.trained}
+    figures = figure_paths(layout, records, models)
+    used = [outcome.dir for outcome in tasks.values() if outcome.dir]
+    artifacts_used = sorted(set(used))
+    comparison = None
+    if models:
+        comparison = comparison_figure(layout, models, records.counts.baseline)
         figures["comparison"] = comparison
-        summary["run"]["comparison_figure"] = str(comparison)
-        summary["artifacts_used"].append(layout.relative(comparison.parent))
+        artifacts_used.append(layout.relative(comparison.parent))
+    checks, suspects = records.checks, records.suspects
+    summary = RunSummary(
+        run=run_facts(run, run_id, run_name, finished, run_dir / REPORT_FILE, comparison),
+        data=data_summary(run, records),
+        data_checks=checks.checks,
+        data_checks_reference=checks.reference,
+        data_checks_note=checks.note,
+        on_data_issue=checks.policy,
+        near_duplicates=records.profile.near_duplicates,
+        near_duplicate_groups=records.profile.groups,
+        suspect_labels=suspects.suspects if suspects else [],
+        suspects_from=suspects.features if suspects else None,
+        models=models,
+        best_model=promotion.candidate if promotion else None,
+        promotion=promotion,
+        tasks={label: outcome.state for label, outcome in tasks.items()},
+        artifacts_used=artifacts_used,
+        disk_bytes=disk_bytes(layout, used),
+        stage_seconds={
+            label: outcome.seconds for label, outcome in tasks.items() if outcome.seconds
+        },
+    )
     report = render_report(summary, {k: os.path.relpath(v, run_dir) for k, v in figures.items()})
     atomic_write_text(run_dir / REPORT_FILE, report)
-    atomic_write_json(run_dir / SUMMARY_FILE, summary)
-    atomic_write_json(layout.summary, summary)
+    atomic_write_json(run_dir / SUMMARY_FILE, summary.to_json())
+    atomic_write_json(layout.summary, summary.to_json())
     return summary, report

@@ -18,6 +18,7 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, resume_flow_run
 from prefect.input import RunInput
 
+from catdog import stage_records
 from catdog.stage_records import PromotionRecord
 
 PAUSE_GRACE_S = 120
@@ -42,23 +43,25 @@ def _evidence(proposal: PromotionRecord) -> str:
             "",
             "| | candidate | production |",
             "|---|---|---|",
-            f"| test accuracy | {facts['candidate_accuracy']:.4f} | "
-            f"{facts['production_accuracy']:.4f} |",
-            f"| right where the other is wrong | {facts['candidate_only']} | "
-            f"{facts['production_only']} |",
+            f"| test accuracy | {facts.candidate_accuracy:.4f} | {facts.production_accuracy:.4f} |",
+            f"| right where the other is wrong | {facts.candidate_only} | "
+            f"{facts.production_only} |",
             "",
-            f"McNemar p = {facts['p_value']:.3g}",
+            f"McNemar p = {facts.p_value:.3g}",
         ]
     lines += ["", "Tick *approve* to promote it; leave it unticked to keep production."]
     return "\n".join(lines)
 
 
-def ask_for_approval(proposal: PromotionRecord, timeout: int) -> dict[str, str]:
-    """Pause the run until someone answers, or `timeout` seconds pass.
+def ask_for_approval(proposal: PromotionRecord, timeout: int) -> stage_records.Approval:
+    """Pause the run until someone answers, or `timeout` seconds pass; nobody is asked about a
+    candidate the gate would not promote anyway.
 
     Returns:
-        {"outcome": "approved", "rejected" or "timed out", "by": who answered}.
+        The outcome ("approved", "rejected", "timed out" or "not asked ...") and who answered.
     """
+    if not proposal.promoted:
+        return stage_records.Approval("not asked (the gate would keep production)", "")
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
         raise RuntimeError("ask_for_approval pauses a flow run: call it inside one")
@@ -86,10 +89,10 @@ def ask_for_approval(proposal: PromotionRecord, timeout: int) -> dict[str, str]:
         # Prefect's own timeout only ends a pause nobody resumes at all (this process died).
         answer = pause_flow_run(wait_for_input=form, timeout=timeout + PAUSE_GRACE_S)
     except FlowPauseTimeout:
-        return {"outcome": "timed out", "by": ""}
+        return stage_records.Approval("timed out", "")
     finally:
         answered.set()
         timer.join()
     if expired.is_set():
-        return {"outcome": "timed out", "by": ""}
-    return {"outcome": "approved" if answer.approve else "rejected", "by": answer.by}
+        return stage_records.Approval("timed out", "")
+    return stage_records.Approval("approved" if answer.approve else "rejected", answer.by)

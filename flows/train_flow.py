@@ -29,8 +29,7 @@ from catdog.checks import check_run_inputs
 from catdog.config import DATA, OFFICIAL_DATA_URL, RUN, TRAIN
 from catdog.data.freshness import check_source
 from catdog.layout import Layout
-from catdog.promotion import Policy
-from catdog.stage_records import ReportRecord
+from catdog.stage_records import Policy, ReportRecord
 from catdog.summary import RunInfo, RunRecords
 from flows.approval import ask_for_approval
 from flows.console import quiet_tracebacks
@@ -219,9 +218,7 @@ def train_flow(
         if approve_promotion:  # only "approved" lets a candidate through, whatever happens
             proposal = run.submit("propose", records=records, policy=policy)
             run.settle()
-            approval = {"outcome": "not asked (the gate would keep production)", "by": ""}
-            if proposal.result().promoted:
-                approval = ask_for_approval(proposal.result(), approval_timeout)
+            approval = ask_for_approval(proposal.result(), approval_timeout)
         promotion = run.submit(
             "promote", records=records, policy=policy, export=export, approval=approval
         )

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
+from catdog.candidates import Candidate, SplitFacts, best_candidate, split_facts
 from catdog.export import ExportCheck
+from catdog.gate import Ship, promote, propose
 from catdog.hashing import code_fingerprint
 from catdog.layout import PROBABILITIES_FILE, Layout
-from catdog.promotion import (
-    Candidate,
-    Policy,
-    SplitFacts,
-    best_candidate,
-    promote,
-    propose,
-    split_facts,
-)
-from catdog.stage_records import PromotionRecord
+from catdog.stage_records import Approval, Policy, PromotionRecord
 from catdog.stages import TRAIN_CODE
 from catdog.summary import RunRecords
 from tasks.caching import stage_task
@@ -45,7 +37,7 @@ def _hold(records: RunRecords) -> str | None:
     failed = records.checks.failed
     if records.checks.policy != "hold" or not failed:
         return None
-    return f"data checks failed ({', '.join(check['name'] for check in failed)})"
+    return f"data checks failed ({', '.join(str(check['name']) for check in failed)})"
 
 
 def _reference(layout: Layout, records: RunRecords) -> dict[str, Path]:
@@ -54,6 +46,26 @@ def _reference(layout: Layout, records: RunRecords) -> dict[str, Path]:
     if records.suspects:
         files[FEATURES_SAMPLE_FILE] = layout.resolve(records.suspects.dir) / FEATURES_SAMPLE_FILE
     return files
+
+
+def _shipper(layout: Layout, records: RunRecords, split: SplitFacts) -> Ship:
+    """Exports a candidate into a folder and checks them on the test split (catdog.export)."""
+
+    def ship(candidate: Candidate, folder: Path) -> ExportCheck:
+        from catdog.export import export_checked
+
+        return export_checked(
+            Path(candidate.path),  # loaded there, and let go before the probe process starts
+            folder,
+            list(records.split.classes),
+            images=layout.resolve(records.arrays[candidate.name].dir) / "test_x.npy",
+            trained=np.load(
+                layout.resolve(records.evaluated[candidate.name].dir) / PROBABILITIES_FILE
+            ),
+            labels=split.test_labels,
+        )
+
+    return ship
 
 
 @stage_task("propose")
@@ -70,7 +82,7 @@ def promote_model(
     records: RunRecords,
     policy: Policy,
     export: bool,
-    approval: dict[str, str] | None,
+    approval: Approval | None,
     artifacts: str,
 ) -> PromotionRecord:
     """Score the run's best model against production on the same test images; promote it only
@@ -78,31 +90,14 @@ def promote_model(
     approved."""
     layout = Layout.at(artifacts)
     candidate = _candidate(layout, records)
-
     split = _split(layout, records)
-
-    def ship(candidate: Candidate, folder: Path) -> ExportCheck:
-        """Export the candidate and check it on the test split (see catdog.export)."""
-        from catdog.export import export_checked
-
-        return export_checked(
-            Path(candidate.path),  # loaded there, and let go before the probe process starts
-            folder,
-            list(records.split.classes),
-            images=layout.resolve(records.arrays[candidate.name].dir) / "test_x.npy",
-            trained=np.load(
-                layout.resolve(records.evaluated[candidate.name].dir) / PROBABILITIES_FILE
-            ),
-            labels=split.test_labels,
-        )
-
     decision = promote(
         layout,
         candidate,
         split,
         policy,
         {"id": str(flow_run.get_id() or "local"), "name": flow_run.get_name()},
-        ship=ship if export else None,
+        ship=_shipper(layout, records, split) if export else None,
         approval=approval,
         hold=_hold(records),
         reference=_reference(layout, records),
@@ -115,7 +110,7 @@ def promote_model(
         decision.reason,
     )
     if decision.export_check:
-        logger.info("exports checked in fresh processes: %s", decision.export_check["reason"])
+        logger.info("exports checked in fresh processes: %s", decision.export_check.reason())
     announce(layout, decision)
     return decision
 
@@ -128,5 +123,5 @@ def announce(layout: Layout, decision: PromotionRecord) -> None:
         f"catdog.model.{'promoted' if decision.promoted else 'kept'}",
         f"catdog.production.{layout.root}",
         f"catdog production in {layout.root}",
-        {**asdict(decision), "artifacts": str(layout.root)},
+        {**decision.to_json(), "artifacts": str(layout.root)},
     )

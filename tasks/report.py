@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from catdog.layout import Layout
-from catdog.stage_records import PromotionRecord, ReportRecord
 from catdog.report import leaderboard_rows
+from catdog.stage_records import PromotionRecord, ReportRecord
 from catdog.stages import stage
-from catdog.summary import RunInfo, RunRecords, TaskOutcome, write_run
+from catdog.summary import RunInfo, RunRecords, RunSummary, TaskOutcome, write_run
 from tasks import ui
 from tasks.caching import stage_task
 
@@ -31,36 +30,36 @@ def write_report(
     layout = Layout.at(artifacts)
     summary, report = write_run(
         layout,
-        run.to_json(str(flow_run.get_id() or "local"), str(flow_run.get_name() or "local")),
+        run,
         records,
+        run_id=str(flow_run.get_id() or "local"),
+        run_name=str(flow_run.get_name() or "local"),
         tasks={**tasks, stage("report").task: TaskOutcome("Completed")},
         promotion=promotion,
     )
     try:
-        _publish(summary, report)
+        _publish(summary, promotion, report)
     except Exception as error:  # the files are written: the UI's copies must not fail the run
         get_run_logger().warning("the report's artifacts did not reach the UI (%s)", error)
-    get_run_logger().info("report: %s", summary["run"]["report"])
+    get_run_logger().info("report: %s", summary.run.report)
     if keep_runs:
         _prune(layout, keep_runs)
     return ReportRecord(
-        summary=str(layout.summary),
-        report=summary["run"]["report"],
-        best_model=summary["best_model"],
+        summary=str(layout.summary), report=summary.run.report, best_model=summary.best_model
     )
 
 
-def _publish(summary: dict[str, Any], report: str) -> None:
-    if summary["models"]:
+def _publish(summary: RunSummary, promotion: PromotionRecord, report: str) -> None:
+    if summary.run.comparison_figure:  # drawn when the run trained models
         ui.publish_table(
             "model-leaderboard",
             leaderboard_rows(summary),
             "Models by the validation accuracy of their saved epoch, with test scores. "
-            f"Promotion: {summary['promotion']['reason']}",
+            f"Promotion: {promotion.reason}",
         )
         ui.publish_image(
             "training-curves",
-            Path(summary["run"]["comparison_figure"]),
+            Path(summary.run.comparison_figure),
             "Validation accuracy and loss of every model",
         )
     # Figures are published as their own artifacts; relative image links would not resolve.

@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 
 from catdog import catalog, models
+from catdog.candidates import Candidate, SplitFacts
 from catdog.evaluation import softmax
 from catdog.export import TOLERANCE, check_export, export_checked, export_model, serving_model
+from catdog.gate import promote
 from catdog.layout import Layout
-from catdog.promotion import Candidate, Policy, SplitFacts, promote
 from catdog.registry import read as read_registry
 from catdog.registry import rollback
 from catdog.serving import LITERT_FILE, SAVED_MODEL_DIR, SERVING_FILE, ServingSpec
+from catdog.stage_records import Policy
 from catdog.training import dtype_policy
 
 pytestmark = [pytest.mark.slow]
@@ -204,7 +206,7 @@ def test_the_gate_ships_only_checked_exports_and_rollback_brings_them_back(tmp_p
         layout, better, _split("t"), Policy(0.0), run, ship=shipping(better_model, True)
     )
     assert not decision.promoted and "exports failed their check" in decision.reason
-    assert decision.export_check["passed"] is False
+    assert decision.export_check.passed is False
     registry = read_registry(layout)
     assert registry.production.model == "first" and registry.history[-1]["action"] == "keep"
     assert (layout.production_export / LITERT_FILE).read_bytes() == shipped

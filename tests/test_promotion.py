@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from catdog.promotion import best_by_validation, decide
+from catdog.candidates import best_by_validation
+from catdog.gate import decide
 
 
-def model(*val_accuracy: float, test: float = 0.5) -> dict:
-    return {"history": {"val_accuracy": list(val_accuracy)}, "test_accuracy": test}
+def model(*val_accuracy: float, test: float = 0.5) -> SimpleNamespace:
+    """A trained model whose file holds its last epoch (best_epoch 0)."""
+    history = {"val_accuracy": list(val_accuracy)}
+    return SimpleNamespace(history=history, best_epoch=0, test_accuracy=test)
 
 
 def test_first_model_is_promoted():
@@ -52,18 +57,13 @@ import json  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from catdog.candidates import Candidate, SplitFacts  # noqa: E402
 from catdog.errors import CatdogError  # noqa: E402
+from catdog.gate import compare, mcnemar_exact, promote  # noqa: E402
 from catdog.layout import Layout  # noqa: E402
-from catdog.promotion import (  # noqa: E402
-    Candidate,
-    Policy,
-    SplitFacts,
-    compare,
-    mcnemar_exact,
-    promote,
-)
 from catdog.registry import read as read_registry  # noqa: E402
 from catdog.registry import rollback  # noqa: E402
+from catdog.stage_records import Policy  # noqa: E402
 
 LABELS = [0, 1] * 10
 
@@ -117,7 +117,7 @@ def test_better_by_the_margin_is_promoted_equal_or_worse_is_not(tmp_path):
         assert decision.promoted is promoted, decision
     decision = promote(layout, candidate(tmp_path, "model3", 16), split(), Policy(0.1), run)
     assert decision.promoted is True
-    assert decision.evidence["disagreements"] == 4 and decision.evidence["candidate_only"] == 4
+    assert decision.evidence.disagreements == 4 and decision.evidence.candidate_only == 4
     registry = read_registry(layout)
     assert registry.production.model == "model3"
     assert layout.production_model.read_bytes() == b"model3 16"
@@ -196,7 +196,7 @@ def test_concurrent_runs_take_turns_and_every_decision_is_kept(tmp_path):
 
 
 def test_each_rule_of_the_policy_decides_and_says_so(tmp_path):
-    from catdog.promotion import below_a_floor
+    from catdog.gate import below_a_floor
 
     def with_recall(right: int, recall: dict[str, float]) -> Candidate:
         return Candidate(
