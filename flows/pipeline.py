@@ -10,7 +10,9 @@ its current epoch) instead of running to the end.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import logging
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,53 +22,37 @@ from prefect import Task
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 
+import tasks
 from catdog.errors import CatdogError, RunStopped, StageFailed, StageInputError
 from catdog.layout import Layout
 from catdog.processes import mark_running, unmark_running
 from catdog.stage_records import Record
-from catdog.stages import BY_TASK, STAGE_NAMES, refreshed, stage
+from catdog.stages import BY_TASK, STAGE_NAMES, STAGES, refreshed, stage
 from catdog.summary import TaskOutcome
 from flows.runners import on_a_gpu
 from tasks.caching import bind_to_artifacts
-from tasks.data import (
-    build_manifest,
-    count_labels,
-    decode_images,
-    download_dataset,
-    extract_dataset,
-    plot_samples,
-    split_dataset,
-)
-from tasks.promotion import promote_model, propose_promotion
-from tasks.quality import check_data, find_suspect_labels, inspect_images, profile_data
-from tasks.report import write_report
-from tasks.training import evaluate_model, extract_features, train_model
 
 log = logging.getLogger(__name__)
 
-# Every stage's task, by the task name the stage table gives.
-TASKS: dict[str, Task] = {
-    task.name: task
-    for task in (
-        download_dataset,
-        extract_dataset,
-        build_manifest,
-        inspect_images,
-        split_dataset,
-        count_labels,
-        profile_data,
-        plot_samples,
-        decode_images,
-        extract_features,
-        find_suspect_labels,
-        check_data,
-        train_model,
-        evaluate_model,
-        propose_promotion,
-        promote_model,
-        write_report,
-    )
-}
+
+def stage_tasks() -> dict[str, Task]:
+    """Every stage's task, by the task name the stage table gives it.
+
+    A task declares itself with `@stage_task(stage)` in any module of `tasks/`, which names it
+    from the table; a stage of the table with no such task is an error here, at import.
+    """
+    found: dict[str, Task] = {}
+    for module in pkgutil.iter_modules(tasks.__path__):
+        for value in vars(importlib.import_module(f"tasks.{module.name}")).values():
+            if isinstance(value, Task) and value.name in BY_TASK:
+                found[value.name] = value
+    missing = [entry.task for entry in STAGES if entry.task not in found]
+    if missing:
+        raise ImportError(f"no task in tasks/ declares the stages' tasks {', '.join(missing)}")
+    return found
+
+
+TASKS = stage_tasks()
 
 
 @dataclass(frozen=True)
