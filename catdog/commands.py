@@ -72,14 +72,9 @@ def _add_cache(commands: Any) -> None:
 
 
 def _run_cache_prune(args: argparse.Namespace, extra: list[str]) -> int:
-    from catdog.errors import CatdogError
     from catdog.prune import prune
 
-    try:
-        report = prune(args.artifacts, keep=args.keep, dry_run=args.dry_run)
-    except CatdogError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    report = prune(args.artifacts, keep=args.keep, dry_run=args.dry_run)
     print(report.render(verbose=not args.quiet))
     return 0
 
@@ -104,18 +99,13 @@ def _add_registry(commands: Any) -> None:
 
 def _run_registry(args: argparse.Namespace, extra: list[str]) -> int:
     from catdog import registry
-    from catdog.errors import CatdogError
     from catdog.layout import Layout
 
     layout = Layout.at(args.artifacts)
-    try:
-        if args.action == "rollback":
-            print(registry.rollback(layout)["reason"])
-            return 0
-        recorded = registry.read(layout)
-    except CatdogError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.action == "rollback":
+        print(registry.rollback(layout)["reason"])
+        return 0
+    recorded = registry.read(layout)
     if not recorded.history:
         print(f"no promotion decision recorded in {layout.registry}")
         return 0
@@ -168,19 +158,11 @@ def _run_export(args: argparse.Namespace, extra: list[str]) -> int:
     from catdog.predict import choose_model
     from catdog.serving import ServingSpec
 
-    try:
-        classes = args.classes.split(",") if args.classes else None
-        choice = choose_model(Path(args.artifacts), args.model, classes, runtime="keras")
-    except CatdogError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    classes = args.classes.split(",") if args.classes else None
+    choice = choose_model(Path(args.artifacts), args.model, classes, runtime="keras")
     out = args.out.resolve()
     if out.exists() and not (out / "serving.json").is_file() and any(out.iterdir()):
-        print(
-            f"error: --out {out}: a folder that holds no export; give a new or empty one",
-            file=sys.stderr,
-        )
-        return 2
+        raise CatdogError(f"--out {out}: a folder that holds no export; give a new or empty one")
     model = load_model(choice.path)
     side = int(model.input_shape[1])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +209,6 @@ def _add_predict(commands: Any) -> None:
 
 def _run_predict(args: argparse.Namespace, extra: list[str]) -> int:
     from catdog import predict
-    from catdog.errors import CatdogError
 
     parser = argparse.ArgumentParser(
         prog="catdog predict",
@@ -235,11 +216,7 @@ def _run_predict(args: argparse.Namespace, extra: list[str]) -> int:
     )
     predict.add_arguments(parser)
     parsed = parser.parse_args(extra)
-    try:
-        return int(predict.run(parsed) or 0)
-    except CatdogError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return int(predict.run(parsed) or 0)
 
 
 def add_library_commands(commands: Any) -> None:
@@ -251,8 +228,15 @@ def add_library_commands(commands: Any) -> None:
 
 
 def run_library_command(args: argparse.Namespace, extra: list[str], parser: Any) -> int:
-    """Run the library command `args` was parsed for (its handler); returns the exit code."""
+    """Run the library command `args` was parsed for (its handler); returns the exit code.
+    Bad input (a `CatdogError`) ends in one `error:` line and the error's exit code."""
+    from catdog.errors import CatdogError
+
     if extra and args.handler is not _run_predict:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler: Handler = args.handler
-    return handler(args, extra)
+    try:
+        return handler(args, extra)
+    except CatdogError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
