@@ -7,9 +7,13 @@ take theirs from the flow's parameters. Which models exist is `catdog.catalog`'s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 OFFICIAL_DATA_URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
 MIN_MOBILENET_SIZE = 32  # MobileNetV2 refuses smaller inputs
+# warn: train and promote as usual, and say so; hold: train and report, keep production;
+# stop: stop before training.
+DataIssuePolicy = Literal["warn", "hold", "stop"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,10 @@ class PipelineConfig:
     # runs used (0 keeps everything); `cache prune` keeps as many by default.
     keep_runs: int = 5
     approval_timeout: int = 24 * 3600  # seconds a run waits for --approve-promotion's answer
+    # What a run does when its data fails a check against production's: "warn" reports it and
+    # promotes as usual; a scheduled run, which nobody watches, "hold"s production back.
+    on_data_issue: DataIssuePolicy = "warn"
+    unattended_on_data_issue: DataIssuePolicy = "hold"
 
 
 DATA, TRAIN, RUN = DataConfig(), TrainConfig(), PipelineConfig()

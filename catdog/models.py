@@ -29,7 +29,7 @@ from typing import Any
 import keras
 
 from catdog import catalog
-from catdog.config import MIN_MOBILENET_SIZE
+from catdog.config import MIN_MOBILENET_SIZE, TRAIN
 from catdog.errors import ModelError, WeightsError
 from catdog.layers import FusedBatchNormalization, RandomFlipAndRotation, sub_seed
 from catdog.weights import resolve_weights
@@ -352,7 +352,7 @@ def make_model4(
     num_classes: int,
     *,
     weights: str | None = "imagenet",
-    dropout: float = 0.2,
+    dropout: float = TRAIN.dropout,
     seed: int | None = None,
     name: str = "model4",
     **_: Any,
@@ -401,7 +401,7 @@ def make_model4_finetune(
     num_classes: int,
     *,
     weights: str | None = "imagenet",
-    dropout: float = 0.2,
+    dropout: float = TRAIN.dropout,
     seed: int | None = None,
     **_: Any,
 ) -> keras.Model:
@@ -479,7 +479,7 @@ def feature_extractor(model: keras.Model) -> keras.Model:
 
 
 def make_head(
-    feature_dim: int, num_classes: int, *, dropout: float = 0.2, seed: int | None = None
+    feature_dim: int, num_classes: int, *, dropout: float = TRAIN.dropout, seed: int | None = None
 ) -> keras.Model:
     """model4's classification head alone, to train on cached base features.
 
@@ -573,7 +573,7 @@ def build_model(
     *,
     weights: str | None = None,
     seed: int | None = None,
-    dropout: float = 0.2,
+    dropout: float = TRAIN.dropout,
 ) -> keras.Model:
     """Build a model of the catalog by name.
 

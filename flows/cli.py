@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from catdog import catalog
 from catdog.checks import check_run_inputs
 from catdog.cluster import DEFAULT_CPU_WORKERS
+from catdog.config import RUN
 from catdog.errors import CatdogError, StageFailed
 from flows.console import DEBUG_ENV, debugging
 from flows.local_api import EarlyApiServer
@@ -173,7 +174,7 @@ def serve_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
     )
     parser.add_argument("--name", default="scheduled-retraining", help="deployment name")
     # Nobody watches a scheduled run: data that changed trains and reports, production waits.
-    parser.set_defaults(on_data_issue="hold")
+    parser.set_defaults(on_data_issue=RUN.unattended_on_data_issue)
     return parser
 
 

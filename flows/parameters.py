@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from catdog.catalog import ModelName
-from catdog.config import MIN_MOBILENET_SIZE
+from catdog.config import MIN_MOBILENET_SIZE, DataIssuePolicy
 from catdog.stages import CACHED_STAGES
 
 RefreshStage = Literal[("all", *CACHED_STAGES)]  # type: ignore[valid-type]
@@ -127,11 +127,11 @@ KeepRuns = Annotated[
     Field(
         ge=0,
         description="after the report, remove stage outputs that none of the last N runs used, "
-        "as `python -m catdog cache prune` does (0 keeps everything)",
+        "as `catdog cache prune` does (0 keeps everything)",
     ),
 ]
 OnDataIssue = Annotated[
-    Literal["warn", "hold", "stop"],
+    DataIssuePolicy,
     Field(
         description="when this run's data differs from the data that trained production (class "
         "balance, image properties, feature embeddings): warn (train and promote as usual, and "

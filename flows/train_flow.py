@@ -103,7 +103,7 @@ def train_flow(
     keep_runs: KeepRuns = RUN.keep_runs,
     approve_promotion: ApprovePromotion = False,
     approval_timeout: ApprovalTimeout = RUN.approval_timeout,
-    on_data_issue: OnDataIssue = "warn",
+    on_data_issue: OnDataIssue = RUN.on_data_issue,
 ) -> ReportRecord:
     """Download, check and split, count, look, train every model, evaluate, promote, report."""
     quiet_tracebacks()
