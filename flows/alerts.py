@@ -80,7 +80,7 @@ def _delete(name: str) -> bool:
     return bool(automation.delete())
 
 
-def install(webhook: str | None, slack: str | None = None) -> list[str]:
+def install_automations(webhook: str | None, slack: str | None = None) -> list[str]:
     """Create (or replace) the catdog automations; the names created."""
     blocks = _destinations(webhook, slack)
     created = []
@@ -110,7 +110,7 @@ def install(webhook: str | None, slack: str | None = None) -> list[str]:
     return created
 
 
-def remove() -> list[str]:
+def remove_automations() -> list[str]:
     """Delete the catdog automations and notification blocks; the automations deleted."""
     from prefect.client.orchestration import get_client
 

@@ -126,12 +126,12 @@ def run_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
     return parser
 
 
-def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
+def run_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed options that are the flow's parameters, artifacts as an absolute path."""
-    from flows.options import flow_parameters as parameters_of
+    from flows.options import flow_parameters
     from flows.train_flow import train_flow
 
-    parameters = parameters_of(args, train_flow.fn)
+    parameters = flow_parameters(args, train_flow.fn)
     parameters["artifacts"] = str(Path(args.artifacts).expanduser().resolve())
     return parameters
 
@@ -154,7 +154,7 @@ def build_deployment(args: argparse.Namespace) -> RunnerDeployment:
     deployment = train_flow.to_deployment(
         name=args.name,
         schedules=[schedule],
-        parameters=flow_parameters(args),
+        parameters=run_parameters(args),
         tags=["catdog", "scheduled"],
     )
     assert isinstance(deployment, RunnerDeployment)
@@ -215,10 +215,10 @@ def _alerts(argv: list[str], names: CommandNames) -> int:
         return error.exit_code
     try:
         if args.remove:
-            removed = alerts.remove()
+            removed = alerts.remove_automations()
             print(f"removed {len(removed)} automation(s): {', '.join(removed) or 'none'}")
             return 0
-        for name in alerts.install(args.webhook, args.slack_webhook):
+        for name in alerts.install_automations(args.webhook, args.slack_webhook):
             print(f"automation: {name}")
     except Exception as error:  # the server refused or went away: one line, as everywhere
         message = f"{type(error).__name__}: {' '.join(str(error).split())}"
@@ -254,7 +254,7 @@ def _run(args: argparse.Namespace, api: EarlyApiServer | None) -> int:
     runner = task_runner(args.runner, args.workers, args.dask_address)
     with api.in_use() if api else contextlib.nullcontext(), tags("catdog", *args.models):
         check_api_access()
-        report = train_flow.with_options(task_runner=runner)(**flow_parameters(args))
+        report = train_flow.with_options(task_runner=runner)(**run_parameters(args))
     print(f"summary: {report.summary}\nreport:  {report.report}")
     return 0
 
