@@ -127,7 +127,9 @@ def run_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
 
 
 def run_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The parsed options that are the flow's parameters, artifacts as an absolute path."""
+    """The parsed options that are the flow's parameters, artifacts as an absolute path.
+
+    A dict of Any: the flow's keyword arguments, each of its parameter's own type."""
     from flows.options import flow_parameters
     from flows.train_flow import train_flow
 

@@ -86,7 +86,7 @@ def add_flow_options(
             help_text += f"; {how} {', '.join(choices)}"
         help_text += f" (default: {'none' if shown is None else shown}"
         help_text += f"; env {env[name]})" if name in env else ")"
-        options: dict[str, Any] = {
+        options: dict[str, Any] = {  # add_argument's keyword arguments, of mixed types
             "default": default,
             "type": _converter(flag, hint),
             "help": help_text.replace("%", "%%"),
@@ -104,5 +104,6 @@ def add_flow_options(
 
 
 def flow_parameters(args: argparse.Namespace, function: Callable[..., Any]) -> dict[str, Any]:
-    """The parsed options that are `function`'s parameters, by name."""
+    """The parsed options that are `function`'s parameters, by name (its keyword arguments,
+    each of its own type)."""
     return {name: getattr(args, name) for name in inspect.signature(function).parameters}

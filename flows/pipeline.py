@@ -196,7 +196,8 @@ class Pipeline:
             )
 
     def results(self, **futures: Any) -> dict[str, Any]:
-        """What settled futures returned, by name: a future, or a dict of them, each."""
+        """What settled futures returned, by name: a future, or a dict of them, each (records
+        of several stages' types, hence Any)."""
 
         def result(value: Any) -> Any:
             if value is None:  # a stage this run does not have
