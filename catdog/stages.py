@@ -3,7 +3,9 @@
 The artifacts layout (`catdog.layout`), the cache policy and the tasks (`tasks/`), the flow's
 submission, retries and run labels (`flows/pipeline.py`), the summary's stage seconds, `cache
 prune` and `--refresh` all read this table; nothing else spells out which stages exist. Adding a
-stage is an entry here, its record type, and its task.
+stage is an entry here (in pipeline order) with its record type, a task declared with
+`@stage_task(name)` in any module of `tasks/` (the flow finds it by the name given here), and the
+flow's line that submits it (`tests/test_stage_table.py` does just that in a copy).
 """
 
 from __future__ import annotations
