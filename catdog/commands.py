@@ -156,12 +156,12 @@ def _run_export(args: argparse.Namespace, extra: list[str]) -> int:
     from catdog.export import export_checked
     from catdog.io import replace_directory
     from catdog.predict import choose_model
-    from catdog.serving import ServingSpec
+    from catdog.serving import SERVING_FILE, ServingSpec
 
     classes = args.classes.split(",") if args.classes else None
     choice = choose_model(Path(args.artifacts), args.model, classes, runtime="keras")
     out = args.out.resolve()
-    if out.exists() and not (out / "serving.json").is_file() and any(out.iterdir()):
+    if out.exists() and not (out / SERVING_FILE).is_file() and any(out.iterdir()):
         raise CatdogError(f"--out {out}: a folder that holds no export; give a new or empty one")
     model = load_model(choice.path)
     side = int(model.input_shape[1])
@@ -169,10 +169,11 @@ def _run_export(args: argparse.Namespace, extra: list[str]) -> int:
     staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         images = np.random.default_rng(0).integers(0, 256, (32, side, side, 3), np.uint8)
-        np.save(staged / "check-images.npy", images)
+        check_images = staged / "check-images.npy"  # the probe process reads them from here
+        np.save(check_images, images)
         trained = softmax(predict_logits(model, images)).astype(np.float32)
-        check = export_checked(model, staged, choice.classes, staged / "check-images.npy", trained)
-        (staged / "check-images.npy").unlink()
+        check = export_checked(model, staged, choice.classes, check_images, trained)
+        check_images.unlink()
         spec = ServingSpec.load(staged)
         print(f"{choice.path} ({choice.origin}), {spec.precision}, {side}x{side}")
         print(f"check on {check.images} generated images: {check.reason()}")

@@ -61,7 +61,9 @@ def mcnemar_exact(candidate_only: int, production_only: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
-def compare(candidate: Sequence[int], production: Sequence[int], labels: Sequence[int]) -> Evidence:
+def paired_evidence(
+    candidate: Sequence[int], production: Sequence[int], labels: Sequence[int]
+) -> Evidence:
     """Score two models' predictions on the same labelled images against each other."""
     if not len(candidate) == len(production) == len(labels) > 0:
         raise ValueError("candidate, production and labels must cover the same test images")
@@ -151,7 +153,7 @@ def _judge(
             "not_comparable",
         )
     production = registry.production_predictions(layout, current, split)
-    evidence = compare(candidate.predictions, production, split.test_labels)
+    evidence = paired_evidence(candidate.predictions, production, split.test_labels)
     decision = decide(
         evidence.candidate_accuracy,
         evidence.production_accuracy,

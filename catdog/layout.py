@@ -26,6 +26,10 @@ PROBABILITIES_FILE = "probabilities.npy"  # an evaluation's class probabilities 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 REGISTRY_FILE = "registry.json"
+MANIFEST_FILE = "manifest.json"  # every image once, validated, hashed, classed
+SPLIT_FILE = "split.json"  # the manifest with each image's split
+INSPECTION_FILE = "inspection.npz"  # every image's properties and perceptual hash
+NEAR_DUPLICATES_FILE = "near_duplicates.json"  # groups of near-identical images, by path
 RUNS_DIR = f"{STAGE_DIRS['report']}/runs"
 PRODUCTION_DIR = STAGE_DIRS["promote"]
 

@@ -29,6 +29,13 @@ from matplotlib.ticker import MaxNLocator
 from catdog.arrays import Rows
 from catdog.io import atomic_write_bytes
 
+# A model's evaluation figures, by the report's name for each, and the files they are saved as.
+EVALUATION_FIGURES = {
+    "curves": "curves.png",
+    "confusion": "confusion_matrix.png",
+    "misclassified": "misclassified.png",
+}
+
 _PANEL_INCHES = 2.4  # width and height of one image panel
 _CURVE_SIZE = (11.0, 4.2)  # two side-by-side metric panels
 
@@ -298,14 +305,14 @@ def evaluation_figures(
         max_errors: How many errors to show at most.
     """
     figures = {
-        "curves.png": training_curves(history, model, baseline),
-        "confusion_matrix.png": confusion_matrix_figure(
+        EVALUATION_FIGURES["curves"]: training_curves(history, model, baseline),
+        EVALUATION_FIGURES["confusion"]: confusion_matrix_figure(
             np.asarray(metrics["confusion_matrix"]), class_names, f"{model}: test split"
         ),
     }
     worst = list(metrics["most_confident_errors"])[:max_errors]
     if worst:
-        figures["misclassified.png"] = misclassified_grid(
+        figures[EVALUATION_FIGURES["misclassified"]] = misclassified_grid(
             [images[i] for i in worst],
             [class_names[labels[i]] for i in worst],
             [class_names[metrics["predictions"][i]] for i in worst],

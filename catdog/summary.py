@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from catdog import catalog
+from catdog.data.figures import NEAR_DUPLICATES_FIGURE, PROFILE_FIGURE, SUSPECTS_FIGURE
+from catdog.data.samples import AUGMENTATION_FIGURE, SAMPLES_FIGURE
 from catdog.hashing import sha256_json
 from catdog.io import JsonObject, atomic_write_json, atomic_write_text, read_json
 from catdog.layout import MODEL_FILE, RECORD_FILE, REPORT_FILE, SUMMARY_FILE, Layout, size_on_disk
@@ -32,12 +34,6 @@ from catdog.stage_records import (
     SuspectsRecord,
     TrainedRecord,
 )
-
-EVALUATION_FIGURES = {
-    "curves": "curves.png",
-    "confusion": "confusion_matrix.png",
-    "misclassified": "misclassified.png",
-}
 
 
 @dataclass(frozen=True)
@@ -292,13 +288,18 @@ def figure_paths(
     layout: Layout, records: RunRecords, models: dict[str, ModelSummary]
 ) -> dict[str, Path]:
     """Every figure of the run that exists, by report reference ("samples", "model1:curves")."""
+    from catdog.plots import EVALUATION_FIGURES  # matplotlib: only when a report is written
+
     figures_dir = layout.resolve(records.figures.dir)
-    paths = {kind: figures_dir / f"{kind}.png" for kind in ("samples", "augmentation")}
+    paths = {
+        "samples": figures_dir / SAMPLES_FIGURE,
+        "augmentation": figures_dir / AUGMENTATION_FIGURE,
+    }
     profile_dir = layout.resolve(records.profile.dir)
-    for kind in ("profile", "near_duplicates"):
-        paths[kind] = profile_dir / f"{kind}.png"
+    paths["profile"] = profile_dir / PROFILE_FIGURE
+    paths["near_duplicates"] = profile_dir / NEAR_DUPLICATES_FIGURE
     if records.suspects:
-        paths["suspects"] = layout.resolve(records.suspects.dir) / "suspects.png"
+        paths["suspects"] = layout.resolve(records.suspects.dir) / SUSPECTS_FIGURE
     paths = {kind: path for kind, path in paths.items() if path.is_file()}
     for name, model in models.items():
         for kind, file_name in EVALUATION_FIGURES.items():

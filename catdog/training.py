@@ -382,6 +382,7 @@ def train_head_on_features(
     head = models.make_head(features.dim, features.num_classes, dropout=config.dropout, seed=seed)
     models.compile_model(head, config.learning_rate)
     train, val = feature_dataset(features, config.batch_size, seed=seed)
+    best_head_path = work_dir / "best-head.keras"  # the head's best epoch, while it trains
     rows = fit_resumable(
         head,
         train,
@@ -390,7 +391,7 @@ def train_head_on_features(
         work_dir=work_dir,
         phase="head",
         on_epoch=on_epoch,
-        best_path=work_dir / "best-head.keras",
+        best_path=best_head_path,
     )
     model = models.build_model(
         name,
@@ -402,10 +403,10 @@ def train_head_on_features(
     )
     models.transplant_head(head, model)
     model.save(work_dir / FINAL_MODEL_FILE)
-    best_head = keras.models.load_model(work_dir / "best-head.keras", safe_mode=True)
+    best_head = keras.models.load_model(best_head_path, safe_mode=True)
     models.transplant_head(best_head, model)
     model.save(work_dir / MODEL_FILE)
-    (work_dir / "best-head.keras").unlink()
+    best_head_path.unlink()
     return _result(model, rows)
 
 

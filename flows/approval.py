@@ -24,7 +24,7 @@ from catdog.stage_records import PromotionRecord
 PAUSE_GRACE_S = 120
 
 
-class Approval(RunInput):
+class ApprovalForm(RunInput):
     """The form the UI shows on the paused run."""
 
     approve: bool = False  # replace production with the candidate
@@ -84,7 +84,7 @@ def ask_for_approval(proposal: PromotionRecord, timeout: int) -> stage_records.A
         daemon=True,
     )
     timer.start()
-    form = Approval.with_initial_data(description=_evidence(proposal))
+    form = ApprovalForm.with_initial_data(description=_evidence(proposal))
     try:
         # Prefect's own timeout only ends a pause nobody resumes at all (this process died).
         answer = pause_flow_run(wait_for_input=form, timeout=timeout + PAUSE_GRACE_S)

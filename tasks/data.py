@@ -17,7 +17,7 @@ from catdog.data import sources
 from catdog.data.records import SPLITS, Manifest
 from catdog.errors import TransientDownloadError
 from catdog.hashing import HashMemo
-from catdog.layout import Layout
+from catdog.layout import MANIFEST_FILE, NEAR_DUPLICATES_FILE, SPLIT_FILE, Layout
 from catdog.stage_records import (
     ArchiveRecord,
     ArraysRecord,
@@ -60,17 +60,17 @@ def _manifest(layout: Layout, record: ManifestRecord | SplitRecord, name: str) -
 
 def manifest_of(layout: Layout, manifest: ManifestRecord) -> Manifest:
     """The manifest that a `build_manifest` record points to."""
-    return _manifest(layout, manifest, "manifest.json")
+    return _manifest(layout, manifest, MANIFEST_FILE)
 
 
 def near_duplicates_of(layout: Layout, inspection: InspectionRecord) -> list[list[str]]:
     """The near-duplicate groups an `inspect_images` record found (paths)."""
-    return json.loads((layout.resolve(inspection.dir) / "near_duplicates.json").read_text())
+    return json.loads((layout.resolve(inspection.dir) / NEAR_DUPLICATES_FILE).read_text())
 
 
 def split_manifest_of(layout: Layout, split: SplitRecord) -> Manifest:
     """The split manifest that a `split_dataset` record points to."""
-    return _manifest(layout, split, "split.json")
+    return _manifest(layout, split, SPLIT_FILE)
 
 
 @stage_task(
@@ -155,7 +155,7 @@ def build_manifest(images: ImagesRecord, artifacts: str) -> ManifestRecord:
     layout = Layout.at(artifacts)
     with stage_output(layout) as out:
         manifest = scan(layout.resolve(images.root))
-        manifest.save(out.folder / "manifest.json")
+        manifest.save(out.folder / MANIFEST_FILE)
         out.facts.update(
             root=_portable(layout, Path(manifest.root)),
             layout=manifest.layout,
@@ -178,7 +178,7 @@ def _near_duplicates_fingerprint(inputs: dict[str, Any]) -> str | None:
     """The split depends on the groups the inspection found, not on how they were found:
     editing the data checks' code must not re-split the data and retrain every model."""
     inspection: InspectionRecord = inputs["inspection"]
-    return inspection.files.get("near_duplicates.json")
+    return inspection.files.get(NEAR_DUPLICATES_FILE)
 
 
 @stage_task("split", fingerprint=_near_duplicates_fingerprint, unkeyed=("inspection",))
@@ -205,7 +205,7 @@ def split_dataset(
             flat_fractions=tuple(flat_fractions),
             max_images_per_class=max_images_per_class,
         )
-        split.save(out.folder / "split.json")
+        split.save(out.folder / SPLIT_FILE)
         out.facts.update(
             root=manifest.root,
             classes=list(split.classes),
@@ -235,7 +235,12 @@ def plot_samples(
     split: SplitRecord, seed: int, image_size: int, per_class: int, draws: int, artifacts: str
 ) -> FiguresRecord:
     """The blog's grid (3 images per class) and an augmentation preview, as PNGs."""
-    from catdog.data.samples import augmentation_views, pick_samples
+    from catdog.data.samples import (
+        AUGMENTATION_FIGURE,
+        SAMPLES_FIGURE,
+        augmentation_views,
+        pick_samples,
+    )
     from catdog.plots import augmentation_preview, sample_grid, save_figure
 
     layout = Layout.at(artifacts)
@@ -243,20 +248,20 @@ def plot_samples(
         manifest = split_manifest_of(layout, split)
         samples = pick_samples(manifest, per_class=per_class, seed=seed, size=image_size)
         first = next(iter(samples.values()))[0]
-        save_figure(sample_grid(samples), out.folder / "samples.png")
+        save_figure(sample_grid(samples), out.folder / SAMPLES_FIGURE)
         save_figure(
             augmentation_preview(first, augmentation_views(first, draws=draws, seed=seed)),
-            out.folder / "augmentation.png",
+            out.folder / AUGMENTATION_FIGURE,
         )
     figures = layout.resolve(out.record.dir)
     ui.publish_image(
         "sample-grid",
-        figures / "samples.png",
+        figures / SAMPLES_FIGURE,
         f"{per_class} random training images per class",
     )
     ui.publish_image(
         "augmentation-preview",
-        figures / "augmentation.png",
+        figures / AUGMENTATION_FIGURE,
         f"RandomFlip + RandomRotation, {draws} draws",
     )
     return out.record

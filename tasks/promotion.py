@@ -9,6 +9,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from catdog.candidates import Candidate, SplitFacts, best_candidate, split_facts
+from catdog.data.images import split_files
 from catdog.export import ExportCheck
 from catdog.gate import Ship, promote, propose
 from catdog.hashing import code_fingerprint
@@ -58,7 +59,7 @@ def _shipper(layout: Layout, records: RunRecords, split: SplitFacts) -> Ship:
             Path(candidate.path),  # loaded there, and let go before the probe process starts
             folder,
             list(records.split.classes),
-            images=layout.resolve(records.arrays[candidate.name].dir) / "test_x.npy",
+            images=split_files(layout.resolve(records.arrays[candidate.name].dir), "test")[0],
             trained=np.load(
                 layout.resolve(records.evaluated[candidate.name].dir) / PROBABILITIES_FILE
             ),

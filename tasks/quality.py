@@ -21,14 +21,14 @@ from catdog.data.reference import (
     REFERENCE_FILE,
     Comparison,
     ReferenceFiles,
-    compare,
+    compare_with_production,
     write_features_sample,
     write_reference,
 )
 from catdog.data.suspects import rank_suspects
 from catdog.errors import DataCheckFailed
 from catdog.features import unaugmented_train_features
-from catdog.layout import Layout
+from catdog.layout import INSPECTION_FILE, NEAR_DUPLICATES_FILE, Layout
 from catdog.registry import archive_file
 from catdog.registry import read as read_registry
 from catdog.stage_records import (
@@ -55,10 +55,10 @@ def inspect_images(manifest: ManifestRecord, artifacts: str) -> InspectionRecord
         images = manifest_of(layout, manifest)
         paths = [entry.path for entry in images.images]
         inspection = quality.inspect_images(Path(images.root), paths)
-        inspection.save(out.folder / "inspection.npz")
+        inspection.save(out.folder / INSPECTION_FILE)
         groups = quality.near_duplicate_groups(inspection.hashes, quality.NEAR_DUPLICATE_BITS)
         named = [[paths[i] for i in group] for group in groups]
-        (out.folder / "near_duplicates.json").write_text(json.dumps(named, indent=1))
+        (out.folder / NEAR_DUPLICATES_FILE).write_text(json.dumps(named, indent=1))
         out.facts.update(
             images=len(paths),
             near_duplicate_groups=len(named),
@@ -83,7 +83,7 @@ def profile_data(split: SplitRecord, inspection: InspectionRecord, artifacts: st
     layout = Layout.at(artifacts)
     with stage_output(layout) as out:
         manifest = split_manifest_of(layout, split)
-        facts = quality.Inspection.load(layout.resolve(inspection.dir) / "inspection.npz")
+        facts = quality.Inspection.load(layout.resolve(inspection.dir) / INSPECTION_FILE)
         profile = profile_split(facts, manifest)
         (out.folder / "profile.json").write_text(json.dumps(profile, indent=1))
         write_reference(out.folder, facts, manifest)
@@ -162,7 +162,9 @@ def check_data(
     archive, production, note = _production_reference(layout)
     comparison = Comparison(note=note)
     if production is not None:
-        comparison = compare(production, _this_run(layout, profile, suspects), seed=seed)
+        comparison = compare_with_production(
+            production, _this_run(layout, profile, suspects), seed=seed
+        )
     record = DataChecksRecord(
         checks=[check.to_json() for check in comparison.checks],
         reference=archive,

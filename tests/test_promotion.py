@@ -59,7 +59,7 @@ from pathlib import Path  # noqa: E402
 
 from catdog.candidates import Candidate, SplitFacts  # noqa: E402
 from catdog.errors import CatdogError  # noqa: E402
-from catdog.gate import compare, mcnemar_exact, promote  # noqa: E402
+from catdog.gate import mcnemar_exact, paired_evidence, promote  # noqa: E402
 from catdog.layout import Layout  # noqa: E402
 from catdog.registry import read as read_registry  # noqa: E402
 from catdog.registry import rollback  # noqa: E402
@@ -99,11 +99,11 @@ def test_mcnemar_exact_by_hand():
 
 
 def test_compare_counts_disagreements_both_ways():
-    evidence = compare([0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 1])
+    evidence = paired_evidence([0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 1])
     assert (evidence.candidate_accuracy, evidence.production_accuracy) == (0.5, 0.5)
     assert (evidence.candidate_only, evidence.production_only, evidence.disagreements) == (1, 1, 2)
     with pytest.raises(ValueError):
-        compare([0], [0, 1], [0, 1])
+        paired_evidence([0], [0, 1], [0, 1])
 
 
 def test_better_by_the_margin_is_promoted_equal_or_worse_is_not(tmp_path):

@@ -78,9 +78,15 @@ def decode_split(manifest: Manifest, split: str, size: int) -> tuple[np.ndarray,
     return images, labels
 
 
+def split_files(folder: Path, split: str) -> tuple[Path, Path]:
+    """Where a decoded split's images (`{split}_x.npy`) and labels (`{split}_y.npy`) are."""
+    return folder / f"{split}_x.npy", folder / f"{split}_y.npy"
+
+
 def open_split(folder: Path, split: str) -> tuple[NpyRows, np.ndarray]:
     """A decoded split: its images, read from disk on demand, and its labels, in memory."""
-    return NpyRows(folder / f"{split}_x.npy"), np.load(folder / f"{split}_y.npy")
+    images, labels = split_files(folder, split)
+    return NpyRows(images), np.load(labels)
 
 
 class DecodedOnDemand:
@@ -127,7 +133,7 @@ def decode_split_to(
     """
     entries = manifest.in_split(split)
     paths = manifest.paths(entries)
-    x_path, y_path = folder / f"{split}_x.npy", folder / f"{split}_y.npy"
+    x_path, y_path = split_files(folder, split)
     purpose = f"decode_images ({split} split at {size}x{size})"
     with (
         NpyWriter(x_path, (len(entries), size, size, 3), np.uint8, purpose) as images,

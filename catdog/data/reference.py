@@ -72,7 +72,9 @@ def _class_counts(reference: np.lib.npyio.NpzFile) -> dict[str, int]:
     return {str(c): int(n) for c, n in zip(reference["classes"], reference["counts"], strict=True)}
 
 
-def compare(production: ReferenceFiles, current: ReferenceFiles, *, seed: int) -> Comparison:
+def compare_with_production(
+    production: ReferenceFiles, current: ReferenceFiles, *, seed: int
+) -> Comparison:
     """This run's training data against the data that trained production: the class balance
     and every image property always; the feature embeddings when both runs kept features,
     computed the same way.

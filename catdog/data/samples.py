@@ -9,6 +9,9 @@ import numpy as np
 from catdog.data.images import load_image
 from catdog.data.records import Manifest
 
+SAMPLES_FIGURE = "samples.png"  # the blog's grid of training images per class
+AUGMENTATION_FIGURE = "augmentation.png"  # one image under several draws of the augmentation
+
 
 def pick_samples(
     manifest: Manifest, *, per_class: int, seed: int, size: int, split: str = "train"

@@ -13,7 +13,7 @@ from catdog.data.reference import (
     FEATURES_SAMPLE_FILE,
     REFERENCE_FILE,
     ReferenceFiles,
-    compare,
+    compare_with_production,
     write_features_sample,
     write_reference,
 )
@@ -94,14 +94,14 @@ def test_without_features_on_either_side_the_balance_and_properties_are_checked(
     features = np.random.default_rng(0).normal(size=(100, 8))
     production = reference_in(tmp_path / "a", {"cats": 100, "dogs": 100}, features=features)
     current = reference_in(tmp_path / "b", {"cats": 100, "dogs": 100}, seed=1)
-    comparison = compare(production, current, seed=0)
+    comparison = compare_with_production(production, current, seed=0)
     assert [check.name for check in comparison.checks] == ["class_balance", *PROPERTY_CHECKS]
     assert comparison.note == "no cached features in this run: the embeddings were not compared"
     assert comparison.failed == []
 
     no_features = ReferenceFiles(production.properties)
     with_features = reference_in(tmp_path / "c", {"cats": 100, "dogs": 100}, features=features)
-    comparison = compare(no_features, with_features, seed=0)
+    comparison = compare_with_production(no_features, with_features, seed=0)
     assert len(comparison.checks) == 1 + len(quality.PROPERTIES)
     assert comparison.note == (
         "production's reference has no features: the embeddings were not compared"
@@ -114,7 +114,7 @@ def test_features_of_another_origin_are_not_compared(tmp_path):
     current = reference_in(
         tmp_path / "b", {"cats": 100, "dogs": 100}, features=features, about="model4 at 96px"
     )
-    comparison = compare(production, current, seed=0)
+    comparison = compare_with_production(production, current, seed=0)
     assert "embeddings" not in {check.name for check in comparison.checks}
     assert comparison.note == (
         "production's features (model4 at 64px) and this run's (model4 at 96px) differ: the "
@@ -130,7 +130,7 @@ def test_every_check_runs_when_both_kept_features_and_a_change_fails_its_check(t
     same = reference_in(
         tmp_path / "b", {"cats": 150, "dogs": 150}, seed=1, features=rng.normal(size=(150, 8))
     )
-    comparison = compare(production, same, seed=0)
+    comparison = compare_with_production(production, same, seed=0)
     names = [check.name for check in comparison.checks]
     assert names == ["class_balance", *PROPERTY_CHECKS, "embeddings"]
     assert comparison.note == "" and comparison.failed == []
@@ -142,7 +142,7 @@ def test_every_check_runs_when_both_kept_features_and_a_change_fails_its_check(t
         brighter=30.0,
         features=rng.normal(size=(150, 8)) + 1.0,
     )
-    failed = {check.name for check in compare(production, changed, seed=0).failed}
+    failed = {check.name for check in compare_with_production(production, changed, seed=0).failed}
     assert failed == {"class_balance", "property:brightness", "embeddings"}
 
 
@@ -155,4 +155,6 @@ def test_the_comparison_is_the_same_for_the_same_seed(tmp_path, seed):
     current = reference_in(
         tmp_path / "b", {"cats": 50, "dogs": 40}, seed=1, features=rng.normal(size=(80, 8))
     )
-    assert compare(production, current, seed=seed) == compare(production, current, seed=seed)
+    assert compare_with_production(production, current, seed=seed) == compare_with_production(
+        production, current, seed=seed
+    )
