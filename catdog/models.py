@@ -236,7 +236,7 @@ def make_model1(
 
 def _conv_block(filters: int, index: int, kernels: SeedStream) -> list[keras.layers.Layer]:
     # Batch normalization after each block: on raw 0..255 pixels, the blog's layers behind
-    # augmentation stall near chance (50.0% at one seed, bench/RESULTS.md); normalized
+    # augmentation stall near chance (50.0% at one seed, bench/HISTORY.md, seeds-224); normalized
     # activations train at the same rate whatever the input's scale. After the pooling, where
     # the maps are a quarter of the size: right after the first convolution it made an epoch
     # 4.8 times slower on two cores (93 s against model1's 19 s), for the same normalization

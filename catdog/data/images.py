@@ -30,7 +30,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
     antialiasing. Pillow's `resize` averages over the whole footprint instead, and decoding a
     JPEG at a reduced scale does too: such images kept 0.58 times the blog's fine detail at
     160x160, and model3 at seed 1337 started learning epochs later on them (bench/RESULTS.md,
-    decode-parity and model3-seeds).
+    decode-parity; bench/HISTORY.md, model3-seeds).
     """
     with Image.open(path) as image:
         rgb = image.convert("RGB")

@@ -41,7 +41,7 @@ _DCT_SIDE = 32
 # scaling), a fraction of a full decode.
 _STATS_SIDE = 64
 
-# Chosen with bench/near_duplicates.py on the real dataset (bench/RESULTS.md, section
+# Chosen with bench/studies/near_duplicates.py on the real dataset (bench/RESULTS.md, section
 # near-duplicates): copies resized to a half or a quarter, re-encoded at JPEG quality 50 or
 # cropped by 5% on every side are at most 6 bits from their original (with centre hashes), and
 # no two distinct images of the 3,000 are closer than 10; 8 is in between.
@@ -49,7 +49,7 @@ NEAR_DUPLICATE_BITS = 8
 
 # Drift verdicts need both a difference worth a person's time and one that chance does not
 # explain: large datasets make any difference significant, small ones make large differences
-# by chance. Measured for false alarms in bench/data_checks.py.
+# by chance. Measured for false alarms in bench/studies/data_checks.py.
 MAX_SHARE_CHANGE = 0.05  # total variation between the class shares
 MAX_KS_DISTANCE = 0.1  # Kolmogorov-Smirnov distance between a property's distributions
 SIGNIFICANCE = 0.001  # for the chi-square and Kolmogorov-Smirnov tests
