@@ -187,28 +187,22 @@ def _unless(decision: Decision, candidate: Candidate, but: str, rule: str) -> De
     return replace(decision, promote=False, reason=reason, rule=rule)
 
 
-def _record(
-    decision: Decision,
-    candidate: Candidate,
-    policy: Policy,
-    check: ExportCheck | None = None,
-    approval: Approval | None = None,
-) -> PromotionRecord:
+def _record(decision: Decision, candidate: Candidate, policy: Policy) -> PromotionRecord:
     """The gate's decision as the record the flow, the report and the events read."""
     evidence = decision.evidence
     return PromotionRecord(
         promoted=decision.promote,
         reason=decision.reason,
-        candidate=candidate.name,
-        candidate_epoch=candidate.epoch,
-        margin=policy.margin,
         rule=decision.rule,
-        policy=policy,
         candidate_accuracy=evidence.candidate_accuracy if evidence else None,
         production_accuracy=evidence.production_accuracy if evidence else None,
         evidence=evidence,
-        export_check=check,
-        approval=approval,
+        candidate=candidate.name,
+        candidate_epoch=candidate.epoch,
+        policy=policy,
+        margin=policy.margin,
+        export_check=None,  # what `promote` adds once it has shipped the candidate
+        approval=None,
     )
 
 
@@ -243,6 +237,7 @@ def promote(
     split: SplitFacts,
     policy: Policy,
     run: RunIdentity,
+    *,
     ship: Ship | None = None,
     approval: Approval | None = None,
     hold: str | None = None,
@@ -288,7 +283,8 @@ def promote(
             else:
                 but = f"but its exports failed their check: {check.reason()}"
                 decision = _unless(decision, candidate, but, "exports")
-        record = _record(decision, candidate, policy, check, approval)
+        record = _record(decision, candidate, policy)
+        record = replace(record, export_check=check, approval=approval)
         installed = None
         if decision.promote:
             installed = registry.install(

@@ -32,6 +32,7 @@ from catdog.layout import FINAL_MODEL_FILE, HISTORY_ROWS_FILE, MODEL_FILE
 logger = logging.getLogger(__name__)
 
 HISTORY_KEYS = ("accuracy", "val_accuracy", "loss", "val_loss")
+BEST_HEAD_FILE = "best-head.keras"  # a frozen-base model's best head so far, while the head trains
 EpochHook = Callable[[int, int, dict[str, float]], None]  # (epoch done, total, metrics)
 
 
@@ -382,7 +383,6 @@ def train_head_on_features(
     head = models.make_head(features.dim, features.num_classes, dropout=config.dropout, seed=seed)
     models.compile_model(head, config.learning_rate)
     train, val = feature_dataset(features, config.batch_size, seed=seed)
-    best_head_path = work_dir / "best-head.keras"  # the head's best epoch, while it trains
     rows = fit_resumable(
         head,
         train,
@@ -391,7 +391,7 @@ def train_head_on_features(
         work_dir=work_dir,
         phase="head",
         on_epoch=on_epoch,
-        best_path=best_head_path,
+        best_path=work_dir / BEST_HEAD_FILE,
     )
     model = models.build_model(
         name,
@@ -403,10 +403,10 @@ def train_head_on_features(
     )
     models.transplant_head(head, model)
     model.save(work_dir / FINAL_MODEL_FILE)
-    best_head = keras.models.load_model(best_head_path, safe_mode=True)
+    best_head = keras.models.load_model(work_dir / BEST_HEAD_FILE, safe_mode=True)
     models.transplant_head(best_head, model)
     model.save(work_dir / MODEL_FILE)
-    best_head_path.unlink()
+    (work_dir / BEST_HEAD_FILE).unlink()
     return _result(model, rows)
 
 
