@@ -21,6 +21,7 @@ from tests.conftest import (
     write_image,
     zip_folder,
 )
+from tests.test_stage_table import add_a_stage, check_the_added_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 # The stages up to the manifest, from the stage table: what a change of split settings reuses.
@@ -251,7 +252,7 @@ def _first_run_from_a_copy(dataset_zip: Path, tmp_path: Path) -> tuple[Path, Pat
     return checkout, artifacts
 
 
-def test_code_edits_rerun_their_stages_and_a_catalog_entry_adds_a_model(dataset_zip, tmp_path):
+def test_code_edits_rerun_their_stages_and_new_models_and_stages_run(dataset_zip, tmp_path):
     checkout, artifacts = _first_run_from_a_copy(dataset_zip, tmp_path)
 
     # A library module: the stages whose code reaches it rerun, the earlier ones do not. And a
@@ -269,6 +270,8 @@ def test_code_edits_rerun_their_stages_and_a_catalog_entry_adds_a_model(dataset_
     catalog_module = checkout / "catdog/catalog.py"
     source = catalog_module.read_text()
     catalog_module.write_text(source.replace("\n)\n\nCATALOG", TINY_ENTRY, 1))
+    # And a stage: its entry in the table with its record, its task, the flow's line.
+    add_a_stage(checkout)
     # Two models whose heads train on features of the frozen base: one entry more each.
     run = _flow_subprocess(
         dataset_zip,
@@ -298,6 +301,8 @@ def test_code_edits_rerun_their_stages_and_a_catalog_entry_adds_a_model(dataset_
     assert tiny["test_accuracy"] == (matrix[0][0] + matrix[1][1]) / tests
     assert summary["tasks"]["train_model[tiny]"] == "Completed"
     assert summary["tasks"]["evaluate_model[tiny]"] == "Completed"
+    assert summary["tasks"]["tally_images"] == "Completed"
+    check_the_added_stage(artifacts, summary)
 
     # A task's own body: that stage and the later ones rerun. A comment changes nothing.
     data_tasks = checkout / "tasks/data.py"
@@ -311,7 +316,7 @@ def test_code_edits_rerun_their_stages_and_a_catalog_entry_adds_a_model(dataset_
     )
     _finish(_flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout))
     latest = _run_summaries(artifacts)[-1]
-    assert computed(latest) == SPLIT_AND_LATER | ALWAYS_RUN
+    assert computed(latest) == SPLIT_AND_LATER | ALWAYS_RUN | {"tally_images"}
 
     # The data checks' code: they rerun; the split, which only reads the groups they found,
     # and everything trained on it do not.
@@ -320,6 +325,7 @@ def test_code_edits_rerun_their_stages_and_a_catalog_entry_adds_a_model(dataset_
     _finish(_flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout))
     latest = _run_summaries(artifacts)[-1]
     assert computed(latest) == {"inspect_images", "profile_data"} | ALWAYS_RUN
+    assert latest["tasks"]["tally_images"] == "Cached"
 
 
 TINY_BUILDER = """

@@ -45,6 +45,7 @@ def test_the_installed_command_and_python_m_catdog_are_the_same_command():
     assert _help(str(CATDOG)) == _help(sys.executable, "-m", "catdog")
 
 
+@pytest.mark.slow  # each imports Prefect and the flow
 @pytest.mark.parametrize(
     ("command", "option"), [("run", "--runner"), ("serve", "--cron"), ("alerts", "--webhook")]
 )
@@ -54,6 +55,7 @@ def test_the_flow_commands_answer_under_their_catdog_names(command, option):
     assert option in text
 
 
+@pytest.mark.slow
 def test_alerts_without_a_destination_is_refused_in_one_line():
     result = subprocess.run(
         [sys.executable, "-m", "catdog", "alerts"], capture_output=True, text=True, timeout=60
@@ -100,6 +102,7 @@ def _parse(command: str, arguments: list[str]) -> argparse.Namespace:
     return build_parser().parse_args([command, *arguments])
 
 
+@pytest.mark.slow  # the flow's parsers import Prefect and the flow
 def test_every_catdog_command_in_the_readme_is_taken_as_written():
     lines = readme_command_lines()
     shown = set()
