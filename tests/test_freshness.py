@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
 import pytest
 
+from catdog.data import freshness
 from catdog.data.freshness import SourceUnavailable, check_url, probe, remember
 from catdog.errors import DataError
 from tests.conftest import ALWAYS_RUN, computed, publish, run_flow
@@ -35,7 +37,9 @@ def test_offline_without_an_earlier_download_is_a_clear_error(tmp_path):
         check_url("http://x/a.zip", tmp_path / "sources.json", offline=True)
 
 
-def test_unreachable_server_falls_back_to_the_last_good_download(tmp_path):
+def test_unreachable_server_falls_back_to_the_last_good_download(tmp_path, monkeypatch):
+    # Its three tries as always, without the seconds of backoff between them.
+    monkeypatch.setattr(freshness, "probe", functools.partial(probe, backoff=0.01))
     memo = tmp_path / "sources.json"
     url = "http://127.0.0.1:9/a.zip"  # the discard port: nothing listens
     remember(memo, url, '{"etag": "v1"}', "abc")
