@@ -46,11 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: the process's arguments) and run the chosen command."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] and arguments[0] in FLOW_COMMANDS:
-        from flows.cli import COMMAND
-        from flows.cli import main as flow_main
+        from flows.cli import COMMAND, command
 
-        command, rest = arguments[0], arguments[1:]
-        return flow_main(rest if command == "run" else [command, *rest], names=COMMAND)
+        return command(arguments[0], arguments[1:], COMMAND)
     parser = build_parser()
     args, extra = parser.parse_known_args(arguments)
     return run_library_command(args, extra, parser)

@@ -133,6 +133,7 @@ STAGES: tuple[Stage, ...] = (
             "catdog.data.suspects",
             "catdog.data.reference",
             "catdog.data.figures",
+            "catdog.features",  # the training features it probes, as that module reads them
             "catdog.plots",
         ),
         SuspectsRecord,

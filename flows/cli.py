@@ -63,7 +63,7 @@ def _prepare_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _parser(prog: str, serve_as: str) -> argparse.ArgumentParser:
+def _parser(prog: str, serve_as: str, alerts_as: str) -> argparse.ArgumentParser:
     from flows.options import add_flow_options
     from flows.train_flow import train_flow
 
@@ -73,7 +73,8 @@ def _parser(prog: str, serve_as: str) -> argparse.ArgumentParser:
         "assignment's models) as a Prefect flow with cached stages.",
         epilog="Models: "
         + "; ".join(f"{spec.name}: {spec.description}" for spec in catalog.MODELS)
-        + f". `{serve_as} --cron '0 3 * * 1' [options]` serves the same flow on a schedule.",
+        + f". `{serve_as} --cron '0 3 * * 1' [options]` serves the same flow on a schedule; "
+        f"`{alerts_as} --webhook URL` sets up notifications.",
     )
     add_flow_options(parser, train_flow.fn, env=ENV, optional_value={"refresh": "all"})
     parser.add_argument(
@@ -101,7 +102,7 @@ def run_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
     """The run options plus where the tasks run."""
     from flows.runners import RUNNERS
 
-    parser = _parser(names.run, names.serve)
+    parser = _parser(names.run, names.serve, names.alerts)
     where = parser.add_argument_group("where the tasks run")
     where.add_argument(
         "--runner",
@@ -165,7 +166,7 @@ def build_deployment(args: argparse.Namespace) -> RunnerDeployment:
 
 def serve_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
     """The run options plus a schedule and a deployment name, for `serve`."""
-    parser = _parser(names.serve, names.serve)
+    parser = _parser(names.serve, names.serve, names.alerts)
     parser.description = "Serve the flow on a schedule: register the deployment, then run "
     parser.description += "each scheduled run in this process until stopped (Ctrl-C)."
     parser.epilog = None
@@ -261,13 +262,20 @@ def _run(args: argparse.Namespace, api: EarlyApiServer | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, names: CommandNames = SCRIPT) -> int:
-    """A run, or `serve` or `alerts` when `argv` starts with it; returns the exit code."""
-    _prepare_environment()
+def main(argv: list[str] | None = None) -> int:
+    """`python flows/train_flow.py [serve|alerts] [options]`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["alerts"]:
-        return _alerts(argv[1:], names)
-    serving = bool(argv) and argv[0] == "serve"
+    if argv[:1] in (["serve"], ["alerts"]):
+        return command(argv[0], argv[1:])
+    return command("run", argv)
+
+
+def command(verb: str, argv: list[str], names: CommandNames = SCRIPT) -> int:
+    """The flow's command `verb` ("run", "serve" or "alerts") with its options `argv`."""
+    _prepare_environment()
+    if verb == "alerts":
+        return _alerts(argv, names)
+    serving = verb == "serve"
     # A run's temporary API server starts now, before Prefect is imported, so that its start-up
     # overlaps this process's (see flows/local_api.py).
     plain_run = not serving and not {"-h", "--help"} & set(argv)
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None, names: CommandNames = SCRIPT) -> int:
 
 def _main(argv: list[str], serving: bool, api: EarlyApiServer | None, names: CommandNames) -> int:
     parser = serve_parser(names) if serving else run_parser(names)
-    args = parser.parse_args(argv[1:] if serving else argv)
+    args = parser.parse_args(argv)
     if not serving and args.workers and (args.dask_address or args.runner != "dask"):
         parser.error(
             "--workers sizes the cluster of --runner dask; a --dask-address cluster "

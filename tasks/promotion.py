@@ -10,6 +10,7 @@ from prefect.runtime import flow_run
 
 from catdog.candidates import Candidate, SplitFacts, best_candidate, split_facts
 from catdog.data.images import split_files
+from catdog.data.reference import FEATURES_SAMPLE_FILE, REFERENCE_FILE
 from catdog.export import ExportCheck
 from catdog.gate import Ship, promote, propose
 from catdog.hashing import code_fingerprint
@@ -20,7 +21,6 @@ from catdog.summary import RunRecords
 from tasks.caching import stage_task
 from tasks.data import split_manifest_of
 from tasks.events import emit_run_event
-from tasks.quality import FEATURES_SAMPLE_FILE, REFERENCE_FILE
 
 
 def _candidate(layout: Layout, records: RunRecords) -> Candidate:

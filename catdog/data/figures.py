@@ -10,9 +10,8 @@ import numpy as np
 from PIL import Image
 
 from catdog.data import quality
-from catdog.data.profile import GroupMember
+from catdog.data.findings import GroupMember, Suspect
 from catdog.data.records import SPLITS, Manifest
-from catdog.data.suspects import Suspect
 
 PROFILE_FIGURE = "profile.png"
 NEAR_DUPLICATES_FIGURE = "near_duplicates.png"

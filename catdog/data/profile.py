@@ -8,15 +8,11 @@ from collections.abc import Sequence
 from typing import Any, TypedDict
 
 from catdog.data import quality
+from catdog.data.findings import GroupMember
 from catdog.data.records import SPLITS, Manifest
 
 LEFT_OUT = "left out"  # a near-duplicate the split left out of every split
 NOT_USED = "not used"  # an image the manifest has not (skipped for another reason)
-
-
-class GroupMember(TypedDict):
-    path: str
-    split: str  # one of SPLITS, LEFT_OUT or NOT_USED
 
 
 class NearDuplicateCounts(TypedDict):

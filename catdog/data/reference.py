@@ -4,7 +4,7 @@ it (no Prefect import).
 The profile stage writes `REFERENCE_FILE` (the training split's image properties and class
 counts) and the suspects stage `FEATURES_SAMPLE_FILE` (a sample of the training images'
 frozen-base features); the promotion keeps both beside the model it promotes, and the next
-runs' data checks `compare` their own with production's.
+runs' data checks compare their own with production's (`compare_with_production`).
 """
 
 from __future__ import annotations

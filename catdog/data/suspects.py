@@ -4,20 +4,14 @@ least likely (no Prefect import)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypedDict
 
 import numpy as np
 
 from catdog.data import quality
+from catdog.data.findings import Suspect
 from catdog.data.records import ImageEntry
 
 LISTED_SUSPECTS = 20  # kept in the record and shown in the report
-
-
-class Suspect(TypedDict):
-    path: str  # relative to the manifest's root
-    label: str  # the class it is filed under
-    probability: float  # the probe's probability of that class, to 4 decimals
 
 
 def rank_suspects(

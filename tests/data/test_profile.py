@@ -12,6 +12,7 @@ from catdog.data.figures import (
     save_profile_figures,
     save_suspects_figure,
 )
+from catdog.data.findings import Suspect
 from catdog.data.profile import (
     LEFT_OUT,
     NOT_USED,
@@ -22,7 +23,6 @@ from catdog.data.profile import (
     profile_split,
 )
 from catdog.data.records import ImageEntry, Manifest, SkippedFile
-from catdog.data.suspects import Suspect
 from tests.builders import write_image
 
 
