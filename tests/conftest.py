@@ -121,6 +121,16 @@ def flow_command(
     ]
 
 
+def copy_of_the_project(folder: Path) -> Path:
+    """A copy of the project's packages, imported instead of the installed ones when it is
+    first on PYTHONPATH."""
+    for package in ("catdog", "tasks", "flows"):
+        shutil.copytree(
+            REPO / package, folder / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    return folder
+
+
 # The two ways to start a run: the recipe's script, and the installed `catdog` command.
 FLOW_SCRIPT = (sys.executable, str(REPO / "flows" / "train_flow.py"))
 CATDOG_RUN = (str(Path(sys.executable).with_name("catdog")), "run")

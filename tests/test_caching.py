@@ -14,6 +14,7 @@ from tests.conftest import (
     ALWAYS_RUN,
     REPO,
     computed,
+    copy_of_the_project,
     flow_command,
     flow_env,
     make_dataset,
@@ -233,19 +234,9 @@ def test_two_concurrent_runs_share_work_and_agree(dataset_zip, tmp_path):
     assert not list(artifacts.rglob(".*.tmp-*")) and not list(artifacts.rglob(".*.partial"))
 
 
-def _checkout(folder: Path) -> Path:
-    """A copy of the project's packages, imported instead of the installed ones when it is
-    first on PYTHONPATH."""
-    for package in ("catdog", "tasks", "flows"):
-        shutil.copytree(
-            REPO / package, folder / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    return folder
-
-
 def _first_run_from_a_copy(dataset_zip: Path, tmp_path: Path) -> tuple[Path, Path]:
     """A copy of the project, and the artifacts of a first run of it."""
-    checkout = _checkout(tmp_path / "checkout")
+    checkout = copy_of_the_project(tmp_path / "checkout")
     artifacts = tmp_path / "artifacts"
     first = _flow_subprocess(dataset_zip, artifacts, tmp_path / "home", checkout)
     _finish(first)

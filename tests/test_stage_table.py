@@ -5,7 +5,6 @@ a stage through the flow); a stage without a task stops the flow's import."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from catdog.stages import STAGES
-from tests.conftest import REPO
+from tests.conftest import copy_of_the_project
 
 pytestmark = [pytest.mark.slow]
 
@@ -53,14 +52,6 @@ def tally_images(split: SplitRecord, artifacts: str):
 SUBMIT_AFTER = '        counts = run.submit("count", split=split)\n'
 
 
-def _copy_of_the_project(folder: Path) -> Path:
-    for package in ("catdog", "tasks", "flows"):
-        shutil.copytree(
-            REPO / package, folder / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    return folder
-
-
 def _edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert text.count(old) == 1, f"{path.name} changed: {old!r} is not there once"
@@ -98,7 +89,7 @@ def check_the_added_stage(artifacts: Path, summary: dict) -> None:
 
 
 def test_a_stage_whose_task_no_module_declares_stops_at_import(tmp_path):
-    checkout = _copy_of_the_project(tmp_path / "checkout")
+    checkout = copy_of_the_project(tmp_path / "checkout")
     _add_to_the_table(checkout)
     result = subprocess.run(
         [sys.executable, "-c", "import flows.pipeline"],
