@@ -1,14 +1,15 @@
 """The catdog command: `catdog COMMAND [options]`, or `python -m catdog COMMAND [options]`.
 
     catdog run [options]              train and compare the models (the flow)
-    catdog serve --cron '0 3 * * 1'   the same flow, served on a schedule
+    catdog serve --cron '0 3 * * 1'   the same flow, served on a schedule (or --on-data-change)
+    catdog watch --data FOLDER        announce the data's changes to start served runs
     catdog alerts --webhook URL       notifications through Prefect automations
     catdog predict IMAGE...           classify images with the production model
     catdog export | registry | cache  export production, list or roll back the registry, prune
 
-This entry point is the one module of the package that reaches above the library: run, serve
-and alerts belong to the flow (`flows/cli.py`, also behind `python flows/train_flow.py`) and are
-imported only when asked for, so the library's commands and `catdog --help` never import
+This entry point is the one module of the package that reaches above the library: run, serve,
+watch and alerts belong to the flow (`flows/cli.py`, also behind `python flows/train_flow.py`)
+and are imported only when asked for, so the library's commands and `catdog --help` never import
 Prefect or TensorFlow.
 """
 
@@ -23,7 +24,8 @@ from catdog.commands import add_library_commands, run_library_command
 # The flow's commands, each handed its own arguments whole: flows/cli.py declares their options.
 FLOW_COMMANDS = {
     "run": "train and compare the models: the flow, with cached stages (see `run --help`)",
-    "serve": "serve the flow on a schedule until stopped (see `serve --help`)",
+    "serve": "serve the flow on a schedule or on data changes until stopped (`serve --help`)",
+    "watch": "announce a data source's changes: they start `serve --on-data-change` runs",
     "alerts": "notify a webhook or Slack when a run fails, production changes or data drifts",
 }
 

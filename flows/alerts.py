@@ -5,19 +5,28 @@ notification blocks for the destinations and creates, on the connected server, o
 per kind of news: a catdog run failed or crashed, production changed, a data check failed.
 Running it again replaces them (same names); `--remove` takes them and the blocks down. Runs
 that keep production send nothing (their `catdog.model.kept` event is in the event feed).
+
+A run whose process or machine died says nothing: it would stay Running for ever. Every flow
+run sends a heartbeat event (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180 s by default), and one more
+automation marks a catdog run crashed when its heartbeats stop for `silent_after` without the
+run ending; the Crashed state it sets is then notified as any other failure.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from prefect.automations import Automation
 from prefect.blocks.notifications import CustomWebhookNotificationBlock, SlackWebhook
-from prefect.events.actions import SendNotification
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 
 FLOW_NAME = "catdog-train"
+SILENT_RUNS = "catdog: a silent run is marked crashed"
+SILENT_AFTER = timedelta(minutes=10)  # over three of Prefect's default 180 s heartbeats
 WEBHOOK_BLOCK = "catdog-alerts-webhook"
 SLACK_BLOCK = "catdog-alerts-slack"
 
@@ -80,24 +89,25 @@ def _delete(name: str) -> bool:
     return bool(automation.delete())
 
 
-def install_automations(webhook: str | None, slack: str | None = None) -> list[str]:
+def _of_catdog_runs() -> dict[str, str]:
+    return {"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME}
+
+
+def install_automations(
+    webhook: str | None, slack: str | None = None, silent_after: timedelta = SILENT_AFTER
+) -> list[str]:
     """Create (or replace) the catdog automations; the names created."""
     blocks = _destinations(webhook, slack)
     created = []
     for alert in ALERTS:
         while _delete(alert.name):
             pass
-        match_related = (
-            {"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME}
-            if alert.of_catdog_runs
-            else {}
-        )
         Automation(
             name=alert.name,
             description="Made by `catdog alerts`",
             trigger=EventTrigger(
                 expect=set(alert.events),
-                match_related=match_related,
+                match_related=_of_catdog_runs() if alert.of_catdog_runs else {},
                 posture=Posture.Reactive,
                 threshold=1,
             ),
@@ -107,7 +117,40 @@ def install_automations(webhook: str | None, slack: str | None = None) -> list[s
             ],
         ).create()
         created.append(alert.name)
-    return created
+    while _delete(SILENT_RUNS):
+        pass
+    silent_runs(silent_after).create()
+    return [*created, SILENT_RUNS]
+
+
+def silent_runs(silent_after: timedelta) -> Automation:
+    """Prefect's zombie-run recipe for catdog runs: after a heartbeat, expect another heartbeat
+    or the run's end within `silent_after`, for each run; else mark the run Crashed."""
+    ends = {
+        f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")
+    }
+    seconds = int(silent_after.total_seconds())
+    return Automation(
+        name=SILENT_RUNS,
+        description="Made by `catdog alerts`",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *ends},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related=_of_catdog_runs(),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=silent_after,
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {seconds} s: its process or machine stopped "
+                "without a word (marked by the catdog automation)",
+            )
+        ],
+    )
 
 
 def remove_automations() -> list[str]:
@@ -115,9 +158,9 @@ def remove_automations() -> list[str]:
     from prefect.client.orchestration import get_client
 
     deleted = []
-    for alert in ALERTS:
-        while _delete(alert.name):
-            deleted.append(alert.name)
+    for name in [*(alert.name for alert in ALERTS), SILENT_RUNS]:
+        while _delete(name):
+            deleted.append(name)
     blocks = ((CustomWebhookNotificationBlock, WEBHOOK_BLOCK), (SlackWebhook, SLACK_BLOCK))
     with get_client(sync_client=True) as client:
         for kind, name in blocks:

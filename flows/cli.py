@@ -1,5 +1,5 @@
-"""The flow's commands: a run, `serve` on a schedule, and `alerts`; `catdog run|serve|alerts`,
-or `python flows/train_flow.py [serve|alerts]` (the recipe's own entry).
+"""The flow's commands: a run, `serve`, `alerts` and `watch`; `catdog run|serve|alerts|watch`,
+or `python flows/train_flow.py [serve|alerts|watch]` (the recipe's own entry).
 
 Every option but where the tasks run is one of the flow's parameters (flows/options.py builds
 them from the flow's signature). A run ends with its summary's path, or with one `error:` line:
@@ -16,6 +16,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +39,13 @@ class CommandNames:
     run: str
     serve: str
     alerts: str
+    watch: str
 
 
-SCRIPT = CommandNames(*(f"python flows/train_flow.py{verb}" for verb in ("", " serve", " alerts")))
-COMMAND = CommandNames("catdog run", "catdog serve", "catdog alerts")
+SCRIPT = CommandNames(
+    *(f"python flows/train_flow.py{verb}" for verb in ("", " serve", " alerts", " watch"))
+)
+COMMAND = CommandNames("catdog run", "catdog serve", "catdog alerts", "catdog watch")
 
 # Parameters whose default an environment variable overrides on the command line.
 ENV = {
@@ -144,36 +148,71 @@ class ScheduleError(CatdogError):
 
 
 def build_deployment(args: argparse.Namespace) -> RunnerDeployment:
-    """The deployment `serve` registers: this flow, `--cron` or `--interval`, the options given."""
+    """The deployment `serve` registers: this flow, started by `--cron` or `--interval` and, with
+    `--on-data-change`, by `catdog watch`'s event for its data; one run at a time."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import RunnerDeployment
     from prefect.schedules import Cron, Interval
 
     from flows.train_flow import train_flow
 
     try:
-        schedule = Cron(args.cron, timezone="UTC") if args.cron else Interval(args.interval)
+        schedule = Cron(args.cron, timezone="UTC") if args.cron else None
     except ValueError as error:
         raise ScheduleError(f"--cron {args.cron!r}: not a valid cron schedule") from error
+    if args.interval:
+        schedule = Interval(args.interval)
     deployment = train_flow.to_deployment(
         name=args.name,
-        schedules=[schedule],
+        schedules=[schedule] if schedule else None,
+        triggers=[data_change_trigger(args.name, args.data)] if args.on_data_change else None,
         parameters=run_parameters(args),
         tags=["catdog", "scheduled"],
+        # A run that starts while one is under way waits for it rather than being cancelled: the
+        # change that started it must be trained on, and the runs would contend for one lock.
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
     )
     assert isinstance(deployment, RunnerDeployment)
     return deployment
 
 
+def data_change_trigger(deployment: str, data: str) -> Any:
+    """The trigger that starts a run of `deployment` on each `catdog.data.changed` event about
+    `data` (`catdog watch` settles bursts of changes into one event)."""
+    from prefect.events import DeploymentEventTrigger
+
+    from catdog.data.watch import EVENT, source_name
+
+    name = source_name(data)
+    return DeploymentEventTrigger(
+        name=f"catdog: run {deployment} when its data changes",
+        description=f"Made by `catdog serve --on-data-change` for {name}",
+        expect={EVENT},
+        match={"catdog.source": name},
+        threshold=1,
+    )
+
+
 def serve_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
-    """The run options plus a schedule and a deployment name, for `serve`."""
+    """The run options plus what starts a run and a deployment name, for `serve`."""
     parser = _parser(names.serve, names.serve, names.alerts)
-    parser.description = "Serve the flow on a schedule: register the deployment, then run "
-    parser.description += "each scheduled run in this process until stopped (Ctrl-C)."
+    parser.description = "Serve the flow: register the deployment, then run each run that its "
+    parser.description += "schedule or a change of its data starts, in this process, until "
+    parser.description += "stopped (Ctrl-C). One run at a time: a run started while one is "
+    parser.description += f"under way waits for it. `{names.watch}` announces data changes."
     parser.epilog = None
-    schedule = parser.add_mutually_exclusive_group(required=True)
+    starts = parser.add_argument_group("what starts a run (at least one)")
+    schedule = starts.add_mutually_exclusive_group()
     schedule.add_argument("--cron", help="cron schedule in UTC, e.g. '0 3 * * 1'")
     schedule.add_argument(
         "--interval", type=at_least_one("seconds"), metavar="SECONDS", help="seconds between runs"
+    )
+    starts.add_argument(
+        "--on-data-change",
+        action="store_true",
+        help=f"each catdog.data.changed event about --data (sent by `{names.watch}`)",
     )
     parser.add_argument("--name", default="scheduled-retraining", help="deployment name")
     # Nobody watches a scheduled run: data that changed trains and reports, production waits.
@@ -186,12 +225,98 @@ def alerts_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
         prog=names.alerts,
         description="Set up Prefect automations on the server PREFECT_API_URL names that notify "
         "when a catdog run fails or crashes, when production changes and when a data check "
-        "fails; run again to replace them, --remove to take them down.",
+        "fails, and one that marks a run crashed when its heartbeats stop; run again to replace "
+        "them, --remove to take them down.",
     )
     parser.add_argument("--webhook", metavar="URL", help="POST JSON {subject, body} here")
     parser.add_argument("--slack-webhook", metavar="URL", help="a Slack incoming webhook")
+    parser.add_argument(
+        "--silent-after",
+        type=at_least_one("seconds"),
+        default=600,
+        metavar="SECONDS",
+        help="mark a catdog run crashed (and notify) when it sends no heartbeat for this long; "
+        "keep it above the runs' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (180 s by default) (600)",
+    )
     parser.add_argument("--remove", action="store_true", help="remove the catdog automations")
     return parser
+
+
+def watch_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
+    from catdog.config import OFFICIAL_DATA_URL
+
+    parser = argparse.ArgumentParser(
+        prog=names.watch,
+        description="Look at a data source every few seconds, without reading an image or "
+        "starting TensorFlow, and send a catdog.data.changed event to the Prefect server "
+        "PREFECT_API_URL names when it changed and then stayed unchanged for --settle seconds. "
+        f"A deployment served with `{names.serve} --on-data-change` runs on each.",
+    )
+    parser.add_argument(
+        "--data",
+        default=os.environ.get(ENV["data"], OFFICIAL_DATA_URL),
+        help="the source: a folder of class folders, a .zip, or an http(s) URL (env "
+        f"{ENV['data']}; default: the official archive's URL)",
+    )
+    parser.add_argument(
+        "--every",
+        type=at_least_one("seconds"),
+        default=300,
+        metavar="SECONDS",
+        help="seconds between looks (300)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a change must stay unchanged before it is announced, so that a burst "
+        "of changes (a folder being copied into) starts one run, on all of it (60)",
+    )
+    parser.add_argument(
+        "--artifacts",
+        default=os.environ.get(ENV["artifacts"], RUN.artifacts),
+        help="the artifacts folder; the watch keeps what it announced last in its watch/ "
+        f"folder (env {ENV['artifacts']}; default ./{RUN.artifacts})",
+    )
+    parser.add_argument("--once", action="store_true", help="look once, then stop")
+    return parser
+
+
+def _watch(argv: list[str], names: CommandNames) -> int:
+    args = watch_parser(names).parse_args(argv)
+    from catdog.data.watch import source_name, state_file_for
+    from flows.watch import watch
+
+    try:
+        _require_api(names.watch)
+        source = source_name(args.data)
+        state = state_file_for(Path(args.artifacts), source)
+        watch(source, state, every=args.every, settle=args.settle, looks=1 if args.once else None)
+    except CatdogError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+class NoServerError(CatdogError):
+    """A command that needs a Prefect server that outlives it, without one."""
+
+
+def _require_api(what: str) -> None:
+    """Stop with one line unless PREFECT_API_URL names a server this client may use."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.runners import check_api_access
+
+    if not PREFECT_API_URL.value():
+        raise NoServerError(
+            f"{what} talks to a Prefect server: start one with `prefect server start` and set "
+            "PREFECT_API_URL, e.g. PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    check_api_access()
 
 
 def _alerts(argv: list[str], names: CommandNames) -> int:
@@ -202,17 +327,9 @@ def _alerts(argv: list[str], names: CommandNames) -> int:
     from prefect.settings import PREFECT_API_URL
 
     from flows import alerts
-    from flows.runners import check_api_access
 
-    if not PREFECT_API_URL.value():
-        print(
-            "error: alerts live on a Prefect server: start one with `prefect server start` "
-            "and set PREFECT_API_URL, e.g. PREFECT_API_URL=http://127.0.0.1:4200/api",
-            file=sys.stderr,
-        )
-        return 2
     try:
-        check_api_access()
+        _require_api(names.alerts)
     except CatdogError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
@@ -221,7 +338,8 @@ def _alerts(argv: list[str], names: CommandNames) -> int:
             removed = alerts.remove_automations()
             print(f"removed {len(removed)} automation(s): {', '.join(removed) or 'none'}")
             return 0
-        for name in alerts.install_automations(args.webhook, args.slack_webhook):
+        silent_after = timedelta(seconds=args.silent_after)
+        for name in alerts.install_automations(args.webhook, args.slack_webhook, silent_after):
             print(f"automation: {name}")
     except Exception as error:  # the server refused or went away: one line, as everywhere
         message = f"{type(error).__name__}: {' '.join(str(error).split())}"
@@ -263,18 +381,20 @@ def _run(args: argparse.Namespace, api: EarlyApiServer | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python flows/train_flow.py [serve|alerts] [options]`; returns the exit code."""
+    """`python flows/train_flow.py [serve|alerts|watch] [options]`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["serve"], ["alerts"]):
+    if argv[:1] in (["serve"], ["alerts"], ["watch"]):
         return command(argv[0], argv[1:])
     return command("run", argv)
 
 
 def command(verb: str, argv: list[str], names: CommandNames = SCRIPT) -> int:
-    """The flow's command `verb` ("run", "serve" or "alerts") with its options `argv`."""
+    """The flow's command `verb` ("run", "serve", "alerts" or "watch") with its options `argv`."""
     _prepare_environment()
     if verb == "alerts":
         return _alerts(argv, names)
+    if verb == "watch":
+        return _watch(argv, names)
     serving = verb == "serve"
     # A run's temporary API server starts now, before Prefect is imported, so that its start-up
     # overlaps this process's (see flows/local_api.py).
@@ -290,6 +410,8 @@ def command(verb: str, argv: list[str], names: CommandNames = SCRIPT) -> int:
 def _main(argv: list[str], serving: bool, api: EarlyApiServer | None, names: CommandNames) -> int:
     parser = serve_parser(names) if serving else run_parser(names)
     args = parser.parse_args(argv)
+    if serving and not (args.cron or args.interval or args.on_data_change):
+        parser.error("say what starts a run: --cron, --interval or --on-data-change")
     if not serving and args.workers and (args.dask_address or args.runner != "dask"):
         parser.error(
             "--workers sizes the cluster of --runner dask; a --dask-address cluster "

@@ -88,9 +88,14 @@ def _words(line: str) -> list[str]:
 
 def _parse(command: str, arguments: list[str]) -> argparse.Namespace:
     """`catdog command arguments` parsed by the parser that the command line would use."""
-    from flows.cli import COMMAND, alerts_parser, run_parser, serve_parser
+    from flows.cli import COMMAND, alerts_parser, run_parser, serve_parser, watch_parser
 
-    parsers = {"run": run_parser, "serve": serve_parser, "alerts": alerts_parser}
+    parsers = {
+        "run": run_parser,
+        "serve": serve_parser,
+        "alerts": alerts_parser,
+        "watch": watch_parser,
+    }
     if command in parsers:
         return parsers[command](COMMAND).parse_args(arguments)
     if command == "predict":

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -91,6 +94,16 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(server: dict[str, str]) -> 
     [pull] = deployment.pull_steps
     directory = pull["prefect.deployments.steps.set_working_directory"]["directory"]
     assert Path(directory).resolve() == ROOT
+    # One run at a time, the next waiting; and `catdog watch`'s event starts a run.
+    assert deployment.global_concurrency_limit and deployment.global_concurrency_limit.limit == 1
+    assert deployment.concurrency_options
+    assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
+    [trigger] = [
+        automation["trigger"]
+        for automation in Api(server).post("/automations/filter", {})
+        if automation["actions"][0].get("deployment_id") == str(deployment.id)
+    ]
+    assert trigger["expect"] == ["catdog.data.changed"] and trigger["posture"] == "Reactive"
 
 
 def test_a_served_schedule_follows_the_archive_at_a_url(
@@ -234,7 +247,7 @@ def test_serve_and_a_process_worker_run_against_an_api_that_wants_a_password(
                 [*flow_cli, *extra], env=client_env, capture_output=True, text=True, timeout=120
             )
             assert done.returncode == 0, done.stderr
-        assert "removed 3 automation(s)" in done.stdout
+        assert "removed 4 automation(s)" in done.stdout
 
         serving = subprocess.Popen(
             [
@@ -360,7 +373,7 @@ def test_alerts_notify_a_failure_and_a_promotion_once_and_come_down(
         assert len(received) == 2, received
 
         removed = run("alerts", "--remove")
-        assert removed.returncode == 0 and "removed 3 automation(s)" in removed.stdout
+        assert removed.returncode == 0 and "removed 4 automation(s)" in removed.stdout
 
         async def names() -> list[str]:
             from prefect.client.orchestration import PrefectClient
@@ -372,3 +385,253 @@ def test_alerts_notify_a_failure_and_a_promotion_once_and_come_down(
     finally:
         hook.shutdown()
         hook.server_close()
+
+
+class Api:
+    """The few reads of a real server's API that the served tests make."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.url = env["PREFECT_API_URL"]
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        import httpx
+
+        response = httpx.post(f"{self.url}{path}", json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def runs(self, deployment: str) -> list[dict[str, Any]]:
+        return self.post("/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}})
+
+    def events(self, name: str, about: str | None = None) -> list[dict[str, Any]]:
+        """Events called `name` (of the last hour), oldest first; `about`: a related resource."""
+        from datetime import UTC, datetime, timedelta
+
+        since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+        event_filter: dict[str, Any] = {"event": {"name": [name]}, "occurred": {"since": since}}
+        if about:
+            event_filter["any_resource"] = {"id": [about]}
+        page = self.post("/events/filter", {"filter": event_filter, "limit": 50})
+        return sorted(page["events"], key=lambda event: event["occurred"])
+
+    def wait(self, what: str, read: Callable[[], Any], timeout: float) -> Any:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := read():
+                return found
+            time.sleep(1)
+        raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+def catdog_process(command: str, env: dict[str, str], log: Path, *options: str) -> subprocess.Popen:
+    """`catdog COMMAND` in a process group of its own (stopped whole with the runs it started),
+    logging to a file rather than a pipe nobody reads."""
+    with log.open("w") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "catdog", command, *options],
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+TINY_RUN = ["--models", "model1", "--image-size", "32", "--batch-size", "8", "--no-export"]
+
+
+def test_a_watched_folder_starts_one_served_run_per_settled_change_one_at_a_time(
+    server: dict[str, str], tmp_path: Path
+) -> None:
+    """`catdog watch` on a folder and `catdog serve --on-data-change` against a real server:
+    no change in ten looks starts nothing; ten quick changes start one run, on all ten images;
+    ten more while that run starts and trains start one more, which waits for it to end; each
+    run is linked to the event that started it."""
+    import time
+
+    from tests.conftest import make_dataset, write_image
+
+    api = Api(server)
+    folder = make_dataset(tmp_path / "pets", train=6, validation=6)
+    artifacts = tmp_path / "artifacts"
+    every, settle = 1, 3
+    where = ["--data", str(folder), "--artifacts", str(artifacts)]
+    serving = catdog_process(
+        "serve",
+        server,
+        tmp_path / "serve.log",
+        "--on-data-change",
+        *where,
+        *TINY_RUN,
+        "--epochs",
+        "3",
+        "--name",
+        "on-change",
+    )
+    watch_log = tmp_path / "watch.log"
+    watching = catdog_process(
+        "watch", server, watch_log, *where, "--every", str(every), "--settle", str(settle)
+    )
+    script = load_script()
+
+    def announced() -> list[str]:
+        lines = watch_log.read_text().splitlines()
+        return [line.split()[1].rstrip(":") for line in lines if line.startswith(EVENT_NAME)]
+
+    def burst(name: str) -> float:
+        for index in range(10):
+            write_image(
+                folder / "train" / "cats" / f"{name}.{index}.jpg", hash(name) % 1000 + index
+            )
+            time.sleep(0.3)
+        return time.monotonic()
+
+    try:
+        api.wait("the deployment and its trigger", lambda: _automation(api, "on-change"), 180)
+        api.wait("the watch's first look", lambda: "watching" in watch_log.read_text(), 120)
+        time.sleep(10 * every)
+        assert api.runs("on-change") == [] and announced() == []
+
+        settled = burst("first")
+        [first] = api.wait("a run after the first burst", lambda: api.runs("on-change"), 120)
+        assert time.monotonic() - settled < settle + every + 30
+        burst("second")  # while the first run starts and trains
+        runs = api.wait("a second run", lambda: _at_least(api.runs("on-change"), 2), 120)
+        second = next(run for run in runs if run["id"] != first["id"])
+        for run in (first, second):
+            api.wait("runs to finish", lambda run=run: _state(api, run) == "COMPLETED", 600)
+        first, second = _run(api, first), _run(api, second)
+        assert second["created"] < first["end_time"] <= second["start_time"]  # it waited
+        time.sleep(5 * every)
+        assert len(api.runs("on-change")) == 2 and len(announced()) == 2
+
+        reports = artifacts.glob("05_reports/runs/*/summary.json")
+        summaries = sorted(
+            (json.loads(path.read_text()) for path in reports),
+            key=lambda summary: summary["run"]["finished_at"],
+        )
+        # A run reads the folder when it starts: the first saw all of the first burst (and maybe
+        # some of the second), the second saw everything.
+        cats = [summary["data"]["counts"]["train"]["cats"] for summary in summaries]
+        assert cats[0] >= 16 and cats[1] == 26, cats
+        for run, event_id in zip((first, second), announced(), strict=True):
+            # The run's page names the automation that made it ("Created by")...
+            assert run["created_by"]["type"] == "AUTOMATION"
+            assert (
+                run["created_by"]["display_value"] == "catdog: run on-change when its data changes"
+            )
+            # ...and the event feed links the run to the event that started it.
+            about_run = f"prefect.flow-run.{run['id']}"
+            [creation] = api.events("prefect.automation.action.executed", about_run)
+            triggers = [
+                related["prefect.resource.id"]
+                for related in creation["related"]
+                if related["prefect.resource.role"] == "triggering-event"
+            ]
+            assert triggers == [f"prefect.event.{event_id}"]
+    finally:
+        script.stop_server(watching)
+        script.stop_server(serving)
+
+
+def test_a_run_whose_process_is_killed_is_marked_crashed_and_notified(
+    server: dict[str, str], tmp_path: Path, dataset_zip: Path
+) -> None:
+    """`catdog alerts --silent-after 60` and a served run with 30 s heartbeats: SIGKILL to the
+    serving process and its run (a machine that died) leaves the run Running until the
+    automation marks it Crashed, within the bound; the alert reaches a webhook on 127.0.0.1."""
+    import threading
+    from datetime import datetime
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict[str, str]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    api = Api(server)
+    script = load_script()
+    webhook = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
+    setup = subprocess.run(
+        [sys.executable, "-m", "catdog", "alerts", "--webhook", webhook, "--silent-after", "60"],
+        env=server,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert setup.returncode == 0, setup.stderr
+    serving = catdog_process(
+        "serve",
+        {**server, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"},
+        tmp_path / "serve.log",
+        "--cron",
+        "0 0 1 1 *",
+        "--data",
+        str(dataset_zip),
+        *TINY_RUN,
+        "--epochs",
+        "20",
+        "--artifacts",
+        str(tmp_path / "artifacts"),
+        "--name",
+        "killed",
+    )
+    try:
+        deployment = api.wait("the deployment", lambda: _deployment(api, "killed"), 180)
+        run = api.post(f"/deployments/{deployment['id']}/create_flow_run", {})
+        beat = api.wait(
+            "the run's first heartbeat",
+            lambda: api.events("prefect.flow-run.heartbeat", f"prefect.flow-run.{run['id']}"),
+            300,
+        )[-1]
+        os.killpg(serving.pid, signal.SIGKILL)
+        serving.wait()
+        assert _state(api, run) == "RUNNING"
+        api.wait("the Crashed state", lambda: _state(api, run) == "CRASHED", 180)
+        crashed = datetime.fromisoformat(_run(api, run)["state"]["timestamp"])
+        silent = (crashed - datetime.fromisoformat(beat["occurred"])).total_seconds()
+        assert 60 <= silent < 60 + 45, silent  # the bound, and the automation's evaluation
+        assert "no heartbeat for 60 s" in _run(api, run)["state"]["message"]
+        [alert] = api.wait("the alert", lambda: list(received), 60)
+        assert "Crashed" in alert["subject"] and "no heartbeat for 60 s" in alert["body"]
+    finally:
+        script.stop_server(serving)
+        hook.shutdown()
+        hook.server_close()
+
+
+EVENT_NAME = "catdog.data.changed"
+
+
+def _run(api: Api, run: dict[str, Any]) -> dict[str, Any]:
+    import httpx
+
+    return httpx.get(f"{api.url}/flow_runs/{run['id']}", timeout=30).json()
+
+
+def _state(api: Api, run: dict[str, Any]) -> str:
+    return str(_run(api, run)["state_type"])
+
+
+def _at_least(runs: list[dict[str, Any]], count: int) -> list[dict[str, Any]] | None:
+    return runs if len(runs) >= count else None
+
+
+def _deployment(api: Api, name: str) -> dict[str, Any] | None:
+    found = api.post("/deployments/filter", {"deployments": {"name": {"any_": [name]}}})
+    return found[0] if found else None
+
+
+def _automation(api: Api, deployment: str) -> bool:
+    names = [automation["name"] for automation in api.post("/automations/filter", {})]
+    return f"catdog: run {deployment} when its data changes" in names

@@ -1,0 +1,224 @@
+"""What changed in a data source since it was last looked at, without reading an image.
+
+`catdog watch` asks this every few minutes, so a look must stay cheap on a large dataset: a
+folder is listed (each image's path, size and modification time), a zip's central directory is
+read (each member's size and CRC), a URL is asked with a HEAD (ETag, Last-Modified, length).
+Nothing here imports TensorFlow, NumPy or Prefect.
+
+A change is announced once it has settled: a folder being copied into changes at every look,
+and a run started halfway through the copy would train on half of it. `Watch.look` announces
+a revision only after it was seen unchanged for `settle` seconds, so a burst of changes is one
+announcement, made when the burst is over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from catdog.data.extract import IMAGE_SUFFIXES, is_litter
+from catdog.data.freshness import SourceUnavailable, probe
+from catdog.data.sources import parse_source
+from catdog.errors import DataError
+from catdog.io import atomic_write_json, read_json
+
+EVENT = "catdog.data.changed"
+EXAMPLES = 10  # file names an announcement lists of each kind of change
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One look at a source: its revision, and its files where it has a listing."""
+
+    source: str  # the URL, or the absolute path of the zip or folder
+    revision: str
+    files: dict[str, str] | None = None  # relative path -> "size:mtime_ns" or "size:crc"
+
+
+@dataclass(frozen=True)
+class Change:
+    """A settled change of a source: what `catdog.data.changed` carries."""
+
+    source: str
+    old_revision: str
+    new_revision: str
+    added: int | None = None  # None: a source without a listing (a URL) cannot tell
+    removed: int | None = None
+    changed: int | None = None
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.added is None:
+            return f"{self.source}: a new revision"
+        return (
+            f"{self.source}: {self.added} image(s) added, {self.removed} removed, "
+            f"{self.changed} changed"
+        )
+
+
+def source_name(data: str) -> str:
+    """The name a source is announced and matched by: the URL, or the absolute local path."""
+    source = parse_source(data)
+    return source.location
+
+
+def source_resource(name: str) -> dict[str, str]:
+    """The Prefect event resource of a source (the event's subject, and a trigger's match)."""
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return {
+        "prefect.resource.id": f"catdog.data.{digest}",
+        "prefect.resource.name": name,
+        "catdog.source": name,
+    }
+
+
+def snapshot(data: str) -> Snapshot:
+    """Look at `data` (a URL, a zip or a folder) once.
+
+    Raises:
+        DataError: A local source that is not there, or a zip that cannot be read.
+        SourceUnavailable: A URL whose server did not answer.
+    """
+    source = parse_source(data)
+    if source.kind == "url":
+        return Snapshot(source.location, probe(source.location, attempts=1))
+    files = _zip_listing(source.path) if source.kind == "zip" else _folder_listing(source.path)
+    revision = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return Snapshot(source.location, revision, files)
+
+
+def _folder_listing(root: Path) -> dict[str, str]:
+    files: dict[str, str] = {}
+    start = len(str(root)) + 1  # names relative to the root, cut as strings: a look at 30,000
+    pending = [str(root)]  # images is most of its time in this loop
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if is_litter(entry.name):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                    stat = entry.stat()
+                    name = entry.path[start:].replace(os.sep, "/")
+                    files[name] = f"{stat.st_size}:{stat.st_mtime_ns}"
+    return files
+
+
+def _zip_listing(path: Path) -> dict[str, str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {
+                member.filename: f"{member.file_size}:{member.CRC}"
+                for member in archive.infolist()
+                if not member.is_dir()
+                and not any(is_litter(part) for part in member.filename.split("/"))
+                and os.path.splitext(member.filename)[1].lower() in IMAGE_SUFFIXES
+            }
+    except (zipfile.BadZipFile, OSError) as error:
+        raise DataError(f"--data {path}: unreadable zip archive ({error})") from error
+
+
+def compare(old: Snapshot, new: Snapshot) -> Change:
+    """What changed from `old` to `new` (two looks at the same source)."""
+    if old.files is None or new.files is None:
+        return Change(new.source, old.revision, new.revision)
+    added = sorted(new.files.keys() - old.files.keys())
+    removed = sorted(old.files.keys() - new.files.keys())
+    changed = sorted(
+        name for name in new.files.keys() & old.files.keys() if new.files[name] != old.files[name]
+    )
+    return Change(
+        new.source,
+        old.revision,
+        new.revision,
+        added=len(added),
+        removed=len(removed),
+        changed=len(changed),
+        examples={
+            kind: names[:EXAMPLES]
+            for kind, names in (("added", added), ("removed", removed), ("changed", changed))
+            if names
+        },
+    )
+
+
+@dataclass
+class Watch:
+    """The announced revision of one source, and a newer one waiting to settle; kept in a file
+    so that a restarted watch neither misses a change made while it was down nor repeats one."""
+
+    state_file: Path
+    settle: float = 0.0  # seconds a new revision must stay unchanged before it is announced
+    announced: Snapshot | None = None
+    pending: str | None = None  # a revision seen since the announced one, not yet settled
+    pending_since: float = 0.0
+
+    @classmethod
+    def load(cls, state_file: Path, settle: float) -> Watch:
+        watch = cls(state_file, settle)
+        try:
+            state = read_json(state_file) if state_file.is_file() else {}
+        except (OSError, ValueError):
+            state = {}  # unreadable: the next look is the new baseline
+        if announced := state.get("announced"):
+            watch.announced = Snapshot(**announced)
+            watch.pending = state.get("pending")
+            watch.pending_since = float(state.get("pending_since", 0.0))
+        return watch
+
+    def look(self, current: Snapshot, now: float) -> Change | None:
+        """The change to announce after this look, if any. The first look is the baseline;
+        `commit` (after the announcement went out) makes an announced change the new one."""
+        if self.announced is None or self.announced.source != current.source:
+            self.announced, self.pending = current, None
+            self.save()
+            return None
+        before = (self.pending, self.pending_since)
+        if current.revision == self.announced.revision:
+            self.pending = None  # changed and changed back: nothing to announce
+        else:
+            if current.revision != self.pending:
+                self.pending, self.pending_since = current.revision, now
+            if now - self.pending_since >= self.settle:
+                return compare(self.announced, current)
+        if (self.pending, self.pending_since) != before:
+            self.save()  # only then: the listing of a large folder is megabytes
+        return None
+
+    def commit(self, current: Snapshot) -> None:
+        self.announced, self.pending = current, None
+        self.save()
+
+    def save(self) -> None:
+        state: dict[str, Any] = {
+            "announced": asdict(self.announced) if self.announced else None,
+            "pending": self.pending,
+            "pending_since": self.pending_since,
+        }
+        atomic_write_json(self.state_file, state)
+
+
+def state_file_for(artifacts: Path, source: str) -> Path:
+    """Where the watch of `source` keeps its state: under the artifacts folder it serves."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return Path(artifacts) / "watch" / f"{digest}.json"
+
+
+__all__ = [
+    "EVENT",
+    "Change",
+    "Snapshot",
+    "SourceUnavailable",
+    "Watch",
+    "compare",
+    "snapshot",
+    "source_name",
+    "source_resource",
+    "state_file_for",
+]
