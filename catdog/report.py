@@ -182,6 +182,7 @@ def render_report(summary: RunSummary, figures: Mapping[str, str]) -> str:
     ]
     lines += data_check_lines(summary, figures)
     lines += ["## Models", "", markdown_table(leaderboard_rows(summary))]
+    lines += warm_start_lines(summary)
     best = summary.best_model
     if best:
         model = summary.models[best]
@@ -221,3 +222,15 @@ def render_report(summary: RunSummary, figures: Mapping[str, str]) -> str:
         sizes = {stage: human_bytes(size) for stage, size in summary.disk_bytes.items()}
         lines += ["", "## Disk", "", markdown_table([sizes])]
     return "\n".join(lines) + "\n"
+
+
+def warm_start_lines(summary: RunSummary) -> list[str]:
+    """What each model started from, when the run asked for warm starts."""
+    cold = summary.run.cold_starts
+    if not cold and not any(model.warm_start for model in summary.models.values()):
+        return []
+    lines = ["Warm starts (`--warm-start production`):", ""]
+    for name, model in summary.models.items():
+        why = f"started cold: {cold[name]}" if name in cold else "started cold"
+        lines.append(f"- {name}: {model.warm_start or why}")
+    return [*lines, ""]

@@ -146,6 +146,7 @@ class TrainedRecord(Record):
     seed: int = 0
     weights: str | None = None
     inputs: dict[str, str | None] = field(default_factory=dict)  # keys of what it read
+    warm_start: str | None = None  # what it started from, when a warm start was asked for
 
     def identity(self) -> Any:
         # Its files say what it is; how long each epoch took and where it ran do not.

@@ -8,7 +8,7 @@ comes in as a record of its own (`catdog.gate` makes it, before the report).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -68,6 +68,8 @@ class RunInfo:
     # False: the dataset URL could not be asked (or --offline); the last good download was used.
     source_fresh: bool = True
     source_warning: str | None = None
+    # --warm-start production: the models that start cold, and why (production is another)
+    cold_starts: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class RunFacts:
     finished_at: str  # ISO 8601, UTC, to the second
     report: str  # this run's report.md
     comparison_figure: str | None = None  # every model's curves; None (left out): no model
+    cold_starts: dict[str, str] = field(default_factory=dict)  # as RunInfo's
 
     def to_json(self) -> JsonObject:
         facts = asdict(self)
@@ -150,6 +153,7 @@ class ModelSummary:
     per_class: dict[str, dict[str, float]]  # precision, recall, f1, support per class
     macro_f1: float
     evaluation_dir: str
+    warm_start: str | None = None  # what its training started from, when a warm start was asked
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,7 @@ def model_summary(layout: Layout, name: str, records: RunRecords) -> ModelSummar
         per_class=evaluated.per_class,
         macro_f1=evaluated.macro_f1,
         evaluation_dir=str(layout.resolve(evaluated.dir)),
+        warm_start=trained.warm_start,
     )
 
 

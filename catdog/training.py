@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypedDict
 
@@ -28,6 +28,7 @@ from catdog.config import TrainConfig
 from catdog.errors import ModelError
 from catdog.features import FeatureSet
 from catdog.layout import FINAL_MODEL_FILE, HISTORY_ROWS_FILE, MODEL_FILE
+from catdog.warm import WarmStart
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class TrainedFacts(TypedDict):
     replicas: int
     trainable_params: int
     total_params: int
+    warm_start: str | None
 
 
 @dataclass
@@ -68,6 +70,7 @@ class TrainResult:
     total_params: int
     saved_from: str | None = None  # whose weights model.keras holds, when not this model's
     replicas: int = 1  # devices each batch was split over
+    warm_start: str | None = None  # what it started from, when a warm start was asked for
 
     def facts(self, name: str) -> TrainedFacts:
         """What this training of model `name` tells its stage's record."""
@@ -81,6 +84,7 @@ class TrainResult:
             replicas=self.replicas,
             trainable_params=self.trainable_params,
             total_params=self.total_params,
+            warm_start=self.warm_start,
         )
 
 
@@ -328,9 +332,10 @@ def train_end_to_end(
     config: TrainConfig,
     seed: int,
     weights: str | None = None,
+    warm: WarmStart | None = None,
     on_epoch: EpochHook | None = None,
 ) -> TrainResult:
-    """Train a model on images for `config.epochs`.
+    """Train a model on images for `config.epochs`, from `warm`'s weights where they fit.
 
     Writes `model.keras` (the epoch with the best validation accuracy) and `final.keras`
     (the last epoch).
@@ -340,6 +345,7 @@ def train_end_to_end(
         model = models.build_model(
             name, data.x_train.shape[1:], data.num_classes, weights=weights, seed=seed
         )
+    started = start_warm(name, model, warm) if warm else None
     logger.info("%s: training under the %s dtype policy", name, policy)
     steps = config.epochs * math.ceil(len(data.x_train) / config.batch_size)
     models.compile_model(
@@ -360,7 +366,7 @@ def train_end_to_end(
         best_path=work_dir / MODEL_FILE,
     )
     model.save(work_dir / FINAL_MODEL_FILE)
-    return _result(model, rows)
+    return replace(_result(model, rows), warm_start=started)
 
 
 def train_head_on_features(
@@ -372,15 +378,18 @@ def train_head_on_features(
     seed: int,
     weights: str | None,
     input_shape: tuple[int, int, int],
+    warm: WarmStart | None = None,
     on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     """Train a frozen-base model's head on cached base features, then assemble the full model.
 
     Each epoch draws, for every training image, one of its cached augmented views, so the
-    head sees augmentation as it would through the frozen base, at a fraction of the cost.
+    head sees augmentation as it would through the frozen base, at a fraction of the cost. A
+    warm start starts the head from `warm`'s head (the base is the same frozen one).
     """
     keras.utils.set_random_seed(seed)
     head = models.make_head(features.dim, features.num_classes, dropout=config.dropout, seed=seed)
+    started = start_warm(name, head, warm, head_only=True) if warm else None
     models.compile_model(head, config.learning_rate)
     train, val = feature_dataset(features, config.batch_size, seed=seed)
     rows = fit_resumable(
@@ -407,7 +416,7 @@ def train_head_on_features(
     models.transplant_head(best_head, model)
     model.save(work_dir / MODEL_FILE)
     (work_dir / BEST_HEAD_FILE).unlink()
-    return _result(model, rows)
+    return replace(_result(model, rows), warm_start=started)
 
 
 def fine_tune(
@@ -478,6 +487,34 @@ def fine_tune(
     return result
 
 
+def start_warm(name: str, model: keras.Model, warm: WarmStart, head_only: bool = False) -> str:
+    """Give `model` the weights of `warm`'s model (its head's, `head_only`) where every one
+    fits, shape by shape; else leave it as built. Says which, for the record and the log."""
+    source = keras.models.load_model(warm.model_file, safe_mode=True, compile=False)
+    if head_only:
+        try:
+            models.transplant_head(source, model)
+        except ModelError as misfit:
+            return _cold(name, warm, str(misfit))
+    else:
+        theirs = [tuple(weight.shape) for weight in source.get_weights()]
+        ours = [tuple(weight.shape) for weight in model.get_weights()]
+        if theirs != ours:
+            misfit = next(
+                (f"{a} against {b}" for a, b in zip(theirs, ours, strict=False) if a != b),
+                f"{len(theirs)} weights against {len(ours)}",
+            )
+            return _cold(name, warm, f"its weights do not fit this model's ({misfit})")
+        model.set_weights(source.get_weights())
+    logger.info("%s: warm-started from %s", name, warm.about)
+    return f"warm-started from {warm.about}"
+
+
+def _cold(name: str, warm: WarmStart, why: str) -> str:
+    logger.warning("%s: started cold, not from %s: %s", name, warm.about, why)
+    return f"started cold, not from {warm.about}: {why}"
+
+
 def distribution_strategy(name: str) -> tf.distribute.Strategy:
     """The tf.distribute strategy called `name` ("default" or "mirrored").
 
@@ -503,6 +540,7 @@ def train(
     images: Callable[[], TrainingData],
     features: Callable[[], FeatureSet] | None = None,
     start_dir: Path | None = None,
+    warm: WarmStart | None = None,
     on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     """Train model `name` the way its catalog entry says, into `work_dir`.
@@ -550,6 +588,7 @@ def train(
                 seed=seed,
                 weights=weights,
                 input_shape=input_shape,
+                warm=warm,
                 on_epoch=on_epoch,
             )
         else:
@@ -560,6 +599,7 @@ def train(
                 config=config,
                 seed=seed,
                 weights=weights,
+                warm=warm,
                 on_epoch=on_epoch,
             )
     result.replicas = strategy.num_replicas_in_sync

@@ -15,6 +15,7 @@ from pydantic import Field
 from catdog.catalog import ModelName
 from catdog.config import MIN_MOBILENET_SIZE, DataIssuePolicy
 from catdog.stages import CACHED_STAGES
+from catdog.warm import WarmStartSource
 
 RefreshStage = Literal[("all", *CACHED_STAGES)]  # type: ignore[valid-type]
 PrecisionName = Literal["auto", "float32", "mixed_bfloat16"]
@@ -147,4 +148,12 @@ ApprovePromotion = Annotated[
 ]
 ApprovalTimeout = Annotated[
     int, Field(ge=1, description="seconds to wait for an approval before keeping production")
+]
+WarmStartFrom = Annotated[
+    WarmStartSource,
+    Field(
+        description="start each model's training from the production model's weights where "
+        "production is that model and its weights fit (then --epochs is how many more epochs); "
+        "the others start cold, and the run says which and why"
+    ),
 ]

@@ -31,6 +31,7 @@ from catdog.data.freshness import check_source
 from catdog.layout import Layout
 from catdog.stage_records import Policy, ReportRecord
 from catdog.summary import RunInfo, RunRecords
+from catdog.warm import WarmStart, production_start
 from flows.approval import ask_for_approval
 from flows.console import quiet_tracebacks
 from flows.parameters import (
@@ -61,10 +62,26 @@ from flows.parameters import (
     Strategy,
     TrainRetries,
     TransferImageSize,
+    WarmStartFrom,
     Weights,
 )
 from flows.pipeline import Pipeline
 from flows.runners import sequential
+
+
+def warm_starts(layout: Layout, models: list[str]) -> tuple[dict[str, WarmStart], dict[str, str]]:
+    """Production's model for each model that can start from it, and why each other model
+    starts cold (training says so too if production's weights turn out not to fit)."""
+    found: dict[str, WarmStart] = {}
+    cold: dict[str, str] = {}
+    for name in models:
+        start = production_start(layout, name)
+        if isinstance(start, str):
+            get_run_logger().warning("%s: starts cold (--warm-start production): %s", name, start)
+            cold[name] = start
+        else:
+            found[name] = start
+    return found, cold
 
 
 def _run_name() -> str:
@@ -104,6 +121,7 @@ def train_flow(
     approve_promotion: ApprovePromotion = False,
     approval_timeout: ApprovalTimeout = RUN.approval_timeout,
     on_data_issue: OnDataIssue = RUN.on_data_issue,
+    warm_start: WarmStartFrom = "none",
 ) -> ReportRecord:
     """Download, check and split, count, look, train every model, evaluate, promote, report."""
     quiet_tracebacks()
@@ -180,6 +198,7 @@ def train_flow(
         )
         if on_data_issue == "stop":
             run.settle()  # a failed check stops the run here, before any training
+        warm, cold = warm_starts(layout, to_train) if warm_start == "production" else ({}, {})
         for name in to_train:
             entry = catalog.spec(name)
             trained[name] = run.submit(
@@ -191,6 +210,7 @@ def train_flow(
                 settings=catalog.training_settings(name, config),
                 seed=seed,
                 weights=weights_used if entry.frozen_base else None,
+                warm=warm.get(name),
             )
             evaluated[name] = run.submit(
                 "evaluate", model=name, trained=trained[name], arrays=arrays[name], counts=counts
@@ -233,6 +253,7 @@ def train_flow(
             transfer_image_size=transfer_image_size,
             source_fresh=source.fresh,
             source_warning=source.warning,
+            cold_starts=cold,
         )
         report = run.submit(
             "report",

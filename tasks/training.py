@@ -22,6 +22,7 @@ from catdog.stage_records import (
     FeaturesRecord,
     TrainedRecord,
 )
+from catdog.warm import WarmStart
 from tasks import ui
 from tasks.caching import check_not_stopped, raised, stage_output, stage_task
 
@@ -45,6 +46,12 @@ def _model_fingerprint(inputs: dict[str, Any]) -> list[str | None]:
     (a builder outside the training modules would otherwise escape the key)."""
     builder_module = catalog.spec(inputs["model"]).builder.partition(":")[0]
     return [_weights_fingerprint(inputs), code_fingerprint(builder_module)]
+
+
+def _training_fingerprint(inputs: dict[str, Any]) -> list[str | None]:
+    """The model's, and the content of the production model a warm start begins from."""
+    warm: WarmStart | None = inputs.get("warm")
+    return [*_model_fingerprint(inputs), warm.sha256 if warm else None]
 
 
 def retry_unless_stopped(task: Any, task_run: Any, state: Any) -> bool:
@@ -129,7 +136,12 @@ def _input_keys(
     }
 
 
-@stage_task("train", fingerprint=_model_fingerprint, retry_condition_fn=retry_unless_stopped)
+@stage_task(
+    "train",
+    fingerprint=_training_fingerprint,
+    unkeyed=("warm",),
+    retry_condition_fn=retry_unless_stopped,
+)
 def train_model(
     model: str,
     arrays: ArraysRecord,
@@ -139,8 +151,10 @@ def train_model(
     seed: int,
     weights: str | None,
     artifacts: str,
+    warm: WarmStart | None = None,
 ) -> TrainedRecord:
-    """Train one model; a run that died continues from its last finished epoch."""
+    """Train one model, from production's weights with `warm`; a run that died continues from
+    its last finished epoch."""
     from catdog import training
     from catdog.config import TrainConfig
 
@@ -167,6 +181,7 @@ def train_model(
             images=partial(_training_data, layout, arrays),
             features=_cached_features(layout, arrays, features),
             start_dir=layout.resolve(start.dir) if start else None,
+            warm=warm,
             on_epoch=on_epoch,
         )
         out.facts.update(

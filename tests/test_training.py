@@ -73,6 +73,7 @@ def test_a_training_tells_its_record_what_it_did_and_each_epoch_is_one_line():
         "replicas": 2,
         "trainable_params": 10,
         "total_params": 30,
+        "warm_start": None,  # none was asked for
     }
     result.saved_from = "model4"
     assert result.facts("model4_finetune")["saved_from"] == "model4"
@@ -256,3 +257,82 @@ def test_mirrored_strategy_trains_one_model_over_two_devices(tmp_path):
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.splitlines()[-1]) == {"replicas": 2, "epochs": 2}
     assert (tmp_path / "model.keras").is_file() and (tmp_path / "final.keras").is_file()
+
+
+def _trainable(model_file) -> list[np.ndarray]:
+    import keras
+
+    model = keras.models.load_model(model_file, safe_mode=True, compile=False)
+    return [np.asarray(weight) for weight in model.trainable_weights]
+
+
+def test_a_warm_start_begins_from_the_weights_it_is_given_where_they_fit(data, tmp_path):
+    """At a learning rate of 0 an epoch changes no trainable weight: a warm-started model ends
+    where its start was. A start whose weights do not fit (three classes, not two) is not
+    loaded: the model starts cold and says why."""
+    from catdog.warm import WarmStart
+
+    source = tmp_path / "production"
+    train_end_to_end("model1", data, source, config=TrainConfig(epochs=1, batch_size=8), seed=1)
+    warm = WarmStart(str(source / "model.keras"), "0" * 64, "production (model1, epoch 1)")
+    still = TrainConfig(epochs=1, batch_size=8, learning_rate=0.0)
+    result = train_end_to_end("model1", data, tmp_path / "warm", config=still, seed=2, warm=warm)
+    assert result.warm_start == "warm-started from production (model1, epoch 1)"
+    for started, ended in zip(
+        _trainable(source / "model.keras"),
+        _trainable(tmp_path / "warm" / "final.keras"),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(started, ended)
+
+    three = TrainingData(data.x_train, data.y_train % 3, data.x_val, data.y_val, 3)
+    cold = train_end_to_end("model1", three, tmp_path / "cold", config=still, seed=2, warm=warm)
+    assert cold.warm_start is not None
+    assert cold.warm_start.startswith("started cold, not from production (model1, epoch 1): ")
+    assert "do not fit" in cold.warm_start
+    cold_weights = _trainable(tmp_path / "cold" / "final.keras")
+    assert not np.array_equal(cold_weights[0], _trainable(source / "model.keras")[0])
+
+
+def test_a_warm_started_head_begins_from_the_production_models_head(data, tmp_path):
+    """model4 trains its head on cached features: a warm start gives the head production's
+    head weights (the frozen base is the same either way)."""
+    import keras
+
+    from catdog.models import HEAD_LAYER_NAME
+    from catdog.warm import WarmStart
+
+    features = extract_features(
+        *(data.x_train, data.y_train, data.x_val, data.y_val, tmp_path / "features"),
+        model_name="model4",
+        num_classes=2,
+        weights=None,
+        views=1,
+        seed=3,
+    )
+    options = {"seed": 3, "weights": None, "input_shape": (32, 32, 3), "images": None}
+    source = tmp_path / "production"
+    source.mkdir()
+    train(
+        "model4",
+        source,
+        config=TrainConfig(epochs=2, batch_size=8),
+        features=lambda: features,
+        **options,
+    )
+    warm = WarmStart(str(source / "model.keras"), "0" * 64, "production (model4, epoch 2)")
+    still = TrainConfig(epochs=1, batch_size=8, learning_rate=0.0)
+    (tmp_path / "warm").mkdir()
+    result = train(
+        "model4", tmp_path / "warm", config=still, features=lambda: features, warm=warm, **options
+    )
+    assert result.warm_start == "warm-started from production (model4, epoch 2)"
+
+    def head(path) -> list[np.ndarray]:
+        model = keras.models.load_model(path, safe_mode=True, compile=False)
+        return model.get_layer(HEAD_LAYER_NAME).get_weights()
+
+    for started, ended in zip(
+        head(source / "model.keras"), head(tmp_path / "warm" / "final.keras"), strict=True
+    ):
+        np.testing.assert_array_equal(started, ended)
