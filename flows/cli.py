@@ -289,8 +289,8 @@ def _watch(argv: list[str], names: CommandNames) -> int:
     from flows.watch import watch
 
     try:
-        _require_api(names.watch)
         source = source_name(args.data)
+        _require_api(names.watch)
         state = state_file_for(Path(args.artifacts), source)
         watch(source, state, every=args.every, settle=args.settle, looks=1 if args.once else None)
     except CatdogError as error:
@@ -306,17 +306,25 @@ class NoServerError(CatdogError):
 
 
 def _require_api(what: str) -> None:
-    """Stop with one line unless PREFECT_API_URL names a server this client may use."""
+    """Stop with one line unless PREFECT_API_URL names a server that answers this client."""
+    import httpx
     from prefect.settings import PREFECT_API_URL
 
     from flows.runners import check_api_access
 
-    if not PREFECT_API_URL.value():
+    url = PREFECT_API_URL.value()
+    if not url:
         raise NoServerError(
             f"{what} talks to a Prefect server: start one with `prefect server start` and set "
             "PREFECT_API_URL, e.g. PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
-    check_api_access()
+    try:
+        check_api_access()
+    except httpx.HTTPError as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise NoServerError(
+            f"{what}: the Prefect API at {url} does not answer ({reason})"
+        ) from None
 
 
 def _alerts(argv: list[str], names: CommandNames) -> int:

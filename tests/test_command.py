@@ -4,6 +4,7 @@ line the README shows is one the command line takes, as written."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
@@ -47,7 +48,8 @@ def test_the_installed_command_and_python_m_catdog_are_the_same_command():
 
 @pytest.mark.slow  # each imports Prefect and the flow
 @pytest.mark.parametrize(
-    ("command", "option"), [("run", "--runner"), ("serve", "--cron"), ("alerts", "--webhook")]
+    ("command", "option"),
+    [("run", "--runner"), ("serve", "--cron"), ("alerts", "--webhook"), ("watch", "--settle")],
 )
 def test_the_flow_commands_answer_under_their_catdog_names(command, option):
     text = _help(sys.executable, "-m", "catdog", command)
@@ -62,6 +64,32 @@ def test_alerts_without_a_destination_is_refused_in_one_line():
     )
     assert result.returncode == 2
     assert "catdog alerts: error: give --webhook or --slack-webhook" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("data", "api", "said"),
+    [
+        ("missing", "http://127.0.0.1:9/api", "--data {tmp}/missing: no such file or folder"),
+        (".", None, "catdog watch talks to a Prefect server: start one"),
+        (
+            ".",
+            "http://127.0.0.1:9/api",
+            "catdog watch: the Prefect API at http://127.0.0.1:9/api does not answer",
+        ),
+    ],
+)
+def test_watch_stops_in_one_line_on_a_missing_source_or_no_server(data, api, said, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"PREFECT_API_URL": api} if api else {})
+    command = [sys.executable, "-m", "catdog", "watch", "--data", str(tmp_path / data), "--once"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {said.format(tmp=tmp_path)}")
+    assert not (tmp_path / "artifacts").exists()  # nothing written
 
 
 # ----------------------------------------------------------------------------- the README
