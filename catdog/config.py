@@ -71,6 +71,13 @@ class PipelineConfig:
     # promotes as usual; a scheduled run, which nobody watches, "hold"s production back.
     on_data_issue: DataIssuePolicy = "warn"
     unattended_on_data_issue: DataIssuePolicy = "hold"
+    # `catdog watch`: seconds between looks at the source, and how long a change must stay
+    # unchanged before it is announced (a folder being copied into is one change).
+    watch_every: int = 300
+    watch_settle: float = 60.0
+    # `catdog alerts`: a run whose heartbeats (every 180 s by default) stop this many seconds
+    # is marked crashed.
+    silent_after: int = 600
 
 
 DATA, TRAIN, RUN = DataConfig(), TrainConfig(), PipelineConfig()

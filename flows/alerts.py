@@ -24,9 +24,11 @@ from prefect.events.actions import ChangeFlowRunState, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 
+from catdog.config import RUN
+
 FLOW_NAME = "catdog-train"
 SILENT_RUNS = "catdog: a silent run is marked crashed"
-SILENT_AFTER = timedelta(minutes=10)  # over three of Prefect's default 180 s heartbeats
+SILENT_AFTER = timedelta(seconds=RUN.silent_after)
 WEBHOOK_BLOCK = "catdog-alerts-webhook"
 SLACK_BLOCK = "catdog-alerts-slack"
 

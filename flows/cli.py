@@ -233,10 +233,11 @@ def alerts_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
     parser.add_argument(
         "--silent-after",
         type=at_least_one("seconds"),
-        default=600,
+        default=RUN.silent_after,
         metavar="SECONDS",
         help="mark a catdog run crashed (and notify) when it sends no heartbeat for this long; "
-        "keep it above the runs' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (180 s by default) (600)",
+        "keep it above the runs' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (180 s by default) "
+        f"({RUN.silent_after})",
     )
     parser.add_argument("--remove", action="store_true", help="remove the catdog automations")
     return parser
@@ -261,17 +262,18 @@ def watch_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
     parser.add_argument(
         "--every",
         type=at_least_one("seconds"),
-        default=300,
+        default=RUN.watch_every,
         metavar="SECONDS",
-        help="seconds between looks (300)",
+        help=f"seconds between looks ({RUN.watch_every})",
     )
     parser.add_argument(
         "--settle",
         type=float,
-        default=60.0,
+        default=RUN.watch_settle,
         metavar="SECONDS",
         help="how long a change must stay unchanged before it is announced, so that a burst "
-        "of changes (a folder being copied into) starts one run, on all of it (60)",
+        f"of changes (a folder being copied into) starts one run, on all of it "
+        f"({RUN.watch_settle:g})",
     )
     parser.add_argument(
         "--artifacts",

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -61,6 +62,39 @@ def server(tmp_path: Path) -> Iterator[dict[str, str]]:
         yield env
     finally:
         script.stop_server(process)
+
+
+@dataclass
+class Webhook:
+    url: str
+    received: list[dict[str, str]]  # each notification's JSON {subject, body}, in order
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    """A receiver on 127.0.0.1 of what Prefect's webhook notification block POSTs."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict[str, str]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        yield Webhook(f"http://127.0.0.1:{hook.server_address[1]}/alerts", received)
+    finally:
+        hook.shutdown()
+        hook.server_close()
 
 
 def test_prefect_yaml_deploys_to_a_process_work_pool(server: dict[str, str]) -> None:
@@ -306,31 +340,15 @@ def test_serve_and_a_process_worker_run_against_an_api_that_wants_a_password(
 
 
 def test_alerts_notify_a_failure_and_a_promotion_once_and_come_down(
-    server: dict[str, str], tmp_path: Path, dataset_zip: Path
+    server: dict[str, str], tmp_path: Path, dataset_zip: Path, webhook: Webhook
 ) -> None:
     """The alerts setup against a real server, with a webhook receiver on 127.0.0.1: a run on
     a hostile archive sends one failure notification naming it; a first run, one "production
     changed"; an unchanged rerun, none; --remove leaves no catdog automation."""
-    import json
-    import threading
     import time
     import zipfile
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    received: list[dict[str, str]] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            received.append(json.loads(body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    hook = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    received = webhook.received
     flow = [sys.executable, str(ROOT / "flows/train_flow.py")]
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -344,47 +362,42 @@ def test_alerts_notify_a_failure_and_a_promotion_once_and_come_down(
             time.sleep(0.5)
         return list(received)
 
-    try:
-        webhook = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
-        setup = run("alerts", "--webhook", webhook)
-        assert setup.returncode == 0, setup.stderr
-        assert run("alerts", "--webhook", webhook).returncode == 0  # again: replaced, not doubled
+    setup = run("alerts", "--webhook", webhook.url)
+    assert setup.returncode == 0, setup.stderr
+    assert run("alerts", "--webhook", webhook.url).returncode == 0  # replaced, not doubled
 
-        hostile = tmp_path / "hostile.zip"
-        with zipfile.ZipFile(hostile, "w") as archive, zipfile.ZipFile(dataset_zip) as good:
-            for member in good.namelist():
-                archive.writestr(member, good.read(member))
-            archive.writestr("../../escape.jpg", b"x")
-        small = ["--models", "model1", "--epochs", "1", "--image-size", "32", "--no-export"]
-        failed = run("--data", str(hostile), *small, "--artifacts", str(tmp_path / "a"))
-        assert failed.returncode == 2, failed.stderr
-        [failure] = notifications(1)
-        assert "Failed" in failure["subject"] and "escape.jpg" in failure["body"]
-        assert "on hostile.zip" in failure["subject"]  # the run's name
+    hostile = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(hostile, "w") as archive, zipfile.ZipFile(dataset_zip) as good:
+        for member in good.namelist():
+            archive.writestr(member, good.read(member))
+        archive.writestr("../../escape.jpg", b"x")
+    small = ["--models", "model1", "--epochs", "1", "--image-size", "32", "--no-export"]
+    failed = run("--data", str(hostile), *small, "--artifacts", str(tmp_path / "a"))
+    assert failed.returncode == 2, failed.stderr
+    [failure] = notifications(1)
+    assert "Failed" in failure["subject"] and "escape.jpg" in failure["body"]
+    assert "on hostile.zip" in failure["subject"]  # the run's name
 
-        first = run("--data", str(dataset_zip), *small, "--artifacts", str(tmp_path / "b"))
-        assert first.returncode == 0, first.stderr
-        changed = notifications(2)[1]
-        assert changed["subject"] == "catdog: model1 is production"
-        assert "rule first" in changed["body"]
-        rerun = run("--data", str(dataset_zip), *small, "--artifacts", str(tmp_path / "b"))
-        assert rerun.returncode == 0, rerun.stderr
-        time.sleep(15)  # what an automation would have sent by now
-        assert len(received) == 2, received
+    first = run("--data", str(dataset_zip), *small, "--artifacts", str(tmp_path / "b"))
+    assert first.returncode == 0, first.stderr
+    changed = notifications(2)[1]
+    assert changed["subject"] == "catdog: model1 is production"
+    assert "rule first" in changed["body"]
+    rerun = run("--data", str(dataset_zip), *small, "--artifacts", str(tmp_path / "b"))
+    assert rerun.returncode == 0, rerun.stderr
+    time.sleep(15)  # what an automation would have sent by now
+    assert len(received) == 2, received
 
-        removed = run("alerts", "--remove")
-        assert removed.returncode == 0 and "removed 4 automation(s)" in removed.stdout
+    removed = run("alerts", "--remove")
+    assert removed.returncode == 0 and "removed 4 automation(s)" in removed.stdout
 
-        async def names() -> list[str]:
-            from prefect.client.orchestration import PrefectClient
+    async def names() -> list[str]:
+        from prefect.client.orchestration import PrefectClient
 
-            async with PrefectClient(server["PREFECT_API_URL"]) as client:
-                return [automation.name for automation in await client.read_automations()]
+        async with PrefectClient(server["PREFECT_API_URL"]) as client:
+            return [automation.name for automation in await client.read_automations()]
 
-        assert not [name for name in asyncio.run(names()) if name.startswith("catdog")]
-    finally:
-        hook.shutdown()
-        hook.server_close()
+    assert not [name for name in asyncio.run(names()) if name.startswith("catdog")]
 
 
 class Api:
@@ -542,34 +555,19 @@ def test_a_watched_folder_starts_one_served_run_per_settled_change_one_at_a_time
 
 
 def test_a_run_whose_process_is_killed_is_marked_crashed_and_notified(
-    server: dict[str, str], tmp_path: Path, dataset_zip: Path
+    server: dict[str, str], tmp_path: Path, dataset_zip: Path, webhook: Webhook
 ) -> None:
     """`catdog alerts --silent-after 60` and a served run with 30 s heartbeats: SIGKILL to the
     serving process and its run (a machine that died) leaves the run Running until the
     automation marks it Crashed, within the bound; the alert reaches a webhook on 127.0.0.1."""
-    import threading
     from datetime import datetime
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    received: list[dict[str, str]] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            received.append(json.loads(body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    hook = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    received = webhook.received
     api = Api(server)
     script = load_script()
-    webhook = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
+    alerts = ["alerts", "--webhook", webhook.url, "--silent-after", "60"]
     setup = subprocess.run(
-        [sys.executable, "-m", "catdog", "alerts", "--webhook", webhook, "--silent-after", "60"],
+        [sys.executable, "-m", "catdog", *alerts],
         env=server,
         capture_output=True,
         text=True,
@@ -612,8 +610,6 @@ def test_a_run_whose_process_is_killed_is_marked_crashed_and_notified(
         assert "Crashed" in alert["subject"] and "no heartbeat for 60 s" in alert["body"]
     finally:
         script.stop_server(serving)
-        hook.shutdown()
-        hook.server_close()
 
 
 EVENT_NAME = "catdog.data.changed"
