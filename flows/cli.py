@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import traceback
@@ -100,6 +101,26 @@ def at_least_one(unit: str = "") -> Callable[[str], int]:
         return int(value)
 
     return convert
+
+
+def seconds_at_least(least: float) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds, at least `least`."""
+
+    def convert(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < least:
+            raise argparse.ArgumentTypeError(f"{value!r}: must be a number of seconds >= {least:g}")
+        return seconds
+
+    return convert
+
+
+# Prefect sends a run's heartbeat every 30 s at the most often: a bound under two of them would
+# mark live runs crashed.
+MIN_SILENT_AFTER = 60
 
 
 def run_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
@@ -232,7 +253,7 @@ def alerts_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
     parser.add_argument("--slack-webhook", metavar="URL", help="a Slack incoming webhook")
     parser.add_argument(
         "--silent-after",
-        type=at_least_one("seconds"),
+        type=seconds_at_least(MIN_SILENT_AFTER),
         default=RUN.silent_after,
         metavar="SECONDS",
         help="mark a catdog run crashed (and notify) when it sends no heartbeat for this long; "
@@ -268,7 +289,7 @@ def watch_parser(names: CommandNames = SCRIPT) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--settle",
-        type=float,
+        type=seconds_at_least(0),
         default=RUN.watch_settle,
         metavar="SECONDS",
         help="how long a change must stay unchanged before it is announced, so that a burst "
@@ -300,6 +321,10 @@ def _watch(argv: list[str], names: CommandNames) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         pass
+    except Exception as error:  # a bug, a full disk: still one line
+        message = " ".join(str(error).split())
+        print(f"error: {names.watch}: {type(error).__name__}: {message}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -348,7 +373,7 @@ def _alerts(argv: list[str], names: CommandNames) -> int:
             removed = alerts.remove_automations()
             print(f"removed {len(removed)} automation(s): {', '.join(removed) or 'none'}")
             return 0
-        silent_after = timedelta(seconds=args.silent_after)
+        silent_after = timedelta(seconds=int(args.silent_after))
         for name in alerts.install_automations(args.webhook, args.slack_webhook, silent_after):
             print(f"automation: {name}")
     except Exception as error:  # the server refused or went away: one line, as everywhere

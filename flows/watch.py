@@ -56,7 +56,8 @@ def watch(
 
     A look that fails (the server does not answer, the folder is being remounted) is said and
     tried again at the next one; so is an announcement the API did not take, which is made
-    again at the next look, so a change is never lost.
+    again at the next look, so a change is never lost. The first look must succeed but for a
+    server that does not answer: a source that cannot be watched stops here (`DataError`).
     """
     state = Watch.load(state_file, settle)
     if state.announced and state.announced.source == data:
@@ -66,6 +67,8 @@ def watch(
         try:
             current = snapshot(data)
         except (SourceUnavailable, DataError) as problem:
+            if done == 0 and isinstance(problem, DataError):
+                raise
             say(f"warning: could not look at {data} ({problem}); trying again in {every:g} s")
         else:
             first = state.announced is None
@@ -78,7 +81,7 @@ def watch(
         done += 1
         if looks is not None and done >= looks:
             return
-        time.sleep(every)
+        time.sleep(state.next_look(time.time(), every))
 
 
 def _announce(state: Watch, current: Snapshot, change: Change, say: Callable[[str], None]) -> None:

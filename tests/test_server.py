@@ -495,9 +495,7 @@ def test_a_watched_folder_starts_one_served_run_per_settled_change_one_at_a_time
 
     def burst(name: str) -> float:
         for index in range(10):
-            write_image(
-                folder / "train" / "cats" / f"{name}.{index}.jpg", hash(name) % 1000 + index
-            )
+            write_image(folder / "train" / "cats" / f"{name}.{index}.jpg", len(name) * 100 + index)
             time.sleep(0.3)
         return time.time()
 
@@ -510,10 +508,10 @@ def test_a_watched_folder_starts_one_served_run_per_settled_change_one_at_a_time
         settled = burst("first")
         [first] = api.wait("a run after the first burst", lambda: api.runs("on-change"), 120)
         # The watch announced within --settle and one --every of the last change (and its look's
-        # own time); the server made the run from that event at once.
+        # own time, with some room for a busy machine); the server made the run from it at once.
         [event] = api.events(EVENT_NAME)
         occurred = datetime.fromisoformat(event["occurred"]).timestamp()
-        assert occurred - settled < settle + every + 3, occurred - settled
+        assert occurred - settled < settle + every + 5, occurred - settled
         assert datetime.fromisoformat(first["created"]).timestamp() - occurred < 15
         burst("second")  # while the first run starts and trains
         runs = api.wait("a second run", lambda: _at_least(api.runs("on-change"), 2), 120)
@@ -560,6 +558,7 @@ def test_a_run_whose_process_is_killed_is_marked_crashed_and_notified(
     """`catdog alerts --silent-after 60` and a served run with 30 s heartbeats: SIGKILL to the
     serving process and its run (a machine that died) leaves the run Running until the
     automation marks it Crashed, within the bound; the alert reaches a webhook on 127.0.0.1."""
+    import time
     from datetime import datetime
 
     received = webhook.received
@@ -600,6 +599,8 @@ def test_a_run_whose_process_is_killed_is_marked_crashed_and_notified(
         )[-1]
         os.killpg(serving.pid, signal.SIGKILL)
         serving.wait()
+        time.sleep(5)  # a heartbeat sent just before the kill reaches the event feed
+        beat = api.events("prefect.flow-run.heartbeat", f"prefect.flow-run.{run['id']}")[-1]
         assert _state(api, run) == "RUNNING"
         api.wait("the Crashed state", lambda: _state(api, run) == "CRASHED", 180)
         crashed = datetime.fromisoformat(_run(api, run)["state"]["timestamp"])

@@ -188,3 +188,37 @@ def test_a_look_at_30000_images_is_cheap_and_imports_no_tensorflow(tmp_path: Pat
     cost = json.loads(result.stdout)
     assert cost["images"] == 30_000 and cost["heavy"] == []
     assert cost["seconds"] < 0.5 and cost["rss_mb"] < 100, cost
+
+
+def test_the_look_after_a_change_comes_when_it_has_settled(tmp_path: Path) -> None:
+    """A change is announced within --settle plus one --every of being made, not two looks
+    later: the look after the one that saw it comes when it settles."""
+    folder = make_dataset(tmp_path / "pets", train=2, validation=1)
+    watch = Watch.load(tmp_path / "state.json", settle=60)
+    watch.look(snapshot(str(folder)), now=0)
+    assert watch.next_look(now=0, every=300) == 300
+    write_image(folder / "train" / "cats" / "new.jpg", 8)
+    assert watch.look(snapshot(str(folder)), now=10) is None
+    assert watch.next_look(now=10, every=300) == 60
+    assert watch.look(snapshot(str(folder)), now=70) is not None
+
+
+def test_a_url_that_gives_no_validators_cannot_be_watched(site: Site, tmp_path: Path) -> None:
+    from catdog.errors import DataError
+    from tests.http_site import answer
+
+    publish(site.folder, tmp_path, "pets.zip", 3, 1)
+    site.script = [answer(405, b"")]  # no HEAD: nothing to tell a change by without the body
+    with pytest.raises(DataError, match="no ETag, Last-Modified or Content-Length"):
+        snapshot(site.url("pets.zip"))
+
+
+def test_a_state_file_that_cannot_be_read_makes_the_next_look_the_baseline(
+    tmp_path: Path,
+) -> None:
+    folder = make_dataset(tmp_path / "pets", train=2, validation=1)
+    state = tmp_path / "state.json"
+    state.write_text('{"announced": {"unknown": 1}}')
+    watch = Watch.load(state, settle=0)
+    assert watch.look(snapshot(str(folder)), now=0) is None  # a baseline, not a crash
+    assert json.loads(state.read_text())["announced"]["source"] == str(folder)

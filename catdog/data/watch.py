@@ -81,13 +81,24 @@ def snapshot(data: str) -> Snapshot:
     """Look at `data` (a URL, a zip or a folder) once.
 
     Raises:
-        DataError: A local source that is not there, or a zip that cannot be read.
+        DataError: A local source that is not there or cannot be read, or a URL whose server
+            gives no ETag, Last-Modified or Content-Length (nothing to tell a change by).
         SourceUnavailable: A URL whose server did not answer.
     """
     source = parse_source(data)
     if source.kind == "url":
-        return Snapshot(source.location, probe(source.location, attempts=1))
-    files = _zip_listing(source.path) if source.kind == "zip" else _folder_listing(source.path)
+        revision = probe(source.location, attempts=1)
+        if "unvalidated" in json.loads(revision):
+            raise DataError(
+                f"--data {source.location}: the server gives no ETag, Last-Modified or "
+                "Content-Length, so a look cannot tell whether it changed; retrain on a "
+                "schedule instead (`catdog serve --cron`)"
+            )
+        return Snapshot(source.location, revision)
+    try:
+        files = _zip_listing(source.path) if source.kind == "zip" else _folder_listing(source.path)
+    except OSError as error:
+        raise DataError(f"--data {source.location}: cannot be read ({error})") from error
     revision = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     return Snapshot(source.location, revision, files)
 
@@ -97,16 +108,23 @@ def _folder_listing(root: Path) -> dict[str, str]:
     start = len(str(root)) + 1  # names relative to the root, cut as strings: a look at 30,000
     pending = [str(root)]  # images is most of its time in this loop
     while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if is_litter(entry.name):
-                    continue
+        folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:  # removed since it was listed: a change the next look sees
+            continue
+        for entry in entries:
+            if is_litter(entry.name):
+                continue
+            try:
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(entry.path)
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
                     stat = entry.stat()
                     name = entry.path[start:].replace(os.sep, "/")
                     files[name] = f"{stat.st_size}:{stat.st_mtime_ns}"
+            except FileNotFoundError:
+                continue
     return files
 
 
@@ -164,12 +182,12 @@ class Watch:
         watch = cls(state_file, settle)
         try:
             state = read_json(state_file) if state_file.is_file() else {}
-        except (OSError, ValueError):
-            state = {}  # unreadable: the next look is the new baseline
-        if announced := state.get("announced"):
-            watch.announced = Snapshot(**announced)
-            watch.pending = state.get("pending")
-            watch.pending_since = float(state.get("pending_since", 0.0))
+            if announced := state.get("announced"):
+                watch.announced = Snapshot(**announced)
+                watch.pending = state.get("pending")
+                watch.pending_since = float(state.get("pending_since", 0.0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            watch.announced, watch.pending = None, None  # unreadable: the next look is the baseline
         return watch
 
     def look(self, current: Snapshot, now: float) -> Change | None:
@@ -186,10 +204,19 @@ class Watch:
             if current.revision != self.pending:
                 self.pending, self.pending_since = current.revision, now
             if now - self.pending_since >= self.settle:
+                if (self.pending, self.pending_since) != before:
+                    self.save()
                 return compare(self.announced, current)
         if (self.pending, self.pending_since) != before:
             self.save()  # only then: the listing of a large folder is megabytes
         return None
+
+    def next_look(self, now: float, every: float) -> float:
+        """Seconds until the next look: `every`, or sooner when a change settles before then
+        (so a change is announced within `settle` plus one `every` of when it was made)."""
+        if self.pending is None:
+            return every
+        return max(0.0, min(every, self.pending_since + self.settle - now))
 
     def commit(self, current: Snapshot) -> None:
         self.announced, self.pending = current, None
