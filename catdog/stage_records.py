@@ -147,6 +147,10 @@ class TrainedRecord(Record):
     weights: str | None = None
     inputs: dict[str, str | None] = field(default_factory=dict)  # keys of what it read
     warm_start: str | None = None  # what it started from, when a warm start was asked for
+    # The model it started from (`catdog.warm.WarmStart`): its file, content hash and name
+    warm_file: str | None = None
+    warm_sha256: str | None = None
+    warm_about: str | None = None
 
     def identity(self) -> Any:
         # Its files say what it is; how long each epoch took and where it ran do not.

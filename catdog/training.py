@@ -490,7 +490,10 @@ def fine_tune(
 def start_warm(name: str, model: keras.Model, warm: WarmStart, head_only: bool = False) -> str:
     """Give `model` the weights of `warm`'s model (its head's, `head_only`) where every one
     fits, shape by shape; else leave it as built. Says which, for the record and the log."""
-    source = keras.models.load_model(warm.model_file, safe_mode=True, compile=False)
+    try:
+        source = keras.models.load_model(warm.model_file, safe_mode=True, compile=False)
+    except (OSError, ValueError) as error:
+        return _cold(name, warm, f"its model file cannot be loaded ({error})")
     if head_only:
         try:
             models.transplant_head(source, model)

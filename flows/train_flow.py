@@ -31,7 +31,7 @@ from catdog.data.freshness import check_source
 from catdog.layout import Layout
 from catdog.stage_records import Policy, ReportRecord
 from catdog.summary import RunInfo, RunRecords
-from catdog.warm import WarmStart, production_start
+from catdog.warm import warm_starts
 from flows.approval import ask_for_approval
 from flows.console import quiet_tracebacks
 from flows.parameters import (
@@ -67,21 +67,6 @@ from flows.parameters import (
 )
 from flows.pipeline import Pipeline
 from flows.runners import sequential
-
-
-def warm_starts(layout: Layout, models: list[str]) -> tuple[dict[str, WarmStart], dict[str, str]]:
-    """Production's model for each model that can start from it, and why each other model
-    starts cold (training says so too if production's weights turn out not to fit)."""
-    found: dict[str, WarmStart] = {}
-    cold: dict[str, str] = {}
-    for name in models:
-        start = production_start(layout, name)
-        if isinstance(start, str):
-            get_run_logger().warning("%s: starts cold (--warm-start production): %s", name, start)
-            cold[name] = start
-        else:
-            found[name] = start
-    return found, cold
 
 
 def _run_name() -> str:
@@ -198,7 +183,10 @@ def train_flow(
         )
         if on_data_issue == "stop":
             run.settle()  # a failed check stops the run here, before any training
-        warm, cold = warm_starts(layout, to_train) if warm_start == "production" else ({}, {})
+        warm, cold = {}, {}
+        if warm_start == "production":  # from production's weights where it is that model
+            data = manifest.result()
+            warm, cold = warm_starts(layout, to_train, data.manifest_hash, data.classes)
         for name in to_train:
             entry = catalog.spec(name)
             trained[name] = run.submit(

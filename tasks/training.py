@@ -6,6 +6,7 @@ import json
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -181,7 +182,7 @@ def train_model(
             images=partial(_training_data, layout, arrays),
             features=_cached_features(layout, arrays, features),
             start_dir=layout.resolve(start.dir) if start else None,
-            warm=warm,
+            warm=replace(warm, model_file=str(layout.resolve(warm.model_file))) if warm else None,
             on_epoch=on_epoch,
         )
         out.facts.update(
@@ -193,6 +194,10 @@ def train_model(
             weights=weights,
             inputs=_input_keys(arrays, features, start),
         )
+        if warm:  # what it started from, so a rerun on production's own data can start so too
+            out.facts.update(
+                warm_file=warm.model_file, warm_sha256=warm.sha256, warm_about=warm.about
+            )
         (out.folder / "config.json").write_text(json.dumps(out.facts, indent=2, default=str))
     ui.update_progress(progress, 100.0)
     return out.record

@@ -10,7 +10,7 @@ import pytest
 
 from catdog.layout import Layout
 from catdog.warm import production_start
-from tests.conftest import make_dataset, run_flow, write_image
+from tests.conftest import computed, make_dataset, run_flow, write_image
 
 pytestmark = pytest.mark.slow  # trains with TensorFlow
 
@@ -28,19 +28,27 @@ def test_warm_starts_from_production_say_what_each_model_started_from(
 
     for index in range(2):  # the dataset grows
         write_image(data / "train" / "cats" / f"cats.new{index}.jpg", 900 + index, bright=False)
-    second = run_flow(data, artifacts, models=["model1", "model2"], warm_start="production")
+    second = run_flow(data, artifacts, warm_start="production")
     started = second["models"]["model1"]["warm_start"]
     assert started.startswith("warm-started from production (model1, epoch ")
-    assert second["models"]["model2"]["warm_start"] is None
-    assert second["run"]["cold_starts"] == {"model2": "production is model1, not model2"}
-    report = Path(second["run"]["report"]).read_text()
-    assert f"- model1: {started}" in report
-    assert "- model2: started cold: production is model1, not model2" in report
+    assert f"- model1: {started}" in Path(second["run"]["report"]).read_text()
+
+    # Unchanged data, whether or not that run was promoted: its training, from the same start,
+    # is a cache hit (not production trained once more from its own weights).
+    rerun = run_flow(data, artifacts, warm_start="production")
+    assert "train_model[model1]" not in computed(rerun)
+    assert rerun["models"]["model1"]["warm_start"] == started
 
     # An architecture that changed (a larger input: model1's Dense after Flatten grows) starts
-    # cold and says so.
+    # cold and says so; a model that production is not starts cold, and the run says why.
     production = production_start(layout, "model1")
     assert not isinstance(production, str)
-    third = run_flow(data, artifacts, warm_start="production", image_size=48)
+    third = run_flow(
+        data, artifacts, models=["model1", "model2"], warm_start="production", image_size=48
+    )
     said = third["models"]["model1"]["warm_start"]
     assert said.startswith(f"started cold, not from {production.about}: its weights do not fit")
+    assert third["models"]["model2"]["warm_start"] is None
+    assert third["run"]["cold_starts"] == {"model2": "production is model1, not model2"}
+    report = Path(third["run"]["report"]).read_text()
+    assert "- model2: started cold: production is model1, not model2" in report
