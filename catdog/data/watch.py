@@ -99,8 +99,7 @@ def snapshot(data: str) -> Snapshot:
         files = _zip_listing(source.path) if source.kind == "zip" else _folder_listing(source.path)
     except OSError as error:
         raise DataError(f"--data {source.location}: cannot be read ({error})") from error
-    revision = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return Snapshot(source.location, revision, files)
+    return Snapshot(source.location, _revision(files), files)
 
 
 def _folder_listing(root: Path) -> dict[str, str]:
@@ -108,24 +107,32 @@ def _folder_listing(root: Path) -> dict[str, str]:
     start = len(str(root)) + 1  # names relative to the root, cut as strings: a look at 30,000
     pending = [str(root)]  # images is most of its time in this loop
     while pending:
-        folder = pending.pop()
         try:
-            entries = list(os.scandir(folder))
+            entries = os.scandir(pending.pop())
         except FileNotFoundError:  # removed since it was listed: a change the next look sees
             continue
-        for entry in entries:
-            if is_litter(entry.name):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
-                    stat = entry.stat()
-                    name = entry.path[start:].replace(os.sep, "/")
-                    files[name] = f"{stat.st_size}:{stat.st_mtime_ns}"
-            except FileNotFoundError:
-                continue
+        with entries:
+            for entry in entries:
+                if is_litter(entry.name):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                        stat = entry.stat()
+                        name = entry.path[start:].replace(os.sep, "/")
+                        files[name] = f"{stat.st_size}:{stat.st_mtime_ns}"
+                except FileNotFoundError:
+                    continue
     return files
+
+
+def _revision(files: dict[str, str]) -> str:
+    """The hash of a listing, fed name by name (no JSON of 30,000 entries held at once)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{files[name]}\n".encode())
+    return digest.hexdigest()
 
 
 def _zip_listing(path: Path) -> dict[str, str]:
