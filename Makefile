@@ -27,7 +27,7 @@ run: $(STAMP)
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25
 	$(BIN)/ruff check .
 
 # Every test not marked slow (no TensorFlow training, no flow run): a quick check while editing.
