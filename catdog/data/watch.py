@@ -17,9 +17,9 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from catdog.data.extract import IMAGE_SUFFIXES, is_litter
 from catdog.data.freshness import SourceUnavailable, probe
@@ -173,6 +173,20 @@ def compare(old: Snapshot, new: Snapshot) -> Change:
     )
 
 
+class SnapshotFields(TypedDict):
+    source: str
+    revision: str
+    files: dict[str, str] | None
+
+
+class WatchState(TypedDict):
+    """The watch's state file."""
+
+    announced: SnapshotFields | None
+    pending: str | None
+    pending_since: float
+
+
 @dataclass
 class Watch:
     """The announced revision of one source, and a newer one waiting to settle; kept in a file
@@ -230,11 +244,16 @@ class Watch:
         self.save()
 
     def save(self) -> None:
-        state: dict[str, Any] = {
-            "announced": asdict(self.announced) if self.announced else None,
-            "pending": self.pending,
-            "pending_since": self.pending_since,
-        }
+        announced = self.announced
+        state = WatchState(
+            announced=SnapshotFields(
+                source=announced.source, revision=announced.revision, files=announced.files
+            )
+            if announced
+            else None,
+            pending=self.pending,
+            pending_since=self.pending_since,
+        )
         atomic_write_json(self.state_file, state)
 
 
