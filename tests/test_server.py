@@ -145,9 +145,10 @@ def test_a_served_schedule_follows_the_archive_at_a_url(
 ) -> None:
     """The freshness sequence of tests/test_freshness.py, run by `serve` on a short interval.
 
-    On a busy machine a run may take longer than the interval, so the run after the one that
-    just finished can already be under way when the source changes: each step reads the run
-    that saw the change (the first with the new images; the first that started after it)."""
+    On a busy machine a run may take longer than the 20 s interval (the next one then waits
+    for it: one run at a time), so the run after the one that just finished can already be
+    under way when the source changes: each step reads the run that saw the change (the first
+    with the new images; the first that started after it)."""
     import json
     import time
     from datetime import datetime
@@ -159,7 +160,7 @@ def test_a_served_schedule_follows_the_archive_at_a_url(
     folder = site.folder
     publish(folder, tmp_path, "pets.zip", 6, 1)
     artifacts = tmp_path / "artifacts"
-    command = [sys.executable, str(ROOT / "flows/train_flow.py"), "serve", "--interval", "40"]
+    command = [sys.executable, str(ROOT / "flows/train_flow.py"), "serve", "--interval", "20"]
     command += ["--data", site.url("pets.zip"), "--models", "model1", "--epochs", "1"]
     command += ["--image-size", "32", "--batch-size", "8", "--artifacts", str(artifacts)]
     log = tmp_path / "serve.log"  # a file, not a pipe nobody reads: a full pipe would stall it
