@@ -98,6 +98,12 @@ def _unvalidated() -> str:
     return json.dumps({"unvalidated": datetime.now(UTC).isoformat()})
 
 
+def is_unvalidated(revision: str) -> bool:
+    """Whether `revision` is one `probe` made up for a server that gave no validators (unique
+    to its moment: it tells no change)."""
+    return "unvalidated" in json.loads(revision)
+
+
 def check_source(data: str, memo: Path, *, offline: bool) -> SourceCheck:
     """`check_url` for a URL; a local zip or folder is identified by its content instead."""
     if is_url(data):

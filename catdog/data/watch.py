@@ -14,7 +14,6 @@ announcement, made when the burst is over.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -22,9 +21,10 @@ from pathlib import Path
 from typing import TypedDict
 
 from catdog.data.extract import IMAGE_SUFFIXES, is_litter
-from catdog.data.freshness import SourceUnavailable, probe
+from catdog.data.freshness import SourceUnavailable, is_unvalidated, probe
 from catdog.data.sources import parse_source
 from catdog.errors import DataError
+from catdog.hashing import sha256_bytes
 from catdog.io import atomic_write_json, read_json
 
 EVENT = "catdog.data.changed"
@@ -69,9 +69,8 @@ def source_name(data: str) -> str:
 
 def source_resource(name: str) -> dict[str, str]:
     """The Prefect event resource of a source (the event's subject, and a trigger's match)."""
-    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
     return {
-        "prefect.resource.id": f"catdog.data.{digest}",
+        "prefect.resource.id": f"catdog.data.{_digest(name)}",
         "prefect.resource.name": name,
         "catdog.source": name,
     }
@@ -88,7 +87,7 @@ def snapshot(data: str) -> Snapshot:
     source = parse_source(data)
     if source.kind == "url":
         revision = probe(source.location, attempts=1)
-        if "unvalidated" in json.loads(revision):
+        if is_unvalidated(revision):
             raise DataError(
                 f"--data {source.location}: the server gives no ETag, Last-Modified or "
                 "Content-Length, so a look cannot tell whether it changed; retrain on a "
@@ -259,8 +258,12 @@ class Watch:
 
 def state_file_for(artifacts: Path, source: str) -> Path:
     """Where the watch of `source` keeps its state: under the artifacts folder it serves."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    return Path(artifacts) / "watch" / f"{digest}.json"
+    return Path(artifacts) / "watch" / f"{_digest(source)}.json"
+
+
+def _digest(source: str) -> str:
+    """A short, stable name for a source: its event resource's id and its state file's."""
+    return sha256_bytes(source.encode())[:16]
 
 
 __all__ = [
