@@ -26,7 +26,7 @@ from catdog.checks import check_run_inputs
 from catdog.cluster import DEFAULT_CPU_WORKERS
 from catdog.config import RUN
 from catdog.errors import CatdogError, StageFailed
-from flows.console import DEBUG_ENV, debugging
+from flows.console import DEBUG_ENV, debugging, one_line
 from flows.local_api import EarlyApiServer
 
 if TYPE_CHECKING:
@@ -322,8 +322,7 @@ def _watch(argv: list[str], names: CommandNames) -> int:
     except KeyboardInterrupt:
         pass
     except Exception as error:  # a bug, a full disk: still one line
-        message = " ".join(str(error).split())
-        print(f"error: {names.watch}: {type(error).__name__}: {message}", file=sys.stderr)
+        print(f"error: {names.watch}: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
 
@@ -348,7 +347,7 @@ def _require_api(what: str) -> None:
     try:
         check_api_access()
     except httpx.HTTPError as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
+        reason = one_line(error) or type(error).__name__
         raise NoServerError(
             f"{what}: the Prefect API at {url} does not answer ({reason})"
         ) from None
@@ -377,7 +376,7 @@ def _alerts(argv: list[str], names: CommandNames) -> int:
         for name in alerts.install_automations(args.webhook, args.slack_webhook, silent_after):
             print(f"automation: {name}")
     except Exception as error:  # the server refused or went away: one line, as everywhere
-        message = f"{type(error).__name__}: {' '.join(str(error).split())}"
+        message = f"{type(error).__name__}: {one_line(error)}"
         print(f"error: alerts on {PREFECT_API_URL.value()}: {message}", file=sys.stderr)
         return 1
     return 0
@@ -474,6 +473,8 @@ def _main(argv: list[str], serving: bool, api: EarlyApiServer | None, names: Com
     except Exception as error:  # not a stage's: the API, the cluster, a bug; still one line
         if args.debug:
             traceback.print_exception(error)
-        message = " ".join(str(error).split())
-        print(f"error: {type(error).__name__}: {message} (--debug shows where)", file=sys.stderr)
+        print(
+            f"error: {type(error).__name__}: {one_line(error)} (--debug shows where)",
+            file=sys.stderr,
+        )
         return 1

@@ -63,3 +63,8 @@ def dask_setup(worker: object) -> None:
     import prefect  # noqa: F401  (sets up Prefect's logging in this process)
 
     quiet_tracebacks()
+
+
+def one_line(error: BaseException | None) -> str:
+    """An error's message on one line, for the terminal and the UI."""
+    return " ".join(str(error).split()) if error is not None else "no reason given"

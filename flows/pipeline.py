@@ -29,6 +29,7 @@ from catdog.processes import mark_running, unmark_running
 from catdog.stage_records import Record
 from catdog.stages import BY_TASK, STAGE_NAMES, STAGES, refreshed, stage
 from catdog.summary import TaskOutcome
+from flows.console import one_line
 from flows.runners import on_a_gpu
 from tasks.caching import bind_to_artifacts
 
@@ -139,7 +140,7 @@ def _stage_rank(label: str) -> int:
 def failure(label: str, cause: BaseException | None) -> StageFailed:
     """The run's error for stage `label` failing with `cause`: one line, the library's own
     message for bad input (exit code 2), the exception's type too for anything else."""
-    text = _one_line(cause)
+    text = one_line(cause)
     if not isinstance(cause, CatdogError):  # a bug, or the machine: its type says which
         text = f"{type(cause).__name__ if cause is not None else 'Error'}: {text}"
     # A message that names its stage already ("decode_images (train split at 160x160): the
@@ -149,10 +150,6 @@ def failure(label: str, cause: BaseException | None) -> StageFailed:
     error = StageInputError(sentence) if input_fault else StageFailed(sentence)
     error.__cause__ = cause
     return error
-
-
-def _one_line(error: BaseException | None) -> str:
-    return " ".join(str(error).split()) if error is not None else "no reason given"
 
 
 class Pipeline:

@@ -25,6 +25,7 @@ from catdog.cluster import (
     plan_workers,
     visible_gpus,
 )
+from flows.console import one_line
 
 Runner = Literal["sequential", "dask"]
 RUNNERS: tuple[Runner, ...] = ("sequential", "dask")
@@ -130,8 +131,7 @@ def check_client(address: str, security: Any, timeout: float = 10.0) -> None:
             else " (a scheduler that takes TLS needs a tls:// address)"
         )
         raise ClusterError(
-            f"--dask-address {address}: could not connect to the scheduler{hint}: "
-            f"{' '.join(str(error).split())}"
+            f"--dask-address {address}: could not connect to the scheduler{hint}: {one_line(error)}"
         ) from None
 
 

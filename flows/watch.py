@@ -25,6 +25,7 @@ from catdog.data.watch import (
     source_resource,
 )
 from catdog.errors import DataError
+from flows.console import one_line
 
 
 def announce(change: Change) -> str:
@@ -88,7 +89,7 @@ def _announce(state: Watch, current: Snapshot, change: Change, say: Callable[[st
     try:
         event_id = announce(change)
     except Exception as error:  # the API is away: the change stays pending, said again next look
-        message = " ".join(str(error).split()) or type(error).__name__
+        message = one_line(error) or type(error).__name__
         say(f"warning: could not announce {change.describe()} ({message}); trying again")
         return
     state.commit(current)
