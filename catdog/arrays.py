@@ -212,6 +212,12 @@ class NpyWriter:
                 f"{self.path.name}: {self._rows} of {self._count} rows written; incomplete"
             )
 
+    def abandon(self) -> None:
+        """Close and remove the file, complete or not."""
+        with suppress(OSError):
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
     def __enter__(self) -> NpyWriter:
         return self
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from catdog.arrays import NpyRows, NpyWriter, Rows
+from catdog.hashing import sha256_json
+from catdog.pieces import PieceStore, Reuse
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,12 @@ def feature_bytes(n_train: int, n_val: int, views: int) -> int:
     return (max(1, views) * n_train + n_val) * (BASE_FEATURE_DIM * 4 + 4)
 
 
+def view_seeds(keys: Sequence[str], view: int, seed: int) -> list[int]:
+    """The seed of each image's augmented `view`: from its content, the view and the run's
+    seed, so that a view is the same in whatever batch (and run) it is computed."""
+    return [int(sha256_json([key, view, seed])[:8], 16) & 0x3FFFFFFF for key in keys]
+
+
 def extract_features(
     x_train: Rows,
     y_train: np.ndarray,
@@ -78,57 +88,112 @@ def extract_features(
     weights: str | None,
     views: int,
     seed: int,
+    train_keys: Sequence[str],
+    val_keys: Sequence[str],
+    pieces: Callable[[int], PieceStore],
     batch_size: int = 64,
-) -> FeatureSet:
+) -> tuple[FeatureSet, Reuse]:
     """Pooled features of the frozen MobileNetV2 base for train views and validation images.
 
-    The base and augmentation are those of model `model_name`, a frozen-base model. Features
-    are written to `folder` as they are computed (train.npy of shape (views, n_train, dim),
-    val.npy, and the labels), so memory holds one batch, not the split.
+    The base and augmentation are those of model `model_name`, a frozen-base model. Each
+    image's features of each view are pieces (`pieces(view)`), kept by the image's content
+    (`train_keys`, `val_keys`: a hash per row): only those no earlier run computed are
+    computed, a batch at a time, and sealed; then the split's files are assembled from the
+    pieces in `folder` (train.npy of shape (views, n_train, dim), val.npy, and the labels),
+    so memory holds one batch, not the split.
 
     View 0 is the image as is, view 1 its mirror image, further views are draws of the
-    model's own augmentation (RandomFlip + RandomRotation), so the head is trained on what
-    the frozen base would have seen through the augmentation layers.
+    model's own augmentation (RandomFlip + RandomRotation), each image with a seed of its own
+    (`view_seeds`), so the head is trained on what the frozen base would have seen through the
+    augmentation layers, and a view does not depend on the batch it was computed in.
+
+    Returns:
+        The features, and how many image views were computed and how many reused.
 
     Raises:
         DiskSpaceError: The disk filled up while writing.
     """
+    views = max(1, views)
+    purpose = f"extract_features ({model_name})"
+    extractor: Any = None
+    augment: Any = None
+
+    def embed(rows: np.ndarray, keys: Sequence[str], view: int) -> np.ndarray:
+        nonlocal extractor, augment
+        if extractor is None:  # only when some piece is missing: a reuse builds no model
+            extractor, augment = _extractor(x_train, model_name, num_classes, weights, seed)
+        batch = rows.astype(np.float32)
+        if view == 1:
+            batch = batch[:, :, ::-1, :]
+        elif view >= 2:
+            batch = np.asarray(augment.call_seeded(batch, view_seeds(keys, view, seed)))
+        # Not `predict`: its per-call input pipeline competes with the model for the cores,
+        # and on 2 cores it ran at about half the throughput of this (47 against 90 images/s
+        # at 224x224).
+        return np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
+
+    reuse = Reuse()
+    located: list[dict[str, tuple[Path, int]]] = []
+    for view in range(views):
+        store = pieces(view)
+        found = store.locate()
+        sides = [(x_train, train_keys)] + ([(x_val, val_keys)] if view == 0 else [])
+        missing = [
+            (images, [row for row, key in enumerate(keys) if key not in found], keys)
+            for images, keys in sides
+        ]
+        count = sum(len(rows) for _images, rows, _keys in missing)
+        with store.adding_rows(
+            (BASE_FEATURE_DIM,), np.float32, count, purpose, pack_rows=8192
+        ) as packer:
+            for images, rows, all_keys in missing:
+                for start in range(0, len(rows), batch_size):
+                    part = rows[start : start + batch_size]
+                    keys = [all_keys[row] for row in part]
+                    packer.add(keys, embed(images[np.asarray(part)], keys, view))
+        total = sum(len(keys) for _images, keys in sides)
+        reuse += Reuse(count, total - count)
+        located.append(store.locate() if count else found)
+        logger.info(
+            "features: view %d of %d, %d computed, %d reused",
+            view + 1,
+            views,
+            count,
+            total - count,
+        )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with NpyWriter(
+        folder / TRAIN_FILE,
+        (views, len(train_keys), BASE_FEATURE_DIM),
+        np.float32,
+        purpose,
+        leading=2,
+    ) as out:
+        for view in range(views):
+            pieces(view).gather(train_keys, out, located[view])
+    with NpyWriter(
+        folder / VAL_FILE, (len(val_keys), BASE_FEATURE_DIM), np.float32, purpose
+    ) as out:
+        pieces(0).gather(val_keys, out, located[0])
+    np.save(folder / TRAIN_LABELS_FILE, np.asarray(y_train, dtype=np.int32))
+    np.save(folder / VAL_LABELS_FILE, np.asarray(y_val, dtype=np.int32))
+    return FeatureSet.load(folder, num_classes), reuse
+
+
+def _extractor(
+    images: Rows, model_name: str, num_classes: int, weights: str | None, seed: int
+) -> tuple[Any, Any]:
+    """The frozen base's feature extractor of model `model_name`, and its augmentation."""
     import keras
 
     from catdog import models
 
     keras.utils.set_random_seed(seed)
     model = models.build_model(
-        model_name, tuple(x_train.shape[1:]), num_classes, weights=weights, seed=seed
+        model_name, tuple(images.shape[1:]), num_classes, weights=weights, seed=seed
     )
     extractor = models.feature_extractor(model)
-    augment = models.get_augmentation(model)
-    dim = int(extractor.output_shape[-1])
-    views = max(1, views)
-    purpose = f"extract_features ({model_name})"
-
-    def embed(images: Rows, view: int, out: NpyWriter) -> None:
-        """Features of one view of `images`, a batch at a time to bound memory."""
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].astype(np.float32)
-            if view == 1:
-                batch = batch[:, :, ::-1, :]
-            elif view >= 2:
-                batch = np.asarray(augment(batch, training=True))
-            # Not `predict`: its per-call input pipeline competes with the model for the
-            # cores, and on 2 cores it ran at about half the throughput of this (47 against
-            # 90 images/s at 224x224).
-            out.write(np.asarray(extractor.predict_on_batch(batch), dtype=np.float32))
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with NpyWriter(
-        folder / TRAIN_FILE, (views, len(x_train), dim), np.float32, purpose, leading=2
-    ) as out:
-        for view in range(views):
-            embed(x_train, view, out)
-            logger.info("features: train view %d of %d done", view + 1, views)
-    with NpyWriter(folder / VAL_FILE, (len(x_val), dim), np.float32, purpose) as out:
-        embed(x_val, 0, out)
-    np.save(folder / TRAIN_LABELS_FILE, np.asarray(y_train, dtype=np.int32))
-    np.save(folder / VAL_LABELS_FILE, np.asarray(y_val, dtype=np.int32))
-    return FeatureSet.load(folder, num_classes)
+    if int(extractor.output_shape[-1]) != BASE_FEATURE_DIM:
+        raise ValueError(f"{model_name}'s base gives {extractor.output_shape[-1]} features")
+    return extractor, models.get_augmentation(model)

@@ -83,6 +83,26 @@ class HashMemo:
             self._dirty = True
         return digest
 
+    def known(self, path: Path) -> str | None:
+        """The hash remembered for `path` as it is now (same size and time), without reading
+        it; None when it is new or changed."""
+        key = self._canonical(path)
+        try:
+            stat = os.stat(key)
+        except OSError:
+            return None
+        with self._lock:
+            known = self._entries.get(key)
+        if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
+            return str(known[2])
+        return None
+
+    def note(self, path: Path, digest: str, stat: os.stat_result) -> None:
+        """Remember `digest` for `path` as `stat` (taken before its bytes were read) saw it."""
+        with self._lock:
+            self._entries[self._canonical(path)] = [stat.st_size, stat.st_mtime_ns, digest]
+            self._dirty = True
+
     def save(self) -> None:
         """Write the memo, merged with what other processes wrote since it was read (the
         artifacts folder may be shared by the workers of a cluster): a memo written by

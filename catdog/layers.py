@@ -19,6 +19,7 @@ LiteRT exports need nothing of catdog.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -63,7 +64,26 @@ class RandomFlipAndRotation(keras.layers.Layer):
             return keras.ops.cast(images, self.compute_dtype)
         flips = self.flip.get_random_transformation(images, training=True)["flips"]
         rotation = self.rotation.get_random_transformation(images, training=True)
-        matrix = keras.ops.cast(rotation["rotation_matrix"], "float32")
+        return self._transform(images, flips, rotation["rotation_matrix"])
+
+    def call_seeded(self, images: Any, seeds: Sequence[int]) -> Any:
+        """Image i drawn with its own seed `seeds[i]`, as this layer would draw it alone:
+        the same image and seed give the same view whatever batch it comes in."""
+        flips, matrices = [], []
+        for i, seed in enumerate(seeds):
+            one = images[i : i + 1]
+            flip = self.flip.get_random_transformation(one, training=True, seed=sub_seed(seed, 0))
+            rotation = self.rotation.get_random_transformation(
+                one, training=True, seed=sub_seed(seed, 1)
+            )
+            flips.append(keras.ops.reshape(flip["flips"], (1,)))
+            matrices.append(rotation["rotation_matrix"])
+        return self._transform(
+            images, keras.ops.concatenate(flips), keras.ops.concatenate(matrices, axis=0)
+        )
+
+    def _transform(self, images: Any, flips: Any, matrix: Any) -> Any:
+        matrix = keras.ops.cast(matrix, "float32")
         # The transform maps each output pixel (x, y) to the input point it reads; reading a
         # mirrored image at x' is reading the image at (width - 1) - x'.
         width = keras.ops.cast(keras.ops.shape(images)[2], "float32")

@@ -91,6 +91,11 @@ class Layout:
         return self.prefect_dir / "sources.json"
 
     @property
+    def pieces_dir(self) -> Path:
+        """Per-image results by content (see catdog.pieces), shared by every run."""
+        return self.root / "pieces"
+
+    @property
     def summary(self) -> Path:
         return self.root / SUMMARY_FILE
 

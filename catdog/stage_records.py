@@ -31,8 +31,13 @@ class Record:
 
     def identity(self) -> Any:
         """What this record contributes to a later stage's cache key: what it is, not how
-        long it took."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "seconds"}
+        long it took or how much of it earlier runs had already done."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in HOW_IT_WAS_MADE}
+
+
+# Facts about how an output was made, not what it is: a stage whose per-image pieces were all
+# found computes the same output as one that computed them all.
+HOW_IT_WAS_MADE = ("seconds", "per_image", "files_read", "pieces")
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,10 @@ class ManifestRecord(Record):
     images: int = 0  # usable images
     skipped: int = 0  # files left out, with their reasons in the manifest
     manifest_hash: str = ""
+    # {"computed", "reused"}: images validated now, and those whose content's verdict was known
+    per_image: dict[str, int] = field(default_factory=dict)
+    files_read: int = 0  # files read: new, or changed since a run last looked
+    pieces: list[str] = field(default_factory=list)  # the per-image pieces it used (folders)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,8 @@ class InspectionRecord(Record):
     near_duplicate_groups: int = 0
     near_duplicate_images: int = 0
     max_bits: int = 0  # the Hamming distance (of 64 bits) that links two images
+    per_image: dict[str, int] = field(default_factory=dict)  # {"computed", "reused"}
+    pieces: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,8 @@ class FiguresRecord(Record):
 class ArraysRecord(Record):
     image_size: int = 0  # the decoded images' square side
     classes: list[str] = field(default_factory=list)
+    per_image: dict[str, int] = field(default_factory=dict)  # {"computed", "reused"}
+    pieces: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,8 @@ class FeaturesRecord(Record):
     model: str = ""  # the frozen-base model whose base computed them
     views: int = 1  # cached views per training image
     dim: int = 0  # length of a feature vector
+    per_image: dict[str, int] = field(default_factory=dict)  # {"computed", "reused"}, all views
+    pieces: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

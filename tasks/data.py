@@ -18,6 +18,7 @@ from catdog.data.records import SPLITS, Manifest
 from catdog.errors import TransientDownloadError
 from catdog.hashing import HashMemo
 from catdog.layout import MANIFEST_FILE, NEAR_DUPLICATES_FILE, SPLIT_FILE, Layout
+from catdog.pieces import Reuse
 from catdog.stage_records import (
     ArchiveRecord,
     ArraysRecord,
@@ -149,12 +150,17 @@ def extract_dataset(archive: ArchiveRecord, artifacts: str) -> ImagesRecord:
 @stage_task("manifest")
 def build_manifest(images: ImagesRecord, artifacts: str) -> ManifestRecord:
     """List every image once, validated and hashed; unusable files are listed with a reason."""
+    from catdog.data.manifest import KnownImages
     from catdog.data.manifest import build_manifest as scan
+    from catdog.pieces import validation_pieces
 
     logger = get_run_logger()
     layout = Layout.at(artifacts)
+    memo = HashMemo(layout.hash_memo)
+    verdicts = validation_pieces(layout.pieces_dir, memo)
+    known = KnownImages(memo=memo, verdicts=verdicts.values(), keep=verdicts.add_values)
     with stage_output(layout) as out:
-        manifest = scan(layout.resolve(images.root))
+        manifest = scan(layout.resolve(images.root), known=known)
         manifest.save(out.folder / MANIFEST_FILE)
         out.facts.update(
             root=_portable(layout, Path(manifest.root)),
@@ -163,13 +169,19 @@ def build_manifest(images: ImagesRecord, artifacts: str) -> ManifestRecord:
             images=len(manifest.images),
             skipped=len(manifest.skipped),
             manifest_hash=manifest.content_hash(),
+            per_image=Reuse(known.validated, known.reused).to_json(),
+            files_read=known.read,
+            pieces=[layout.relative(verdicts.folder)],
         )
     logger.info(
-        "%d images in %d classes (%s), %d skipped",
+        "%d images in %d classes (%s), %d skipped; %d files read, %d validated, %d known",
         len(manifest.images),
         len(manifest.classes),
         ", ".join(manifest.classes),
         len(manifest.skipped),
+        known.read,
+        known.validated,
+        known.reused,
     )
     return out.record
 
@@ -270,14 +282,18 @@ def plot_samples(
 @stage_task("decode")
 def decode_images(split: SplitRecord, image_size: int, artifacts: str) -> ArraysRecord:
     """Decode every image once into uint8 arrays on disk, reused by every model and epoch."""
-    from catdog.arrays import require_space
-    from catdog.data.images import decode_split_to, split_bytes
+    from catdog.data.images import decode_splits_to
+    from catdog.pieces import pixel_pieces
 
     layout = Layout.at(artifacts)
+    pixels = pixel_pieces(layout.pieces_dir, image_size, HashMemo(layout.hash_memo))
     with stage_output(layout) as out:
         manifest = split_manifest_of(layout, split)
-        require_space(out.folder, split_bytes(manifest, image_size), "decode_images")
-        for name in SPLITS:
-            decode_split_to(manifest, name, image_size, out.folder)
-        out.facts.update(image_size=image_size, classes=list(manifest.classes))
+        reuse = decode_splits_to(manifest, image_size, out.folder, pixels)
+        out.facts.update(
+            image_size=image_size,
+            classes=list(manifest.classes),
+            per_image=reuse.to_json(),
+            pieces=[layout.relative(pixels.folder)],
+        )
     return out.record

@@ -28,7 +28,9 @@ from catdog.data.reference import (
 from catdog.data.suspects import rank_suspects
 from catdog.errors import DataCheckFailed
 from catdog.features import unaugmented_train_features
+from catdog.hashing import HashMemo
 from catdog.layout import INSPECTION_FILE, NEAR_DUPLICATES_FILE, Layout
+from catdog.pieces import Reuse, inspection_pieces
 from catdog.registry import archive_file
 from catdog.registry import read as read_registry
 from catdog.stage_records import (
@@ -51,10 +53,16 @@ def inspect_images(manifest: ManifestRecord, artifacts: str) -> InspectionRecord
     """Every image's size, colour, brightness, contrast and file size, and its perceptual
     hashes; groups of near-identical images."""
     layout = Layout.at(artifacts)
+    store = inspection_pieces(layout.pieces_dir, HashMemo(layout.hash_memo))
+    known = store.values()
     with stage_output(layout) as out:
         images = manifest_of(layout, manifest)
         paths = [entry.path for entry in images.images]
-        inspection = quality.inspect_images(Path(images.root), paths)
+        keys = [entry.sha256 for entry in images.images]
+        inspection = quality.inspect_images(
+            Path(images.root), paths, keys=keys, known=known, keep=store.add_values
+        )
+        reused = sum(1 for key in keys if key in known)
         inspection.save(out.folder / INSPECTION_FILE)
         groups = quality.near_duplicate_groups(inspection.hashes, quality.NEAR_DUPLICATE_BITS)
         named = [[paths[i] for i in group] for group in groups]
@@ -64,6 +72,8 @@ def inspect_images(manifest: ManifestRecord, artifacts: str) -> InspectionRecord
             near_duplicate_groups=len(named),
             near_duplicate_images=sum(len(group) for group in named),
             max_bits=quality.NEAR_DUPLICATE_BITS,
+            per_image=Reuse(len(keys) - reused, reused).to_json(),
+            pieces=[layout.relative(store.folder)],
         )
     if named:
         get_run_logger().info(

@@ -73,17 +73,33 @@ def extract_features(
 ) -> FeaturesRecord:
     """Frozen MobileNetV2 features of every training view and validation image, computed once."""
     from catdog.arrays import require_space
+    from catdog.data.images import split_keys_file
     from catdog.features import extract_features as embed
     from catdog.features import feature_bytes
+    from catdog.pieces import feature_pieces
 
     layout = Layout.at(artifacts)
+    memo = HashMemo(layout.hash_memo)
+    made_by = {
+        "model": model,
+        "weights": _weights_fingerprint({"weights": weights, "artifacts": artifacts}),
+        "size": arrays.image_size,
+        "code": code_fingerprint("catdog.features", "catdog.models", "catdog.layers"),
+    }
+
+    def pieces(view: int) -> Any:
+        # An augmented view's draws follow the seed; the image and its mirror do not.
+        seeded = {"view": view, "seed": seed if view >= 2 else None}
+        return feature_pieces(layout.pieces_dir, {**made_by, **seeded}, memo)
+
     with stage_output(layout) as out:
         x_train, y_train = load_arrays(layout, arrays, "train")
         x_val, y_val = load_arrays(layout, arrays, "validation")
+        decoded = layout.resolve(arrays.dir)
         require_space(
-            out.folder, feature_bytes(len(y_train), len(y_val), views), "extract_features"
+            out.folder, 2 * feature_bytes(len(y_train), len(y_val), views), "extract_features"
         )
-        features = embed(
+        features, reuse = embed(
             x_train,
             y_train,
             x_val,
@@ -94,8 +110,17 @@ def extract_features(
             weights=weights,
             views=views,
             seed=seed,
+            train_keys=json.loads(split_keys_file(decoded, "train").read_text()),
+            val_keys=json.loads(split_keys_file(decoded, "validation").read_text()),
+            pieces=pieces,
         )
-        out.facts.update(model=model, views=views, dim=features.dim)
+        out.facts.update(
+            model=model,
+            views=views,
+            dim=features.dim,
+            per_image=reuse.to_json(),
+            pieces=[layout.relative(pieces(view).folder) for view in range(max(1, views))],
+        )
     get_run_logger().info(
         "base features: %d train views x %d images, %d validation images in %.0f s",
         views,

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from catdog.arrays import NpyRows, NpyWriter
-from catdog.data.records import Manifest
+from catdog.arrays import NpyRows, NpyWriter, require_space
+from catdog.data.records import SPLITS, Manifest
+from catdog.io import atomic_write_json
+from catdog.pieces import PieceStore, Reuse
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,11 @@ def split_files(folder: Path, split: str) -> tuple[Path, Path]:
     return folder / f"{split}_x.npy", folder / f"{split}_y.npy"
 
 
+def split_keys_file(folder: Path, split: str) -> Path:
+    """Where a decoded split lists its images' content hashes, in row order."""
+    return folder / f"{split}_keys.json"
+
+
 def open_split(folder: Path, split: str) -> tuple[NpyRows, np.ndarray]:
     """A decoded split: its images, read from disk on demand, and its labels, in memory."""
     images, labels = split_files(folder, split)
@@ -118,6 +125,55 @@ def split_bytes(manifest: Manifest, size: int) -> int:
     """Disk space that `decode_split_to` needs for every split of `manifest` at `size`."""
     per_image = size * size * 3 + np.dtype(np.int32).itemsize
     return len([e for e in manifest.images if e.split]) * per_image
+
+
+def decode_splits_to(
+    manifest: Manifest, size: int, folder: Path, pixels: PieceStore, chunk: int = 256
+) -> Reuse:
+    """Decode every split of `manifest` into `folder` (as `decode_split_to` does, and each
+    split's content hashes into `{split}_keys.json`), decoding only the images whose pixels
+    `pixels` does not hold yet, and sealing those into it first.
+
+    Raises:
+        DiskSpaceError: The disk filled up while writing.
+    """
+    purpose = f"decode_images (pixels at {size}x{size})"
+    entries = [entry for entry in manifest.images if entry.split]
+    located = pixels.locate()
+    missing = [entry for entry in entries if entry.sha256 not in located]
+    require_space(folder, piece_bytes(manifest, size, len(missing)), "decode_images")
+    with (
+        pixels.adding_rows((size, size, 3), np.uint8, len(missing), purpose) as packer,
+        ThreadPoolExecutor(max_workers=_workers()) as pool,
+    ):
+        for start in range(0, len(missing), chunk):
+            part = missing[start : start + chunk]
+            packer.add([e.sha256 for e in part], load_images(manifest.paths(part), size, pool))
+    if missing:
+        located = pixels.locate()
+    for split in SPLITS:
+        in_split = manifest.in_split(split)
+        keys = [entry.sha256 for entry in in_split]
+        x_path, y_path = split_files(folder, split)
+        split_purpose = f"decode_images ({split} split at {size}x{size})"
+        with NpyWriter(x_path, (len(keys), size, size, 3), np.uint8, split_purpose) as images:
+            pixels.gather(keys, images, located)
+        with NpyWriter(y_path, (len(keys),), np.int32, split_purpose) as labels:
+            labels.write(np.asarray([entry.label for entry in in_split], dtype=np.int32))
+        atomic_write_json(split_keys_file(folder, split), keys)
+    logger.info(
+        "pixels at %dx%d: %d images decoded, %d reused",
+        size,
+        size,
+        len(missing),
+        len(entries) - len(missing),
+    )
+    return Reuse(len(missing), len(entries) - len(missing))
+
+
+def piece_bytes(manifest: Manifest, size: int, new: int) -> int:
+    """Disk space that `decode_splits_to` needs: the split files, and `new` images' pieces."""
+    return split_bytes(manifest, size) + new * size * size * 3
 
 
 def decode_split_to(

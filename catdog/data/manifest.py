@@ -8,16 +8,18 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from catdog.data.extract import IMAGE_SUFFIXES, find_dataset_root, is_litter, split_folders
 from catdog.data.records import SPLITS, ImageEntry, Manifest, SkippedFile
+from catdog.hashing import HashMemo
 
-__all__ = ["IMAGE_SUFFIXES", "build_manifest"]
+__all__ = ["IMAGE_SUFFIXES", "KnownImages", "build_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,30 @@ class _Checked:
     candidate: _Candidate
     sha256: str | None  # None when the file could not be read
     problem: str | None  # why the file is unusable, None if it is a good image
+    validated: bool = True  # decoded by this run (False: its content's verdict was known)
+    read: bool = True  # its bytes were read (False: its size and time were those remembered)
+
+
+# Images validated per sealed batch of verdicts: a run stopped midway keeps what it checked.
+VALIDATION_BATCH = 2048
+
+
+@dataclass
+class KnownImages:
+    """What earlier runs learned about image files, so that this one reads only what changed.
+
+    A file whose size and time are those `memo` remembers is not read at all; a content whose
+    verdict is in `verdicts` (by SHA-256: None for a good image, else why it is not) is not
+    decoded again, wherever its file now lies. `keep` receives each batch of new verdicts as
+    (SHA-256, verdict) pairs, to seal them for later runs.
+    """
+
+    memo: HashMemo | None = None
+    verdicts: Mapping[str, str | None] = field(default_factory=dict)
+    keep: Callable[[list[tuple[str, str | None]]], None] | None = None
+    read: int = 0  # files whose bytes this run read: new, or changed since the last look
+    validated: int = 0  # images decoded to validate them
+    reused: int = 0  # images whose verdict was known
 
 
 def _reason(prefix: str, exc: BaseException) -> str:
@@ -75,14 +101,46 @@ def _check_image(data: bytes) -> str | None:
     return None
 
 
-def _check(candidate: _Candidate) -> _Checked:
+def _check(candidate: _Candidate, known: KnownImages) -> _Checked:
+    if known.memo is not None:
+        digest = known.memo.known(candidate.path)
+        if digest is not None and digest in known.verdicts:
+            return _Checked(candidate, digest, known.verdicts[digest], validated=False, read=False)
     try:
+        stat = candidate.path.stat()
         # Read once, then hash and decode the same bytes: half the I/O of hashing separately.
         data = candidate.path.read_bytes()
     except OSError as exc:
         logger.warning("cannot read %s: %s", candidate.path, exc)
         return _Checked(candidate, None, f"cannot read file: {exc.strerror or exc}")
-    return _Checked(candidate, hashlib.sha256(data).hexdigest(), _check_image(data))
+    digest = hashlib.sha256(data).hexdigest()
+    if known.memo is not None:
+        known.memo.note(candidate.path, digest, stat)
+    if digest in known.verdicts:
+        return _Checked(candidate, digest, known.verdicts[digest], validated=False)
+    return _Checked(candidate, digest, _check_image(data))
+
+
+def _check_all(
+    candidates: Sequence[_Candidate], known: KnownImages, workers: int
+) -> list[_Checked]:
+    """Check every candidate, sealing the new verdicts (and remembered hashes) by batches."""
+    checked: list[_Checked] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(candidates), VALIDATION_BATCH):
+            batch = list(
+                pool.map(lambda c: _check(c, known), candidates[start : start + VALIDATION_BATCH])
+            )
+            new = [(c.sha256, c.problem) for c in batch if c.validated and c.sha256 is not None]
+            if known.memo is not None:
+                known.memo.save()
+            if known.keep is not None and new:
+                known.keep(new)
+            known.validated += len(new)
+            known.reused += sum(1 for c in batch if not c.validated)
+            known.read += sum(1 for c in batch if c.read)
+            checked.extend(batch)
+    return checked
 
 
 def _list_class_folder(
@@ -108,7 +166,9 @@ def _list_class_folder(
     return candidates, skipped
 
 
-def build_manifest(folder: Path, *, workers: int | None = None) -> Manifest:
+def build_manifest(
+    folder: Path, *, workers: int | None = None, known: KnownImages | None = None
+) -> Manifest:
     """List, validate and hash every image of the dataset in `folder`.
 
     The dataset root and layout are found with `find_dataset_root`. Every image file is read
@@ -122,6 +182,8 @@ def build_manifest(folder: Path, *, workers: int | None = None) -> Manifest:
     Args:
         folder: An extracted archive or an image folder (the root or its parent).
         workers: Threads used for validation; default `min(32, cpu_count + 4)`.
+        known: What earlier runs learned (see `KnownImages`), updated with what this one did;
+            without it every file is read and decoded.
 
     Returns:
         An unsplit manifest (`split` is None) with entries sorted by path.
@@ -153,8 +215,7 @@ def build_manifest(folder: Path, *, workers: int | None = None) -> Manifest:
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            checked = list(pool.map(_check, candidates))
+        checked = _check_all(candidates, known if known is not None else KnownImages(), workers)
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 

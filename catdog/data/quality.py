@@ -18,7 +18,7 @@ import math
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -147,18 +147,54 @@ def image_facts(path: Path) -> tuple[list[float], str, list[int]]:
     return values, mode, centre_hashes(rgb)
 
 
-def inspect_images(root: Path, paths: Sequence[str], workers: int | None = None) -> Inspection:
+# Images inspected per sealed batch of facts: a run stopped midway keeps what it inspected.
+INSPECTION_BATCH = 2048
+Facts = tuple[list[float], str, list[int]]  # as `image_facts` returns them
+
+
+def inspect_images(
+    root: Path,
+    paths: Sequence[str],
+    workers: int | None = None,
+    *,
+    keys: Sequence[str] | None = None,
+    known: Mapping[str, Facts] | None = None,
+    keep: Callable[[list[tuple[str, Facts]]], None] | None = None,
+) -> Inspection:
     """Properties and pHash of every image (paths relative to `root`), in a thread pool
-    (Pillow releases the GIL while decoding)."""
+    (Pillow releases the GIL while decoding).
+
+    With `keys` (each image's content hash), an image whose facts are in `known` is not
+    opened, and `keep` receives each batch of new facts as (key, facts) pairs.
+    """
     workers = workers or min(8, (os.cpu_count() or 1) + 2)
+    known = known or {}
+    facts: list[Facts | None] = [
+        _as_facts(known[key]) if keys is not None and key in known else None
+        for key in (keys if keys is not None else [None] * len(paths))
+    ]
+    todo = [i for i, found in enumerate(facts) if found is None]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        facts = list(pool.map(lambda rel: image_facts(root / rel), paths))
+        for start in range(0, len(todo), INSPECTION_BATCH):
+            batch = todo[start : start + INSPECTION_BATCH]
+            found = pool.map(lambda i: image_facts(root / paths[i]), batch)
+            for i, image in zip(batch, found, strict=True):
+                facts[i] = image
+            if keep is not None and keys is not None:
+                keep([(keys[i], facts[i]) for i in batch])  # type: ignore[misc]
+    done = [f for f in facts if f is not None]
     return Inspection(
         paths=tuple(paths),
-        values=np.array([f[0] for f in facts], dtype=np.float64).reshape(-1, len(PROPERTIES)),
-        modes=tuple(f[1] for f in facts),
-        hashes=np.array([f[2] for f in facts], dtype=np.uint64).reshape(-1, len(CROP_SCALES)),
+        values=np.array([f[0] for f in done], dtype=np.float64).reshape(-1, len(PROPERTIES)),
+        modes=tuple(f[1] for f in done),
+        hashes=np.array([f[2] for f in done], dtype=np.uint64).reshape(-1, len(CROP_SCALES)),
     )
+
+
+def _as_facts(value: Any) -> Facts:
+    """Facts read back from JSON (lists where tuples were)."""
+    values, mode, hashes = value
+    return [float(v) for v in values], str(mode), [int(h) for h in hashes]
 
 
 def hamming(a: int, b: int) -> int:
