@@ -5,6 +5,8 @@ lists every stage output folder it read or wrote. Pruning keeps the folders name
 last N runs, removes every other stage folder (`<stage>-<hash>` under `catdog.layout.STAGE_DIRS`)
 with the Prefect cache-key and result files of the same key, and clears leftovers of crashed
 runs (`.<name>.tmp-*`, `.<name>.old-*` and `.partial` folders) once they are a day old.
+Per-image pieces (`pieces/<kind>/<version>`, see catdog.pieces) go when no kept stage output
+names them: a version no kept run used was made by other settings or older code.
 
 Production keeps its current model and exports, the training folder it came from, and the
 archives of the last N production models (what `registry rollback` can go back to); archives of
@@ -36,12 +38,14 @@ from catdog.errors import CatdogError
 from catdog.io import atomic_write_json, exclusive_lock, human_bytes
 from catdog.layout import (
     PRODUCTION_DIR,
+    RECORD_FILE,
     RUNS_DIR,
     STAGE_DIRS,
     SUMMARY_FILE,
     Layout,
     size_on_disk,
 )
+from catdog.pieces import WORKING_PREFIX
 from catdog.processes import runs_in_progress
 from catdog.registry import RegistryError
 from catdog.registry import read as read_registry
@@ -68,7 +72,8 @@ class Removal:
     """One thing pruning removes (or would remove)."""
 
     path: Path
-    kind: str  # "stage", "cache", "leftover" or "archive" (an earlier production model)
+    # "stage", "cache", "pieces", "leftover" or "archive" (an earlier production model)
+    kind: str
     size: int  # bytes
 
 
@@ -109,7 +114,8 @@ class PruneReport:
             lines.append(f"  kept {self._rel(path)}: newer than the last finished run")
         lines.append(
             f"{verb} {self.count('stage')} stage folder(s), {self.count('cache')} cache file(s), "
-            f"{self.count('leftover')} leftover(s), {self.count('archive')} archived "
+            f"{self.count('pieces')} piece folder(s), {self.count('leftover')} leftover(s), "
+            f"{self.count('archive')} archived "
             f"production file(s): {len(self.removals)} item(s), "
             f"{human_bytes(self.freed_bytes)} {'would be ' if self.dry_run else ''}freed"
         )
@@ -250,6 +256,33 @@ def cache_files(layout: Layout) -> list[Path]:
     return found
 
 
+def _piece_versions(layout: Layout) -> list[Path]:
+    """Every `<kind>/<version>` folder of per-image pieces (see catdog.pieces)."""
+    root = layout.pieces_dir
+    if not root.is_dir() or not _inside(layout, root):
+        return []
+    return [v for kind in _children(root) if kind.is_dir() for v in _children(kind) if v.is_dir()]
+
+
+def unused_pieces(layout: Layout, kept: Iterable[Path]) -> list[Path]:
+    """The piece folders that no kept stage output's record names as its pieces."""
+    used: set[str] = set()
+    for folder in kept:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            used.update(json.loads((folder / RECORD_FILE).read_text()).get("pieces", []))
+    return [path for path in _piece_versions(layout) if layout.relative(path) not in used]
+
+
+def piece_leftovers(layout: Layout) -> list[Path]:
+    """Packs a crashed run was writing (never indexed, so never read)."""
+    return [
+        path
+        for version in _piece_versions(layout)
+        for path in _children(version)
+        if path.name.startswith(WORKING_PREFIX)
+    ]
+
+
 def _newest_mtime(path: Path) -> float:
     newest = path.lstat().st_mtime
     if path.is_dir():
@@ -322,9 +355,17 @@ def plan(
         else:
             report.removals.append(Removal(path, kind, size_on_disk(path)))
 
+    kept_folders = []
     for folder in stage_folders(layout):
         if folder.name not in keys:
             consider(folder, "stage")
+        else:
+            kept_folders.append(folder)
+    for path in unused_pieces(layout, kept_folders):
+        consider(path, "pieces")
+    for path in piece_leftovers(layout):
+        if now - _newest_mtime(path) > LEFTOVER_AGE_SECONDS:
+            report.removals.append(Removal(path, "leftover", size_on_disk(path)))
     for path in cache_files(layout):
         if path.name not in keys:
             consider(path, "cache")

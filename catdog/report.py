@@ -181,6 +181,7 @@ def render_report(summary: RunSummary, figures: Mapping[str, str]) -> str:
         "",
     ]
     lines += data_check_lines(summary, figures)
+    lines += increment_lines(summary)
     lines += ["## Models", "", markdown_table(leaderboard_rows(summary))]
     lines += warm_start_lines(summary)
     best = summary.best_model
@@ -234,3 +235,37 @@ def warm_start_lines(summary: RunSummary) -> list[str]:
         why = f"started cold: {cold[name]}" if name in cold else "started cold"
         lines.append(f"- {name}: {model.warm_start or why}")
     return [*lines, ""]
+
+
+def increment_lines(summary: RunSummary) -> list[str]:
+    """What changed since the last run, and what each per-image stage computed for it."""
+    increment = summary.increment
+    if not increment.get("stages"):
+        return []
+    images = increment.get("images")
+    since = f"since run {increment.get('since')}" if increment.get("since") else ""
+    if images is None:
+        change = "the first run on these artifacts (or the last run's manifest was pruned)"
+    else:
+        change = (
+            f"{images['new']} new, {images['changed']} changed, {images['moved']} moved "
+            f"(renamed or relabelled) and {images['removed']} removed images {since}"
+        )
+    rows = [
+        {
+            "stage": label,
+            "state": stage["state"],
+            "computed": stage["computed"],
+            "reused": stage["reused"],
+        }
+        for label, stage in increment["stages"].items()
+    ]
+    return [
+        "### What this run computed",
+        "",
+        f"Data: {change}. Per-image work is kept by each image's content: a stage computes "
+        "only images no run computed before.",
+        "",
+        markdown_table(rows),
+        "",
+    ]

@@ -17,7 +17,16 @@ from catdog.data.figures import NEAR_DUPLICATES_FIGURE, PROFILE_FIGURE, SUSPECTS
 from catdog.data.samples import AUGMENTATION_FIGURE, SAMPLES_FIGURE
 from catdog.hashing import sha256_json
 from catdog.io import JsonObject, atomic_write_json, atomic_write_text, read_json
-from catdog.layout import MODEL_FILE, RECORD_FILE, REPORT_FILE, SUMMARY_FILE, Layout, size_on_disk
+from catdog.layout import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    RECORD_FILE,
+    REPORT_FILE,
+    STAGE_DIRS,
+    SUMMARY_FILE,
+    Layout,
+    size_on_disk,
+)
 from catdog.report import render_report
 from catdog.stage_records import (
     ArraysRecord,
@@ -178,6 +187,9 @@ class RunSummary:
     artifacts_used: list[str]  # output folders, relative to the artifacts root
     disk_bytes: dict[str, int]  # by stage, and "total"
     stage_seconds: dict[str, float]  # by task run name, for the tasks that computed
+    # What this run's data changed since the last run's, and what each per-image stage
+    # computed and reused (see `increment`).
+    increment: JsonObject = field(default_factory=dict)
 
     def to_json(self) -> JsonObject:
         facts = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -259,6 +271,52 @@ def data_summary(run: RunInfo, records: RunRecords) -> DataSummary:
         source_fresh=run.source_fresh,
         source_warning=run.source_warning,
     )
+
+
+def previous_manifest(layout: Layout) -> tuple[str | None, Path | None]:
+    """The last run's name and manifest file, from the summary it left at the root (None:
+    no run yet, or its manifest was pruned)."""
+    try:
+        last = read_json(layout.summary)
+    except (OSError, ValueError):
+        return None, None
+    folder = STAGE_DIRS["manifest"] + "/"
+    for used in last.get("artifacts_used", []):
+        if str(used).startswith(folder):
+            path = layout.resolve(str(used)) / MANIFEST_FILE
+            return str(last.get("run", {}).get("name")), path if path.is_file() else None
+    return str(last.get("run", {}).get("name")), None
+
+
+def increment(
+    layout: Layout,
+    records: RunRecords,
+    tasks: dict[str, TaskOutcome],
+    previous: tuple[str | None, Path | None],
+) -> JsonObject:
+    """What the data changed since the last run ("images": new, changed, moved, removed; None
+    when there is no last run to compare with) and, per per-image stage, the images it
+    computed and those it found already done (a cached stage computed none)."""
+    from catdog.data.manifest import changes
+    from catdog.data.records import Manifest
+
+    since, path = previous
+    images = None
+    if path is not None:
+        current = Manifest.load(layout.resolve(records.manifest.dir) / MANIFEST_FILE)
+        images = changes(Manifest.load(path), current)
+    stages: dict[str, JsonObject] = {}
+    per_image = [records.manifest, records.inspection]
+    per_image += [*records.arrays.values(), *records.features.values()]
+    by_dir = {outcome.dir: (label, outcome.state) for label, outcome in tasks.items()}
+    for record in per_image:
+        label, state = by_dir.get(record.dir, (None, None))
+        if label is None or not record.per_image:
+            continue
+        total = sum(record.per_image.values())
+        done = record.per_image if state != "Cached" else {"computed": 0, "reused": total}
+        stages[label] = {"state": state, **done}
+    return {"since": since, "images": images, "stages": stages}
 
 
 def run_facts(
@@ -355,6 +413,7 @@ def write_run(
         (summary, report Markdown).
     """
     finished = datetime.now(UTC)
+    previous = previous_manifest(layout)  # before this run's summary replaces the last one's
     # The id's end: Prefect's ids (UUIDv7) begin with the time, so two runs of one second
     # would share their first characters.
     run_dir = layout.runs_dir / f"{finished.strftime('%Y%m%dT%H%M%SZ')}-{run_id[-12:]}"
@@ -389,6 +448,7 @@ def write_run(
         stage_seconds={
             label: outcome.seconds for label, outcome in tasks.items() if outcome.seconds
         },
+        increment=increment(layout, records, tasks, previous),
     )
     report = render_report(summary, {k: os.path.relpath(v, run_dir) for k, v in figures.items()})
     atomic_write_text(run_dir / REPORT_FILE, report)

@@ -309,7 +309,10 @@ def test_cli_reports_count_and_megabytes(artifacts: dict, capsys) -> None:
     assert "B would be freed" in out
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "removed 7 stage folder(s), 14 cache file(s), 0 leftover(s), 0 archived" in out
+    assert (
+        "removed 7 stage folder(s), 14 cache file(s), 0 piece folder(s), 0 leftover(s), 0 archived"
+        in out
+    )
     assert ": 21 item(s)" in out
     assert "B freed" in out
 
@@ -391,3 +394,28 @@ def _kept(artifacts: Path) -> set[str]:
     """Stage folders kept for production's lineage (its model's training folder)."""
     source = json.loads((artifacts / "production/registry.json").read_text())["source"]
     return {str(Path(source).parent.relative_to(artifacts))}
+
+
+def test_pieces_go_when_no_kept_stage_output_names_them(artifacts: dict) -> None:
+    """A piece version that a kept run's decode used stays; one only older runs used goes;
+    a pack a crashed run was writing goes once it is a day old."""
+    root, runs = artifacts["root"], artifacts["runs"]
+    used_pieces, old_pieces = "pieces/pixels/aaaa", "pieces/pixels/bbbb"
+    kept_decode = root / runs[-1]["used"][2]
+    dropped_decode = root / runs[0]["used"][2]
+    for folder, pieces in ((kept_decode, used_pieces), (dropped_decode, old_pieces)):
+        (folder / "record.json").write_text(json.dumps({"pieces": [pieces]}))
+        os.utime(folder / "record.json", (OLD, OLD))
+        write(root / pieces / "pack.npy", 5000)
+        write(root / pieces / "pack.json", 50)
+    write(root / used_pieces / ".tmp-crashed.npy", 700)
+    for pieces in (used_pieces, old_pieces):  # written before the last run finished
+        os.utime(root / pieces, (OLD, OLD))
+
+    report = prune(root, keep=3, now=NOW)
+
+    assert report.count("pieces") == 1
+    assert (root / used_pieces / "pack.npy").is_file()
+    assert not (root / old_pieces).exists()
+    assert not (root / used_pieces / ".tmp-crashed.npy").exists()
+    assert "1 piece folder(s)" in report.render()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,9 +133,20 @@ def test_training_killed_after_epoch_2_of_4_resumes_at_epoch_3(data, tmp_path):
     assert not (tmp_path / "train-backup").exists()
 
 
+def pieces_for(data, tmp_path: Path) -> dict:
+    """Content keys for the test images (distinct per row) and a piece store per view."""
+    from catdog.pieces import PieceStore
+
+    return {
+        "train_keys": [f"train-{i}" for i in range(len(data.y_train))],
+        "val_keys": [f"val-{i}" for i in range(len(data.y_val))],
+        "pieces": lambda view: PieceStore(tmp_path / "pieces" / str(view)),
+    }
+
+
 def test_head_on_cached_features_then_fine_tune(data, tmp_path):
     config = TrainConfig(epochs=2, batch_size=8, finetune_epochs=1, feature_views=3)
-    features = extract_features(
+    features, reuse = extract_features(
         data.x_train,
         data.y_train,
         data.x_val,
@@ -145,7 +157,9 @@ def test_head_on_cached_features_then_fine_tune(data, tmp_path):
         weights=None,
         views=3,
         seed=3,
+        **pieces_for(data, tmp_path),
     )
+    assert reuse.to_json() == {"computed": 3 * 24 + len(data.y_val), "reused": 0}
     on_disk = np.load(tmp_path / "features" / TRAIN_FILE)
     assert on_disk.shape == (3, 24, 1280)
     as_they_are, labels = unaugmented_train_features(tmp_path / "features")
@@ -302,13 +316,14 @@ def test_a_warm_started_head_begins_from_the_production_models_head(data, tmp_pa
     from catdog.models import HEAD_LAYER_NAME
     from catdog.warm import WarmStart
 
-    features = extract_features(
+    features, _reuse = extract_features(
         *(data.x_train, data.y_train, data.x_val, data.y_val, tmp_path / "features"),
         model_name="model4",
         num_classes=2,
         weights=None,
         views=1,
         seed=3,
+        **pieces_for(data, tmp_path),
     )
     options = {"seed": 3, "weights": None, "input_shape": (32, 32, 3), "images": None}
     source = tmp_path / "production"

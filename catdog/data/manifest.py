@@ -265,3 +265,25 @@ def build_manifest(
         images=tuple(images),
         skipped=tuple(skipped),
     )
+
+
+def changes(previous: Manifest, current: Manifest) -> dict[str, int]:
+    """What changed in the usable images from `previous` to `current`, by content: new
+    images, changed ones (a path whose content differs), moved ones (a content now at another
+    path: a rename, or a relabel between class folders) and removed ones."""
+    before = {entry.path: entry.sha256 for entry in previous.images}
+    where = {entry.sha256: entry.path for entry in previous.images}
+    after = {entry.path: entry.sha256 for entry in current.images}
+    now = set(after.values())
+    counts = {"new": 0, "changed": 0, "moved": 0, "removed": 0}
+    for path, digest in after.items():
+        if digest in where:
+            counts["moved"] += where[digest] != path
+        elif path in before:
+            counts["changed"] += 1
+        else:
+            counts["new"] += 1
+    counts["removed"] = sum(
+        1 for path, digest in before.items() if digest not in now and path not in after
+    )
+    return counts

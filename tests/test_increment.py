@@ -1,0 +1,83 @@
+"""A growing folder source: each run computes per-image work only for the images it changed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from catdog.hashing import sha256_file
+from tests.conftest import ALWAYS_RUN, make_dataset, run_flow, write_image
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+PER_IMAGE = ("build_manifest", "inspect_images", "decode_images[48]", "extract_features[model4]")
+
+
+def run(data: Path, artifacts: Path) -> dict:
+    return run_flow(data, artifacts, models=["model4"], weights="none", transfer_image_size=48)
+
+
+def cost(summary: dict) -> dict[str, tuple[int, int]]:
+    """(computed, reused) of each per-image stage, as the summary reports them."""
+    stages = summary["increment"]["stages"]
+    return {label: (stages[label]["computed"], stages[label]["reused"]) for label in PER_IMAGE}
+
+
+def test_new_images_cost_only_themselves_a_relabel_no_pixels_and_a_rerun_nothing(tmp_path):
+    data = make_dataset(tmp_path / "photos", train=8, validation=6)
+    artifacts = tmp_path / "artifacts"
+
+    first = run(data, artifacts)
+    images = first["data"]["images"]  # 28
+    assert first["increment"]["images"] is None  # nothing to compare with
+    assert cost(first)["build_manifest"] == (images, 0)
+    assert cost(first)["decode_images[48]"] == (images, 0)
+
+    for number in range(2):  # two new training images of cats
+        write_image(data / "train" / "cats" / f"new.{number}.jpg", 90_000 + number)
+    second = run(data, artifacts)
+    assert second["increment"]["images"] == {"new": 2, "changed": 0, "moved": 0, "removed": 0}
+    assert cost(second) == {
+        "build_manifest": (2, images),
+        "inspect_images": (2, images),
+        "decode_images[48]": (2, images),
+        "extract_features[model4]": (2, len_of(second, "train") + len_of(second, "validation") - 2),
+    }
+    manifest = json.loads(
+        Path(artifacts, stage_dir(second, "manifests"), "record.json").read_text()
+    )
+    assert manifest["files_read"] == 2  # the other files' size and time had not changed
+
+    # A relabel: a cat moved into the dogs' folder.
+    moved = data / "train" / "dogs" / "relabelled.jpg"
+    shutil.move(data / "train" / "cats" / "cats.0.jpg", moved)
+    third = run(data, artifacts)
+    assert third["increment"]["images"] == {"new": 0, "changed": 0, "moved": 1, "removed": 0}
+    assert {label: computed for label, (computed, _reused) in cost(third).items()} == dict.fromkeys(
+        PER_IMAGE, 0
+    )
+    decoded = Path(artifacts, stage_dir(third, "arrays"))
+    keys = json.loads((decoded / "train_keys.json").read_text())
+    labels = np.load(decoded / "train_y.npy")
+    row = keys.index(sha256_file(moved))
+    assert third["data"]["classes"][labels[row]] == "dogs"  # it trains under its new label
+
+    fourth = run(data, artifacts)
+    recomputed = {task for task, state in fourth["tasks"].items() if state != "Cached"}
+    assert recomputed == ALWAYS_RUN
+    assert fourth["increment"]["images"] == {"new": 0, "changed": 0, "moved": 0, "removed": 0}
+    assert all(computed == 0 for computed, _reused in cost(fourth).values())
+
+
+def len_of(summary: dict, split: str) -> int:
+    return sum(summary["data"]["counts"][split].values())
+
+
+def stage_dir(summary: dict, stage_folder: str) -> str:
+    """The run's output folder of the stage kept in `03_splits/<stage_folder>`."""
+    (found,) = [d for d in summary["artifacts_used"] if d.startswith(f"03_splits/{stage_folder}/")]
+    return found

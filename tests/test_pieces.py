@@ -1,0 +1,129 @@
+"""Per-image pieces: sealed pack by pack, so a killed writer leaves nothing a later run trusts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from catdog.arrays import NpyWriter
+from catdog.pieces import WORKING_PREFIX, PieceStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Writes 40 rows in packs of 10, one pack every half second, saying when each is sealed.
+SLOW_WRITER = """
+import sys, time
+import numpy as np
+from pathlib import Path
+from catdog.pieces import PieceStore
+
+store = PieceStore(Path(sys.argv[1]))
+with store.adding_rows((3,), np.float32, 40, "test", pack_rows=10) as packer:
+    for start in range(0, 40, 5):
+        packer.add([f"k{i}" for i in range(start, start + 5)],
+                   np.arange(start * 3, start * 3 + 15, dtype=np.float32).reshape(5, 3))
+        print(len(list(Path(sys.argv[1]).glob("*.json"))), flush=True)
+        time.sleep(0.5)
+"""
+
+
+def rows_of(keys: list[str]) -> np.ndarray:
+    return np.array([[3 * int(k[1:]) + j for j in range(3)] for k in keys], dtype=np.float32)
+
+
+def test_a_killed_writer_leaves_only_sealed_packs_and_the_next_computes_the_rest(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "pieces"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, str(folder)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout is not None
+    for line in writer.stdout:  # killed halfway through its third pack
+        if int(line) == 2:
+            time.sleep(0.7)
+            break
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    writer.stdout.close()
+
+    assert list(folder.glob(f"{WORKING_PREFIX}*")), "the pack being written is left behind"
+    store = PieceStore(folder)
+    located = store.locate()
+    assert sorted(located) == sorted(f"k{i}" for i in range(20))  # two sealed packs, no more
+    wanted = [f"k{i}" for i in range(40)]
+    missing = [key for key in wanted if key not in located]
+    assert missing == [f"k{i}" for i in range(20, 40)]
+
+    with store.adding_rows((3,), np.float32, len(missing), "test", pack_rows=10) as packer:
+        packer.add(missing, rows_of(missing))
+    located = store.locate()
+    with NpyWriter(tmp_path / "all.npy", (40, 3), np.float32, "test") as out:
+        store.gather(wanted, out, located)
+    np.testing.assert_array_equal(np.load(tmp_path / "all.npy"), rows_of(wanted))
+
+
+def test_a_damaged_pack_is_dropped_and_its_pieces_recomputed(tmp_path: Path) -> None:
+    store = PieceStore(tmp_path / "pieces")
+    keys = [f"k{i}" for i in range(6)]
+    with store.adding_rows((3,), np.float32, 6, "test", pack_rows=3) as packer:
+        packer.add(keys, rows_of(keys))
+    first = sorted((tmp_path / "pieces").glob("*.npy"))[0]
+    damaged = bytearray(first.read_bytes())
+    damaged[-1] ^= 0xFF
+    first.write_bytes(bytes(damaged))
+
+    located = store.locate()
+
+    assert len(located) == 3
+    assert not first.exists() and not first.with_suffix(".json").exists()
+
+
+def test_a_failure_while_adding_removes_the_unsealed_pack_only(tmp_path: Path) -> None:
+    store = PieceStore(tmp_path / "pieces")
+    with (
+        pytest.raises(RuntimeError, match="decoder"),
+        store.adding_rows((3,), np.float32, 6, "test", pack_rows=4) as packer,
+    ):
+        packer.add(["a", "b", "c", "d", "e"], np.zeros((5, 3), np.float32))
+        raise RuntimeError("decoder gave up")
+    assert sorted(store.locate()) == ["a", "b", "c", "d"]
+    assert not list((tmp_path / "pieces").glob(f"{WORKING_PREFIX}*"))
+
+
+def test_json_pieces_round_trip_and_first_sealed_wins(tmp_path: Path) -> None:
+    store = PieceStore.at(tmp_path, "validation", {"code": "x"})
+    store.add_values([("a", None), ("b", "truncated or corrupt image: broken data stream")])
+    store.add_values([("c", None)])
+    assert store.values() == {
+        "a": None,
+        "b": "truncated or corrupt image: broken data stream",
+        "c": None,
+    }
+    assert PieceStore.at(tmp_path, "validation", {"code": "y"}).values() == {}
+
+
+def test_an_augmented_view_does_not_depend_on_its_batch() -> None:
+    """Per-image seeds: image b's view is the same alone or after another image."""
+    from catdog.features import view_seeds
+    from catdog.layers import RandomFlipAndRotation
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    layer = RandomFlipAndRotation(0.2, seed=3)
+    both = np.asarray(layer.call_seeded(images, view_seeds(["a", "b"], 2, 7)))
+    alone = np.asarray(layer.call_seeded(images[1:], view_seeds(["b"], 2, 7)))
+    np.testing.assert_allclose(both[1], alone[0], atol=1e-4)
+    assert not np.allclose(both[1], images[1])  # it is an augmented view
+    other_seed = np.asarray(layer.call_seeded(images[1:], view_seeds(["b"], 2, 8)))
+    assert not np.allclose(other_seed[0], alone[0])
