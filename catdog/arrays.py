@@ -10,6 +10,8 @@ by the whole split after all, which is what this module exists to avoid.
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import math
 import os
 import shutil
@@ -103,7 +105,7 @@ class NpyRows:
             start, stop, step = index.indices(self._count)
             if step == 1:
                 out = np.empty((max(0, stop - start), *self.row_shape), self.dtype)
-                self._read(out, start)
+                self.read_into(out, start)
                 return out
             index = np.arange(start, stop, step)
         if np.ndim(index) == 0:
@@ -114,10 +116,11 @@ class NpyRows:
         rows = np.where(rows < 0, rows + self._count, rows)
         out = np.empty((len(rows), *self.row_shape), self.dtype)
         for position, row in enumerate(rows):
-            self._read(out[position : position + 1], int(row))
+            self.read_into(out[position : position + 1], int(row))
         return out
 
-    def _read(self, out: np.ndarray, first_row: int) -> None:
+    def read_into(self, out: np.ndarray, first_row: int) -> None:
+        """Fill `out` (C-contiguous, whole rows) with the rows from `first_row` on."""
         if self._fd is None:
             raise ValueError(f"{self.path} is closed")
         view = memoryview(out.reshape(-1).view(np.uint8))
@@ -165,7 +168,7 @@ class NpyWriter:
         self.dtype = np.dtype(dtype)
         self.purpose = purpose
         self.total_bytes = math.prod(self.shape) * self.dtype.itemsize
-        self._row_shape = self.shape[leading:]
+        self.row_shape = self.shape[leading:]
         self._count = math.prod(self.shape[:leading])
         self._rows = 0
         header = {
@@ -173,9 +176,14 @@ class NpyWriter:
             "fortran_order": False,
             "shape": self.shape,
         }
+        # The file's SHA-256 as it is written, so that no one reads it back to hash it.
+        self._digest = hashlib.sha256()
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, header)
         with self._disk_errors():
             self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
-            np.lib.format.write_array_header_1_0(self._file, header)
+            self._file.write(head.getvalue())
+        self._digest.update(head.getvalue())
 
     @contextmanager
     def _disk_errors(self) -> Iterator[None]:
@@ -193,14 +201,21 @@ class NpyWriter:
 
     def write(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
-        if rows.shape[1:] != self._row_shape or self._rows + len(rows) > self._count:
+        if rows.shape[1:] != self.row_shape or self._rows + len(rows) > self._count:
             raise ValueError(
                 f"{self.path.name}: rows of shape {rows.shape} do not fit {self.shape} "
                 f"after {self._rows} rows"
             )
+        data = memoryview(rows.reshape(-1).view(np.uint8))
         with self._disk_errors():
-            self._file.write(memoryview(rows.reshape(-1).view(np.uint8)))
+            self._file.write(data)
+        self._digest.update(data)
         self._rows += len(rows)
+
+    @property
+    def sha256(self) -> str:
+        """The SHA-256 of the bytes written so far (of the whole file, once closed)."""
+        return self._digest.hexdigest()
 
     def close(self) -> None:
         if self._file.closed:

@@ -15,6 +15,10 @@ class DataError(CatdogError):
     """The dataset (archive, folder or images) cannot be used as given."""
 
 
+class ImageChangedError(DataError):
+    """An image's bytes changed after the manifest hashed them (a folder still being written)."""
+
+
 class DataCheckFailed(DataError):
     """This run's data differs from the data that trained production (--on-data-issue stop)."""
 

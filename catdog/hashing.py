@@ -12,6 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from catdog.errors import ImageChangedError
 from catdog.io import atomic_write_json
 
 _CHUNK = 1 << 20
@@ -19,6 +20,22 @@ _CHUNK = 1 << 20
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def read_checked(path: Path, sha256: str) -> bytes:
+    """The bytes of `path`, which must be those whose SHA-256 is `sha256` (an image the
+    manifest hashed earlier in the run).
+
+    Raises:
+        ImageChangedError: They are not: the file changed since it was hashed.
+    """
+    data = Path(path).read_bytes()
+    if sha256_bytes(data) != sha256:
+        raise ImageChangedError(
+            f"{path} changed after this run's manifest read it (its bytes no longer have the "
+            "hash the manifest recorded); run again once the folder has stopped changing"
+        )
+    return data
 
 
 def sha256_json(value: Any) -> str:
@@ -84,8 +101,8 @@ class HashMemo:
         return digest
 
     def known(self, path: Path) -> str | None:
-        """The hash remembered for `path` as it is now (same size and time), without reading
-        it; None when it is new or changed."""
+        """The hash `note` remembered for `path` as it is now, without reading it: the same
+        file (inode), size, modification and change times; None when it is new or changed."""
         key = self._canonical(path)
         try:
             stat = os.stat(key)
@@ -93,14 +110,15 @@ class HashMemo:
             return None
         with self._lock:
             known = self._entries.get(key)
-        if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
+        if known and len(known) == 5 and known[:2] + known[3:] == _stamp(stat):
             return str(known[2])
         return None
 
     def note(self, path: Path, digest: str, stat: os.stat_result) -> None:
         """Remember `digest` for `path` as `stat` (taken before its bytes were read) saw it."""
+        size, mtime, inode, ctime = _stamp(stat)
         with self._lock:
-            self._entries[self._canonical(path)] = [stat.st_size, stat.st_mtime_ns, digest]
+            self._entries[self._canonical(path)] = [size, mtime, digest, inode, ctime]
             self._dirty = True
 
     def save(self) -> None:
@@ -116,6 +134,13 @@ class HashMemo:
                 self._entries = {**on_disk, **self._entries}
                 atomic_write_json(self._store, self._entries)
                 self._dirty = False
+
+
+def _stamp(stat: os.stat_result) -> list[int]:
+    """What says a file is unchanged, short of reading it: size, modification time, inode
+    (a file replaced by another) and change time (a copy that kept the old modification
+    time changes it)."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
 
 
 _default_memo = HashMemo()

@@ -72,7 +72,8 @@ class PieceStore:
         return cls(Path(root) / kind / version_of({"kind": kind, "made_by": made_by}), memo)
 
     def _indexes(self) -> Iterator[tuple[Path, dict[str, Any]]]:
-        """Every sealed pack's index, oldest name first; unreadable ones are skipped."""
+        """Every sealed pack's index, in name order (packs are named at random, so two that
+        hold one key decide which is read by chance; both hold the same piece)."""
         if not self.folder.is_dir():
             return
         for path in sorted(self.folder.glob(f"*{INDEX_SUFFIX}")):
@@ -97,9 +98,9 @@ class PieceStore:
             rows = index_path.with_suffix(ROWS_SUFFIX)
             try:
                 intact = self.memo.sha256(rows) == index.get("sha256")
-            except OSError:
+            except FileNotFoundError:
                 intact = False
-            if not intact:
+            if not intact:  # a damaged pack is dropped; another error (EIO...) is raised
                 log.warning("%s: rows missing or changed; its pieces are recomputed", rows)
                 _drop_pack(index_path)
                 continue
@@ -133,19 +134,24 @@ class PieceStore:
         batch: int = 256,
     ) -> None:
         """Write the pieces of `keys`, in that order, to `out`, `batch` rows at a time."""
-        readers: dict[Path, NpyRows] = {}
+        rows = PieceRows(keys, located, out.row_shape, out.dtype)
         try:
             for start in range(0, len(keys), batch):
-                rows = []
-                for key in keys[start : start + batch]:
-                    path, row = located[key]
-                    if path not in readers:
-                        readers[path] = NpyRows(path)
-                    rows.append(readers[path][row])
-                out.write(np.stack(rows))
+                out.write(rows[start : start + batch])
         finally:
-            for reader in readers.values():
-                reader.close()
+            rows.close()
+
+    def pack_files(
+        self, keys: Iterable[str], located: dict[str, tuple[Path, int]]
+    ) -> dict[Path, str]:
+        """The packs that hold `keys`, with their rows' SHA-256 (as their indexes say)."""
+        wanted = {located[key][0] for key in keys}
+        found: dict[Path, str] = {}
+        for index_path, index in self._indexes():
+            rows = index_path.with_suffix(ROWS_SUFFIX)
+            if rows in wanted:
+                found[rows] = str(index.get("sha256"))
+        return found
 
     # JSON pieces -------------------------------------------------------------------------
 
@@ -220,7 +226,7 @@ class RowPacker:
 
     def _open(self) -> None:
         if self.remaining <= 0:
-            raise ValueError(f"{self.purpose}: more rows than the {self.remaining} announced")
+            raise ValueError(f"{self.purpose}: more rows than were announced")
         size = min(self.pack_rows, self.remaining)
         self._pack = self.store._new_pack()
         working = self.store.folder / f"{WORKING_PREFIX}{self._pack}{ROWS_SUFFIX}"
@@ -232,7 +238,8 @@ class RowPacker:
         self._writer.close()
         rows = self.store.folder / f"{self._pack}{ROWS_SUFFIX}"
         os.replace(self._writer.path, rows)
-        digest = self.store.memo.sha256(rows)
+        digest = self._writer.sha256
+        self.store.memo.note(rows, digest, os.stat(rows))
         atomic_write_json(
             self.store.folder / f"{self._pack}{INDEX_SUFFIX}",
             {"keys": self._keys, "sha256": digest},
@@ -284,3 +291,69 @@ def feature_pieces(root: Path, made_by: Any, memo: HashMemo | None = None) -> Pi
     """One view's frozen-base features of each image; `made_by` names the base, its weights,
     the input size, the view (and the seed of an augmented one) and the code."""
     return PieceStore.at(root, "features", made_by, memo)
+
+
+class PieceRows:
+    """The array pieces of `keys`, in that order, read from the packs that hold them a row at
+    a time (the `catdog.arrays.Rows` protocol): a split's images without a copy of them."""
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        located: dict[str, tuple[Path, int]],
+        row_shape: tuple[int, ...],
+        dtype: np.dtype | type,
+    ) -> None:
+        missing = [key for key in keys if key not in located]
+        if missing:
+            raise KeyError(f"{len(missing)} pieces are not in the store (first: {missing[0]})")
+        packs = sorted({located[key][0] for key in keys})
+        self._readers = [NpyRows(path) for path in packs]
+        number = {path: i for i, path in enumerate(packs)}
+        self._pack = np.array([number[located[key][0]] for key in keys], dtype=np.int64)
+        self._row = np.array([located[key][1] for key in keys], dtype=np.int64)
+        self.row_shape = tuple(row_shape)
+        self.dtype = np.dtype(dtype)
+        for reader in self._readers:
+            if reader.row_shape != self.row_shape or reader.dtype != self.dtype:
+                raise ValueError(f"{reader.path} holds rows of {reader.row_shape} {reader.dtype}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self._row), *self.row_shape)
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def __getitem__(self, index: int | slice | np.ndarray | Sequence[int]) -> np.ndarray:
+        if isinstance(index, slice):
+            wanted = np.arange(*index.indices(len(self)))
+        elif np.ndim(index) == 0:
+            return self[[int(index)]][0]  # type: ignore[index]
+        else:
+            wanted = np.asarray(index, dtype=np.int64)
+            wanted = np.where(wanted < 0, wanted + len(self), wanted)
+            if wanted.size and (wanted.min() < 0 or wanted.max() >= len(self)):
+                raise IndexError(f"row index out of range for {len(self)} rows")
+        out = np.empty((len(wanted), *self.row_shape), self.dtype)
+        position = 0
+        while position < len(wanted):
+            # Rows that follow one another in one pack are one read.
+            pack, first = self._pack[wanted[position]], self._row[wanted[position]]
+            run = 1
+            while (
+                position + run < len(wanted)
+                and self._pack[wanted[position + run]] == pack
+                and self._row[wanted[position + run]] == first + run
+            ):
+                run += 1
+            self._readers[pack].read_into(out[position : position + run], int(first))
+            position += run
+        return out
+
+    def load(self) -> np.ndarray:
+        return self[:]
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()

@@ -45,7 +45,7 @@ from catdog.layout import (
     Layout,
     size_on_disk,
 )
-from catdog.pieces import WORKING_PREFIX
+from catdog.pieces import INDEX_SUFFIX, ROWS_SUFFIX, WORKING_PREFIX
 from catdog.processes import runs_in_progress
 from catdog.registry import RegistryError
 from catdog.registry import read as read_registry
@@ -274,12 +274,13 @@ def unused_pieces(layout: Layout, kept: Iterable[Path]) -> list[Path]:
 
 
 def piece_leftovers(layout: Layout) -> list[Path]:
-    """Packs a crashed run was writing (never indexed, so never read)."""
+    """Packs a crashed run was writing, or had written but not indexed: never read."""
     return [
         path
         for version in _piece_versions(layout)
         for path in _children(version)
         if path.name.startswith(WORKING_PREFIX)
+        or (path.suffix == ROWS_SUFFIX and not path.with_suffix(INDEX_SUFFIX).exists())
     ]
 
 

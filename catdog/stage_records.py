@@ -37,7 +37,7 @@ class Record:
 
 # Facts about how an output was made, not what it is: a stage whose per-image pieces were all
 # found computes the same output as one that computed them all.
-HOW_IT_WAS_MADE = ("seconds", "per_image", "files_read", "pieces")
+HOW_IT_WAS_MADE = ("seconds", "per_image", "files_read", "pieces", "piece_files")
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,9 @@ class ArraysRecord(Record):
     classes: list[str] = field(default_factory=list)
     per_image: dict[str, int] = field(default_factory=dict)  # {"computed", "reused"}
     pieces: list[str] = field(default_factory=list)
+    # The pixel packs its splits read their rows from (relative path -> SHA-256): part of the
+    # output, checked with its files, but not of what it is (the same images in other packs).
+    piece_files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

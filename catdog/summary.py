@@ -274,18 +274,22 @@ def data_summary(run: RunInfo, records: RunRecords) -> DataSummary:
 
 
 def previous_manifest(layout: Layout) -> tuple[str | None, Path | None]:
-    """The last run's name and manifest file, from the summary it left at the root (None:
-    no run yet, or its manifest was pruned)."""
+    """The last finished run's name and manifest file, from its summary (None: no run yet,
+    or its manifest was pruned)."""
+    runs = sorted(layout.runs_dir.glob(f"*/{SUMMARY_FILE}")) if layout.runs_dir.is_dir() else []
+    if not runs:
+        return None, None
     try:
-        last = read_json(layout.summary)
+        last = read_json(runs[-1])  # run folders are named by their UTC time: the newest last
     except (OSError, ValueError):
         return None, None
+    name = str(last.get("run", {}).get("name"))
     folder = STAGE_DIRS["manifest"] + "/"
     for used in last.get("artifacts_used", []):
         if str(used).startswith(folder):
             path = layout.resolve(str(used)) / MANIFEST_FILE
-            return str(last.get("run", {}).get("name")), path if path.is_file() else None
-    return str(last.get("run", {}).get("name")), None
+            return name, path if path.is_file() else None
+    return name, None
 
 
 def increment(
@@ -413,7 +417,7 @@ def write_run(
         (summary, report Markdown).
     """
     finished = datetime.now(UTC)
-    previous = previous_manifest(layout)  # before this run's summary replaces the last one's
+    previous = previous_manifest(layout)  # before this run's own summary is written
     # The id's end: Prefect's ids (UUIDv7) begin with the time, so two runs of one second
     # would share their first characters.
     run_dir = layout.runs_dir / f"{finished.strftime('%Y%m%dT%H%M%SZ')}-{run_id[-12:]}"

@@ -144,17 +144,22 @@ def _source(function: Callable[..., Any]) -> str:
 
 
 def outputs_intact(layout: Layout, folder: Path) -> bool:
-    """True when `folder` holds a record and every file it lists, unchanged."""
+    """True when `folder` holds a record and every file it lists, unchanged, and every piece
+    pack it reads from (`piece_files`, relative to the artifacts root)."""
     record_path = folder / RECORD_FILE
     if not record_path.is_file():
         return False
     try:
-        files = json.loads(record_path.read_text(encoding="utf-8")).get("files", {})
+        record = json.loads(record_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    listed = [(folder / rel, digest) for rel, digest in record.get("files", {}).items()]
+    listed += [
+        (layout.resolve(rel), digest) for rel, digest in record.get("piece_files", {}).items()
+    ]
     memo = _memo(layout)
     try:
-        intact = all(memo.sha256(folder / rel) == digest for rel, digest in files.items())
+        intact = all(memo.sha256(path) == digest for path, digest in listed)
     except OSError:
         return False
     memo.save()

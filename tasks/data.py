@@ -289,11 +289,12 @@ def decode_images(split: SplitRecord, image_size: int, artifacts: str) -> Arrays
     pixels = pixel_pieces(layout.pieces_dir, image_size, HashMemo(layout.hash_memo))
     with stage_output(layout) as out:
         manifest = split_manifest_of(layout, split)
-        reuse = decode_splits_to(manifest, image_size, out.folder, pixels)
+        decoded = decode_splits_to(manifest, image_size, out.folder, pixels)
         out.facts.update(
             image_size=image_size,
             classes=list(manifest.classes),
-            per_image=reuse.to_json(),
+            per_image=decoded.reuse.to_json(),
             pieces=[layout.relative(pixels.folder)],
+            piece_files={layout.relative(path): sha for path, sha in decoded.packs.items()},
         )
     return out.record

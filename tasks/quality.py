@@ -120,7 +120,7 @@ def find_suspect_labels(
         manifest = split_manifest_of(layout, split)
         rows, labels = unaugmented_train_features(layout.resolve(features.dir))
         write_features_sample(out.folder, rows, about, seed)
-        # The features' rows follow the training split's order (decode_split_to).
+        # The features' rows follow the training split's order (decode_splits_to).
         train = manifest.in_split("train")
         suspects = rank_suspects(rows, labels, train, len(manifest.classes), seed=seed)
         if suspects:

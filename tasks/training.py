@@ -63,8 +63,12 @@ def retry_unless_stopped(task: Any, task_run: Any, state: Any) -> bool:
 def load_arrays(layout: Layout, arrays: ArraysRecord, split: str) -> tuple[Any, Any]:
     """A decoded split's images (read from disk a batch at a time) and labels."""
     from catdog.data.images import open_split
+    from catdog.pieces import PieceStore
 
-    return open_split(layout.resolve(arrays.dir), split)
+    pixels = None
+    if arrays.pieces:
+        pixels = PieceStore(layout.resolve(arrays.pieces[0]), HashMemo(layout.hash_memo))
+    return open_split(layout.resolve(arrays.dir), split, pixels)
 
 
 @stage_task("features", fingerprint=_model_fingerprint)
@@ -73,24 +77,28 @@ def extract_features(
 ) -> FeaturesRecord:
     """Frozen MobileNetV2 features of every training view and validation image, computed once."""
     from catdog.arrays import require_space
-    from catdog.data.images import split_keys_file
+    from catdog.data.images import split_keys
     from catdog.features import extract_features as embed
     from catdog.features import feature_bytes
-    from catdog.pieces import feature_pieces
+    from catdog.pieces import PieceStore, feature_pieces
 
     layout = Layout.at(artifacts)
     memo = HashMemo(layout.hash_memo)
+    inputs = {"model": model, "weights": weights, "artifacts": artifacts}
     made_by = {
         "model": model,
-        "weights": _weights_fingerprint({"weights": weights, "artifacts": artifacts}),
-        "size": arrays.image_size,
+        "base": _model_fingerprint(inputs),  # its weights' content and its builder's code
+        "pixels": arrays.pieces,  # the pixel pieces' folder: their size, code and decoder
         "code": code_fingerprint("catdog.features", "catdog.models", "catdog.layers"),
     }
+    random_base = weights in (None, "none")
 
-    def pieces(view: int) -> Any:
-        # An augmented view's draws follow the seed; the image and its mirror do not.
-        seeded = {"view": view, "seed": seed if view >= 2 else None}
-        return feature_pieces(layout.pieces_dir, {**made_by, **seeded}, memo)
+    def pieces(view: int) -> PieceStore:
+        # An augmented view's draws follow the seed, and so does a randomly initialised base.
+        seeded = view >= 2 or random_base
+        return feature_pieces(
+            layout.pieces_dir, {**made_by, "view": view, "seed": seed if seeded else None}, memo
+        )
 
     with stage_output(layout) as out:
         x_train, y_train = load_arrays(layout, arrays, "train")
@@ -110,8 +118,8 @@ def extract_features(
             weights=weights,
             views=views,
             seed=seed,
-            train_keys=json.loads(split_keys_file(decoded, "train").read_text()),
-            val_keys=json.loads(split_keys_file(decoded, "validation").read_text()),
+            train_keys=split_keys(decoded, "train"),
+            val_keys=split_keys(decoded, "validation"),
             pieces=pieces,
         )
         out.facts.update(

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from catdog.arrays import NpyRows, NpyWriter, require_space
-from catdog.data.images import DecodedOnDemand, decode_split, decode_split_to, split_bytes
+from catdog.data.images import DecodedOnDemand, decode_split, decode_splits_to, open_split
 from catdog.data.manifest import build_manifest
 from catdog.data.split import split_manifest
 from catdog.errors import DiskSpaceError
+from catdog.io import human_bytes
+from catdog.pieces import PieceStore
 from tests.conftest import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,16 +95,20 @@ def split(tmp_path):
 def test_decoding_to_disk_gives_the_in_memory_arrays(split, tmp_path):
     out = tmp_path / "arrays"
     out.mkdir()
+    pixels = PieceStore(tmp_path / "pixels")
+    decoded = decode_splits_to(split, 24, out, pixels, chunk=4)
+    assert decoded.reuse.to_json() == {"computed": len(split.images), "reused": 0}
     for name in ("train", "validation", "test"):
         images, labels = decode_split(split, name, 24)
-        x_path, y_path = decode_split_to(split, name, 24, out, chunk=4)
-        np.save(tmp_path / "x.npy", images)
-        np.save(tmp_path / "y.npy", labels)
-        assert x_path.read_bytes() == (tmp_path / "x.npy").read_bytes()
-        assert y_path.read_bytes() == (tmp_path / "y.npy").read_bytes()
-    total = sum(path.stat().st_size for path in out.iterdir())
-    header_bytes = 6 * 128
-    assert total - header_bytes == split_bytes(split, 24)
+        rows, decoded_labels = open_split(out, name, pixels)
+        np.testing.assert_array_equal(rows[:], images)
+        np.testing.assert_array_equal(rows[np.array([1, 0])], images[[1, 0]])
+        np.testing.assert_array_equal(decoded_labels, labels)
+    np.save(tmp_path / "x.npy", decode_split(split, "test", 24)[0])
+    assert (out / "test_x.npy").read_bytes() == (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "again").mkdir()
+    again = decode_splits_to(split, 24, tmp_path / "again", pixels)
+    assert again.reuse.to_json() == {"computed": 0, "reused": len(split.images)}
 
 
 def test_images_decoded_on_demand_match_the_decoded_split(split):
@@ -130,16 +136,21 @@ def test_a_disk_that_fills_up_during_decoding_stops_with_one_clear_error(split, 
     # A process whose files may not grow past 20 KB: writing fails as on a full disk.
     out = tmp_path / "arrays"
     out.mkdir()
+    size = len([entry for entry in split.images if entry.split]) * 64 * 64 * 3  # one pack
     manifest = tmp_path / "split.json"
     split.save(manifest)
     script = textwrap.dedent(
         f"""
         from pathlib import Path
         from catdog.data.records import Manifest
-        from catdog.data.images import decode_split_to
+        from catdog.data.images import decode_splits_to
         from catdog.errors import DiskSpaceError
+        from catdog.pieces import PieceStore
         try:
-            decode_split_to(Manifest.load(Path({str(manifest)!r})), "train", 64, Path({str(out)!r}))
+            decode_splits_to(
+                Manifest.load(Path({str(manifest)!r})), 64, Path({str(out)!r}),
+                PieceStore(Path({str(out)!r}) / "pixels"),
+            )
         except DiskSpaceError as error:
             print(error)
             raise SystemExit(3)
@@ -160,5 +171,5 @@ def test_a_disk_that_fills_up_during_decoding_stops_with_one_clear_error(split, 
     )
     assert done.returncode == 3, done.stderr
     message = done.stdout.strip()
-    assert message.startswith("decode_images (train split at 64x64): the disk filled up")
-    assert "train_x.npy" in message and "this file needs 221.2 KB" in message
+    assert message.startswith("decode_images (pixels at 64x64): the disk filled up")
+    assert ".tmp-" in message and f"this file needs {human_bytes(size)}" in message

@@ -13,15 +13,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from catdog.data.images import decode_split
+from catdog.data.images import decode_split, open_split
 from catdog.data.records import Manifest
 from catdog.layout import Layout
+from catdog.pieces import PieceStore
 from catdog.prune import plan
 from tests.conftest import flow_command, flow_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
-# Dies by SIGKILL right after the first rows of a split's images reach the disk.
+# Dies by SIGKILL right after the first decoded pixels reach the disk (a pack of pieces).
 KILL_DURING_DECODE = textwrap.dedent(
     """
     import os, signal
@@ -31,7 +32,7 @@ KILL_DURING_DECODE = textwrap.dedent(
 
     def write_then_die(self, rows):
         write(self, rows)
-        if self.path.name.endswith("_x.npy"):
+        if self.path.name.startswith(".tmp-"):
             self._file.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -68,7 +69,11 @@ def test_a_killed_or_full_disk_decode_leaves_nothing_a_later_run_trusts(dataset_
     assert killed.returncode == -signal.SIGKILL
     assert [p.name for p in arrays_dir.iterdir() if not p.name.startswith(".")] == []
     leftovers = [p for p in arrays_dir.iterdir() if p.name.startswith(".")]
-    assert len(leftovers) == 1 and (leftovers[0] / "train_x.npy").stat().st_size > 0
+    (pixels,) = (artifacts / "pieces" / "pixels").iterdir()
+    partial = list(pixels.iterdir())
+    assert len(partial) == 1 and partial[0].name.startswith(".tmp-")  # no pack was sealed
+    assert partial[0].stat().st_size > 0
+    assert PieceStore(pixels).locate() == {}
 
     full = subprocess.run(
         command,
@@ -82,10 +87,11 @@ def test_a_killed_or_full_disk_decode_leaves_nothing_a_later_run_trusts(dataset_
     errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, full.stderr
     assert errors[0].startswith(
-        "error: decode_images (train split at 200x200): the disk filled up writing train_x.npy"
+        "error: decode_images (pixels at 200x200): the disk filled up writing .tmp-"
     )
-    assert "this file needs 2.9 MB" in errors[0]
+    assert "this file needs 5.3 MB" in errors[0]
     assert [p.name for p in arrays_dir.iterdir() if not p.name.startswith(".")] == []
+    assert PieceStore(pixels).locate() == {}
 
     done = subprocess.run(command, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -99,13 +105,14 @@ def test_a_killed_or_full_disk_decode_leaves_nothing_a_later_run_trusts(dataset_
     root = json.loads((split_dir / "record.json").read_text())["root"]
     split = replace(Manifest.load(split_dir / "split.json"), root=str(artifacts / root))
     images, labels = decode_split(split, "train", 200)
-    np.testing.assert_array_equal(np.load(decoded / "train_x.npy"), images)
-    np.testing.assert_array_equal(np.load(decoded / "train_y.npy"), labels)
+    rows, decoded_labels = open_split(decoded, "train", PieceStore(pixels))
+    np.testing.assert_array_equal(rows[:], images)
+    np.testing.assert_array_equal(decoded_labels, labels)
     # What the killed run left is a leftover that `cache prune` removes (once a day old, as a
     # run may still be writing it), never a cache entry.
     two_days_on = time.time() + 2 * 86400
-    removals = plan(Layout.at(artifacts), now=two_days_on).removals
-    assert leftovers[0] in [removal.path for removal in removals]
+    removed = [removal.path for removal in plan(Layout.at(artifacts), now=two_days_on).removals]
+    assert set(leftovers) | {partial[0]} <= set(removed)
     assert summary["disk_bytes"]["decode"] == sum(
         p.stat().st_size for p in decoded.iterdir() if p.is_file()
     )

@@ -127,3 +127,55 @@ def test_an_augmented_view_does_not_depend_on_its_batch() -> None:
     assert not np.allclose(both[1], images[1])  # it is an augmented view
     other_seed = np.asarray(layer.call_seeded(images[1:], view_seeds(["b"], 2, 8)))
     assert not np.allclose(other_seed[0], alone[0])
+
+
+def test_an_image_changed_after_the_manifest_hashed_it_is_not_sealed(tmp_path: Path) -> None:
+    from catdog.data.images import load_image
+    from catdog.errors import ImageChangedError
+    from catdog.hashing import sha256_file_uncached
+    from tests.conftest import write_image
+
+    path = write_image(tmp_path / "cat.jpg", 1)
+    digest = sha256_file_uncached(path)
+    assert load_image(path, 8, digest).shape == (8, 8, 3)
+    write_image(path, 2)  # rewritten while the run goes on
+    with pytest.raises(ImageChangedError, match="changed after this run's manifest read it"):
+        load_image(path, 8, digest)
+
+
+def test_the_manifest_reads_again_a_file_replaced_with_its_old_size_and_time(
+    tmp_path: Path,
+) -> None:
+    """A copy that keeps size and modification time (`cp -p`, `rsync -a`) is still noticed."""
+    from catdog.data.manifest import KnownImages, build_manifest
+    from catdog.hashing import HashMemo
+    from tests.conftest import make_dataset, write_image
+
+    root = make_dataset(tmp_path / "photos", train=2, validation=2)
+    for path in root.rglob("*.jpg"):  # settled: older than the manifest's two seconds
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    memo = HashMemo(tmp_path / "memo.json")
+    first = KnownImages(memo=memo)
+    build_manifest(root, known=first)
+    assert first.read == 8
+
+    again = KnownImages(memo=memo, verdicts=dict.fromkeys(first_digests(root)))
+    build_manifest(root, known=again)
+    assert again.read == 0 and again.validated == 0
+
+    target = root / "train" / "cats" / "cats.0.jpg"
+    before = target.stat()
+    replacement = write_image(tmp_path / "other.jpg", 77)
+    replacement.write_bytes(replacement.read_bytes()[: before.st_size].ljust(before.st_size, b"\0"))
+    os.replace(replacement, target)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_size == before.st_size
+    last = KnownImages(memo=memo, verdicts=dict.fromkeys(first_digests(root)))
+    build_manifest(root, known=last)
+    assert last.read == 1
+
+
+def first_digests(root: Path) -> list[str]:
+    from catdog.hashing import sha256_file_uncached
+
+    return [sha256_file_uncached(path) for path in root.rglob("*.jpg")]

@@ -409,6 +409,7 @@ def test_pieces_go_when_no_kept_stage_output_names_them(artifacts: dict) -> None
         write(root / pieces / "pack.npy", 5000)
         write(root / pieces / "pack.json", 50)
     write(root / used_pieces / ".tmp-crashed.npy", 700)
+    write(root / used_pieces / "sealed-but-not-indexed.npy", 700)
     for pieces in (used_pieces, old_pieces):  # written before the last run finished
         os.utime(root / pieces, (OLD, OLD))
 
@@ -418,4 +419,5 @@ def test_pieces_go_when_no_kept_stage_output_names_them(artifacts: dict) -> None
     assert (root / used_pieces / "pack.npy").is_file()
     assert not (root / old_pieces).exists()
     assert not (root / used_pieces / ".tmp-crashed.npy").exists()
+    assert not (root / used_pieces / "sealed-but-not-indexed.npy").exists()
     assert "1 piece folder(s)" in report.render()

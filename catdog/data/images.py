@@ -1,30 +1,36 @@
 """Decode each image once into a fixed-size uint8 array, so no epoch decodes a JPEG again.
 
-A split is decoded straight to disk (`decode_split_to`) a chunk at a time, so decoding holds a
-chunk, not the split, in memory; readers then read it a batch at a time (`catdog.arrays`).
+Each image is decoded once per size, by its content: its pixels are a piece (catdog.pieces),
+decoded a chunk at a time and sealed into the pixel store, and a decoded split is the list of
+its images' pieces (`decode_splits_to`), read a batch at a time (`open_split`, catdog.arrays).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from catdog.arrays import NpyRows, NpyWriter, require_space
+from catdog.arrays import NpyRows, NpyWriter, Rows, require_space
 from catdog.data.records import SPLITS, Manifest
+from catdog.hashing import read_checked
 from catdog.io import atomic_write_json
-from catdog.pieces import PieceStore, Reuse
+from catdog.pieces import PieceRows, PieceStore, Reuse
 
 logger = logging.getLogger(__name__)
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Read one image as an RGB uint8 array of shape (size, size, 3).
+def load_image(path: Path, size: int, sha256: str | None = None) -> np.ndarray:
+    """Read one image as an RGB uint8 array of shape (size, size, 3); with `sha256`, only if
+    its bytes are still those (see `read_checked`).
 
     The pixels are those `image_dataset_from_directory` gives (to within rounding): the full
     image stretched to a square (no crop, no padding) by `tf.image.resize`'s bilinear
@@ -34,7 +40,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
     160x160, and model3 at seed 1337 started learning epochs later on them (bench/RESULTS.md,
     decode-parity; bench/HISTORY.md, model3-seeds).
     """
-    with Image.open(path) as image:
+    source = io.BytesIO(read_checked(path, sha256)) if sha256 else path
+    with Image.open(source) as image:
         rgb = image.convert("RGB")
     if rgb.size != (size, size):
         width, height = rgb.size
@@ -53,15 +60,17 @@ def _workers() -> int:
 
 
 def load_images(
-    paths: Sequence[Path], size: int, pool: ThreadPoolExecutor | None = None
+    paths: Sequence[Path | tuple[Path, str]], size: int, pool: ThreadPoolExecutor | None = None
 ) -> np.ndarray:
-    """Decode `paths` in parallel (Pillow releases the GIL) into one (n, size, size, 3) array."""
+    """Decode `paths` in parallel (Pillow releases the GIL) into one (n, size, size, 3) array;
+    a (path, sha256) pair is checked against its hash first."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     if not paths:
         return out
 
     def fill(index: int) -> None:
-        out[index] = load_image(paths[index], size)
+        path, sha256 = paths[index] if isinstance(paths[index], tuple) else (paths[index], None)
+        out[index] = load_image(path, size, sha256)  # type: ignore[arg-type]
 
     if pool is not None:
         list(pool.map(fill, range(len(paths))))
@@ -90,10 +99,17 @@ def split_keys_file(folder: Path, split: str) -> Path:
     return folder / f"{split}_keys.json"
 
 
-def open_split(folder: Path, split: str) -> tuple[NpyRows, np.ndarray]:
-    """A decoded split: its images, read from disk on demand, and its labels, in memory."""
+def open_split(
+    folder: Path, split: str, pixels: PieceStore | None = None
+) -> tuple[Rows, np.ndarray]:
+    """A decoded split: its images, read from disk on demand (from `{split}_x.npy` where it
+    was written whole, else from the pixel pieces in `pixels`), and its labels, in memory."""
     images, labels = split_files(folder, split)
-    return NpyRows(images), np.load(labels)
+    if images.is_file() or pixels is None:
+        return NpyRows(images), np.load(labels)
+    listed = json.loads(split_keys_file(folder, split).read_text(encoding="utf-8"))
+    rows = PieceRows(listed["keys"], pixels.locate(), tuple(listed["shape"]), np.uint8)
+    return rows, np.load(labels)
 
 
 class DecodedOnDemand:
@@ -121,21 +137,34 @@ class DecodedOnDemand:
         return load_images([self.paths[int(i)] for i in np.asarray(index)], self.size)
 
 
-def split_bytes(manifest: Manifest, size: int) -> int:
-    """Disk space that `decode_split_to` needs for every split of `manifest` at `size`."""
-    per_image = size * size * 3 + np.dtype(np.int32).itemsize
-    return len([e for e in manifest.images if e.split]) * per_image
+# The split whose images are written out whole: the export check reads them by path, in a
+# process of its own. The others are read from the pixel pieces where they lie.
+MATERIALIZED = ("test",)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What `decode_splits_to` did: images decoded and reused, and the pixel packs the
+    splits read (path -> SHA-256 of its rows)."""
+
+    reuse: Reuse
+    packs: dict[Path, str]
 
 
 def decode_splits_to(
     manifest: Manifest, size: int, folder: Path, pixels: PieceStore, chunk: int = 256
-) -> Reuse:
-    """Decode every split of `manifest` into `folder` (as `decode_split_to` does, and each
-    split's content hashes into `{split}_keys.json`), decoding only the images whose pixels
-    `pixels` does not hold yet, and sealing those into it first.
+) -> Decoded:
+    """Decode every split of `manifest` for `folder`, decoding only the images whose pixels
+    `pixels` does not hold yet (sealed into it first, each checked against the content hash
+    the manifest gave it).
+
+    Each split gets its labels (`{split}_y.npy`) and its images' content hashes in row order
+    (`{split}_keys.json`, which `open_split` reads its rows by); the test split's images are
+    also written whole (`test_x.npy`, see MATERIALIZED).
 
     Raises:
         DiskSpaceError: The disk filled up while writing.
+        ImageChangedError: An image's bytes are not those the manifest hashed.
     """
     purpose = f"decode_images (pixels at {size}x{size})"
     entries = [entry for entry in manifest.images if entry.split]
@@ -148,19 +177,22 @@ def decode_splits_to(
     ):
         for start in range(0, len(missing), chunk):
             part = missing[start : start + chunk]
-            packer.add([e.sha256 for e in part], load_images(manifest.paths(part), size, pool))
+            sources = [(path, e.sha256) for path, e in zip(manifest.paths(part), part, strict=True)]
+            packer.add([e.sha256 for e in part], load_images(sources, size, pool))
     if missing:
         located = pixels.locate()
     for split in SPLITS:
         in_split = manifest.in_split(split)
         keys = [entry.sha256 for entry in in_split]
-        x_path, y_path = split_files(folder, split)
+        _, y_path = split_files(folder, split)
         split_purpose = f"decode_images ({split} split at {size}x{size})"
-        with NpyWriter(x_path, (len(keys), size, size, 3), np.uint8, split_purpose) as images:
-            pixels.gather(keys, images, located)
         with NpyWriter(y_path, (len(keys),), np.int32, split_purpose) as labels:
             labels.write(np.asarray([entry.label for entry in in_split], dtype=np.int32))
-        atomic_write_json(split_keys_file(folder, split), keys)
+        atomic_write_json(split_keys_file(folder, split), {"shape": [size, size, 3], "keys": keys})
+        if split in MATERIALIZED:
+            x_path = split_files(folder, split)[0]
+            with NpyWriter(x_path, (len(keys), size, size, 3), np.uint8, split_purpose) as out:
+                pixels.gather(keys, out, located)
     logger.info(
         "pixels at %dx%d: %d images decoded, %d reused",
         size,
@@ -168,36 +200,20 @@ def decode_splits_to(
         len(missing),
         len(entries) - len(missing),
     )
-    return Reuse(len(missing), len(entries) - len(missing))
+    return Decoded(
+        Reuse(len(missing), len(entries) - len(missing)),
+        pixels.pack_files([entry.sha256 for entry in entries], located),
+    )
 
 
 def piece_bytes(manifest: Manifest, size: int, new: int) -> int:
-    """Disk space that `decode_splits_to` needs: the split files, and `new` images' pieces."""
-    return split_bytes(manifest, size) + new * size * size * 3
+    """Disk space that `decode_splits_to` needs: `new` images' pieces, the materialized
+    splits' images, every split's labels."""
+    row = size * size * 3
+    written = sum(len(manifest.in_split(split)) for split in MATERIALIZED)
+    return (new + written) * row + len(manifest.images) * np.dtype(np.int32).itemsize
 
 
-def decode_split_to(
-    manifest: Manifest, split: str, size: int, folder: Path, chunk: int = 256
-) -> tuple[Path, Path]:
-    """Decode one split into `{split}_x.npy` (uint8 images) and `{split}_y.npy` (int32 labels).
-
-    The files hold the same bytes as `np.save` of `decode_split`'s arrays; at most `chunk`
-    decoded images are in memory at a time.
-
-    Raises:
-        DiskSpaceError: The disk filled up while writing.
-    """
-    entries = manifest.in_split(split)
-    paths = manifest.paths(entries)
-    x_path, y_path = split_files(folder, split)
-    purpose = f"decode_images ({split} split at {size}x{size})"
-    with (
-        NpyWriter(x_path, (len(entries), size, size, 3), np.uint8, purpose) as images,
-        ThreadPoolExecutor(max_workers=_workers()) as pool,
-    ):
-        for start in range(0, len(paths), chunk):
-            images.write(load_images(paths[start : start + chunk], size, pool))
-    with NpyWriter(y_path, (len(entries),), np.int32, purpose) as labels:
-        labels.write(np.asarray([entry.label for entry in entries], dtype=np.int32))
-    logger.info("decoded %d %s images at %dx%d", len(entries), split, size, size)
-    return x_path, y_path
+def split_keys(folder: Path, split: str) -> list[str]:
+    """The content hashes of a decoded split's images, in row order."""
+    return list(json.loads(split_keys_file(folder, split).read_text(encoding="utf-8"))["keys"])

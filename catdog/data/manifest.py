@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ class _Checked:
     read: bool = True  # its bytes were read (False: its size and time were those remembered)
 
 
+SETTLED_NS = 2_000_000_000
 # Images validated per sealed batch of verdicts: a run stopped midway keeps what it checked.
 VALIDATION_BATCH = 2048
 
@@ -114,7 +116,9 @@ def _check(candidate: _Candidate, known: KnownImages) -> _Checked:
         logger.warning("cannot read %s: %s", candidate.path, exc)
         return _Checked(candidate, None, f"cannot read file: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()
-    if known.memo is not None:
+    # A file modified within the last seconds may change again within its time's resolution
+    # without its stamp changing: it is read again next time.
+    if known.memo is not None and time.time_ns() - stat.st_mtime_ns > SETTLED_NS:
         known.memo.note(candidate.path, digest, stat)
     if digest in known.verdicts:
         return _Checked(candidate, digest, known.verdicts[digest], validated=False)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import os
@@ -27,6 +28,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from catdog.hashing import read_checked
 
 PROPERTIES = ("width", "height", "aspect", "brightness", "contrast", "saturation", "file_kb")
 
@@ -122,12 +125,14 @@ def centre_hashes(image: Image.Image) -> list[int]:
     return hashes
 
 
-def image_facts(path: Path) -> tuple[list[float], str, list[int]]:
-    """(property values in PROPERTIES order, colour mode, centre hashes) of one image file."""
-    size = path.stat().st_size
+def image_facts(path: Path, sha256: str | None = None) -> tuple[list[float], str, list[int]]:
+    """(property values in PROPERTIES order, colour mode, centre hashes) of one image file;
+    with `sha256`, only if its bytes are still those (see `catdog.hashing.read_checked`)."""
+    data = read_checked(path, sha256) if sha256 else path.read_bytes()
+    size = len(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             width, height, mode = image.width, image.height, image.mode
             if image.format == "JPEG":
                 image.draft("RGB", (_STATS_SIDE, _STATS_SIDE))
@@ -177,7 +182,7 @@ def inspect_images(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(todo), INSPECTION_BATCH):
             batch = todo[start : start + INSPECTION_BATCH]
-            found = pool.map(lambda i: image_facts(root / paths[i]), batch)
+            found = pool.map(lambda i: image_facts(root / paths[i], keys and keys[i]), batch)
             for i, image in zip(batch, found, strict=True):
                 facts[i] = image
             if keep is not None and keys is not None:
