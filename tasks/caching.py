@@ -15,6 +15,7 @@ import ast
 import importlib
 import inspect
 import json
+import os
 import shutil
 import textwrap
 import time
@@ -278,8 +279,12 @@ def stage_output(
             yield out
             entry.record(key=key, dir="", **out.facts)
             files = _seal(layout, entry, key, out, started)
-    # Hashes were taken under the working name; remember them under the final one.
-    outputs_intact(layout, final)
+    # Hashes were taken under the working name; a rename keeps a file's inode, size and
+    # times, so they are remembered under the final one without reading the files again.
+    memo = _memo(layout)
+    for relative, digest in files.items():
+        memo.note(final / relative, digest, os.stat(final / relative))
+    memo.save()
     out.record = entry.record(
         key=key,
         dir=layout.relative(final),
