@@ -113,6 +113,8 @@ def extract_features(
     Raises:
         DiskSpaceError: The disk filled up while writing.
     """
+    if (len(train_keys), len(val_keys)) != (len(x_train), len(x_val)):
+        raise ValueError("one content key per image is needed, in the images' order")
     views = max(1, views)
     purpose = f"extract_features ({model_name})"
     extractor: Any = None

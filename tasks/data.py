@@ -242,7 +242,18 @@ def count_labels(split: SplitRecord, artifacts: str) -> CountsRecord:
     return out.record
 
 
-@stage_task("plot")
+def _samples_fingerprint(inputs: dict[str, Any]) -> list[Any]:
+    """The figures depend on the images they show, not on the whole split: a split that grew
+    keeps its figures until a new image ranks among those shown."""
+    from catdog.data.samples import sample_entries
+
+    layout = Layout.at(inputs["artifacts"])
+    manifest = split_manifest_of(layout, inputs["split"])
+    shown = sample_entries(manifest, per_class=inputs["per_class"], seed=inputs["seed"])
+    return [list(manifest.classes), {name: [e.sha256 for e in of] for name, of in shown.items()}]
+
+
+@stage_task("plot", fingerprint=_samples_fingerprint, unkeyed=("split",))
 def plot_samples(
     split: SplitRecord, seed: int, image_size: int, per_class: int, draws: int, artifacts: str
 ) -> FiguresRecord:

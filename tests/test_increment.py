@@ -11,8 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from catdog.config import DATA
+from catdog.data.records import Manifest
+from catdog.data.samples import sample_entries
 from catdog.hashing import sha256_file
-from tests.conftest import ALWAYS_RUN, make_dataset, run_flow, write_image
+from tests.conftest import ALWAYS_RUN, SMALL, make_dataset, run_flow, write_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -55,6 +58,9 @@ def test_new_images_cost_only_themselves_a_relabel_no_pixels_and_a_rerun_nothing
         "decode_images[48]": (2, images),
         "extract_features[model4]": (2, len_of(second, "train") + len_of(second, "validation") - 2),
     }
+    # The sample figures are redrawn only when a new image ranks among those they show.
+    shown = [sample_keys(artifacts, summary) for summary in (first, second)]
+    assert (second["tasks"]["plot_samples"] == "Cached") == (shown[0] == shown[1])
     manifest = json.loads(
         Path(artifacts, stage_dir(second, "manifests"), "record.json").read_text()
     )
@@ -79,6 +85,12 @@ def test_new_images_cost_only_themselves_a_relabel_no_pixels_and_a_rerun_nothing
     assert recomputed == ALWAYS_RUN
     assert fourth["increment"]["images"] == {"new": 0, "changed": 0, "moved": 0, "removed": 0}
     assert all(computed == 0 for computed, _reused in cost(fourth).values())
+
+
+def sample_keys(artifacts: Path, summary: dict) -> dict[str, list[str]]:
+    split = Manifest.load(artifacts / stage_dir(summary, "splits") / "split.json")
+    shown = sample_entries(split, per_class=DATA.samples_per_class, seed=SMALL["seed"])
+    return {name: [entry.sha256 for entry in entries] for name, entries in shown.items()}
 
 
 def len_of(summary: dict, split: str) -> int:

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 
 from catdog.data.images import load_image
-from catdog.data.records import Manifest
+from catdog.data.records import ImageEntry, Manifest
 
 SAMPLES_FIGURE = "samples.png"  # the blog's grid of training images per class
 AUGMENTATION_FIGURE = "augmentation.png"  # one image under several draws of the augmentation
@@ -17,13 +17,24 @@ def pick_samples(
     manifest: Manifest, *, per_class: int, seed: int, size: int, split: str = "train"
 ) -> dict[str, list[np.ndarray]]:
     """`per_class` images of each class from `split`, chosen reproducibly for `seed`."""
-    chosen: dict[str, list[np.ndarray]] = {}
+    shown = sample_entries(manifest, per_class=per_class, seed=seed, split=split)
+    return {
+        name: [load_image(path, size) for path in manifest.paths(entries)]
+        for name, entries in shown.items()
+    }
+
+
+def sample_entries(
+    manifest: Manifest, *, per_class: int, seed: int, split: str = "train"
+) -> dict[str, list[ImageEntry]]:
+    """The images `pick_samples` shows, by class: those whose content hash ranks first for
+    `seed`, so that new images change the choice only when one of them ranks among them."""
+    chosen: dict[str, list[ImageEntry]] = {}
     entries = manifest.in_split(split)
     for label, name in enumerate(manifest.classes):
         of_class = [entry for entry in entries if entry.label == label]
         of_class.sort(key=lambda e: hashlib.sha256(f"{seed}:{e.sha256}".encode()).hexdigest())
-        paths = manifest.paths(of_class[:per_class])
-        chosen[name] = [load_image(path, size) for path in paths]
+        chosen[name] = of_class[:per_class]
     return chosen
 
 
