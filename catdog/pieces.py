@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 INDEX_SUFFIX = ".json"
 ROWS_SUFFIX = ".npy"
 WORKING_PREFIX = ".tmp-"  # rows being written: not a pack until renamed and indexed
+NOTE_PREFIX = "note-"  # not a pack: what a run found about the images as a whole
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class PieceStore:
         if not self.folder.is_dir():
             return
         for path in sorted(self.folder.glob(f"*{INDEX_SUFFIX}")):
+            if path.name.startswith(NOTE_PREFIX):
+                continue
             try:
                 index = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
@@ -176,6 +180,24 @@ class PieceStore:
             atomic_write_json(
                 self.folder / f"{pack}{INDEX_SUFFIX}", {"keys": keys, "values": values}
             )
+
+    # Notes: what a whole run found about the store's images, beside its pieces -------------
+
+    def notes(self, kind: str) -> Iterator[dict[str, Any]]:
+        """The notes of `kind` (see `add_note`), newest first; unreadable ones are skipped."""
+        if not self.folder.is_dir():
+            return
+        for path in sorted(self.folder.glob(f"{NOTE_PREFIX}{kind}-*.json"), reverse=True):
+            with suppress(OSError, ValueError):
+                yield json.loads(path.read_text(encoding="utf-8"))
+
+    def add_note(self, kind: str, value: dict[str, Any], keep: int = 3) -> None:
+        """Seal a note of `kind` (JSON), and remove all but the newest `keep` of that kind."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"{NOTE_PREFIX}{kind}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+        atomic_write_json(self.folder / name, value)
+        for old in sorted(self.folder.glob(f"{NOTE_PREFIX}{kind}-*.json"), reverse=True)[keep:]:
+            old.unlink(missing_ok=True)
 
 
 def _drop_pack(index_path: Path) -> None:

@@ -37,7 +37,14 @@ class Record:
 
 # Facts about how an output was made, not what it is: a stage whose per-image pieces were all
 # found computes the same output as one that computed them all.
-HOW_IT_WAS_MADE = ("seconds", "per_image", "files_read", "pieces", "piece_files")
+HOW_IT_WAS_MADE = (
+    "seconds",
+    "per_image",
+    "files_read",
+    "pieces",
+    "piece_files",
+    "near_duplicates_compared",
+)
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ class InspectionRecord(Record):
     near_duplicate_images: int = 0
     max_bits: int = 0  # the Hamming distance (of 64 bits) that links two images
     per_image: dict[str, int] = field(default_factory=dict)  # {"computed", "reused"}
+    near_duplicates_compared: int = 0  # images compared with all the others (the new ones)
     pieces: list[str] = field(default_factory=list)
 
 

@@ -47,6 +47,10 @@ from tasks.caching import stage_output, stage_task
 from tasks.data import manifest_of, near_duplicates_of, split_manifest_of
 from tasks.events import emit_run_event
 
+# The near-duplicate links a run found, kept beside the inspection's pieces: a later run
+# compares only its new images with the rest.
+NEAR_DUPLICATE_LINKS = "near-duplicate-links"
+
 
 @stage_task("inspect")
 def inspect_images(manifest: ManifestRecord, artifacts: str) -> InspectionRecord:
@@ -64,15 +68,28 @@ def inspect_images(manifest: ManifestRecord, artifacts: str) -> InspectionRecord
         )
         reused = sum(1 for key in keys if key in known)
         inspection.save(out.folder / INSPECTION_FILE)
-        groups = quality.near_duplicate_groups(inspection.hashes, quality.NEAR_DUPLICATE_BITS)
+        bits = quality.NEAR_DUPLICATE_BITS
+        links, compared = quality.incremental_links(
+            inspection.hashes, keys, bits, store.notes(NEAR_DUPLICATE_LINKS)
+        )
+        store.add_note(
+            NEAR_DUPLICATE_LINKS,
+            {
+                "compared": keys,
+                "links": sorted([keys[i], keys[j]] for i, j in links),
+                "max_bits": bits,
+            },
+        )
+        groups = quality.groups_of(len(keys), links)
         named = [[paths[i] for i in group] for group in groups]
         (out.folder / NEAR_DUPLICATES_FILE).write_text(json.dumps(named, indent=1))
         out.facts.update(
             images=len(paths),
             near_duplicate_groups=len(named),
             near_duplicate_images=sum(len(group) for group in named),
-            max_bits=quality.NEAR_DUPLICATE_BITS,
+            max_bits=bits,
             per_image=Reuse(len(keys) - reused, reused).to_json(),
+            near_duplicates_compared=compared,
             pieces=[layout.relative(store.folder)],
         )
     if named:

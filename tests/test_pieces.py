@@ -179,3 +179,34 @@ def first_digests(root: Path) -> list[str]:
     from catdog.hashing import sha256_file_uncached
 
     return [sha256_file_uncached(path) for path in root.rglob("*.jpg")]
+
+
+def test_near_duplicates_found_incrementally_are_those_found_at_once() -> None:
+    """Links an earlier run found, plus the new images compared with all: the same groups as
+    comparing everything, also when some earlier images are gone."""
+    from catdog.data import quality
+
+    rng = np.random.default_rng(5)
+    whole = rng.integers(0, 2**63, 400, dtype=np.uint64)
+    near = whole[rng.integers(0, 400, 120)] ^ (
+        np.uint64(1) << rng.integers(0, 64, 120).astype(np.uint64)
+    )
+    hashes = np.stack([np.concatenate([whole, near])] * 3, axis=1)  # 520 images, 3 scales
+    keys = [f"k{i}" for i in range(len(hashes))]
+    bits = quality.NEAR_DUPLICATE_BITS
+    at_once = quality.near_duplicate_groups(hashes, bits)
+    assert sum(len(group) for group in at_once) >= 120  # the near copies are found
+
+    before = rng.permutation(len(keys))[:420]  # an earlier run saw 420 of them, and a gone one
+    earlier_links, compared = quality.incremental_links(
+        hashes[before], [keys[i] for i in before], bits, []
+    )
+    assert compared == 420
+    note = {
+        "compared": [keys[i] for i in before] + ["gone"],
+        "links": [[keys[before[i]], keys[before[j]]] for i, j in earlier_links] + [["gone", "k1"]],
+        "max_bits": bits,
+    }
+    links, compared = quality.incremental_links(hashes, keys, bits, [note])
+    assert compared == 100
+    assert quality.groups_of(len(keys), links) == at_once

@@ -103,11 +103,17 @@ def _check_image(data: bytes) -> str | None:
     return None
 
 
+def _recall(candidate: _Candidate, known: KnownImages) -> _Checked | None:
+    """The verdict of a file whose stamp and content are both known, without reading it."""
+    if known.memo is None:
+        return None
+    digest = known.memo.known(candidate.path)
+    if digest is None or digest not in known.verdicts:
+        return None
+    return _Checked(candidate, digest, known.verdicts[digest], validated=False, read=False)
+
+
 def _check(candidate: _Candidate, known: KnownImages) -> _Checked:
-    if known.memo is not None:
-        digest = known.memo.known(candidate.path)
-        if digest is not None and digest in known.verdicts:
-            return _Checked(candidate, digest, known.verdicts[digest], validated=False, read=False)
     try:
         stat = candidate.path.stat()
         # Read once, then hash and decode the same bytes: half the I/O of hashing separately.
@@ -128,23 +134,31 @@ def _check(candidate: _Candidate, known: KnownImages) -> _Checked:
 def _check_all(
     candidates: Sequence[_Candidate], known: KnownImages, workers: int
 ) -> list[_Checked]:
-    """Check every candidate, sealing the new verdicts (and remembered hashes) by batches."""
-    checked: list[_Checked] = []
+    """Check every candidate: those known without reading them here, the others read and
+    decoded in a thread pool, their new verdicts sealed by batches."""
+    checked = [_recall(candidate, known) for candidate in candidates]
+    unknown = [i for i, found in enumerate(checked) if found is None]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(candidates), VALIDATION_BATCH):
-            batch = list(
-                pool.map(lambda c: _check(c, known), candidates[start : start + VALIDATION_BATCH])
-            )
-            new = [(c.sha256, c.problem) for c in batch if c.validated and c.sha256 is not None]
-            if known.memo is not None:
-                known.memo.save()
+        for start in range(0, len(unknown), VALIDATION_BATCH):
+            batch = unknown[start : start + VALIDATION_BATCH]
+            for i, result in zip(
+                batch, pool.map(lambda i: _check(candidates[i], known), batch), strict=True
+            ):
+                checked[i] = result
+            new = [
+                (checked[i].sha256, checked[i].problem)  # type: ignore[union-attr]
+                for i in batch
+                if checked[i].validated and checked[i].sha256 is not None  # type: ignore[union-attr]
+            ]
             if known.keep is not None and new:
                 known.keep(new)
-            known.validated += len(new)
-            known.reused += sum(1 for c in batch if not c.validated)
-            known.read += sum(1 for c in batch if c.read)
-            checked.extend(batch)
-    return checked
+    if known.memo is not None:  # once: a run stopped before just reads those files again
+        known.memo.save()
+    done = [found for found in checked if found is not None]
+    known.validated += sum(1 for c in done if c.validated and c.sha256 is not None)
+    known.reused += sum(1 for c in done if not c.validated)
+    known.read += sum(1 for c in done if c.read)
+    return done
 
 
 def _list_class_folder(
@@ -156,12 +170,15 @@ def _list_class_folder(
     for dirpath, dirnames, filenames in os.walk(folder):
         # Hidden folders (.ipynb_checkpoints) and __MACOSX hold tool state, not images.
         dirnames[:] = sorted(d for d in dirnames if not (d.startswith(".") or is_litter(d)))
+        # Strings, not Path objects, until a file is kept: a folder may hold 100,000 images.
+        base = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        prefix = "" if base == "." else f"{base}/"
         for name in sorted(filenames):
             if is_litter(name):
                 continue
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            suffix = path.suffix.lower()
+            path = Path(dirpath, name)
+            rel = prefix + name
+            suffix = os.path.splitext(name)[1].lower()
             if suffix not in IMAGE_SUFFIXES:
                 shown = f"suffix {suffix}" if suffix else "no suffix"
                 skipped.append(SkippedFile(rel, f"not an image file ({shown})"))

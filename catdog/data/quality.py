@@ -209,24 +209,27 @@ def hamming(a: int, b: int) -> int:
 def near_duplicate_groups(hashes: np.ndarray, max_bits: int) -> list[list[int]]:
     """Groups (indices, two or more each, sorted) of images linked transitively, two images
     being linked when one's whole-image hash is at most `max_bits` from the other's hash of
-    the whole image or of a centre (`hashes` as `Inspection.hashes`).
+    the whole image or of a centre (`hashes` as `Inspection.hashes`)."""
+    every = np.arange(len(hashes))
+    return groups_of(len(hashes), near_duplicate_links(hashes, max_bits, every, every))
+
+
+def near_duplicate_links(
+    hashes: np.ndarray, max_bits: int, queries: np.ndarray, candidates: np.ndarray
+) -> set[tuple[int, int]]:
+    """The links (i, j), i < j, between a query image and a candidate image: the candidate's
+    whole-image hash at most `max_bits` from the query's hash of the whole or of a centre.
 
     Two hashes within `max_bits` agree exactly on at least one of `max_bits + 1` bands of
     their bits (pigeonhole), so only images sharing a band are compared, a bucket at a time
-    (about n²/100 comparisons in numpy, instead of n²/2 in Python).
+    (about n²/100 comparisons in numpy, instead of n²/2 in Python). Comparing only new images
+    with all, and all with new ones, finds every link that involves a new image.
     """
-    if len(hashes) == 0:
-        return []
+    links: set[tuple[int, int]] = set()
+    if len(hashes) == 0 or len(queries) == 0 or len(candidates) == 0:
+        return links
     table = np.asarray(hashes, dtype=np.uint64).reshape(len(hashes), -1)
-    whole = table[:, 0]
-    parent = list(range(len(whole)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    whole = table[candidates, 0]
     edges = np.linspace(0, 64, max_bits + 2).astype(int)
     for low, high in itertools.pairwise(edges):
         shift, mask = np.uint64(low), np.uint64((1 << int(high - low)) - 1)
@@ -234,19 +237,62 @@ def near_duplicate_groups(hashes: np.ndarray, max_bits: int) -> list[list[int]]:
         order = np.argsort(keys, kind="stable")
         ordered = keys[order]
         for scale in range(table.shape[1]):
-            queries = (table[:, scale] >> shift) & mask
-            starts = np.searchsorted(ordered, queries, side="left")
-            ends = np.searchsorted(ordered, queries, side="right")
-            for i in np.flatnonzero(ends > starts):
-                candidates = order[starts[i] : ends[i]]
-                near = np.bitwise_count(whole[candidates] ^ table[i, scale]) <= max_bits
-                for j in candidates[near]:
-                    if j != i and root(i) != root(int(j)):
-                        parent[root(i)] = root(int(j))
+            asked = table[queries, scale]
+            bands = (asked >> shift) & mask
+            starts = np.searchsorted(ordered, bands, side="left")
+            ends = np.searchsorted(ordered, bands, side="right")
+            for q in np.flatnonzero(ends > starts):
+                found = order[starts[q] : ends[q]]
+                near = np.bitwise_count(whole[found] ^ asked[q]) <= max_bits
+                i = int(queries[q])
+                for j in candidates[found[near]]:
+                    if j != i:
+                        links.add((min(i, int(j)), max(i, int(j))))
+    return links
+
+
+def groups_of(count: int, links: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """The groups (two or more, sorted) that `links` join among `count` images, transitively."""
+    parent = list(range(count))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in links:
+        if root(i) != root(j):
+            parent[root(i)] = root(j)
     groups: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(whole)):
+    for i in range(count):
         groups[root(i)].append(i)
     return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def incremental_links(
+    hashes: np.ndarray, keys: Sequence[str], max_bits: int, earlier: Iterable[Mapping[str, Any]]
+) -> tuple[set[tuple[int, int]], int]:
+    """Every link among `keys`' images (see `near_duplicate_links`), reusing the links an
+    earlier run found (`earlier`: {"compared": keys, "links": [[key, key]...], "max_bits"}
+    each, every pair of its compared images compared; the one that shares most images is
+    used). Returns the links (indices into `keys`) and how many images were compared anew."""
+    index = {key: i for i, key in enumerate(keys)}
+    usable = [note for note in earlier if note.get("max_bits") == max_bits]
+    every = np.arange(len(keys))
+    if not usable:
+        return near_duplicate_links(hashes, max_bits, every, every), len(keys)
+    best = max(usable, key=lambda note: sum(1 for key in note["compared"] if key in index))
+    compared = {key for key in best["compared"] if key in index}
+    new = np.array([i for i, key in enumerate(keys) if key not in compared], dtype=np.int64)
+    links = {
+        (min(index[a], index[b]), max(index[a], index[b]))
+        for a, b in best["links"]
+        if a in index and b in index
+    }
+    links |= near_duplicate_links(hashes, max_bits, new, every)
+    links |= near_duplicate_links(hashes, max_bits, every, new)
+    return links, len(new)
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
