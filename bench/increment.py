@@ -327,10 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                 (data / relative).parent.mkdir(parents=True, exist_ok=True)
                 os.link(full / relative, data / relative)
         raw.data["runs"].append(flow_run(args, label, data, artifacts, source, work))
-        raw.save()
-        write_section(args.out, args.section, render(raw.data), TITLE)
+        raw.save()  # the section is written once, whole: a partial one is no result
         if label == "baseline":
             shutil.rmtree(artifacts, ignore_errors=True)  # its disk is not needed any more
+    write_section(args.out, args.section, render(raw.data), TITLE)
     shutil.rmtree(sources, ignore_errors=True)
     return 0
 
