@@ -44,16 +44,22 @@ def _stage_states(summary: dict) -> set[str]:
 
 
 def _layout(artifacts: Path) -> set[str]:
-    """The artifacts' file names, with content-addressed keys and TensorBoard's event file
-    names (a time and a pid) left out."""
-    return {
-        "/".join(part.split("-")[0] for part in path.relative_to(artifacts).parts)
-        for path in artifacts.rglob("*")
-        if path.is_file()
-        and ".prefect" not in path.parts
-        and "05_reports" not in path.parts
-        and not path.name.startswith("events.out.tfevents")
-    }
+    """The artifacts' file names, with content-addressed keys, per-image packs' names (random)
+    and TensorBoard's event file names (a time and a pid) left out."""
+    names = set()
+    for path in artifacts.rglob("*"):
+        parts = path.relative_to(artifacts).parts
+        if (
+            not path.is_file()
+            or ".prefect" in parts
+            or "05_reports" in parts
+            or path.name.startswith("events.out.tfevents")
+        ):
+            continue
+        if parts[0] == "pieces":
+            parts = (*parts[:-1], f"*{path.suffix}")
+        names.add("/".join(part.split("-")[0] for part in parts))
+    return names
 
 
 def test_a_running_cluster_and_a_temporary_one_train_as_the_default_runner_does(
