@@ -60,17 +60,19 @@ def _workers() -> int:
 
 
 def load_images(
-    paths: Sequence[Path | tuple[Path, str]], size: int, pool: ThreadPoolExecutor | None = None
+    paths: Sequence[Path],
+    size: int,
+    pool: ThreadPoolExecutor | None = None,
+    sha256s: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Decode `paths` in parallel (Pillow releases the GIL) into one (n, size, size, 3) array;
-    a (path, sha256) pair is checked against its hash first."""
+    with `sha256s`, each file is checked against its hash first (see `load_image`)."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     if not paths:
         return out
 
     def fill(index: int) -> None:
-        path, sha256 = paths[index] if isinstance(paths[index], tuple) else (paths[index], None)
-        out[index] = load_image(path, size, sha256)  # type: ignore[arg-type]
+        out[index] = load_image(paths[index], size, sha256s[index] if sha256s else None)
 
     if pool is not None:
         list(pool.map(fill, range(len(paths))))
@@ -177,8 +179,8 @@ def decode_splits_to(
     ):
         for start in range(0, len(missing), chunk):
             part = missing[start : start + chunk]
-            sources = [(path, e.sha256) for path, e in zip(manifest.paths(part), part, strict=True)]
-            packer.add([e.sha256 for e in part], load_images(sources, size, pool))
+            keys = [entry.sha256 for entry in part]
+            packer.add(keys, load_images(manifest.paths(part), size, pool, sha256s=keys))
     if missing:
         located = pixels.locate()
     for split in SPLITS:

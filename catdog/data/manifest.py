@@ -141,15 +141,10 @@ def _check_all(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(unknown), VALIDATION_BATCH):
             batch = unknown[start : start + VALIDATION_BATCH]
-            for i, result in zip(
-                batch, pool.map(lambda i: _check(candidates[i], known), batch), strict=True
-            ):
+            results = list(pool.map(lambda i: _check(candidates[i], known), batch))
+            for i, result in zip(batch, results, strict=True):
                 checked[i] = result
-            new = [
-                (checked[i].sha256, checked[i].problem)  # type: ignore[union-attr]
-                for i in batch
-                if checked[i].validated and checked[i].sha256 is not None  # type: ignore[union-attr]
-            ]
+            new = [(r.sha256, r.problem) for r in results if r.validated and r.sha256 is not None]
             if known.keep is not None and new:
                 known.keep(new)
     if known.memo is not None:  # once: a run stopped before just reads those files again

@@ -182,11 +182,11 @@ def inspect_images(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(todo), INSPECTION_BATCH):
             batch = todo[start : start + INSPECTION_BATCH]
-            found = pool.map(lambda i: image_facts(root / paths[i], keys and keys[i]), batch)
+            found = list(pool.map(lambda i: image_facts(root / paths[i], keys and keys[i]), batch))
             for i, image in zip(batch, found, strict=True):
                 facts[i] = image
             if keep is not None and keys is not None:
-                keep([(keys[i], facts[i]) for i in batch])  # type: ignore[misc]
+                keep([(keys[i], image) for i, image in zip(batch, found, strict=True)])
     done = [f for f in facts if f is not None]
     return Inspection(
         paths=tuple(paths),
