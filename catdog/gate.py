@@ -14,6 +14,7 @@ are defined with it (`catdog.stage_records`): the flow, the report and the regis
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -24,10 +25,11 @@ import numpy as np
 from catdog import registry
 from catdog.candidates import Candidate, SplitFacts
 from catdog.export import ExportCheck, export_into
-from catdog.io import exclusive_lock
 from catdog.layout import Layout
+from catdog.mirror import TURNS, production_turn
 from catdog.registry import Production, RunIdentity
 from catdog.stage_records import Approval, Evidence, Policy, PromotionRecord
+from catdog.store import StoreConflict
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ def propose(
 ) -> PromotionRecord:
     """What the gate would decide for `candidate` now (to ask a person first); nothing is
     written."""
-    with exclusive_lock(layout.gate_lock):
+    with production_turn(layout):
         current = registry.read(layout).production
         decision = _judge(layout, current, candidate, split, policy)
     return _record(_held(decision, candidate, hold), candidate, policy)
@@ -264,7 +266,24 @@ def promote(
     Returns:
         The decision and its evidence, for summary.json and the report.
     """
-    with exclusive_lock(layout.gate_lock):
+    for _ in range(TURNS - 1):
+        with contextlib.suppress(StoreConflict):  # another host changed production first
+            return _promote(layout, candidate, split, policy, run, ship, approval, hold, reference)
+    return _promote(layout, candidate, split, policy, run, ship, approval, hold, reference)
+
+
+def _promote(
+    layout: Layout,
+    candidate: Candidate,
+    split: SplitFacts,
+    policy: Policy,
+    run: RunIdentity,
+    ship: Ship | None,
+    approval: Approval | None,
+    hold: str | None,
+    reference: Mapping[str, Path] | None,
+) -> PromotionRecord:
+    with production_turn(layout):
         now = registry.read(layout)
         decision = _held(_judge(layout, now.production, candidate, split, policy), candidate, hold)
         if approval is not None and approval.outcome != "approved":

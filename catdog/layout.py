@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from catdog.stages import STAGES
+from catdog.store import ObjectStore, is_store_url
 
 # Folder of each stage's outputs, by stage name, in pipeline order (from the stage table).
 STAGE_DIRS = {stage.name: stage.folder for stage in STAGES}
@@ -49,10 +50,22 @@ def size_on_disk(path: Path) -> int:
 @dataclass(frozen=True)
 class Layout:
     root: Path
+    # With an object store, `root` is this host's copy of it and the store is the truth (see
+    # catdog.store and catdog.mirror).
+    store: ObjectStore | None = field(default=None, compare=False)
 
     @classmethod
     def at(cls, root: str | os.PathLike[str]) -> Layout:
+        """The layout of a local artifacts folder, or of an object store's URL."""
+        if is_store_url(root):
+            store = ObjectStore.at(str(root))
+            return cls(store.cache_folder, store)
         return cls(Path(root).expanduser().resolve())
+
+    @property
+    def location(self) -> str:
+        """Where the artifacts are, as a person gave it: the store's URL or the folder."""
+        return self.store.url if self.store else str(self.root)
 
     def output_dir(self, stage: str, key: str, name: str | None = None) -> Path:
         """The folder for one stage's result: `<stage dir>[/<name>]/<key>`."""

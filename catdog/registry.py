@@ -13,6 +13,7 @@ people and tools that look there) after it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import uuid
@@ -24,9 +25,11 @@ from typing import NotRequired, TypedDict
 
 from catdog.candidates import Candidate, SplitFacts
 from catdog.errors import CatdogError
-from catdog.io import JsonObject, atomic_write_json, exclusive_lock, read_json, replace_directory
+from catdog.io import JsonObject, atomic_write_json, read_json, replace_directory
 from catdog.layout import Layout
+from catdog.mirror import TURNS, production_turn
 from catdog.stage_records import PromotionRecord
+from catdog.store import StoreConflict
 
 # Beside an archived model: the images it trained or was selected on (their content hashes).
 SEEN_FILE = "seen.json"
@@ -181,7 +184,14 @@ def rollback(layout: Layout) -> HistoryEntry:
     Raises:
         RegistryError: No production model, or none before it.
     """
-    with exclusive_lock(layout.gate_lock):
+    for _ in range(TURNS - 1):
+        with contextlib.suppress(StoreConflict):  # another host changed production first
+            return _rollback(layout)
+    return _rollback(layout)
+
+
+def _rollback(layout: Layout) -> HistoryEntry:
+    with production_turn(layout):
         registry = read(layout)
         current, history = registry.production, registry.history
         if current is None:

@@ -26,6 +26,7 @@ from catdog.checks import check_run_inputs
 from catdog.cluster import DEFAULT_CPU_WORKERS
 from catdog.config import RUN
 from catdog.errors import CatdogError, StageFailed
+from catdog.store import ObjectStore, is_store_url
 from flows.console import DEBUG_ENV, debugging, one_line
 from flows.local_api import EarlyApiServer
 
@@ -160,7 +161,8 @@ def run_parameters(args: argparse.Namespace) -> dict[str, Any]:
     from flows.train_flow import train_flow
 
     parameters = flow_parameters(args, train_flow.fn)
-    parameters["artifacts"] = str(Path(args.artifacts).expanduser().resolve())
+    if not is_store_url(args.artifacts):
+        parameters["artifacts"] = str(Path(args.artifacts).expanduser().resolve())
     return parameters
 
 
@@ -464,6 +466,8 @@ def _main(argv: list[str], serving: bool, api: EarlyApiServer | None, names: Com
             args.data, args.models, args.weights, args.transfer_image_size
         ):
             args.weights = resolved
+        if is_store_url(args.artifacts):  # before the run: a store it cannot use, one line
+            ObjectStore.at(args.artifacts).check()
         return _serve(args) if serving else _run(args, api)
     except (CatdogError, StageFailed) as error:
         if args.debug:

@@ -177,7 +177,7 @@ class Pipeline:
         if entry.retries:
             task = task.with_options(retries=self.retries[entry.retries])
         with on_a_gpu(entry.gpu):
-            self.futures[label] = task.submit(**inputs, artifacts=str(self.layout.root))
+            self.futures[label] = task.submit(**inputs, artifacts=self.layout.location)
         return self.futures[label]
 
     def settle(self) -> None:

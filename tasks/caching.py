@@ -36,6 +36,7 @@ from catdog.errors import RunStopped
 from catdog.hashing import HashMemo, code_digest, code_fingerprint, sha256_json
 from catdog.io import atomic_directory, atomic_write_json, replace_directory
 from catdog.layout import RECORD_FILE, Layout
+from catdog.mirror import fetch_output, push_output, read_record
 from catdog.stage_records import Record
 from catdog.stages import Stage, stage, stage_of_task
 from tasks.locks import ArtifactsLockManager
@@ -91,7 +92,10 @@ class ContentAddressed(CachePolicy):
         # Another run computing this key holds its lock: what it commits is not stale.
         locked = self.lock_manager is not None and self.lock_manager.is_locked(key)
         if not locked and not outputs_intact(layout, folder):
-            evict(layout, key)
+            if fetch_output(layout, folder):  # sealed by another host, in the store
+                remember(layout, entry, key, folder)
+            else:
+                evict(layout, key)
         return key
 
 
@@ -171,6 +175,23 @@ def evict(layout: Layout, key: str) -> None:
     """Forget Prefect's cached result for `key` so that the task runs again."""
     for folder in (layout.cache_keys_dir, layout.results_dir):
         (folder / key).unlink(missing_ok=True)
+
+
+def remember(layout: Layout, entry: Stage, key: str, folder: Path) -> None:
+    """Give Prefect the cache record of an output fetched from the store: the stage's typed
+    record, rebuilt from its `record.json`, as the task itself would have returned it."""
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+    from prefect.serializers import JSONSerializer
+
+    facts = read_record(folder)
+    facts.pop("stage", None)
+    record = entry.record(**{**facts, "dir": layout.relative(folder)})
+    ResultStore(
+        result_storage=LocalFileSystem(basepath=str(layout.results_dir)),
+        metadata_storage=LocalFileSystem(basepath=str(layout.cache_keys_dir)),
+        serializer=JSONSerializer(),
+    ).write(obj=record, key=key)
 
 
 def current_key() -> str:
@@ -285,6 +306,7 @@ def stage_output(
     for relative, digest in files.items():
         memo.note(final / relative, digest, os.stat(final / relative))
     memo.save()
+    push_output(layout, final)
     out.record = entry.record(
         key=key,
         dir=layout.relative(final),

@@ -122,7 +122,7 @@ def announce(layout: Layout, decision: PromotionRecord) -> None:
     that decided and the gate's evidence."""
     emit_run_event(
         f"catdog.model.{'promoted' if decision.promoted else 'kept'}",
-        f"catdog.production.{layout.root}",
-        f"catdog production in {layout.root}",
-        {**decision.to_json(), "artifacts": str(layout.root)},
+        f"catdog.production.{layout.location}",
+        f"catdog production in {layout.location}",
+        {**decision.to_json(), "artifacts": layout.location},
     )

@@ -224,5 +224,5 @@ def _announce(layout: Layout, check: quality.DataCheck, policy: str) -> None:
         "catdog.data.check.failed",
         f"catdog.data.{layout.root}",
         f"catdog data checks in {layout.root}",
-        {"check": check.name, **check.to_json(), "policy": policy, "artifacts": str(layout.root)},
+        {"check": check.name, **check.to_json(), "policy": policy, "artifacts": layout.location},
     )

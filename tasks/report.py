@@ -8,6 +8,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from catdog.layout import Layout
+from catdog.mirror import push_files
 from catdog.report import leaderboard_rows
 from catdog.stage_records import PromotionRecord, ReportRecord
 from catdog.stages import stage
@@ -36,6 +37,15 @@ def write_report(
         run_name=str(flow_run.get_name() or "local"),
         tasks={**tasks, stage("report").task: TaskOutcome("Completed")},
         promotion=promotion,
+    )
+    push_files(
+        layout,
+        [
+            layout.resolve(path).parent
+            for path in (summary.run.report, summary.run.comparison_figure)
+            if path
+        ]
+        + [layout.summary],
     )
     try:
         _publish(summary, promotion, report)

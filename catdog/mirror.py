@@ -1,0 +1,203 @@
+"""Keeping a host's copy of an object store and the store itself in step (no Prefect).
+
+The store is the truth; `layout.root` is this host's cache of it (see catdog.store). Sealed
+stage outputs go up whole, the files first and `record.json` last (created once), together with
+the per-image packs the record reads from; an output this host lacks comes down whole, every
+file checked against the record's hashes before the record is put in place. The other files
+(the registry, production, the summary and run reports) are pushed after they are written and
+pulled before they are read. Every function does nothing for a local artifacts folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from catdog.hashing import sha256_file_uncached
+from catdog.io import atomic_write_json, exclusive_lock, replace_directory
+from catdog.layout import RECORD_FILE, Layout
+from catdog.store import StoreConflict
+
+# Turns a run takes at production when other hosts keep changing it first (with a store).
+TURNS = 5
+INDEX_SUFFIX = ".json"  # a piece pack's index, beside its rows (catdog.pieces)
+
+
+def _pack_index(rows: Path) -> Path:
+    return rows.with_suffix(INDEX_SUFFIX)
+
+
+def push_output(layout: Layout, folder: Path) -> None:
+    """Upload a sealed output at `folder`: the piece packs its record reads from, its files,
+    then its record (created once: an output another host sealed first is the same output)."""
+    store = layout.store
+    if store is None:
+        return
+    record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    packs = [layout.resolve(relative) for relative in record.get("piece_files", {})]
+    files = [path for path in sorted(folder.rglob("*")) if path.is_file()]
+    files.remove(folder / RECORD_FILE)
+    # A pack's index goes after its rows, as it does on disk: a reader trusts indexed packs.
+    store.put_many(layout.root, [*packs, *files])
+    store.put_many(layout.root, [_pack_index(pack) for pack in packs])
+    store.upload(folder / RECORD_FILE, layout.relative(folder / RECORD_FILE), create=True)
+
+
+def fetch_output(layout: Layout, folder: Path) -> bool:
+    """Download the output sealed at `folder` into this host's copy, checked file by file
+    against its record; its record is the last thing put in place. False, leaving nothing
+    behind, when the store has no such output or a file does not match its hash."""
+    store = layout.store
+    if store is None:
+        return False
+    relative = folder.relative_to(layout.root).as_posix()
+    staged = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.fetch")
+    try:
+        if not store.download(f"{relative}/{RECORD_FILE}", staged / RECORD_FILE):
+            return False
+        record = json.loads((staged / RECORD_FILE).read_text(encoding="utf-8"))
+        wanted: dict[str, tuple[Path, str]] = {
+            f"{relative}/{name}": (staged / name, digest)
+            for name, digest in record.get("files", {}).items()
+        }
+        packs: list[tuple[Path, Path]] = []  # (staged, final)
+        for name, digest in record.get("piece_files", {}).items():
+            final = layout.resolve(name)
+            if (
+                final.is_file()
+                and _pack_index(final).is_file()
+                and sha256_file_uncached(final) == digest
+            ):
+                continue
+            rows = staged / ".packs" / name
+            wanted[name] = (rows, digest)
+            wanted[_pack_index(Path(name)).as_posix()] = (_pack_index(rows), "")
+            packs.append((rows, final))
+        store.get_many({remote: local for remote, (local, _) in wanted.items()})
+        for local, digest in wanted.values():
+            if digest and sha256_file_uncached(local) != digest:
+                store.delete(f"{relative}/{RECORD_FILE}")  # damaged: sealed again by a run
+                return False
+        for rows, final in packs:  # rows first, then the index that makes them a pack
+            final.parent.mkdir(parents=True, exist_ok=True)
+            rows.replace(final)
+            _pack_index(rows).replace(_pack_index(final))
+        shutil.rmtree(staged / ".packs", ignore_errors=True)
+        record_file = staged / RECORD_FILE
+        holding = staged.with_name(staged.name + ".record")
+        record_file.replace(holding)  # the record goes in after every file it lists
+        replace_directory(staged, folder)
+        holding.replace(folder / RECORD_FILE)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.with_name(staged.name + ".record").unlink(missing_ok=True)
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    return dict(json.loads((folder / RECORD_FILE).read_text(encoding="utf-8")))
+
+
+def push_files(layout: Layout, paths: Iterable[Path]) -> None:
+    """Upload files of this host's copy in the order given; a folder, every file under it
+    but this host's own (dot files: locks, temporary names)."""
+    if layout.store is None:
+        return
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            layout.store.put_many(layout.root, inside)
+        elif path.is_file():
+            layout.store.upload(path, layout.relative(path))
+
+
+def pull_files(layout: Layout, paths: Iterable[Path]) -> None:
+    """Download files (a folder: every object under it) into this host's copy, replacing
+    what it holds; a path the store lacks is left as it is."""
+    store = layout.store
+    if store is None:
+        return
+    for path in paths:
+        relative = layout.relative(path)
+        listed = store.list(relative)
+        if not listed:
+            continue
+        store.get_many({name: layout.resolve(name) for name in listed})
+
+
+@contextmanager
+def production_turn(layout: Layout) -> Iterator[None]:
+    """Hold production for one change: the registry, the models it names and the copies of
+    the current one, on this host and, with a store, between hosts.
+
+    On this host runs take turns by a lock file. With a store, the turn begins by pulling the
+    store's registry (remembering its ETag) and the archived models; when the block ends
+    without error, new archives are created in the store (never over another's), then the
+    registry is written only if the store's is still the one pulled (`If-Match`), then the
+    current copies. A host that lost the race raises StoreConflict having changed nothing in
+    the store but orphan archives under new names: the caller takes another turn.
+    """
+    with exclusive_lock(layout.gate_lock):
+        store = layout.store
+        if store is None:
+            yield
+            return
+        registry_name = layout.relative(layout.registry)
+        found = store.read_json(registry_name)
+        if found is None:
+            layout.registry.unlink(missing_ok=True)
+            etag = None
+        else:
+            atomic_write_json(layout.registry, found[0])
+            etag = found[1]
+        archives = layout.production_dir / "models"
+        _match_archives(layout, archives)
+        yield
+        if not layout.registry.is_file():
+            return  # nothing was decided
+        stored = set(store.list(layout.relative(archives)))
+        for path in _files_under(archives):
+            relative = layout.relative(path)
+            if relative not in stored and not store.upload(path, relative, create=True):
+                path.unlink()  # another host's archive of this name is the one that counts
+                raise StoreConflict(f"{store.key(relative)} was archived by another run")
+        registry = json.loads(layout.registry.read_text(encoding="utf-8"))
+        if found is None or registry != found[0]:
+            store.write_json(registry_name, registry, if_match=etag)
+        current = [path for path in layout.production_dir.iterdir() if path.name != "models"]
+        push_files(layout, sorted(p for p in current if not p.name.startswith(".")))
+
+
+def _files_under(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and not any(p.startswith(".") for p in path.relative_to(folder).parts)
+    )
+
+
+def _match_archives(layout: Layout, archives: Path) -> None:
+    """Make this host's archived models those of the store: fetch what it lacks, drop what
+    the store does not have (a turn that lost a race)."""
+    store = layout.store
+    assert store is not None
+    listed = set(store.list(layout.relative(archives)))
+    for path in _files_under(archives):
+        if layout.relative(path) not in listed:
+            path.unlink()
+    missing = {name: layout.resolve(name) for name in listed if not layout.resolve(name).is_file()}
+    store.get_many(missing)

@@ -1,0 +1,282 @@
+"""An object store (S3, or any fsspec filesystem) as the artifacts' truth, with a local cache.
+
+`--artifacts s3://bucket/prefix` keeps the same layout as a local artifacts folder, in the
+store. Each host works in a local copy of it (its cache, under `CATDOG_CACHE_DIR`), so that
+streaming, memory-mapping and the hash memo work on local files as they always have:
+
+* a stage output is sealed locally, then uploaded file by file with its `record.json` last,
+  and the record is created once (`If-None-Match: *`): a reader that finds a record finds every
+  file it lists, and a sealed output never changes;
+* a host that needs an output it lacks downloads it into its cache and checks every file
+  against the record's hashes before anything reads it.
+
+Credentials and the endpoint come from the store's own settings (for S3 the standard `AWS_*`
+variables, `AWS_ENDPOINT_URL` included), never from catdog's parameters, so they never reach a
+log, the summary or the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from catdog.errors import CatdogError
+
+CACHE_ENV = "CATDOG_CACHE_DIR"
+CHECK_OBJECT = ".prefect/store-check"  # written when a run starts: proves the credentials write
+
+# Connection settings per protocol: an endpoint that does not answer fails in seconds, not
+# after botocore's minute-long default, and transient faults are retried with backoff.
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "s3": {
+        "config_kwargs": {
+            "connect_timeout": 5,
+            "read_timeout": 60,
+            "retries": {"max_attempts": 5, "mode": "standard"},
+        }
+    },
+}
+
+
+class StoreError(CatdogError):
+    """The object store cannot be used: unreachable, credentials refused, no such bucket."""
+
+
+class StoreConflict(CatdogError):
+    """A conditional write lost: the object exists, or changed since it was read."""
+
+
+def is_store_url(location: str | os.PathLike[str]) -> bool:
+    """True for `scheme://...` other than `file://`: an object store, not a local folder."""
+    scheme = urlsplit(str(location)).scheme
+    return len(scheme) > 1 and scheme != "file"  # a Windows drive letter is not a scheme
+
+
+def cache_root() -> Path:
+    """Where this host keeps its copies of stores: `CATDOG_CACHE_DIR`, else the user's cache."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser().resolve() / "catdog"
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    """The artifacts at `url` (`scheme://bucket/prefix`), read and written by relative path."""
+
+    url: str
+
+    @classmethod
+    def at(cls, url: str) -> ObjectStore:
+        return cls(str(url).rstrip("/"))
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def bucket(self) -> str:
+        return urlsplit(self.url).netloc
+
+    @property
+    def base(self) -> str:
+        """The store's root as its filesystem names it: `bucket/prefix`."""
+        parts = urlsplit(self.url)
+        return f"{parts.netloc}{parts.path}".rstrip("/")
+
+    @property
+    def cache_folder(self) -> Path:
+        """This host's copy of the store: one folder per URL, named after it."""
+        parts = urlsplit(self.url)
+        prefix = parts.path.strip("/").replace("/", "_") or "_"
+        return cache_root() / "stores" / parts.scheme / parts.netloc / prefix
+
+    @property
+    def fs(self) -> Any:
+        try:
+            return _filesystem(self.scheme, _settings_in_environment())
+        except (ImportError, ValueError) as error:
+            raise StoreError(
+                f"--artifacts {self.url}: no filesystem for {self.scheme}:// is installed "
+                f"({error}); for S3 install s3fs (pip install 'catdog[s3]')"
+            ) from error
+
+    def key(self, relative: str) -> str:
+        return f"{self.base}/{relative}"
+
+    # Checks ------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Read and write the store once, so that a run with a store it cannot use stops
+        before any work, in one line that says what to fix.
+
+        Raises:
+            StoreError: The endpoint does not answer, the credentials are refused, the bucket
+                does not exist.
+        """
+        try:
+            self.fs.ls(self.bucket, refresh=True)
+            self.fs.pipe_file(self.key(CHECK_OBJECT), b"catdog\n")
+        except Exception as error:
+            raise self._explain(error) from None
+
+    def _explain(self, error: BaseException) -> StoreError:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") if self.scheme == "s3" else None
+        where = f"--artifacts {self.url}" + (f" (endpoint {endpoint})" if endpoint else "")
+        if isinstance(error, FileNotFoundError):
+            return StoreError(
+                f"{where}: the bucket {self.bucket!r} does not exist; create it or fix the URL"
+            )
+        if isinstance(error, PermissionError):
+            return StoreError(
+                f"{where}: the store refused the credentials ({_reason(error)}); check "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the profile in use)"
+            )
+        name = type(error).__name__
+        if "Credentials" in name:
+            return StoreError(
+                f"{where}: no credentials found for the store; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            )
+        return StoreError(f"{where}: the store did not answer ({name}: {_reason(error)})")
+
+    # Objects -----------------------------------------------------------------------------
+
+    def exists(self, relative: str) -> bool:
+        return bool(self.fs.exists(self.key(relative)))
+
+    def upload(self, local: Path, relative: str, *, create: bool = False) -> bool:
+        """Copy a local file to the store; with `create`, only if the object does not exist
+        yet (S3's `If-None-Match: *`). Returns False when `create` found it there."""
+        try:
+            self.fs.put_file(
+                str(local), self.key(relative), mode="create" if create else "overwrite"
+            )
+        except FileExistsError:
+            if create:
+                return False
+            raise
+        except OSError as error:
+            if create and error.errno == errno.EINVAL:  # 412 Precondition Failed
+                return False
+            raise
+        return True
+
+    def download(self, relative: str, local: Path) -> bool:
+        """Copy an object to `local` through a temporary name beside it; False if there is no
+        such object."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        staged = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            self.fs.get_file(self.key(relative), str(staged))
+        except FileNotFoundError:
+            staged.unlink(missing_ok=True)
+            return False
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        staged.replace(local)
+        return True
+
+    def read_json(self, relative: str) -> tuple[Any, str] | None:
+        """An object's JSON and its ETag; None if there is no such object."""
+        try:
+            with self.fs.open(self.key(relative), "rb") as handle:
+                data = handle.read()
+                etag = str(handle.details.get("ETag", ""))
+        except FileNotFoundError:
+            return None
+        return json.loads(data), etag
+
+    def write_json(self, relative: str, value: Any, *, if_match: str | None) -> None:
+        """Write JSON only if the object is still as read: `if_match` its ETag then, or None
+        when it did not exist (S3's `If-Match` / `If-None-Match: *`).
+
+        Raises:
+            StoreConflict: Another writer changed it first.
+        """
+        data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        try:
+            if if_match is None:
+                self.fs.pipe_file(self.key(relative), data, mode="create")
+            else:
+                self.fs.pipe_file(self.key(relative), data, IfMatch=if_match)
+        except FileExistsError as error:
+            raise StoreConflict(f"{self.key(relative)} changed meanwhile") from error
+        except OSError as error:
+            if error.errno == errno.EINVAL:
+                raise StoreConflict(f"{self.key(relative)} changed meanwhile") from error
+            raise
+
+    def put_many(self, root: Path, paths: list[Path]) -> None:
+        """Upload local files under `root` to the same relative names, concurrently."""
+        if paths:
+            remote = [self.key(path.relative_to(root).as_posix()) for path in paths]
+            self.fs.put([str(path) for path in paths], remote)
+
+    def get_many(self, wanted: dict[str, Path]) -> None:
+        """Download objects (relative name -> local path) concurrently; each local file appears
+        whole, under a temporary name first.
+
+        Raises:
+            FileNotFoundError: One of them is not in the store (nothing is left behind).
+        """
+        if not wanted:
+            return
+        staged = {
+            relative: local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
+            for relative, local in wanted.items()
+        }
+        for path in staged.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.fs.get([self.key(name) for name in staged], [str(p) for p in staged.values()])
+            for relative, path in staged.items():
+                if not path.is_file():
+                    raise FileNotFoundError(self.key(relative))
+                path.replace(wanted[relative])
+        finally:
+            for path in staged.values():
+                path.unlink(missing_ok=True)
+
+    def list(self, relative: str) -> list[str]:
+        """The objects at or under `relative`, by relative name ([] if none)."""
+        try:
+            found = self.fs.find(self.key(relative), refresh=True)
+        except FileNotFoundError:
+            return []
+        start = len(self.base) + 1
+        return [name[start:] for name in found]
+
+    def delete(self, relative: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.key(relative))
+
+
+def _settings_in_environment() -> tuple[tuple[str, str], ...]:
+    """The variables a filesystem reads its credentials and endpoint from, as they are now."""
+    return tuple(
+        sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "AZURE_")))
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem(scheme: str, settings: tuple[tuple[str, str], ...]) -> Any:
+    """One filesystem per protocol and credentials: fsspec's own instance cache would hand a
+    filesystem made with other credentials (its key is the arguments, not the environment)."""
+    import fsspec
+
+    return fsspec.filesystem(scheme, skip_instance_cache=True, **_OPTIONS.get(scheme, {}))
+
+
+def _reason(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
