@@ -100,11 +100,13 @@ def _add_registry(commands: Any) -> None:
 def _run_registry(args: argparse.Namespace, extra: list[str]) -> int:
     from catdog import registry
     from catdog.layout import Layout
+    from catdog.mirror import pull_files
 
     layout = Layout.at(args.artifacts)
     if args.action == "rollback":
         print(registry.rollback(layout)["reason"])
         return 0
+    pull_files(layout, [layout.registry])
     recorded = registry.read(layout)
     if not recorded.history:
         print(f"no promotion decision recorded in {layout.registry}")

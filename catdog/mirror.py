@@ -201,3 +201,24 @@ def _match_archives(layout: Layout, archives: Path) -> None:
             path.unlink()
     missing = {name: layout.resolve(name) for name in listed if not layout.resolve(name).is_file()}
     store.get_many(missing)
+
+
+def pull_production(layout: Layout) -> None:
+    """The store's registry and the model it names current (its archive and its exports),
+    into this host's copy; archives are immutable, so what this host holds is not fetched
+    again."""
+    store = layout.store
+    if store is None:
+        return
+    found = store.read_json(layout.relative(layout.registry))
+    if found is None:
+        return
+    registry = found[0]
+    wanted: dict[str, Path] = {}
+    for named in (registry.get("archive"), registry.get("exports")):
+        if named:
+            for name in store.list(str(named)):
+                if not layout.resolve(name).is_file():
+                    wanted[name] = layout.resolve(name)
+    store.get_many(wanted)
+    atomic_write_json(layout.registry, registry)  # last: it names what is now here

@@ -20,6 +20,7 @@ from catdog.config import RUN
 from catdog.data.extract import IMAGE_SUFFIXES
 from catdog.errors import ModelError
 from catdog.layout import Layout
+from catdog.mirror import pull_production
 from catdog.registry import Production, archive_path
 from catdog.registry import read as read_registry
 from catdog.serving import SERVING_FILE, ServingSpec
@@ -48,7 +49,7 @@ def _is_export(path: Path) -> bool:
 
 
 def choose_model(
-    artifacts: Path, model: Path | None, classes: list[str] | None, runtime: str = "auto"
+    artifacts: str | Path, model: Path | None, classes: list[str] | None, runtime: str = "auto"
 ) -> ModelChoice:
     """The model to use and how: `--model` (a .keras file or an export folder), else
     production, else the best model of the last run; its LiteRT export where there is one
@@ -58,6 +59,7 @@ def choose_model(
         ModelError: No model, no class names, or no export for `runtime` "litert".
     """
     layout = Layout.at(artifacts)
+    pull_production(layout)
     summary = layout.summary
     production = read_registry(layout).production
     export: Path | None = None
@@ -172,9 +174,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="a .keras file (default: production model)")
     parser.add_argument(
         "--artifacts",
-        type=Path,
-        default=Path(os.environ.get("CATDOG_ARTIFACTS", RUN.artifacts)),
-        help="artifacts folder to find the production model in (default ./artifacts)",
+        default=os.environ.get("CATDOG_ARTIFACTS", RUN.artifacts),
+        help="artifacts folder, or object store URL (s3://bucket/prefix), to find the "
+        "production model in (default ./artifacts)",
     )
     parser.add_argument("--classes", help="comma-separated class names, if the model has none")
     parser.add_argument(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from catdog.hashing import sha256_file_uncached
 from catdog.layout import RECORD_FILE, Layout
 from catdog.mirror import fetch_output, production_turn, push_output
 from catdog.store import CACHE_ENV, ObjectStore, StoreConflict
+from tests.builders import write_image
 from tests.conftest import ALWAYS_RUN, computed, flow_command, flow_env, free_port
 from tests.s3_server import SECRET_KEY, S3Server, serving
 
@@ -167,6 +169,23 @@ def test_a_second_machine_finds_every_stage_cached_in_the_store(
     registry, _ = ObjectStore.at(url).read_json("production/registry.json") or ({}, "")
     assert [entry["action"] for entry in registry["history"]] == ["promote", "keep"]
     assert registry["history"][1]["run_id"] == second["run"]["id"]
+
+    # A third machine, its cache empty: the registry and a prediction, from the store.
+    third = {**flow_env(tmp_path / "third-home"), CACHE_ENV: str(tmp_path / "third")}
+    catdog = [str(Path(sys.executable).with_name("catdog"))]
+    listed = subprocess.run(
+        [*catdog, "registry", "list", "--artifacts", url],
+        env=third, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert listed.returncode == 0 and "promote" in listed.stdout and "keep" in listed.stdout
+    photo = write_image(tmp_path / "photo.jpg", seed=3)
+    predicted = subprocess.run(
+        [*catdog, "predict", str(photo), "--artifacts", url],
+        env=third, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert predicted.stdout.split("\t")[1] in ("cats", "dogs")
+    assert "(production, keras)" in predicted.stderr  # the model the store's registry names
 
 
 @pytest.mark.slow
