@@ -10,8 +10,12 @@ pulled before they are read. Every function does nothing for a local artifacts f
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
+import socket
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,7 +25,7 @@ from typing import Any
 from catdog.hashing import sha256_file_uncached
 from catdog.io import atomic_write_json, exclusive_lock, replace_directory
 from catdog.layout import RECORD_FILE, Layout
-from catdog.store import StoreConflict
+from catdog.store import StoreConflict, StoreError
 
 # Turns a run takes at production when other hosts keep changing it first (with a store).
 TURNS = 5
@@ -40,6 +44,10 @@ def push_output(layout: Layout, folder: Path) -> None:
         return
     record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
     packs = [layout.resolve(relative) for relative in record.get("piece_files", {})]
+    stored: set[str] = set()  # packs never change: one the store has is not sent again
+    for version in {pack.parent for pack in packs}:
+        stored.update(store.list(layout.relative(version)))
+    packs = [pack for pack in packs if layout.relative(_pack_index(pack)) not in stored]
     files = [path for path in sorted(folder.rglob("*")) if path.is_file()]
     files.remove(folder / RECORD_FILE)
     # A pack's index goes after its rows, as it does on disk: a reader trusts indexed packs.
@@ -121,6 +129,21 @@ def push_files(layout: Layout, paths: Iterable[Path]) -> None:
             layout.store.put_many(layout.root, inside)
         elif path.is_file():
             layout.store.upload(path, layout.relative(path))
+
+
+def address(layout: Layout, path: Path) -> str:
+    """Where a file of this host's copy is for everyone: its URL in the store, or its path."""
+    return f"{layout.store.url}/{layout.relative(path)}" if layout.store else str(path)
+
+
+def local_copy(layout: Layout, location: str, *, with_folder: bool = False) -> str:
+    """The file at `location` (an `address`) in this host's copy, fetched from the store
+    (`with_folder`: with every file beside it); a local path as it is."""
+    if layout.store is None or not location.startswith(f"{layout.store.url}/"):
+        return location
+    path = layout.resolve(location.removeprefix(f"{layout.store.url}/"))
+    pull_files(layout, [path.parent if with_folder else path])
+    return str(path)
 
 
 def pull_files(layout: Layout, paths: Iterable[Path]) -> None:
@@ -214,11 +237,149 @@ def pull_production(layout: Layout) -> None:
     if found is None:
         return
     registry = found[0]
+    named = [str(name) for name in (registry.get("archive"), registry.get("exports")) if name]
     wanted: dict[str, Path] = {}
-    for named in (registry.get("archive"), registry.get("exports")):
-        if named:
-            for name in store.list(str(named)):
-                if not layout.resolve(name).is_file():
-                    wanted[name] = layout.resolve(name)
+    if named:  # the archive, the files kept beside it (`<archive>.<name>`), its exports
+        for name in store.list(layout.relative(layout.production_dir / "models")):
+            if name.startswith(tuple(named)) and not layout.resolve(name).is_file():
+                wanted[name] = layout.resolve(name)
     store.get_many(wanted)
     atomic_write_json(layout.registry, registry)  # last: it names what is now here
+
+
+def fetch_inputs(layout: Layout, values: Iterable[Any]) -> None:
+    """Make every stage output that `values` name (stage records, and whatever holds them)
+    present in this host's copy, fetched from the store where it is not: a task on a host
+    that did not compute its inputs reads them as local files all the same.
+
+    Raises:
+        StoreError: An output named is neither here nor in the store.
+    """
+    if layout.store is None:
+        return
+    for named in sorted(set(_named_outputs(list(values)))):
+        if _here_or_fetched(layout, named):
+            continue
+        raise StoreError(
+            f"{named}: a stage output this task reads is neither in this host's copy "
+            f"({layout.root}) nor in the store {layout.store.url}"
+        )
+
+
+def _here_or_fetched(layout: Layout, named: str) -> bool:
+    """True when the output folder holding `named` (itself, or a folder above it: outputs
+    are `<stage>/<key>` or `<stage>/<model>/<key>`) is here or came from the store."""
+    parts = Path(named).parts
+    candidates = [Path(*parts[:depth]) for depth in range(2, min(len(parts), 3) + 1)]
+    for candidate in candidates:
+        if (layout.root / candidate / RECORD_FILE).is_file():
+            return True
+    return any(fetch_output(layout, layout.root / candidate) for candidate in candidates)
+
+
+def _named_outputs(values: list[Any]) -> Iterator[str]:
+    """The artifacts-relative folders that records in `values` name: their `dir`, and a
+    relative `root` (the extracted images a manifest is relative to)."""
+    pending = list(values)
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list | tuple):
+            pending.extend(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for entry in dataclasses.fields(value):
+                found = getattr(value, entry.name)
+                if entry.name in ("dir", "root") and isinstance(found, str):
+                    if found and not Path(found).is_absolute():
+                        yield found
+                elif not isinstance(found, str | int | float | bool | type(None)):
+                    pending.append(found)
+
+
+# Training checkpoints ---------------------------------------------------------------------
+
+CHECKPOINT_FILE = "checkpoint.json"  # {"epoch", "files": {name: sha256}, "by"}: written last
+
+
+class Checkpoints:
+    """Sends a training's working folder (Keras's backup, the epochs so far, the best model)
+    to the store after each epoch, so that another host can go on from the last one.
+
+    Each epoch's copy goes under `<working folder>/epoch-<N>/` and `checkpoint.json` names it
+    once it is whole. Uploads run in a background thread, one at a time, from a copy taken at
+    the epoch's end: training does not wait for the network, and an epoch that ends while the
+    previous one is still uploading is sent only if it is the last one by then.
+    """
+
+    def __init__(self, layout: Layout, folder: Path) -> None:
+        self.layout = layout
+        self.folder = folder
+        self.staging = folder.with_name(f"{folder.name}.upload")
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def epoch_done(self, epoch: int) -> None:
+        if self.layout.store is None or (self._thread and self._thread.is_alive()):
+            return
+        shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.copytree(self.folder, self.staging / f"epoch-{epoch:04d}")
+        self._thread = threading.Thread(target=self._upload, args=(epoch,), daemon=True)
+        self._thread.start()
+
+    def _upload(self, epoch: int) -> None:
+        store = self.layout.store
+        assert store is not None
+        base = self.layout.relative(self.folder)
+        copy = self.staging / f"epoch-{epoch:04d}"
+        try:
+            files = sorted(path for path in copy.rglob("*") if path.is_file())
+            remote = [f"{base}/{path.relative_to(self.staging).as_posix()}" for path in files]
+            store.fs.put([str(p) for p in files], [store.key(name) for name in remote])
+            digests = {p.relative_to(copy).as_posix(): sha256_file_uncached(p) for p in files}
+            found = store.read_json(f"{base}/{CHECKPOINT_FILE}")
+            by = f"{socket.gethostname()}:{os.getpid()}"  # which host and process, for people
+            checkpoint = {"epoch": epoch, "files": digests, "by": by}
+            store.pipe(f"{base}/{CHECKPOINT_FILE}", checkpoint)
+            if found is not None and found[0].get("epoch") != epoch:
+                store.delete_tree(f"{base}/epoch-{int(found[0]['epoch']):04d}")
+        except Exception as error:  # the training goes on; the next epoch tries again
+            self._failure = error
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def close(self) -> None:
+        """Wait for an upload under way; then the training's output is sealed instead."""
+        if self._thread is not None:
+            self._thread.join()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def pull_checkpoint(layout: Layout, folder: Path) -> int | None:
+    """Another host's last checkpoint of the training working in `folder`, into it, when this
+    host has no epochs of its own there; returns its epoch (None: nothing pulled)."""
+    store = layout.store
+    if store is None or any(folder.glob("*-epochs.json")):
+        return None
+    base = layout.relative(folder)
+    found = store.read_json(f"{base}/{CHECKPOINT_FILE}")
+    if found is None:
+        return None
+    epoch, digests = int(found[0]["epoch"]), dict(found[0]["files"])
+    staged = folder.with_name(f"{folder.name}.{uuid.uuid4().hex}.fetch")
+    try:
+        store.get_many({f"{base}/epoch-{epoch:04d}/{name}": staged / name for name in digests})
+        if any(sha256_file_uncached(staged / name) != digest for name, digest in digests.items()):
+            return None
+        replace_directory(staged, folder)
+    except FileNotFoundError:
+        return None
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return epoch
+
+
+def forget_checkpoints(layout: Layout, folder: Path) -> None:
+    """Remove a finished training's checkpoints from the store: its output is sealed."""
+    if layout.store is not None:
+        layout.store.delete_tree(layout.relative(folder))

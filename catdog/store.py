@@ -257,6 +257,17 @@ class ObjectStore:
         start = len(self.base) + 1
         return [name[start:] for name in found]
 
+    def pipe(self, relative: str, value: Any) -> None:
+        """Write JSON to an object, whatever was there."""
+        data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        self.fs.pipe_file(self.key(relative), data)
+
+    def delete_tree(self, relative: str) -> None:
+        """Remove every object under `relative`."""
+        names = self.list(relative)
+        if names:
+            self.fs.rm([self.key(name) for name in names])
+
     def delete(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.key(relative))

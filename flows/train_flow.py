@@ -29,7 +29,7 @@ from catdog.checks import check_run_inputs
 from catdog.config import DATA, OFFICIAL_DATA_URL, RUN, TRAIN
 from catdog.data.freshness import check_source
 from catdog.layout import Layout
-from catdog.mirror import pull_files
+from catdog.mirror import local_copy, pull_files
 from catdog.stage_records import Policy, ReportRecord
 from catdog.summary import RunInfo, RunRecords
 from catdog.warm import warm_starts
@@ -256,4 +256,10 @@ def train_flow(
             keep_runs=keep_runs,
         )
         run.settle()
-        return report.result()
+        written = report.result()
+    # Written on whichever host ran the report: this one gets its own copy to open.
+    return replace(
+        written,
+        summary=local_copy(layout, written.summary),
+        report=local_copy(layout, written.report, with_folder=True),
+    )

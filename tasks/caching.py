@@ -36,7 +36,13 @@ from catdog.errors import RunStopped
 from catdog.hashing import HashMemo, code_digest, code_fingerprint, sha256_json
 from catdog.io import atomic_directory, atomic_write_json, replace_directory
 from catdog.layout import RECORD_FILE, Layout
-from catdog.mirror import fetch_output, push_output, read_record
+from catdog.mirror import (
+    fetch_inputs,
+    fetch_output,
+    forget_checkpoints,
+    push_output,
+    read_record,
+)
 from catdog.stage_records import Record
 from catdog.stages import Stage, stage, stage_of_task
 from tasks.locks import ArtifactsLockManager
@@ -87,15 +93,20 @@ class ContentAddressed(CachePolicy):
             parts["source"] = self.fingerprint(inputs)
         key = f"{entry.name}-{sha256_json(parts)[:32]}"
         layout = Layout.at(inputs["artifacts"])
+        fetch_inputs(layout, inputs.values())  # with a store: what this host did not compute
         name = inputs.get("model") if entry.per_model else None
         folder = layout.output_dir(entry.name, key, name)
         # Another run computing this key holds its lock: what it commits is not stale.
         locked = self.lock_manager is not None and self.lock_manager.is_locked(key)
-        if not locked and not outputs_intact(layout, folder):
+        if locked:
+            return key
+        if not outputs_intact(layout, folder):
             if fetch_output(layout, folder):  # sealed by another host, in the store
                 remember(layout, entry, key, folder)
             else:
                 evict(layout, key)
+        elif layout.store is not None and not (layout.cache_keys_dir / key).is_file():
+            remember(layout, entry, key, folder)  # fetched here earlier, as a later stage's input
         return key
 
 
@@ -307,6 +318,8 @@ def stage_output(
         memo.note(final / relative, digest, os.stat(final / relative))
     memo.save()
     push_output(layout, final)
+    if resumable:
+        forget_checkpoints(layout, final.parent / f".{final.name}.partial")
     out.record = entry.record(
         key=key,
         dir=layout.relative(final),

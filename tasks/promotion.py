@@ -15,6 +15,7 @@ from catdog.export import ExportCheck
 from catdog.gate import Ship, promote, propose
 from catdog.hashing import code_fingerprint
 from catdog.layout import PROBABILITIES_FILE, Layout
+from catdog.mirror import fetch_inputs
 from catdog.stage_records import Approval, Policy, PromotionRecord
 from catdog.stages import TRAIN_CODE
 from catdog.summary import RunRecords
@@ -73,6 +74,7 @@ def _shipper(layout: Layout, records: RunRecords, split: SplitFacts) -> Ship:
 def propose_promotion(records: RunRecords, policy: Policy, artifacts: str) -> PromotionRecord:
     """What the gate would decide for the run's best model: to ask a person before it acts."""
     layout = Layout.at(artifacts)
+    fetch_inputs(layout, [records])
     return propose(
         layout, _candidate(layout, records), _split(layout, records), policy, _hold(records)
     )
@@ -90,6 +92,7 @@ def promote_model(
     if it meets the policy, its exports pass their check and, when a person was asked, they
     approved."""
     layout = Layout.at(artifacts)
+    fetch_inputs(layout, [records])
     candidate = _candidate(layout, records)
     split = _split(layout, records)
     decision = promote(

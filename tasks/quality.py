@@ -30,6 +30,7 @@ from catdog.errors import DataCheckFailed
 from catdog.features import unaugmented_train_features
 from catdog.hashing import HashMemo
 from catdog.layout import INSPECTION_FILE, NEAR_DUPLICATES_FILE, Layout
+from catdog.mirror import fetch_inputs, pull_production
 from catdog.pieces import Reuse, inspection_pieces
 from catdog.registry import archive_file
 from catdog.registry import read as read_registry
@@ -186,6 +187,8 @@ def check_data(
     `catdog.data.check.failed`; with `on_data_issue="stop"` a failure stops the run."""
     logger = get_run_logger()
     layout = Layout.at(artifacts)
+    fetch_inputs(layout, [profile, suspects])
+    pull_production(layout)
     archive, production, note = _production_reference(layout)
     comparison = Comparison(note=note)
     if production is not None:

@@ -8,7 +8,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from catdog.layout import Layout
-from catdog.mirror import push_files
+from catdog.mirror import address, fetch_inputs, push_files
 from catdog.report import leaderboard_rows
 from catdog.stage_records import PromotionRecord, ReportRecord
 from catdog.stages import stage
@@ -29,6 +29,7 @@ def write_report(
     """Write this run's summary.json and report.md, show them in the UI, and remove what the
     last `keep_runs` runs no longer use."""
     layout = Layout.at(artifacts)
+    fetch_inputs(layout, [records, promotion])
     summary, report = write_run(
         layout,
         run,
@@ -51,11 +52,14 @@ def write_report(
         _publish(summary, promotion, report)
     except Exception as error:  # the files are written: the UI's copies must not fail the run
         get_run_logger().warning("the report's artifacts did not reach the UI (%s)", error)
-    get_run_logger().info("report: %s", summary.run.report)
+    report_file = Path(summary.run.report)
+    get_run_logger().info("report: %s", address(layout, report_file))
     if keep_runs:
         _prune(layout, keep_runs)
     return ReportRecord(
-        summary=str(layout.summary), report=summary.run.report, best_model=summary.best_model
+        summary=address(layout, layout.summary),
+        report=address(layout, report_file),
+        best_model=summary.best_model,
     )
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from catdog import catalog
 from catdog.errors import RunStopped
 from catdog.hashing import HashMemo, code_fingerprint, sha256_file
 from catdog.layout import MODEL_FILE, PROBABILITIES_FILE, Layout
+from catdog.mirror import Checkpoints, pull_checkpoint
 from catdog.stage_records import (
     ArraysRecord,
     CountsRecord,
@@ -198,26 +200,35 @@ def train_model(
     total_epochs = config.finetune_epochs if start else config.epochs
     progress = ui.start_progress(f"{model}: epochs done of {total_epochs}")
 
-    def on_epoch(epoch: int, total: int, row: dict[str, float]) -> None:
-        logger.info("%s", training.describe_epoch(model, epoch, total, row))
-        ui.update_progress(progress, 100.0 * (epoch - (total - total_epochs)) / total_epochs)
-        # Another stage failed: stop here; the finished epochs stay for the next run.
-        check_not_stopped(layout)
-
     with stage_output(layout, model, resumable=True) as out:
-        result = training.train(
-            model,
-            out.folder,
-            config=config,
-            seed=seed,
-            weights=weights,
-            input_shape=(arrays.image_size, arrays.image_size, 3),
-            images=partial(_training_data, layout, arrays),
-            features=_cached_features(layout, arrays, features),
-            start_dir=layout.resolve(start.dir) if start else None,
-            warm=replace(warm, model_file=str(layout.resolve(warm.model_file))) if warm else None,
-            on_epoch=on_epoch,
-        )
+        # With a store, the epochs of a host lost mid-training come first, and this host's
+        # epochs go to the store as they end.
+        if (pulled := pull_checkpoint(layout, out.folder)) is not None:
+            logger.info("%s: going on from epoch %d, checkpointed by another host", model, pulled)
+        checkpoints = Checkpoints(layout, out.folder)
+        warm_from = replace(warm, model_file=str(layout.resolve(warm.model_file))) if warm else None
+
+        def on_epoch(epoch: int, total: int, row: dict[str, float]) -> None:
+            logger.info("%s", training.describe_epoch(model, epoch, total, row))
+            ui.update_progress(progress, 100.0 * (epoch - (total - total_epochs)) / total_epochs)
+            checkpoints.epoch_done(epoch)
+            # Another stage failed: stop here; the finished epochs stay for the next run.
+            check_not_stopped(layout)
+
+        with closing(checkpoints):
+            result = training.train(
+                model,
+                out.folder,
+                config=config,
+                seed=seed,
+                weights=weights,
+                input_shape=(arrays.image_size, arrays.image_size, 3),
+                images=partial(_training_data, layout, arrays),
+                features=_cached_features(layout, arrays, features),
+                start_dir=layout.resolve(start.dir) if start else None,
+                warm=warm_from,
+                on_epoch=on_epoch,
+            )
         out.facts.update(
             **result.facts(model),
             # Which process trained it: the flow's own, or a Dask worker's.

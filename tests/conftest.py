@@ -166,6 +166,27 @@ def flow_env(home: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "PREFECT_HOME": str(home), **api_env(), **extra}
 
 
+def task_run_logs(flow_run_id: str, task_run_name: str) -> str:
+    """Every log line the Prefect API holds for a task run of a flow run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterTaskRunId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    with get_client(sync_client=True) as client:
+        (task_run,) = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[task_run_name])),
+        )
+        logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run.id])))
+    return "\n".join(log.message for log in logs)
+
+
 # ----------------------------------------------------------------------------- a Dask cluster
 
 # Thread counts change how TensorFlow rounds its sums; with the same count, the same numbers.

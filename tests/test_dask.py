@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ALWAYS_RUN, ONE_TF_THREAD, flow_command, flow_env, free_port
+from tests.conftest import (
+    ALWAYS_RUN,
+    ONE_TF_THREAD,
+    flow_command,
+    flow_env,
+    free_port,
+    task_run_logs,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -182,30 +189,9 @@ def test_a_worker_killed_mid_training_resumes_on_the_other(dataset_zip, tmp_path
     assert model["epochs"] == epochs
     assert len(model["history"]["val_accuracy"]) == epochs
     # It went on from where the killed worker stopped, and said so in the UI, under the task.
-    logs = _task_run_logs(_summary(artifacts)["run"]["id"], "train_model[model1]")
+    logs = task_run_logs(_summary(artifacts)["run"]["id"], "train_model[model1]")
     assert f"resuming train at epoch {done + 1} of {epochs}" in logs
     assert f"model1 epoch {done + 1}/{epochs}" in logs
-
-
-def _task_run_logs(flow_run_id: str, task_run_name: str) -> str:
-    """Every log line the Prefect API holds for a task run of a flow run."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterId,
-        LogFilter,
-        LogFilterTaskRunId,
-        TaskRunFilter,
-        TaskRunFilterName,
-    )
-
-    with get_client(sync_client=True) as client:
-        (task_run,) = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[task_run_name])),
-        )
-        logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run.id])))
-    return "\n".join(log.message for log in logs)
 
 
 def test_a_cluster_without_a_lasting_prefect_api_is_refused_before_any_work(dataset_zip, tmp_path):

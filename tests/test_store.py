@@ -5,10 +5,16 @@ outputs going up whole and coming down checked, a run from a second machine's em
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,7 +24,16 @@ from catdog.layout import RECORD_FILE, Layout
 from catdog.mirror import fetch_output, production_turn, push_output
 from catdog.store import CACHE_ENV, ObjectStore, StoreConflict
 from tests.builders import write_image
-from tests.conftest import ALWAYS_RUN, computed, flow_command, flow_env, free_port
+from tests.conftest import (
+    ALWAYS_RUN,
+    ONE_TF_THREAD,
+    computed,
+    flow_command,
+    flow_env,
+    free_port,
+    task_run_logs,
+)
+from tests.http_site import serving as serving_site
 from tests.s3_server import SECRET_KEY, S3Server, serving
 
 
@@ -140,6 +155,11 @@ def _store_run(s3: S3Server, data: Path, url: str, cache: Path, **env: str):
     )
 
 
+def _copy(cache: Path, s3: S3Server, prefix: str) -> Path:
+    """A host's copy of `s3://<bucket>/<prefix>`, in its cache."""
+    return cache / "stores" / "s3" / s3.bucket / prefix
+
+
 def _finished(process: subprocess.Popen) -> tuple[int, str]:
     out, err = process.communicate(timeout=600)
     assert SECRET_KEY not in out + err
@@ -155,13 +175,12 @@ def test_a_second_machine_finds_every_stage_cached_in_the_store(
     url = f"s3://{s3.bucket}/flow"
     code, err = _finished(_store_run(s3, dataset_zip, url, tmp_path / "first"))
     assert code == 0, err[-3000:]
-    first = json.loads((tmp_path / "first/stores/s3" / s3.bucket / "flow/summary.json").read_text())
+    first = json.loads((_copy(tmp_path / "first", s3, "flow") / "summary.json").read_text())
     assert (first["tasks"]["promote_model"], computed(first) >= ALWAYS_RUN) == ("Completed", True)
 
     code, err = _finished(_store_run(s3, dataset_zip, url, tmp_path / "second"))
     assert code == 0, err[-3000:]
-    copy = tmp_path / "second/stores/s3" / s3.bucket / "flow"
-    second = json.loads((copy / "summary.json").read_text())
+    second = json.loads((_copy(tmp_path / "second", s3, "flow") / "summary.json").read_text())
     assert computed(second) == ALWAYS_RUN  # everything else came from the store, checked
     assert second["models"]["model1"]["history"] == first["models"]["model1"]["history"]
     in_store = s3.client().get_object(Bucket=s3.bucket, Key="flow/summary.json")["Body"].read()
@@ -212,3 +231,157 @@ def test_a_store_the_run_cannot_use_stops_it_before_any_work(
     for cache in ("creds", "bucket", "endpoint"):
         assert not list((tmp_path / cache).rglob(RECORD_FILE))
     assert not [key for key in s3.keys("x/") if not key.endswith("store-check")]
+
+
+# ----------------------------------------------------------------------------- a cluster of hosts
+
+
+def _namespaces() -> str | None:
+    """Why workers cannot get mount namespaces of their own here (None: they can)."""
+    probe = ["unshare", "--mount", "--propagation", "private", "true"]
+    try:
+        result = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    except OSError as error:
+        return f"unshare: {error}"
+    return None if result.returncode == 0 else f"unshare --mount: {result.stderr.strip()}"
+
+
+def _on_a_host_of_its_own(command: list[str], hidden: Path, home: Path) -> list[str]:
+    """`command` in a mount namespace of its own, with an empty tmpfs over `hidden` (every
+    file the tests wrote, the client's included) and `home` made in it."""
+    script = f'mount -t tmpfs tmpfs "{hidden}" && mkdir -p "{home}" && cd "{home}" && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
+
+
+@dataclass(frozen=True)
+class Hosts:
+    address: str  # the Dask scheduler's
+    cache: Path  # CATDOG_CACHE_DIR: one path on every host, each host's own folder there
+    workers: list[subprocess.Popen]
+
+    @property
+    def worker_pids(self) -> set[int]:
+        return {worker.pid for worker in self.workers if worker.poll() is None}
+
+
+@pytest.fixture
+def hosts_sharing_nothing(
+    s3: S3Server, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Hosts]:
+    """A Dask scheduler and two workers, each worker on a "host" of its own: it sees none of the
+    files the tests wrote (the client's data, cache and Prefect home), only the store, the
+    Prefect API and the installed project."""
+    from distributed import Client
+
+    reason = _namespaces()
+    if reason is not None:
+        if os.environ.get("CATDOG_REQUIRE_NAMESPACES"):
+            pytest.fail(f"mount namespaces are required here (CI) but: {reason}")
+        pytest.skip(f"workers on hosts of their own need mount namespaces: {reason}")
+    hidden = tmp_path_factory.getbasetemp()
+    home = hidden / "host"
+    hosts = Hosts(f"tcp://127.0.0.1:{free_port()}", home / "cache", [])
+    dask = [sys.executable, "-m", "dask"]
+    env = {**flow_env(tmp_path / "home"), **s3.env, **ONE_TF_THREAD}
+    env["DASK_DISTRIBUTED__SCHEDULER__UNKNOWN_TASK_DURATION"] = "60s"  # as dask_cluster says
+    logs = tmp_path / "dask-logs"
+    logs.mkdir()
+    with contextlib.ExitStack() as files:
+        port = hosts.address.rsplit(":", 1)[1]
+        processes = [
+            subprocess.Popen(
+                [*dask, "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=files.enter_context((logs / "scheduler.log").open("w")),
+            )
+        ]
+        try:
+            worker_env = {**env, CACHE_ENV: str(hosts.cache), "PREFECT_HOME": str(home)}
+            for i in range(2):
+                worker = [*dask, "worker", hosts.address, "--nthreads", "1", "--no-nanny",
+                          "--no-dashboard", "--name", f"host-{i}"]  # fmt: skip
+                hosts.workers.append(
+                    subprocess.Popen(
+                        _on_a_host_of_its_own(worker, hidden, home),
+                        env=worker_env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=files.enter_context((logs / f"host-{i}.log").open("w")),
+                    )
+                )
+            with Client(hosts.address, timeout=60) as client:
+                client.wait_for_workers(2, timeout=120)
+                # What the client wrote is not there for them.
+                seen = client.run(os.path.exists, str(tmp_path))
+                assert list(seen.values()) == [False, False], seen
+            yield hosts
+        finally:
+            for process in [*hosts.workers, *processes]:
+                process.kill()
+                process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_workers_that_share_only_the_store_run_the_flow_and_a_new_client_finds_it_cached(
+    store_env: S3Server, hosts_sharing_nothing: Hosts, dataset_zip: Path, tmp_path: Path
+) -> None:
+    """The flow on workers that share only the store: model1 and model2 start on a worker each,
+    the worker training model1 is killed after its second epoch and the other goes on from the
+    checkpoint in the store; then a client with an empty cache finds every stage `Cached`."""
+    s3, hosts = store_env, hosts_sharing_nothing
+    environment = {**flow_env(tmp_path / "client-home"), CACHE_ENV: str(hosts.cache)}
+    epochs = 30
+    runs = []
+    with serving_site(tmp_path / "site") as site:  # the data by URL: the workers cannot see files
+        shutil.copy(dataset_zip, tmp_path / "site" / "data.zip")
+        url = f"s3://{s3.bucket}/cluster"
+        command = [
+            *flow_command(site.url(), url, epochs=epochs, models="model1,model2"),  # type: ignore[arg-type]
+            *("--train-retries", "1", "--dask-address", hosts.address),
+        ]
+        shutil.rmtree(hosts.cache, ignore_errors=True)
+        run = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        killed, epoch = _kill_the_host_training(s3, "cluster/04_models/model1/", hosts, run)
+        output = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, output[-3000:]
+        runs.append(json.loads((_copy(hosts.cache, s3, "cluster") / "summary.json").read_text()))
+
+        shutil.rmtree(hosts.cache, ignore_errors=True)  # a new client: its cache empty
+        ran = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        runs.append(json.loads((_copy(hosts.cache, s3, "cluster") / "summary.json").read_text()))
+    first, second = runs
+    model1, model2 = (first["models"][name] for name in ("model1", "model2"))
+    assert killed != model2["worker"]["pid"]  # they started side by side
+    assert model1["worker"]["pid"] == model2["worker"]["pid"]  # the survivor finished model1
+    assert len(model1["history"]["val_accuracy"]) == epochs
+    logs = task_run_logs(first["run"]["id"], "train_model[model1]")
+    assert f"going on from epoch {epoch}, checkpointed by another host" in logs
+    assert computed(second) == ALWAYS_RUN
+    for name in ("model1", "model2"):
+        assert second["models"][name]["history"] == first["models"][name]["history"]
+    assert not [key for key in s3.keys("cluster/04_models/") if "/." in key]  # no checkpoints left
+
+
+def _kill_the_host_training(
+    s3: S3Server, prefix: str, hosts: Hosts, run: subprocess.Popen
+) -> tuple[int, int]:
+    """Kill the worker whose checkpoint under `prefix` has two epochs or more; returns its pid
+    and that checkpoint's epoch."""
+    deadline = time.monotonic() + 300
+    client = s3.client()
+    while time.monotonic() < deadline:
+        assert run.poll() is None, run.communicate()[0][-3000:]
+        for key in s3.keys(prefix):
+            if key.endswith("/checkpoint.json"):
+                body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+                checkpoint = json.loads(body)
+                if checkpoint["epoch"] >= 2:
+                    pid = int(checkpoint["by"].rsplit(":", 1)[1])
+                    assert pid in hosts.worker_pids
+                    os.kill(pid, signal.SIGKILL)
+                    return pid, checkpoint["epoch"]
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint of two epochs reached the store in 300 s")
