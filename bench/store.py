@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         environment={**snapshot_facts(snapshot), "CPU flags": bf16_flags()},
         runs=[],
     )
-    with serving(work / "seaweedfs") as s3:
+    with serving(work / "seaweedfs", volume_size_mb=1024) as s3:
         copy = Path("stores/s3/catdog/bench")  # a host's copy of URL, in its cache
         store, again = work / "cache-store", work / "cache-new-machine"
         plan = [

@@ -96,6 +96,8 @@ def fetch_output(layout: Layout, folder: Path) -> bool:
             rows.replace(final)
             _pack_index(rows).replace(_pack_index(final))
         shutil.rmtree(staged / ".packs", ignore_errors=True)
+        if (folder / RECORD_FILE).is_file():  # another task of this host fetched it meanwhile
+            return True
         record_file = staged / RECORD_FILE
         holding = staged.with_name(staged.name + ".record")
         record_file.replace(holding)  # the record goes in after every file it lists

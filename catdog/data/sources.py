@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlparse
 from catdog.data.extract import find_dataset_root
 from catdog.errors import DataError
 from catdog.hashing import HashMemo, folder_fingerprint, sha256_file
+from catdog.store import is_object_url
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,16 @@ class Source:
 
 
 def is_url(value: str) -> bool:
-    """Whether `--data` names an archive to download (an http or https URL with a host),
-    rather than a local file, a file:// URL or a folder."""
+    """Whether `--data` names an archive to download (an http or https URL with a host, or an
+    object in a store: `s3://bucket/key.zip`), rather than a local file, a file:// URL or a
+    folder."""
     try:
         parsed = urlparse(value)
     except ValueError:  # "http://[::1": not a URL anything can fetch
         return False
-    return parsed.scheme.lower() in ("http", "https") and bool(parsed.netloc)
+    return (parsed.scheme.lower() in ("http", "https") and bool(parsed.netloc)) or (
+        is_object_url(value)
+    )
 
 
 def parse_source(value: str) -> Source:
