@@ -100,13 +100,15 @@ def _add_registry(commands: Any) -> None:
 def _run_registry(args: argparse.Namespace, extra: list[str]) -> int:
     from catdog import registry
     from catdog.layout import Layout
-    from catdog.mirror import pull_files
+    from catdog.mirror import pull_production
 
     layout = Layout.at(args.artifacts)
+    if layout.store is not None:  # a store it cannot use: one line, before anything
+        layout.store.check(write=args.action == "rollback")
     if args.action == "rollback":
         print(registry.rollback(layout)["reason"])
         return 0
-    pull_files(layout, [layout.registry])
+    pull_production(layout)
     recorded = registry.read(layout)
     if not recorded.history:
         print(f"no promotion decision recorded in {layout.registry}")
@@ -161,7 +163,7 @@ def _run_export(args: argparse.Namespace, extra: list[str]) -> int:
     from catdog.serving import SERVING_FILE, ServingSpec
 
     classes = args.classes.split(",") if args.classes else None
-    choice = choose_model(Path(args.artifacts), args.model, classes, runtime="keras")
+    choice = choose_model(args.artifacts, args.model, classes, runtime="keras")
     out = args.out.resolve()
     if out.exists() and not (out / SERVING_FILE).is_file() and any(out.iterdir()):
         raise CatdogError(f"--out {out}: a folder that holds no export; give a new or empty one")

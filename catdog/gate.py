@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from uuid import uuid4
 
 import numpy as np
 
@@ -292,8 +293,10 @@ def _promote(
                 decision, candidate, f"but the promotion was {approval.outcome}{by}", "approval"
             )
         exports, check = None, None
+        # In a store, hosts deciding at once must not write the same names: each turn's own.
+        label = candidate.name if layout.store is None else f"{candidate.name}-{uuid4().hex[:8]}"
         if decision.promote and ship is not None:
-            folder = layout.production_archive_export(len(now.history), candidate.name)
+            folder = layout.production_archive_export(len(now.history), label)
             check = export_into(
                 folder, lambda staged: ship(candidate, staged), len(candidate.predictions)
             )
@@ -307,7 +310,7 @@ def _promote(
         installed = None
         if decision.promote:
             installed = registry.install(
-                layout, len(now.history), candidate, split, run, exports, reference
+                layout, len(now.history), candidate, split, run, exports, reference, label
             )
         registry.record_decision(layout, now, record, run, installed)
     return record

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
 import shutil
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -25,7 +28,9 @@ from typing import Any
 from catdog.hashing import sha256_file_uncached
 from catdog.io import atomic_write_json, exclusive_lock, replace_directory
 from catdog.layout import RECORD_FILE, Layout
-from catdog.store import StoreConflict, StoreError
+from catdog.store import ObjectStore, StoreConflict, StoreError
+
+log = logging.getLogger(__name__)
 
 # Turns a run takes at production when other hosts keep changing it first (with a store).
 TURNS = 5
@@ -36,12 +41,15 @@ def _pack_index(rows: Path) -> Path:
     return rows.with_suffix(INDEX_SUFFIX)
 
 
-def push_output(layout: Layout, folder: Path) -> None:
+def push_output(layout: Layout, folder: Path) -> bool:
     """Upload a sealed output at `folder`: the piece packs its record reads from, its files,
-    then its record (created once: an output another host sealed first is the same output)."""
+    then its record, created once. False, sending nothing, when the store holds this output
+    already: sealed by another host first, it is the one every host uses."""
     store = layout.store
     if store is None:
-        return
+        return True
+    if store.exists(layout.relative(folder / RECORD_FILE)):
+        return False
     record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
     packs = [layout.resolve(relative) for relative in record.get("piece_files", {})]
     stored: set[str] = set()  # packs never change: one the store has is not sent again
@@ -53,7 +61,7 @@ def push_output(layout: Layout, folder: Path) -> None:
     # A pack's index goes after its rows, as it does on disk: a reader trusts indexed packs.
     store.put_many(layout.root, [*packs, *files])
     store.put_many(layout.root, [_pack_index(pack) for pack in packs])
-    store.upload(folder / RECORD_FILE, layout.relative(folder / RECORD_FILE), create=True)
+    return store.upload(folder / RECORD_FILE, layout.relative(folder / RECORD_FILE), create=True)
 
 
 def fetch_output(layout: Layout, folder: Path) -> bool:
@@ -109,6 +117,18 @@ def fetch_output(layout: Layout, folder: Path) -> bool:
     finally:
         shutil.rmtree(staged, ignore_errors=True)
         staged.with_name(staged.name + ".record").unlink(missing_ok=True)
+
+
+def adopt_sealed(layout: Layout, folder: Path) -> bool:
+    """Replace this host's output at `folder` with the store's copy of it (sealed by another
+    host first); False, keeping this host's, when that copy cannot be fetched whole."""
+    aside = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.ours")
+    folder.rename(aside)
+    if fetch_output(layout, folder):
+        shutil.rmtree(aside, ignore_errors=True)
+        return True
+    aside.rename(folder)
+    return False
 
 
 def read_record(folder: Path) -> dict[str, Any]:
@@ -168,11 +188,13 @@ def production_turn(layout: Layout) -> Iterator[None]:
     the current one, on this host and, with a store, between hosts.
 
     On this host runs take turns by a lock file. With a store, the turn begins by pulling the
-    store's registry (remembering its ETag) and the archived models; when the block ends
-    without error, new archives are created in the store (never over another's), then the
-    registry is written only if the store's is still the one pulled (`If-Match`), then the
-    current copies. A host that lost the race raises StoreConflict having changed nothing in
-    the store but orphan archives under new names: the caller takes another turn.
+    store's registry (remembering its ETag) and the archived models. When the block has
+    decided something (the registry changed), this turn's new archives are created in the
+    store (their names are the turn's own, so none can exist), then the registry is written
+    only if the store's is still the one pulled (`If-Match`), then the copies of the current
+    model people look at. A turn that lost the race raises StoreConflict and drops what it
+    wrote on this host; the caller takes another turn on the winner's registry. A turn that
+    decided nothing writes nothing.
     """
     with exclusive_lock(layout.gate_lock):
         store = layout.store
@@ -181,28 +203,54 @@ def production_turn(layout: Layout) -> Iterator[None]:
             return
         registry_name = layout.relative(layout.registry)
         found = store.read_json(registry_name)
-        if found is None:
+        pulled, etag = found if found is not None else (None, None)
+        if pulled is None:
             layout.registry.unlink(missing_ok=True)
-            etag = None
         else:
-            atomic_write_json(layout.registry, found[0])
-            etag = found[1]
+            atomic_write_json(layout.registry, pulled)
         archives = layout.production_dir / "models"
         _match_archives(layout, archives)
-        yield
-        if not layout.registry.is_file():
-            return  # nothing was decided
-        stored = set(store.list(layout.relative(archives)))
-        for path in _files_under(archives):
-            relative = layout.relative(path)
-            if relative not in stored and not store.upload(path, relative, create=True):
-                path.unlink()  # another host's archive of this name is the one that counts
-                raise StoreConflict(f"{store.key(relative)} was archived by another run")
-        registry = json.loads(layout.registry.read_text(encoding="utf-8"))
-        if found is None or registry != found[0]:
-            store.write_json(registry_name, registry, if_match=etag)
-        current = [path for path in layout.production_dir.iterdir() if path.name != "models"]
-        push_files(layout, sorted(p for p in current if not p.name.startswith(".")))
+        before = set(_files_under(archives))
+        try:
+            yield
+            decided = _read_json_file(layout.registry)
+            if decided is None or decided == pulled:
+                return
+            new = sorted(set(_files_under(archives)) - before)
+            for path in new:
+                if not store.upload(path, layout.relative(path), create=True):
+                    raise StoreConflict(f"{store.key(layout.relative(path))} exists already")
+            store.write_json(registry_name, decided, if_match=etag)
+        except BaseException:
+            decided = _read_json_file(layout.registry)
+            changed = decided is not None and decided != pulled
+            _forget_turn(layout, sorted(set(_files_under(archives)) - before), changed)
+            raise
+        current = [
+            path
+            for path in layout.production_dir.iterdir()
+            if path.name not in ("models", layout.registry.name) and not path.name.startswith(".")
+        ]
+        push_files(layout, sorted(current))
+        if not layout.production_export.exists():  # a model without exports: none may stay
+            store.delete_tree(layout.relative(layout.production_export))
+
+
+def _read_json_file(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _forget_turn(layout: Layout, written: list[Path], decided: bool) -> None:
+    """Drop what a turn that did not commit wrote on this host: its archives and, if it had
+    decided, the copies of the model it made current (the store's registry names what is)."""
+    for path in written:
+        path.unlink(missing_ok=True)
+    for folder in {path.parent for path in written if path.parent.name.endswith(".export")}:
+        shutil.rmtree(folder, ignore_errors=True)
+    if decided:
+        layout.registry.unlink(missing_ok=True)
+        layout.production_model.unlink(missing_ok=True)
+        shutil.rmtree(layout.production_export, ignore_errors=True)
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -235,10 +283,13 @@ def pull_production(layout: Layout) -> None:
     store = layout.store
     if store is None:
         return
-    found = store.read_json(layout.relative(layout.registry))
-    if found is None:
-        return
-    registry = found[0]
+    with exclusive_lock(layout.gate_lock):  # not while a turn on this host decides
+        found = store.read_json(layout.relative(layout.registry))
+        if found is not None:
+            _pull_current(layout, store, found[0])
+
+
+def _pull_current(layout: Layout, store: ObjectStore, registry: dict[str, Any]) -> None:
     named = [str(name) for name in (registry.get("archive"), registry.get("exports")) if name]
     wanted: dict[str, Path] = {}
     if named:  # the archive, the files kept beside it (`<archive>.<name>`), its exports
@@ -301,6 +352,7 @@ def _named_outputs(values: list[Any]) -> Iterator[str]:
 
 # Training checkpoints ---------------------------------------------------------------------
 
+CHECKPOINT_SECONDS = 30.0  # the least time between two checkpoints of a training
 CHECKPOINT_FILE = "checkpoint.json"  # {"epoch", "files": {name: sha256}, "by"}: written last
 
 
@@ -310,8 +362,11 @@ class Checkpoints:
 
     Each epoch's copy goes under `<working folder>/epoch-<N>/` and `checkpoint.json` names it
     once it is whole. Uploads run in a background thread, one at a time, from a copy taken at
-    the epoch's end: training does not wait for the network, and an epoch that ends while the
-    previous one is still uploading is sent only if it is the last one by then.
+    the epoch's end: training does not wait for the network. The first epoch is sent, then the
+    first to end CHECKPOINT_SECONDS after the last one sent began (and its upload finished), so
+    a host lost mid-training costs at most that long and an epoch, and short epochs do not
+    spend their time copying. A checkpoint is best effort: a failure is logged and the
+    training goes on.
     """
 
     def __init__(self, layout: Layout, folder: Path) -> None:
@@ -320,12 +375,22 @@ class Checkpoints:
         self.staging = folder.with_name(f"{folder.name}.upload")
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._last = -math.inf  # when the last checkpoint began (the first epoch's always does)
 
     def epoch_done(self, epoch: int) -> None:
         if self.layout.store is None or (self._thread and self._thread.is_alive()):
             return
-        shutil.rmtree(self.staging, ignore_errors=True)
-        shutil.copytree(self.folder, self.staging / f"epoch-{epoch:04d}")
+        if time.monotonic() - self._last < CHECKPOINT_SECONDS:
+            return
+        self._last = time.monotonic()
+        self._report()
+        try:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            shutil.copytree(self.folder, self.staging / f"epoch-{epoch:04d}")
+        except OSError as error:  # a full disk: no checkpoint this epoch, the training goes on
+            self._failure = error
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
         self._thread = threading.Thread(target=self._upload, args=(epoch,), daemon=True)
         self._thread.start()
 
@@ -335,25 +400,33 @@ class Checkpoints:
         base = self.layout.relative(self.folder)
         copy = self.staging / f"epoch-{epoch:04d}"
         try:
+            found = store.read_json(f"{base}/{CHECKPOINT_FILE}")
+            last = int(found[0]["epoch"]) if found is not None else 0
+            if last >= epoch:  # a host that went on from here is ahead: it stays
+                return
             files = sorted(path for path in copy.rglob("*") if path.is_file())
             remote = [f"{base}/{path.relative_to(self.staging).as_posix()}" for path in files]
-            store.fs.put([str(p) for p in files], [store.key(name) for name in remote])
+            store.put_files([str(p) for p in files], [store.key(name) for name in remote])
             digests = {p.relative_to(copy).as_posix(): sha256_file_uncached(p) for p in files}
-            found = store.read_json(f"{base}/{CHECKPOINT_FILE}")
             by = f"{socket.gethostname()}:{os.getpid()}"  # which host and process, for people
-            checkpoint = {"epoch": epoch, "files": digests, "by": by}
-            store.pipe(f"{base}/{CHECKPOINT_FILE}", checkpoint)
-            if found is not None and found[0].get("epoch") != epoch:
-                store.delete_tree(f"{base}/epoch-{int(found[0]['epoch']):04d}")
+            store.pipe(f"{base}/{CHECKPOINT_FILE}", {"epoch": epoch, "files": digests, "by": by})
+            if last:
+                store.delete_tree(f"{base}/epoch-{last:04d}")
         except Exception as error:  # the training goes on; the next epoch tries again
             self._failure = error
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
 
+    def _report(self) -> None:
+        if self._failure is not None:
+            log.warning("a checkpoint did not reach the store: %s", self._failure)
+            self._failure = None
+
     def close(self) -> None:
         """Wait for an upload under way; then the training's output is sealed instead."""
         if self._thread is not None:
             self._thread.join()
+        self._report()
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
@@ -368,6 +441,8 @@ def pull_checkpoint(layout: Layout, folder: Path) -> int | None:
     if found is None:
         return None
     epoch, digests = int(found[0]["epoch"]), dict(found[0]["files"])
+    if not digests:
+        return None
     staged = folder.with_name(f"{folder.name}.{uuid.uuid4().hex}.fetch")
     try:
         store.get_many({f"{base}/epoch-{epoch:04d}/{name}": staged / name for name in digests})

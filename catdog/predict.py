@@ -59,6 +59,8 @@ def choose_model(
         ModelError: No model, no class names, or no export for `runtime` "litert".
     """
     layout = Layout.at(artifacts)
+    if layout.store is not None:  # a store it cannot use: one line, before anything
+        layout.store.check(write=False)
     pull_production(layout)
     summary = layout.summary
     production = read_registry(layout).production

@@ -302,15 +302,17 @@ def install(
     run: RunIdentity,
     exports: str | None,
     reference: Mapping[str, Path] | None = None,
+    label: str | None = None,
 ) -> Production:
     """Archive the candidate's file and facts under production/models, as the next production
-    (the `number`th decision); `exports` is its archived export folder, if any."""
+    (the `number`th decision), named `<number>-<label>` (by default the model's name);
+    `exports` is its archived export folder, if any."""
     extras: dict[str, Path | Sequence[str] | Sequence[int]] = {
         SEEN_FILE: sorted(split.seen_hashes),
         predictions_file(split): list(candidate.predictions),
         **{name: Path(path) for name, path in (reference or {}).items()},
     }
-    relative = archive(layout, number, candidate.name, Path(candidate.path), extras)
+    relative = archive(layout, number, label or candidate.name, Path(candidate.path), extras)
     return Production(
         model=candidate.name,
         epoch=candidate.epoch,

@@ -18,7 +18,6 @@ log, the summary or the Prefect UI.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import os
@@ -37,13 +36,22 @@ CHECK_OBJECT = ".prefect/store-check"  # written when a run starts: proves the c
 # after botocore's minute-long default, and transient faults are retried with backoff.
 _OPTIONS: dict[str, dict[str, Any]] = {
     "s3": {
+        # Registries and checkpoints change under other hosts: every look asks the store.
+        "use_listings_cache": False,
+        # Parts of one file in flight at once: with UPLOAD_PART and UPLOAD_FILES, what an
+        # upload holds in memory stays near 128 MiB, whatever the files' sizes.
+        "max_concurrency": 2,
         "config_kwargs": {
             "connect_timeout": 5,
             "read_timeout": 60,
             "retries": {"max_attempts": 5, "mode": "standard"},
-        }
+        },
     },
 }
+
+
+UPLOAD_PART = 8 << 20  # bytes per part of a multipart upload (S3's least is 5 MiB)
+UPLOAD_FILES = 8  # files uploaded at once
 
 
 class StoreError(CatdogError):
@@ -115,9 +123,9 @@ class ObjectStore:
 
     # Checks ------------------------------------------------------------------------------
 
-    def check(self) -> None:
-        """Read and write the store once, so that a run with a store it cannot use stops
-        before any work, in one line that says what to fix.
+    def check(self, *, write: bool = True) -> None:
+        """Read (and with `write`, write) the store once, so that a command with a store it
+        cannot use stops before any work, in one line that says what to fix.
 
         Raises:
             StoreError: The endpoint does not answer, the credentials are refused, the bucket
@@ -125,7 +133,8 @@ class ObjectStore:
         """
         try:
             self.fs.ls(self.bucket, refresh=True)
-            self.fs.pipe_file(self.key(CHECK_OBJECT), b"catdog\n")
+            if write:
+                self.fs.pipe_file(self.key(CHECK_OBJECT), b"catdog\n")
         except Exception as error:
             raise self._explain(error) from None
 
@@ -161,12 +170,8 @@ class ObjectStore:
             self.fs.put_file(
                 str(local), self.key(relative), mode="create" if create else "overwrite"
             )
-        except FileExistsError:
-            if create:
-                return False
-            raise
         except OSError as error:
-            if create and error.errno == errno.EINVAL:  # 412 Precondition Failed
+            if create and _lost_a_condition(error):
                 return False
             raise
         return True
@@ -190,11 +195,15 @@ class ObjectStore:
     def read_json(self, relative: str) -> tuple[Any, str] | None:
         """An object's JSON and its ETag; None if there is no such object."""
         try:
-            with self.fs.open(self.key(relative), "rb") as handle:
-                data = handle.read()
+            with self.fs.open(self.key(relative), "rb", cache_type="none") as handle:
                 etag = str(handle.details.get("ETag", ""))
+                data = handle.read()  # read with If-Match: the version whose ETag is kept
         except FileNotFoundError:
             return None
+        except OSError as error:
+            if type(error).__name__ == "FileExpired":  # changed between the look and the read
+                raise StoreConflict(f"{self.key(relative)} changed meanwhile") from error
+            raise
         return json.loads(data), etag
 
     def write_json(self, relative: str, value: Any, *, if_match: str | None) -> None:
@@ -210,10 +219,8 @@ class ObjectStore:
                 self.fs.pipe_file(self.key(relative), data, mode="create")
             else:
                 self.fs.pipe_file(self.key(relative), data, IfMatch=if_match)
-        except FileExistsError as error:
-            raise StoreConflict(f"{self.key(relative)} changed meanwhile") from error
         except OSError as error:
-            if error.errno == errno.EINVAL:
+            if _lost_a_condition(error) or isinstance(error, FileNotFoundError):
                 raise StoreConflict(f"{self.key(relative)} changed meanwhile") from error
             raise
 
@@ -221,17 +228,25 @@ class ObjectStore:
         """Upload local files under `root` to the same relative names, concurrently."""
         if paths:
             remote = [self.key(path.relative_to(root).as_posix()) for path in paths]
-            self.fs.put([str(path) for path in paths], remote)
+            self.put_files([str(path) for path in paths], remote)
+
+    def put_files(self, local: list[str], remote: list[str]) -> None:
+        """Upload local files to store keys, a few at a time, in bounded parts."""
+        self.fs.put(local, remote, chunksize=UPLOAD_PART, batch_size=UPLOAD_FILES)
 
     def get_many(self, wanted: dict[str, Path]) -> None:
         """Download objects (relative name -> local path) concurrently; each local file appears
         whole, under a temporary name first.
 
         Raises:
-            FileNotFoundError: One of them is not in the store (nothing is left behind).
+            FileNotFoundError: One of them is not in the store (none of those still on their
+                way is placed; those already placed stay).
+            StoreError: A name that is not a path inside the artifacts.
         """
         if not wanted:
             return
+        for relative in wanted:
+            safe_relative(relative)
         staged = {
             relative: local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
             for relative, local in wanted.items()
@@ -310,6 +325,32 @@ def _filesystem(scheme: str, settings: tuple[tuple[str, str], ...]) -> Any:
     import fsspec
 
     return fsspec.filesystem(scheme, skip_instance_cache=True, **_OPTIONS.get(scheme, {}))
+
+
+def _lost_a_condition(error: OSError) -> bool:
+    """Whether a conditional write failed because its condition did not hold (HTTP 412, or
+    AWS's 409 for a concurrent conditional write), not for another reason s3fs also reports
+    as EINVAL (a request the store rejects)."""
+    if isinstance(error, FileExistsError):
+        return True
+    cause = error.__cause__
+    response = getattr(cause, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
+def safe_relative(name: str) -> str:
+    """`name` from the store (a key, a record's file), refused if it could leave the folder it
+    is joined to: an absolute name, or one with `..`.
+
+    Raises:
+        StoreError: A name that points elsewhere (a damaged or hostile store).
+    """
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts or "" in parts or "\\" in name:
+        raise StoreError(f"the store names {name!r}: not a path inside the artifacts")
+    return name
 
 
 def _reason(error: BaseException) -> str:

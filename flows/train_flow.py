@@ -29,7 +29,7 @@ from catdog.checks import check_run_inputs
 from catdog.config import DATA, OFFICIAL_DATA_URL, RUN, TRAIN
 from catdog.data.freshness import check_source
 from catdog.layout import Layout
-from catdog.mirror import local_copy, pull_files
+from catdog.mirror import local_copy, pull_files, pull_production
 from catdog.stage_records import Policy, ReportRecord
 from catdog.summary import RunInfo, RunRecords
 from catdog.warm import warm_starts
@@ -116,7 +116,8 @@ def train_flow(
     layout = Layout.at(artifacts)
     if layout.store is not None:  # an unusable store stops the run here, before any work
         layout.store.check()
-        pull_files(layout, [layout.production_dir, layout.summary])
+        pull_production(layout)
+        pull_files(layout, [layout.summary])
     # A URL is asked whether its archive changed (no body if not); the answer keys the download.
     source = check_source(data, layout.sources_memo, offline=offline)
     if source.warning:

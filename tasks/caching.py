@@ -37,6 +37,7 @@ from catdog.hashing import HashMemo, code_digest, code_fingerprint, sha256_json
 from catdog.io import atomic_directory, atomic_write_json, replace_directory
 from catdog.layout import RECORD_FILE, Layout
 from catdog.mirror import (
+    adopt_sealed,
     fetch_inputs,
     fetch_output,
     forget_checkpoints,
@@ -66,6 +67,7 @@ class ContentAddressed(CachePolicy):
     stage: str = ""
     unkeyed: tuple[str, ...] = ()  # inputs the fingerprint stands in for
     fingerprint: Callable[[Inputs], Any] | None = field(default=None, repr=False)
+    refresh: bool = False  # recomputed on request (--refresh): a store's copy is replaced
 
     def compute_key(
         self,
@@ -93,21 +95,46 @@ class ContentAddressed(CachePolicy):
             parts["source"] = self.fingerprint(inputs)
         key = f"{entry.name}-{sha256_json(parts)[:32]}"
         layout = Layout.at(inputs["artifacts"])
-        fetch_inputs(layout, inputs.values())  # with a store: what this host did not compute
         name = inputs.get("model") if entry.per_model else None
         folder = layout.output_dir(entry.name, key, name)
         # Another run computing this key holds its lock: what it commits is not stale.
-        locked = self.lock_manager is not None and self.lock_manager.is_locked(key)
-        if locked:
+        if self.lock_manager is not None and self.lock_manager.is_locked(key):
             return key
-        if not outputs_intact(layout, folder):
-            if fetch_output(layout, folder):  # sealed by another host, in the store
-                remember(layout, entry, key, folder)
-            else:
-                evict(layout, key)
-        elif layout.store is not None and not (layout.cache_keys_dir / key).is_file():
-            remember(layout, entry, key, folder)  # fetched here earlier, as a later stage's input
+        try:
+            if layout.store is None:
+                if not outputs_intact(layout, folder):
+                    evict(layout, key)
+            elif not self._found(layout, entry, key, folder):
+                # The task runs here: what it reads, this host may not have computed.
+                fetch_inputs(layout, inputs.values())
+        except Exception as error:  # Prefect would log it and run the task without a key
+            _STORE_FAILURES[task_ctx.task_run.id] = error
         return key
+
+    def _found(self, layout: Layout, entry: Stage, key: str, folder: Path) -> bool:
+        """With a store: whether the output is here or in the store (fetched, checked), with
+        the cache record Prefect looks for; False when the task must compute it."""
+        store = layout.store
+        assert store is not None
+        if self.refresh:  # recomputed on request: the store's copy goes, the new one is sealed
+            store.delete(layout.relative(folder / RECORD_FILE))
+            evict(layout, key)
+            return False
+        if outputs_intact(layout, folder):
+            if not (layout.cache_keys_dir / key).is_file():
+                remember(layout, entry, key, folder)  # fetched here as a later stage's input
+            push_output(layout, folder)  # a seal whose upload failed goes up now (else: no-op)
+            return True
+        if fetch_output(layout, folder):  # sealed by another host
+            remember(layout, entry, key, folder)
+            return True
+        evict(layout, key)
+        return False
+
+
+# A task run whose cache key could not be computed for a store's fault (an output it needs that
+# is nowhere, the store failing): raised by its stage_output, in the task's one `error:` line.
+_STORE_FAILURES: dict[Any, BaseException] = {}
 
 
 def _identity(value: Any) -> Any:
@@ -195,14 +222,19 @@ def remember(layout: Layout, entry: Stage, key: str, folder: Path) -> None:
     from prefect.results import ResultStore
     from prefect.serializers import JSONSerializer
 
-    facts = read_record(folder)
-    facts.pop("stage", None)
-    record = entry.record(**{**facts, "dir": layout.relative(folder)})
+    record = _record_of(layout, entry, folder)
     ResultStore(
         result_storage=LocalFileSystem(basepath=str(layout.results_dir)),
         metadata_storage=LocalFileSystem(basepath=str(layout.cache_keys_dir)),
         serializer=JSONSerializer(),
     ).write(obj=record, key=key)
+
+
+def _record_of(layout: Layout, entry: Stage, folder: Path) -> Any:
+    """The stage's typed record of the output at `folder`, from its `record.json`."""
+    facts = read_record(folder)
+    facts.pop("stage", None)
+    return entry.record(**{**facts, "dir": layout.relative(folder)})
 
 
 def current_key() -> str:
@@ -291,6 +323,9 @@ def stage_output(
     on failure. A run that is stopping (another stage failed) stops here, before any work.
     """
     started = time.perf_counter()
+    context = TaskRunContext.get()
+    if context is not None and (failure := _STORE_FAILURES.pop(context.task_run.id, None)):
+        raise failure
     check_not_stopped(layout)
     entry = current_stage()
     key = current_key()
@@ -317,16 +352,19 @@ def stage_output(
     for relative, digest in files.items():
         memo.note(final / relative, digest, os.stat(final / relative))
     memo.save()
-    push_output(layout, final)
+    if not push_output(layout, final) and adopt_sealed(layout, final):
+        # Another host sealed this output first: the store's copy is the one every host uses.
+        out.record = _record_of(layout, entry, final)
+    else:
+        out.record = entry.record(
+            key=key,
+            dir=layout.relative(final),
+            files=files,
+            seconds=time.perf_counter() - started,
+            **out.facts,
+        )
     if resumable:
         forget_checkpoints(layout, final.parent / f".{final.name}.partial")
-    out.record = entry.record(
-        key=key,
-        dir=layout.relative(final),
-        files=files,
-        seconds=time.perf_counter() - started,
-        **out.facts,
-    )
 
 
 def _seal(
@@ -363,6 +401,7 @@ def bind_to_artifacts(task: Task, layout: Layout, *, refresh: bool = False, **op
         lock_manager=ArtifactsLockManager(layout.locks_dir),
         isolation_level="SERIALIZABLE",
     )
+    policy.refresh = refresh
     return task.with_options(
         cache_policy=policy,
         result_storage=layout.results_dir,

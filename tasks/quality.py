@@ -225,7 +225,7 @@ def check_data(
 def _announce(layout: Layout, check: quality.DataCheck, policy: str) -> None:
     emit_run_event(
         "catdog.data.check.failed",
-        f"catdog.data.{layout.root}",
-        f"catdog data checks in {layout.root}",
+        f"catdog.data.{layout.location}",
+        f"catdog data checks in {layout.location}",
         {"check": check.name, **check.to_json(), "policy": policy, "artifacts": layout.location},
     )

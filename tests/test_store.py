@@ -135,11 +135,19 @@ def test_production_changes_between_hosts_are_compare_and_swap(
         decide("model2")
         rival = {"history": [{"model": "model1"}]}
         store.write_json("production/registry.json", rival, if_match=None)
+    assert not (host.production_dir / "models/0000-model2.keras").exists()  # dropped here
     with production_turn(host):
         decide("model2")
-    registry, _ = store.read_json("production/registry.json") or ({}, "")
+    registry, etag = store.read_json("production/registry.json") or ({}, "")
     assert [entry["model"] for entry in registry["history"]] == ["model1", "model2"]
     assert "turns/production/models/0001-model2.keras" in store_env.keys("turns/")
+
+    # A turn that decides nothing writes nothing: a rival's decision meanwhile stands.
+    with production_turn(host):
+        rival = {"history": [*registry["history"], {"model": "model3"}]}
+        store.write_json("production/registry.json", rival, if_match=etag)
+    registry, _ = store.read_json("production/registry.json") or ({}, "")
+    assert [entry["model"] for entry in registry["history"]] == ["model1", "model2", "model3"]
 
 
 # ----------------------------------------------------------------------------- through the flow
@@ -330,8 +338,8 @@ def test_workers_that_share_only_the_store_run_the_flow_and_a_new_client_finds_i
     store_env: S3Server, hosts_sharing_nothing: Hosts, dataset_zip: Path, tmp_path: Path
 ) -> None:
     """The flow on workers that share only the store: model1 and model2 start on a worker each,
-    the worker training model1 is killed after its second epoch and the other goes on from the
-    checkpoint in the store; then a client with an empty cache finds every stage `Cached`."""
+    the worker training model1 is killed once a checkpoint is in the store and the other goes
+    on from it; then a client with an empty cache finds every stage `Cached`."""
     s3, hosts = store_env, hosts_sharing_nothing
     environment = {**flow_env(tmp_path / "client-home"), CACHE_ENV: str(hosts.cache)}
     epochs = 30
@@ -371,7 +379,7 @@ def test_workers_that_share_only_the_store_run_the_flow_and_a_new_client_finds_i
 def _kill_the_host_training(
     s3: S3Server, prefix: str, hosts: Hosts, run: subprocess.Popen
 ) -> tuple[int, int]:
-    """Kill the worker whose checkpoint under `prefix` has two epochs or more; returns its pid
+    """Kill the worker whose checkpoint is under `prefix` once there is one; returns its pid
     and that checkpoint's epoch."""
     deadline = time.monotonic() + 300
     client = s3.client()
@@ -381,7 +389,7 @@ def _kill_the_host_training(
             if key.endswith("/checkpoint.json"):
                 body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
                 checkpoint = json.loads(body)
-                if checkpoint["epoch"] >= 2:
+                if checkpoint["epoch"] >= 1:
                     pid = int(checkpoint["by"].rsplit(":", 1)[1])
                     assert pid in hosts.worker_pids
                     os.kill(pid, signal.SIGKILL)
