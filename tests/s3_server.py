@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,7 +65,9 @@ class S3Server:
 
 
 def weed_binary() -> str | None:
-    return shutil.which("weed")
+    """The `weed` of this environment (beside its python, whether or not it is on PATH)."""
+    beside = Path(sys.executable).with_name("weed")
+    return str(beside) if beside.is_file() else shutil.which("weed")
 
 
 def _port_pair() -> int:
