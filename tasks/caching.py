@@ -91,10 +91,16 @@ class ContentAddressed(CachePolicy):
             "code": code_fingerprint(*entry.code),
             "task": task,
         }
-        if self.fingerprint is not None:
-            parts["source"] = self.fingerprint(inputs)
-        key = f"{entry.name}-{sha256_json(parts)[:32]}"
         layout = Layout.at(inputs["artifacts"])
+        try:
+            if self.fingerprint is not None:
+                if layout.store is not None:  # it reads the inputs: here, or from the store
+                    fetch_inputs(layout, inputs.values())
+                parts["source"] = self.fingerprint(inputs)
+        except Exception as error:  # Prefect would log it and run the task without a key
+            _STORE_FAILURES[task_ctx.task_run.id] = error
+            return None
+        key = f"{entry.name}-{sha256_json(parts)[:32]}"
         name = inputs.get("model") if entry.per_model else None
         folder = layout.output_dir(entry.name, key, name)
         # Another run computing this key holds its lock: what it commits is not stale.
@@ -132,8 +138,8 @@ class ContentAddressed(CachePolicy):
         return False
 
 
-# A task run whose cache key could not be computed for a store's fault (an output it needs that
-# is nowhere, the store failing): raised by its stage_output, in the task's one `error:` line.
+# A task run whose cache key could not be computed (an input that is nowhere, the store failing):
+# raised by its stage_output, so that the task ends in its own one `error:` line.
 _STORE_FAILURES: dict[Any, BaseException] = {}
 
 
