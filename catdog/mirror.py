@@ -142,13 +142,7 @@ def push_files(layout: Layout, paths: Iterable[Path]) -> None:
         return
     for path in paths:
         if path.is_dir():
-            inside = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            layout.store.put_many(layout.root, inside)
+            layout.store.put_many(layout.root, _files_under(path))
         elif path.is_file():
             layout.store.upload(path, layout.relative(path))
 

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from catdog.errors import CatdogError
+from catdog.io import json_bytes
 
 CACHE_ENV = "CATDOG_CACHE_DIR"
 CHECK_OBJECT = ".prefect/store-check"  # written when a run starts: proves the credentials write
@@ -213,7 +214,7 @@ class ObjectStore:
         Raises:
             StoreConflict: Another writer changed it first.
         """
-        data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        data = json_bytes(value)
         try:
             if if_match is None:
                 self.fs.pipe_file(self.key(relative), data, mode="create")
@@ -274,7 +275,7 @@ class ObjectStore:
 
     def pipe(self, relative: str, value: Any) -> None:
         """Write JSON to an object, whatever was there."""
-        data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        data = json_bytes(value)
         self.fs.pipe_file(self.key(relative), data)
 
     def delete_tree(self, relative: str) -> None:
