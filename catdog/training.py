@@ -144,13 +144,28 @@ READERS = 2
 BATCHES_AHEAD = 2
 
 
+def _options_without_autotune() -> tf.data.Options:
+    """No autotuning: these pipelines fix their parallelism and buffers, and an autotuned
+    iterator's tuning thread may sleep out its period (seconds) before the iterator can be
+    destroyed. Keras drops each epoch's iterator as the next epoch starts, on the training
+    thread: about one epoch in two would stand idle for 3-4 s at its first step."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
+
+
+_WITHOUT_AUTOTUNE = _options_without_autotune()
+
+
 def _index_batches(count: int, batch_size: int, *, shuffle: bool, seed: int) -> tf.data.Dataset:
+    """The batches of row indices every pipeline here starts from (its options hold for the
+    whole pipeline built on it)."""
     indices = tf.data.Dataset.range(count)
     if shuffle:
         # The same order as shuffling the examples themselves with this seed: a shuffle's
         # order depends on its seed and the number of elements, not on what they hold.
         indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
-    return indices.batch(batch_size)
+    return indices.batch(batch_size).with_options(_WITHOUT_AUTOTUNE)
 
 
 def _read_rows(
