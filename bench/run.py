@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 # The repository root on the path: `bench` imports as a package, whichever script runs.
@@ -49,6 +50,7 @@ from bench.common import (
     measure_catdog,
     median_after_first,
     now,
+    own_epoch_seconds,
     ratio,
     snapshot_facts,
     snapshot_sources,
@@ -115,6 +117,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="cold-flow mode: the blog's model1-model4, then catdog's default flow on fresh "
         "artifacts (alternating per --repeats round); wall-time ratio and accuracies",
+    )
+    parser.add_argument(
+        "--split-blog",
+        action="store_true",
+        help="cold-flow: the blog's model1-model2 before catdog's run and model3-model4 after "
+        "it, so that drift over the round weighs on both sides",
+    )
+    parser.add_argument(
+        "--profiled-epochs",
+        type=Path,
+        default=None,
+        metavar="RAW_JSON",
+        help="cold-flow: bench/studies/epoch_profile.py's raw JSON, measured on this machine; "
+        "catdog's model2 and model3 epochs are held to within 1.2x of its epochs",
     )
     parser.add_argument(
         "--runners",
@@ -867,15 +883,24 @@ def cold_flow(bench: Bench, raw: RawLog) -> None:
             "measured": earlier_data.get("finished") or earlier_data.get("started"),
             "epochs": (earlier_data.get("args") or {}).get("epochs"),
         }
+    if args.profiled_epochs:
+        raw.data["profiled_epochs"] = json.loads(args.profiled_epochs.read_text())
+    # With --split-blog, the blog's first half runs before catdog's run and the rest after it.
+    before = BLOG_MODELS[: len(BLOG_MODELS) // 2] if args.split_blog else BLOG_MODELS
     for index in range(args.repeats):
         if earlier:
             blog = [{**entry, "reused": True} for entry in earlier[index % len(earlier)]]
         else:
-            blog = [bench.blog(model, args.epochs, data_dir) for model in BLOG_MODELS]
+            blog = [bench.blog(model, args.epochs, data_dir) for model in before]
         rounds.append({"blog": blog})
         raw.save()
         rounds[-1]["catdog"] = bench.catdog(None, args.epochs, label="cold-flow")
         raw.save()
+        if not earlier and len(before) < len(BLOG_MODELS):
+            blog += [
+                bench.blog(model, args.epochs, data_dir) for model in BLOG_MODELS[len(before) :]
+            ]
+            raw.save()
 
 
 def render_cold_flow(data: dict[str, Any]) -> str:
@@ -905,9 +930,19 @@ def render_cold_flow(data: dict[str, Any]) -> str:
         "(`python flows/train_flow.py`, no `--models`) on fresh artifacts. The blog's wall is "
         "the sum of its four processes; catdog's is its one process, everything included "
         "(extract, manifest, decode, features, four trainings, evaluations, report).",
+        *(
+            [
+                "With --split-blog, the blog's model1 and model2 run before catdog's flow and its "
+                "model3 and model4 after it, so that drift over a round weighs on both sides.",
+            ]
+            if data["args"].get("split_blog")
+            else []
+        ),
         "",
     ]
     checks = []
+    walls = []
+    profiled = _profiled_epochs(data.get("profiled_epochs"))
     for number, round_ in enumerate(data.get("rounds", []), 1):
         blog, cold = round_["blog"], round_.get("catdog")
         rows = []
@@ -957,6 +992,34 @@ def render_cold_flow(data: dict[str, Any]) -> str:
             + f"; catdog {fmt(cold['run'].get('others_cores') if cold else None, 2)}",
             "",
         ]
+        if r_wall is not None:
+            walls.append(r_wall)
+        epoch_rows, epoch_checks = _epoch_rows(number, blog, cold, profiled)
+        if epoch_rows:
+            lines += [
+                "Epochs 2-N of each model (epoch 1 carries tracing and warm-up)"
+                + (
+                    f"; profiled: the median epoch of `bench/studies/epoch_profile.py` "
+                    f"({profiled['measured']})"
+                    if profiled
+                    else ""
+                )
+                + ":",
+                "",
+                table(
+                    [
+                        "model",
+                        "blog median",
+                        "catdog median",
+                        "catdog slowest",
+                        "profiled",
+                        "slowest / profiled",
+                    ],
+                    epoch_rows,
+                ),
+                "",
+            ]
+        checks += epoch_checks
         checks.append(
             [
                 f"round {number}: catdog's cold default flow ≤ {target}x the blog's four models, "
@@ -965,9 +1028,71 @@ def render_cold_flow(data: dict[str, Any]) -> str:
                 verdict(r_wall is not None and r_wall <= target and all_better),
             ]
         )
+    if len(walls) > 1:
+        lines += [
+            f"- across {len(walls)} rounds: catdog / blog {min(walls):.3f}x to {max(walls):.3f}x "
+            f"(spread {max(walls) - min(walls):.3f})",
+        ]
     lines += _reused_blog_note(data)
     lines += ["", "### Targets", "", table(["target", "measured", "verdict"], checks)]
     return "\n".join(lines)
+
+
+# The models whose epochs the epoch profile times, and how far a flow's epochs may stray.
+PROFILED_MODELS = ("model2", "model3")
+PROFILED_EPOCH_LIMIT = 1.2
+
+
+def _profiled_epochs(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Each profiled model's median epoch as catdog builds it, from the profile's raw JSON."""
+    if not raw:
+        return None
+    medians = {
+        name: float(median(epoch["wall"] for epoch in raw["epochs"][f"{name} after"]))
+        for name in PROFILED_MODELS
+        if raw["epochs"].get(f"{name} after")
+    }
+    return {"measured": raw.get("finished") or raw.get("started") or "?", "medians": medians}
+
+
+def _epoch_rows(
+    number: int,
+    blog: list[dict[str, Any]],
+    cold: dict[str, Any] | None,
+    profiled: dict[str, Any] | None,
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Per model: the blog's and catdog's epochs; targets for the profiled models."""
+    models = ((cold or {}).get("summary") or {}).get("models") or {}
+    rows, checks = [], []
+    for entry in blog:
+        name = entry["model"]
+        if name not in models or catalog.spec(name).trains_on_features:
+            continue
+        own = own_epoch_seconds(models, name)[1:]
+        blog_seconds = ((entry.get("result") or {}).get("epoch_seconds") or [])[1:]
+        reference = (profiled or {}).get("medians", {}).get(name)
+        slowest = max(own) if own else None
+        rows.append(
+            [
+                name,
+                fmt(median(blog_seconds) if blog_seconds else None, 2, " s"),
+                fmt(median(own) if own else None, 2, " s"),
+                fmt(slowest, 2, " s"),
+                fmt(reference, 2, " s"),
+                fmt(ratio(slowest, reference), 2, "x"),
+            ]
+        )
+        if reference and own:
+            worst = max(median(own), slowest) / reference
+            checks.append(
+                [
+                    f"round {number}: {name}'s epochs, median and slowest, within "
+                    f"{PROFILED_EPOCH_LIMIT}x the profiled epoch",
+                    f"median {median(own) / reference:.2f}x, slowest {slowest / reference:.2f}x",
+                    verdict(worst <= PROFILED_EPOCH_LIMIT),
+                ]
+            )
+    return rows, checks
 
 
 def runners(bench: Bench, raw: RawLog) -> None:
@@ -1076,6 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
             "full_per_class": args.full_per_class,
             "seed": args.seed,
             "catdog_arg": args.catdog_arg,
+            "split_blog": args.split_blog,
         },
     )
     try:

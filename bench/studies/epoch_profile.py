@@ -225,6 +225,7 @@ def main() -> int:
         "policies": policies,
         "input_pipeline_alone_seconds": pipeline_alone,
         "cpu": bf16_flags(),
+        "finished": now(),
         "command": command_line(),
         "git": subprocess.run(
             ["git", "-C", str(BENCH.parent), "describe", "--always", "--dirty"],
