@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from catdog.errors import CatdogError
 from catdog.io import json_bytes
@@ -104,9 +104,10 @@ class ObjectStore:
 
     @property
     def cache_folder(self) -> Path:
-        """This host's copy of the store: one folder per URL, named after it."""
+        """This host's copy of the store: one folder per URL, named after its prefix, quoted
+        whole (`a/b` is `a%2Fb`, apart from `a_b`; the bucket's root is `%2F`)."""
         parts = urlsplit(self.url)
-        prefix = parts.path.strip("/").replace("/", "_") or "_"
+        prefix = quote(parts.path.strip("/") or "/", safe="")
         return cache_root() / "stores" / parts.scheme / parts.netloc / prefix
 
     @property
