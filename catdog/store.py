@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,13 @@ UPLOAD_FILES = 8  # files uploaded at once
 
 class StoreError(CatdogError):
     """The object store cannot be used: unreachable, credentials refused, no such bucket."""
+
+
+class StoreFault(StoreError):
+    """The store stopped answering after the run began (its retries spent): not the user's
+    input, so exit code 1, as for any other failure of the machine."""
+
+    exit_code = 1
 
 
 class StoreConflict(CatdogError):
@@ -112,13 +120,16 @@ class ObjectStore:
 
     @property
     def fs(self) -> Any:
+        """The store's filesystem, whose failures to answer (after its own retries) raise
+        StoreFault, in words that name the store."""
         try:
-            return _filesystem(self.scheme, _settings_in_environment())
+            filesystem = _filesystem(self.scheme, _settings_in_environment())
         except (ImportError, ValueError) as error:
             raise StoreError(
                 f"--artifacts {self.url}: no filesystem for {self.scheme}:// is installed "
                 f"({error}); for S3 install s3fs (pip install 'catdog[s3]')"
             ) from error
+        return _Explained(filesystem, self._explain)
 
     def key(self, relative: str) -> str:
         return f"{self.base}/{relative}"
@@ -137,6 +148,8 @@ class ObjectStore:
             self.fs.ls(self.bucket, refresh=True)
             if write:
                 self.fs.pipe_file(self.key(CHECK_OBJECT), b"catdog\n")
+        except StoreError as error:  # (a StoreFault: this is before any work)
+            raise StoreError(str(error)) from None
         except Exception as error:
             raise self._explain(error) from None
 
@@ -291,6 +304,40 @@ class ObjectStore:
 
 
 OBJECT_SCHEMES = ("s3", "gs", "gcs", "az", "abfs")  # where `--data` may name an object
+
+
+class _Explained:
+    """A filesystem whose calls raise StoreFault, in `explain`'s words, when the store did
+    not answer."""
+
+    def __init__(self, filesystem: Any, explain: Callable[[BaseException], StoreError]) -> None:
+        self._filesystem = filesystem
+        self._explain = explain
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._filesystem, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return value(*args, **kwargs)
+            except _no_answer_errors() as error:
+                raise StoreFault(str(self._explain(error))) from error
+
+        return call
+
+
+@functools.cache
+def _no_answer_errors() -> tuple[type[BaseException], ...]:
+    """What a filesystem raises when its store did not answer (as against: answered no)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import BotoCoreError  # endpoints, timeouts, credentials
+
+        errors.append(BotoCoreError)
+    return tuple(errors)
 
 
 def is_object_url(location: str) -> bool:

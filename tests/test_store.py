@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 from catdog.hashing import sha256_file_uncached
 from catdog.layout import RECORD_FILE, Layout
 from catdog.mirror import fetch_output, production_turn, push_output
+from catdog.stages import STAGES
 from catdog.store import CACHE_ENV, ObjectStore, StoreConflict
 from tests.builders import write_image
 from tests.conftest import (
@@ -34,7 +36,7 @@ from tests.conftest import (
     task_run_logs,
 )
 from tests.http_site import serving as serving_site
-from tests.s3_server import SECRET_KEY, S3Server, serving
+from tests.s3_server import BUCKET, SECRET_KEY, S3Server, serving
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,14 @@ def test_the_servers_conditional_writes_are_what_s3_promises(store_env: S3Server
     with pytest.raises(StoreConflict):  # etag is the version before this write
         store.write_json("registry.json", {"n": 3}, if_match=etag)
     assert (store.read_json("registry.json") or (None,))[0] == {"n": 2}
+
+
+def test_each_url_has_a_copy_of_its_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    urls = ["s3://b", "s3://b/", "s3://b/a/b", "s3://b/a_b", "s3://b/a%2Fb", "s3://c/a/b"]
+    folders = [ObjectStore.at(url).cache_folder for url in urls]
+    assert folders[0] == folders[1] and len(set(folders)) == len(urls) - 1
+    assert all(folder.parent.parent.parent == tmp_path / "stores" for folder in folders)
 
 
 def _sealed_output(layout: Layout) -> Path:
@@ -153,11 +163,13 @@ def test_production_changes_between_hosts_are_compare_and_swap(
 # ----------------------------------------------------------------------------- through the flow
 
 
-def _store_run(s3: S3Server, data: Path | str, url: str, cache: Path, **env: str):
+def _store_run(
+    s3: S3Server, data: Path | str, url: str, cache: Path, *extra: str, epochs: int = 1, **env: str
+):
     """`python flows/train_flow.py --artifacts <url>` as a user on a host with `cache`."""
     environment = flow_env(cache.with_name(f"{cache.name}-home"), **{**s3.env, **env})
     environment[CACHE_ENV] = str(cache)
-    command = flow_command(data, url, epochs=1)  # type: ignore[arg-type]  (URLs, not paths)
+    command = [*flow_command(data, url, epochs=epochs), *extra]  # type: ignore[arg-type]
     return subprocess.Popen(
         command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -242,6 +254,87 @@ def test_a_store_the_run_cannot_use_stops_it_before_any_work(
     for cache in ("creds", "bucket", "endpoint"):
         assert not list((tmp_path / cache).rglob(RECORD_FILE))
     assert not [key for key in s3.keys("x/") if not key.endswith("store-check")]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_a_store_that_stops_mid_run_ends_it_in_one_line_and_later_runs_resume(
+    dataset_zip: Path, tmp_path: Path
+) -> None:
+    """The store goes away while model1 trains: the run ends in one line, after the store's
+    retries. Started again, two runs at once from two other hosts take every output the store
+    had sealed, go on from model1's last checkpoint there, compute only the rest between them,
+    and both complete, their two promotion decisions in the registry."""
+    url, epochs = f"s3://{BUCKET}/faults", 40
+    with serving(tmp_path / "weed") as s3:  # a server of its own: this test stops it
+        run = _store_run(
+            s3, dataset_zip, url, tmp_path / "first", "--models", "model1", epochs=epochs
+        )
+        checkpoint = _checkpoint(s3, "faults/04_models/model1/", run)["epoch"]
+        s3.kill()
+        code, err = _finished(run)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert re.match(r"error: \w+(\[\w+\])? failed: ", errors[0]), errors
+    assert "the store did not answer" in errors[0], errors
+
+    hosts = ("second", "third")
+    with serving(tmp_path / "weed", ports=s3.ports) as s3:
+        sealed = {
+            key.removeprefix("faults/").removesuffix(f"/{RECORD_FILE}")
+            for key in s3.keys("faults/")
+            if key.endswith(f"/{RECORD_FILE}")
+        }
+        runs = [
+            _store_run(s3, dataset_zip, url, tmp_path / host, "--models", "model1", epochs=epochs)
+            for host in hosts
+        ]
+        for run in runs:
+            code, err = _finished(run)
+            assert code == 0, err[-3000:]
+        body = s3.client().get_object(Bucket=s3.bucket, Key="faults/production/registry.json")
+        registry = json.loads(body["Body"].read())
+    summaries = [
+        json.loads((_copy(tmp_path / host, s3, "faults") / "summary.json").read_text())
+        for host in hosts
+    ]
+    used = {folder for folder in summaries[0]["artifacts_used"] if not folder.startswith("05_")}
+    assert sealed & used and not sealed >= used  # the store stopped half way through
+    unsealed = {folder.rsplit("/", 1)[1].split("-")[0] for folder in used - sealed}
+    stage_of = {stage.task: stage.name for stage in STAGES}
+    recomputed = [
+        {stage_of[task.split("[")[0]] for task in computed(summary) - ALWAYS_RUN}
+        for summary in summaries
+    ]
+    assert "train" in unsealed and set().union(*recomputed) == unsealed
+    trained = [
+        summary for summary, stages in zip(summaries, recomputed, strict=True) if "train" in stages
+    ]
+    logs = task_run_logs(trained[0]["run"]["id"], "train_model[model1]")
+    assert f"going on from epoch {checkpoint}, checkpointed by another host" in logs
+    for summary in summaries:
+        assert summary["models"]["model1"]["history"] == trained[0]["models"]["model1"]["history"]
+        assert len(summary["models"]["model1"]["history"]["val_accuracy"]) == epochs
+    decisions = registry["history"]
+    assert {entry["run_id"] for entry in decisions} == {s["run"]["id"] for s in summaries}
+    assert [entry["action"] for entry in decisions] == ["promote", "keep"], decisions
+
+
+def _checkpoint(s3: S3Server, prefix: str, run: subprocess.Popen, *, least_epoch: int = 0) -> dict:
+    """The first checkpoint under `prefix` of at least `least_epoch` epochs, once there is one
+    (its `epoch`, and `by`: "host:pid")."""
+    deadline = time.monotonic() + 300
+    client = s3.client()
+    while time.monotonic() < deadline:
+        assert run.poll() is None, "".join(out or "" for out in run.communicate())[-3000:]
+        for key in s3.keys(prefix):
+            if key.endswith("/checkpoint.json"):
+                body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+                checkpoint = json.loads(body)
+                if checkpoint["epoch"] >= least_epoch:
+                    return checkpoint
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint of {least_epoch}+ epochs under {prefix} in 300 s")
 
 
 # ----------------------------------------------------------------------------- a cluster of hosts
@@ -381,18 +474,8 @@ def _kill_the_host_training(
 ) -> tuple[int, int]:
     """Kill the worker whose checkpoint is under `prefix` once there is one; returns its pid
     and that checkpoint's epoch."""
-    deadline = time.monotonic() + 300
-    client = s3.client()
-    while time.monotonic() < deadline:
-        assert run.poll() is None, run.communicate()[0][-3000:]
-        for key in s3.keys(prefix):
-            if key.endswith("/checkpoint.json"):
-                body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
-                checkpoint = json.loads(body)
-                if checkpoint["epoch"] >= 1:
-                    pid = int(checkpoint["by"].rsplit(":", 1)[1])
-                    assert pid in hosts.worker_pids
-                    os.kill(pid, signal.SIGKILL)
-                    return pid, checkpoint["epoch"]
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint of two epochs reached the store in 300 s")
+    checkpoint = _checkpoint(s3, prefix, run, least_epoch=1)
+    pid = int(checkpoint["by"].rsplit(":", 1)[1])
+    assert pid in hosts.worker_pids
+    os.kill(pid, signal.SIGKILL)
+    return pid, checkpoint["epoch"]
