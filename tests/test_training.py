@@ -52,6 +52,26 @@ def test_auto_precision_is_bf16_only_where_measured_equal_and_native(
         assert resolve_precision(explicit, model) == explicit
 
 
+def test_the_input_pipelines_tune_nothing():
+    """Keras drops an epoch's iterator as the next epoch starts: an autotuned one kept its
+    tuning thread's wait first, and about one epoch in two of model1-model3 stood idle for 3-4 s
+    (`bench/RESULTS.md`, cold-flow-20-epochs-split). Whether an iterator stalls depends on
+    where that thread's period stands, so this checks the setting the fix rests on."""
+    from catdog.features import FeatureSet
+    from catdog.training import feature_dataset, image_dataset
+
+    pixels, labels = np.zeros((64, 8, 8, 3), np.uint8), np.zeros(64, np.int64)
+    features = FeatureSet(
+        np.zeros((64, 4), np.float32), labels, np.zeros((8, 4), np.float32), labels[:8], 2
+    )
+    pipelines = [
+        image_dataset(pixels, labels, 8, shuffle=True, seed=1),
+        image_dataset(pixels, labels, 8, shuffle=False, seed=1),
+        *feature_dataset(features, 8, seed=1),
+    ]
+    assert [pipeline.options().autotune.enabled for pipeline in pipelines] == [False] * 4
+
+
 def test_dtype_policy_restores_the_previous_policy():
     import keras
 
