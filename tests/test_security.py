@@ -1,7 +1,8 @@
-"""Scale-out that lets no one in: the README's secured cluster recipe run as it stands (mutual
-TLS between the run, the scheduler and the workers; a Prefect API that wants a password), and
-what it refuses: a plain client, a client certified by another CA, a request without the
-password, a run whose TLS settings do not match its address."""
+"""Scale-out that lets no one in: the README's store and secured-cluster recipes run as they
+stand (artifacts in an S3 store; mutual TLS between the run, the scheduler and the workers; a
+Prefect API that wants a password), and what it refuses: a plain client, a client certified by
+another CA, a request without the password, a run whose TLS settings do not match its
+address."""
 
 from __future__ import annotations
 
@@ -18,19 +19,22 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.builders import write_image
 from tests.conftest import REPO, flow_command, free_port, make_dataset, zip_folder
+from tests.s3_server import free_port_pair
 
 pytestmark = [pytest.mark.slow]
 
 MARKER = "<!-- secured-cluster-recipe -->"
+STORE_MARKER = "<!-- store-recipe -->"
 
 
-def recipe() -> str:
-    """The README's secured-cluster commands, as written."""
+def recipe(marker: str = MARKER) -> str:
+    """The README's commands after `marker`, as written."""
     text = (REPO / "README.md").read_text()
-    block = text.split(MARKER, 1)[1]
+    block = text.split(marker, 1)[1]
     match = re.search(r"```bash\n(.*?)```", block, re.S)
-    assert match, "the README lost its secured-cluster recipe"
+    assert match, f"the README lost its recipe after {marker}"
     return match.group(1)
 
 
@@ -53,15 +57,19 @@ def _refusal(address: str, **client: object) -> str | None:
         return f"{type(error).__name__}: {error}"
 
 
-def test_the_readme_recipe_starts_a_secured_cluster_that_trains_and_refuses_strangers(tmp_path):
+def test_the_readme_recipes_start_a_secured_cluster_on_a_store_that_trains_and_refuses_strangers(
+    tmp_path,
+):
+    """The store recipe, then the secured-cluster recipe, as the README says to run them."""
     from distributed import Security
 
     data = zip_folder(make_dataset(tmp_path / "src"), tmp_path / "tiny.zip")
-    artifacts = tmp_path / "artifacts"
+    cache = tmp_path / "cache"  # this machine's copy of the store: the run's and its workers'
     certs, other = tmp_path / "cluster" / "certs", tmp_path / "other-ca"
     api_port, dask_port = free_port(), free_port()
+    master, volume, filer, s3 = (free_port_pair() for _ in range(4))
     script = tmp_path / "recipe.sh"
-    script.write_text("set -euo pipefail\n" + recipe())
+    script.write_text("set -euo pipefail\n" + recipe(STORE_MARKER) + recipe())
     env = {
         key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "DASK_"))
     }
@@ -73,9 +81,15 @@ def test_the_readme_recipe_starts_a_secured_cluster_that_trains_and_refuses_stra
         DATA=str(data),
         PREFECT_HOME=str(tmp_path / "prefect-home"),
         PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+        S3_PORT=str(s3),
+        WEED_MASTER_PORT=str(master),
+        WEED_VOLUME_PORT=str(volume),
+        WEED_FILER_PORT=str(filer),
+        CATDOG_CACHE_DIR=str(cache),
     )
-    # The options the recipe's run line passes on: two models, one epoch, tiny images.
-    options = flow_command(data, artifacts, epochs=1, models="model1,model2")[4:]
+    # The options the recipe's run line passes on: two models, one epoch, tiny images (and
+    # not --artifacts: the recipe gives the store's).
+    options = flow_command(data, tmp_path / "unused", epochs=1, models="model1,model2")[4:-2]
     cluster = subprocess.Popen(
         ["bash", str(script), *options],
         cwd=REPO,
@@ -88,10 +102,33 @@ def test_the_readme_recipe_starts_a_secured_cluster_that_trains_and_refuses_stra
     try:
         out, err = cluster.communicate(timeout=600)
         assert cluster.returncode == 0, (out, err[-4000:])
-        summary = json.loads((artifacts / "summary.json").read_text())
+        identity = json.loads((tmp_path / "cluster" / "store" / "identity.json").read_text())
+        secret = identity["identities"][0]["credentials"][0]["secretKey"]
+        assert secret not in out + err
+        summary = json.loads((cache / "stores/s3/catdog/runs/summary.json").read_text())
         assert set(summary["models"]) == {"model1", "model2"}
         workers = {model["worker"]["pid"] for model in summary["models"].values()}
         assert os.getpid() not in workers and cluster.pid not in workers
+
+        # A third machine, its cache empty, with the store's settings: production's model.
+        third = {
+            **env,
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
+            "AWS_ACCESS_KEY_ID": "catdog",
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "CATDOG_CACHE_DIR": str(tmp_path / "third"),
+        }
+        photo = write_image(tmp_path / "photo.jpg", seed=3)
+        predicted = subprocess.run(
+            [str(Path(sys.executable).with_name("catdog")), "predict", str(photo),
+             "--artifacts", "s3://catdog/runs"],
+            env=third, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert predicted.returncode == 0, predicted.stderr[-2000:]
+        assert predicted.stdout.split("\t")[1] in ("cats", "dogs")
+        assert "(production, keras)" in predicted.stderr
+        assert secret not in predicted.stdout + predicted.stderr
 
         address = f"tls://127.0.0.1:{dask_port}"
         # Plain TCP, and a certificate from another CA: both refused.
