@@ -278,7 +278,8 @@ def render(raw: dict[str, Any], rounds: int) -> str:
         )
     return "\n".join(
         [
-            f"## One epoch of model2 and model3: Keras's layers against catdog's ({now()})",
+            "## One epoch of model2 and model3: Keras's layers against catdog's "
+            f"({raw.get('finished') or now()})",
             "",
             environment_markdown(
                 {
@@ -293,9 +294,10 @@ def render(raw: dict[str, Any], rounds: int) -> str:
             "after, with the augmentation run by the input pipeline (two parallel calls). Real "
             "training split, 2,000 images at 160x160, batch 32, validation on 800 each epoch, "
             f"one process; {rounds} timed epochs per variant after a warm-up epoch, the "
-            "variants alternating. On this 2-core VM epoch times fall on a few steps (the "
-            "same 5.11 s or 10.23 s recur across models and variants), so the CPU time of "
-            "the process is the steadier comparison.",
+            "variants alternating. Every variant reads catdog's input pipeline, which runs "
+            "without tf.data autotuning: before it did, about one epoch in two stood idle "
+            "for 3-4 s at its first step (epochs of 5.1 s or 10.2 s), while Keras dropped the "
+            "previous epoch's iterator and the iterator's tuning thread slept out its period.",
             "",
             table(["model", "variant", "policy", "epoch (median)", "epoch (fastest)", "CPU"], rows),
             "",
