@@ -23,8 +23,9 @@ run: $(STAMP)
 	$(BIN)/catdog run $(run_args)
 
 # Tests run in TEST_WORKERS processes (pytest-xdist): most of a flow run is single-threaded
-# Python (tracing, Prefect, plotting), so two processes keep two cores busy.
-TEST_WORKERS ?= 2
+# Python (tracing, Prefect, plotting), and many tests wait on servers and subprocesses: three
+# processes keep two cores busy (182% of two cores over the whole suite).
+TEST_WORKERS ?= 3
 
 test: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25
