@@ -72,9 +72,13 @@ def _add_cache(commands: Any) -> None:
 
 
 def _run_cache_prune(args: argparse.Namespace, extra: list[str]) -> int:
+    from catdog.layout import Layout
     from catdog.prune import prune
 
-    report = prune(args.artifacts, keep=args.keep, dry_run=args.dry_run)
+    layout = Layout.at(args.artifacts)
+    if layout.store is not None:  # a store it cannot use: one line, before anything
+        layout.store.check(write=not args.dry_run)
+    report = prune(layout.location, keep=args.keep, dry_run=args.dry_run)
     print(report.render(verbose=not args.quiet))
     return 0
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from catdog.hashing import sha256_file_uncached
 from catdog.io import atomic_write_json, exclusive_lock, replace_directory
-from catdog.layout import RECORD_FILE, Layout
+from catdog.layout import RECORD_FILE, RUNS_DIR, SUMMARY_FILE, Layout
 from catdog.store import ObjectStore, StoreConflict, StoreError
 
 log = logging.getLogger(__name__)
@@ -268,6 +268,26 @@ def _match_archives(layout: Layout, archives: Path) -> None:
             path.unlink()
     missing = {name: layout.resolve(name) for name in listed if not layout.resolve(name).is_file()}
     store.get_many(missing)
+
+
+def pull_run_summaries(layout: Layout) -> None:
+    """Every finished run's summary in the store that this host's copy lacks, dated as the
+    store dates it (a summary never changes once written)."""
+    store = layout.store
+    if store is None:
+        return
+    depth = RUNS_DIR.count("/") + 2  # <runs>/<run>/summary.json
+    listed = store.listing(RUNS_DIR)
+    wanted = {
+        name: layout.resolve(name)
+        for name in listed
+        if name.endswith(f"/{SUMMARY_FILE}") and name.count("/") == depth
+    }
+    wanted = {name: local for name, local in wanted.items() if not local.is_file()}
+    store.get_many(wanted)
+    for name, local in wanted.items():
+        if listed[name].modified:
+            os.utime(local, (listed[name].modified, listed[name].modified))
 
 
 def pull_production(layout: Layout) -> None:

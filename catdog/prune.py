@@ -13,6 +13,12 @@ archives of the last N production models (what `registry rollback` can go back t
 older ones (`production/models/NNNN-<model>.*`) go. Nothing is pruned while another run on the
 folder is in progress (its marker in `.prefect/running/` names a live process).
 
+With an object store (`--artifacts s3://...`) the store's run summaries decide, and the same
+rules hold in the store and in this machine's copy of it. A stage output leaves the store record
+first, so that no host fetches half of one; a host that wanted it computes it again. Runs in
+progress on other hosts cannot be seen from here: what they write is newer than the newest
+finished run, so it stays.
+
 Never touched: production's current files, run reports and their `summary.json`, files whose
 names are not stage keys, anything outside the artifacts folder (symbolic links are never
 followed), and anything modified after the newest finished run. A removed stage is simply
@@ -45,6 +51,7 @@ from catdog.layout import (
     Layout,
     size_on_disk,
 )
+from catdog.mirror import pull_production, pull_run_summaries
 from catdog.pieces import INDEX_SUFFIX, ROWS_SUFFIX, WORKING_PREFIX
 from catdog.processes import runs_in_progress
 from catdog.registry import RegistryError
@@ -59,6 +66,8 @@ LEFTOVER = re.compile(r"^(?:\..+\.(?:tmp|old)-[0-9a-f]+|\..+\.partial|\.partial)
 # An archived production model's files: NNNN-<model>.keras, .keras.*.json, .export/
 ARCHIVE = re.compile(r"^(\d{4}-[A-Za-z0-9_.-]+?)\.(?:keras(?:\..+)?|export)$")
 NEVER = (PRODUCTION_DIR, RUNS_DIR)  # relative to the root; never listed, never entered
+# In a store, the object whose presence makes the rest of a folder trusted, by kind of removal.
+TRUSTED_BY = {"stage": f"/{RECORD_FILE}", "pieces": INDEX_SUFFIX}
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +80,11 @@ class PruneError(CatdogError):
 class Removal:
     """One thing pruning removes (or would remove)."""
 
-    path: Path
+    path: Path  # in the store: where this machine's copy of it would be
     # "stage", "cache", "pieces", "leftover" or "archive" (an earlier production model)
     kind: str
     size: int  # bytes
+    stored: tuple[str, ...] = ()  # in the store: its objects, in the order they go
 
 
 @dataclass
@@ -83,6 +93,7 @@ class PruneReport:
 
     root: Path
     kept_runs: list[str]
+    location: str = ""  # the store's URL (default: the folder)
     removals: list[Removal] = field(default_factory=list)
     skipped_recent: list[Path] = field(default_factory=list)
     dry_run: bool = False
@@ -100,18 +111,20 @@ class PruneReport:
         verb = "would remove" if self.dry_run else "removed"
         if self.busy:
             return (
-                f"artifacts: {self.root}\nnothing removed: run(s) {', '.join(self.busy)} in "
+                f"artifacts: {self.location or self.root}\nnothing removed: run(s) "
+                f"{', '.join(self.busy)} in "
                 "progress on this folder may still need any of it; prune after they end"
             )
         lines = [
-            f"artifacts: {self.root}",
+            f"artifacts: {self.location or self.root}",
             f"keeping what the last {len(self.kept_runs)} run(s) use: {', '.join(self.kept_runs)}",
         ]
         if verbose:
             for removal in self.removals:
-                lines.append(f"  {verb} {self._rel(removal.path)}  ({human_bytes(removal.size)})")
+                lines.append(f"  {verb} {self._rel(removal)}  ({human_bytes(removal.size)})")
         for path in self.skipped_recent:
-            lines.append(f"  kept {self._rel(path)}: newer than the last finished run")
+            where = path.relative_to(self.root).as_posix()
+            lines.append(f"  kept {where}: newer than the last finished run")
         lines.append(
             f"{verb} {self.count('stage')} stage folder(s), {self.count('cache')} cache file(s), "
             f"{self.count('pieces')} piece folder(s), {self.count('leftover')} leftover(s), "
@@ -121,8 +134,11 @@ class PruneReport:
         )
         return "\n".join(lines)
 
-    def _rel(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
+    def _rel(self, removal: Removal) -> str:
+        relative = removal.path.relative_to(self.root).as_posix()
+        if not self.location:
+            return relative
+        return f"{self.location}/{relative}" if removal.stored else f"(this machine) {relative}"
 
 
 def check_artifacts(root: str | os.PathLike[str]) -> Layout:
@@ -136,6 +152,16 @@ def check_artifacts(root: str | os.PathLike[str]) -> Layout:
             or has no finished run (whose summary says what must be kept).
     """
     layout = Layout.at(root)
+    if layout.store is not None:
+        # The store's runs decide: their summaries (small, never changed) come down first.
+        pull_run_summaries(layout)
+        pull_production(layout)
+        if not _run_summaries(layout):
+            raise PruneError(
+                f"--artifacts {root}: no finished run in the store ({RUNS_DIR}/*/"
+                f"{SUMMARY_FILE}), so nothing tells which outputs are in use; nothing removed"
+            )
+        return layout
     if not layout.root.is_dir():
         raise PruneError(f"--artifacts {root}: no such folder")
     tops = {PurePosixPath(folder).parts[0] for folder in STAGE_DIRS.values()}
@@ -294,14 +320,13 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
-def production_archives(layout: Layout, keep: int) -> list[Path]:
-    """Archived production models (and their exports and facts) older than the last `keep`
-    production models: those `registry rollback` could only reach by `keep` or more steps."""
-    folder = layout.production_dir / "models"
+def _kept_archives(layout: Layout, keep: int) -> set[str]:
+    """The archive names (`NNNN-<model>`) of the last `keep` production models: those
+    `registry rollback` can reach in fewer than `keep` steps (empty: keep every archive)."""
     try:
         registry = read_registry(layout)
     except RegistryError:
-        return []  # a registry pruning cannot read: keep every archive
+        return set()  # a registry pruning cannot read: keep every archive
     history = registry.history
     entry = registry.production.entry if registry.production else None
     kept: set[str] = set()
@@ -309,13 +334,77 @@ def production_archives(layout: Layout, keep: int) -> list[Path]:
         archive = str(history[entry].get("archive") or "")
         kept.add(PurePosixPath(archive).name.removesuffix(".keras"))
         entry = history[entry].get("replaced")
-    if not kept:
-        return []
+    return kept
+
+
+def _old_archive(name: str, kept: set[str]) -> bool:
+    match = ARCHIVE.match(name)
+    return bool(kept and match and match[1] not in kept)
+
+
+def production_archives(layout: Layout, keep: int) -> list[Path]:
+    """Archived production models (and their exports and facts) older than the last `keep`
+    production models: those `registry rollback` could only reach by `keep` or more steps."""
+    kept = _kept_archives(layout, keep)
     return [
         path
-        for path in _children(folder)
-        if ARCHIVE.match(path.name) and ARCHIVE.match(path.name)[1] not in kept
+        for path in _children(layout.production_dir / "models")
+        if _old_archive(path.name, kept)
     ]
+
+
+def _stored_stage_folder(parts: list[str], bases: set[str]) -> str | None:
+    """The `<base>/[<name>/]<stage>-<hash>` folder that a stored object's name is under."""
+    for index, part in enumerate(parts[:-1]):
+        if KEY.match(part):
+            above = ("/".join(parts[:index]), "/".join(parts[: index - 1]) if index > 1 else "")
+            return "/".join(parts[: index + 1]) if bases.intersection(above) else None
+    return None
+
+
+def _store_plan(layout: Layout, keys: set[str], keep: int, report: PruneReport) -> None:
+    """Add what goes from the store to `report`: the rules of `plan`, over its objects."""
+    store = layout.store
+    assert store is not None
+    objects = store.listing()
+    runs = [
+        found.modified
+        for name, found in objects.items()
+        if name.startswith(f"{RUNS_DIR}/") and name.endswith(f"/{SUMMARY_FILE}")
+    ]
+    newest_run = max(runs, default=0.0)
+    bases = set(STAGE_DIRS.values())
+    pieces_root = layout.relative(layout.pieces_dir)
+    archives_root = f"{PRODUCTION_DIR}/models"
+    kept_archives = _kept_archives(layout, keep)
+    groups: dict[tuple[str, str], list[str]] = {}  # (kind, folder) -> its objects
+    for name in objects:
+        parts = name.split("/")
+        if name.startswith(f"{pieces_root}/") and len(parts) > 3:
+            groups.setdefault(("pieces", "/".join(parts[:3])), []).append(name)
+        elif name.startswith(f"{archives_root}/") and _old_archive(parts[2], kept_archives):
+            groups.setdefault(("archive", "/".join(parts[:3])), []).append(name)
+        elif (folder := _stored_stage_folder(parts, bases)) is not None:
+            groups.setdefault(("stage", folder), []).append(name)
+    used_pieces: set[str] = set()
+    for kind, folder in groups:
+        if kind == "stage" and folder.rsplit("/", 1)[1] in keys:
+            found = store.read_json(f"{folder}/{RECORD_FILE}")
+            if found is not None and isinstance(found[0], dict):
+                used_pieces.update(str(piece) for piece in found[0].get("pieces", []))
+    for (kind, folder), names in sorted(groups.items()):
+        if (kind == "stage" and folder.rsplit("/", 1)[1] in keys) or (
+            kind == "pieces" and folder in used_pieces
+        ):
+            continue
+        if kind != "archive" and max(objects[name].modified for name in names) > newest_run:
+            report.skipped_recent.append(layout.root / folder)
+            continue
+        # What makes the rest trusted goes first: a stage's record, a pack's index.
+        if kind in TRUSTED_BY:
+            names.sort(key=lambda name: not name.endswith(TRUSTED_BY[kind]))
+        size = sum(objects[name].size for name in names)
+        report.removals.append(Removal(layout.root / folder, kind, size, tuple(names)))
 
 
 def plan(
@@ -345,7 +434,11 @@ def plan(
     keys = used_keys(kept) | _production_key(layout)
     # Anything written after the newest finished run may belong to a run in progress.
     newest_run = max((summary.stat().st_mtime for summary in summaries), default=now)
-    report = PruneReport(layout.root, [summary.parent.name for summary in kept])
+    report = PruneReport(
+        layout.root,
+        [summary.parent.name for summary in kept],
+        location=layout.store.url if layout.store else "",
+    )
     report.busy = runs_in_progress(layout.running_dir, besides=this_run)
     if report.busy:
         return report
@@ -375,6 +468,8 @@ def plan(
             report.removals.append(Removal(path, "leftover", size_on_disk(path)))
     for path in production_archives(layout, keep):
         report.removals.append(Removal(path, "archive", size_on_disk(path)))
+    if layout.store is not None:
+        _store_plan(layout, keys, keep, report)
     return report
 
 
@@ -410,6 +505,11 @@ def prune(
     with exclusive_lock(layout.gate_lock) if layout.production_dir.is_dir() else nullcontext():
         report = plan(layout, keep=keep, now=now, this_run=this_run)
         for removal in report.removals:
+            if removal.stored:
+                assert layout.store is not None
+                layout.store.delete_objects(removal.stored)
+                log.info("removed %s from the store", removal.path)
+                continue
             archived = removal.kind == "archive"
             if not archived and not _inside(layout, removal.path):  # re-checked at the end
                 continue

@@ -56,6 +56,12 @@ UPLOAD_PART = 8 << 20  # bytes per part of a multipart upload (S3's least is 5 M
 UPLOAD_FILES = 8  # files uploaded at once
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    size: int  # bytes
+    modified: float  # when it was written, seconds since the epoch (0: the store did not say)
+
+
 class StoreError(CatdogError):
     """The object store cannot be used: unreachable, credentials refused, no such bucket."""
 
@@ -287,6 +293,21 @@ class ObjectStore:
         start = len(self.base) + 1
         return [name[start:] for name in found]
 
+    def listing(self, relative: str = "") -> dict[str, StoredObject]:
+        """Every object at or under `relative` (all of the artifacts by default), by relative
+        name, with its size and when it was written."""
+        try:
+            found = self.fs.find(self.key(relative) if relative else self.base, detail=True,
+                                 refresh=True)  # fmt: skip
+        except FileNotFoundError:
+            return {}
+        start = len(self.base) + 1
+        return {
+            name[start:]: StoredObject(int(info.get("size") or 0), _modified(info))
+            for name, info in found.items()
+            if info.get("type") != "directory"
+        }
+
     def pipe(self, relative: str, value: Any) -> None:
         """Write JSON to an object, whatever was there."""
         data = json_bytes(value)
@@ -297,6 +318,14 @@ class ObjectStore:
         names = self.list(relative)
         if names:
             self.fs.rm([self.key(name) for name in names])
+
+    def delete_objects(self, names: tuple[str, ...]) -> None:
+        """Remove objects by relative name: the first alone and first (what makes the others
+        trusted, such as a record), then the rest."""
+        if names:
+            self.delete(names[0])
+        if names[1:]:
+            self.fs.rm([self.key(name) for name in names[1:]])
 
     def delete(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -400,6 +429,14 @@ def safe_relative(name: str) -> str:
     if name.startswith("/") or ".." in parts or "" in parts or "\\" in name:
         raise StoreError(f"the store names {name!r}: not a path inside the artifacts")
     return name
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """When an object was written, from a listing's details (S3: `LastModified`)."""
+    found = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    if hasattr(found, "timestamp"):
+        return float(found.timestamp())
+    return float(found) if isinstance(found, int | float) else 0.0
 
 
 def _reason(error: BaseException) -> str:

@@ -89,12 +89,14 @@ def _prune(layout: Layout, keep: int) -> None:
 
     logger = get_run_logger()
     try:
-        report = prune(layout.root, keep=keep, this_run=str(flow_run.get_id() or "local"))
+        report = prune(layout.location, keep=keep, this_run=str(flow_run.get_id() or "local"))
     except Exception as error:  # the next run, or `cache prune`, tries again
-        logger.warning("not pruning %s: %s", layout.root, error)
+        logger.warning("not pruning %s: %s", layout.location, error)
         return
     if report.busy:
-        logger.info("not pruning: run(s) %s in progress on %s", ", ".join(report.busy), layout.root)
+        logger.info(
+            "not pruning: run(s) %s in progress on %s", ", ".join(report.busy), layout.location
+        )
         return
     logger.info(
         "kept what the last %d run(s) used; removed %d item(s), %s",

@@ -23,7 +23,8 @@ import pytest
 from catdog.hashing import sha256_file_uncached
 from catdog.layout import RECORD_FILE, Layout
 from catdog.mirror import fetch_output, production_turn, push_output
-from catdog.stages import stage_of_task
+from catdog.prune import KEY
+from catdog.stages import stage, stage_of_task
 from catdog.store import CACHE_ENV, ObjectStore, StoreConflict
 from tests.builders import write_image
 from tests.conftest import (
@@ -228,6 +229,46 @@ def test_a_second_machine_finds_every_stage_cached_in_the_store(
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     assert predicted.stdout.split("\t")[1] in ("cats", "dogs")
     assert "(production, keras)" in predicted.stderr  # the model the store's registry names
+
+    # Other settings, then `cache prune --keep 1` from a machine with an empty cache: what only
+    # the earlier runs used leaves the store; what the last run used stays whole there.
+    code, err = _finished(_store_run(s3, data, url, tmp_path / "second", epochs=2))
+    assert code == 0, err[-3000:]
+    last = json.loads((_copy(tmp_path / "second", s3, "flow") / "summary.json").read_text())
+    stages = [folder for folder in last["artifacts_used"] if KEY.match(folder.rsplit("/")[-1])]
+    stale = {
+        folder for folder in first["artifacts_used"] if KEY.match(folder.rsplit("/")[-1])
+    } - set(stages)
+    # (Each run's report has a folder of its own.)
+    assert {folder.rsplit("/", 1)[1].split("-")[0] for folder in stale} == {
+        "train",
+        "evaluate",
+        "report",
+    }
+    fourth = {**flow_env(tmp_path / "fourth-home"), CACHE_ENV: str(tmp_path / "fourth")}
+    prune = [*catdog, "cache", "prune", "--keep", "1", "--artifacts", url]
+    planned = subprocess.run([*prune, "--dry-run"], env=fourth, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert all(s3.keys(f"flow/{folder}/") for folder in stale)  # a dry run removes nothing
+    pruned = subprocess.run(prune, env=fourth, capture_output=True, text=True, timeout=120)
+    assert pruned.returncode == 0, pruned.stderr[-2000:]
+    # The training production's model came from stays, for its lineage.
+    registry, _ = ObjectStore.at(url).read_json("production/registry.json") or ({}, "")
+    lineage = {part for part in Path(registry["source"]).parts if KEY.match(part)}
+    for folder in stale:
+        if folder.rsplit("/", 1)[1] in lineage:
+            assert s3.keys(f"flow/{folder}/") and folder not in planned.stdout + pruned.stdout
+            continue
+        assert f"would remove {url}/{folder} " in planned.stdout, planned.stdout
+        assert f"removed {url}/{folder} " in pruned.stdout, pruned.stdout
+        assert not s3.keys(f"flow/{folder}/")
+    sealed = [f for f in stages if stage(f.rsplit("/", 1)[1].split("-")[0]).cached]
+    assert all(f"flow/{f}/{RECORD_FILE}" in s3.keys(f"flow/{f}/") for f in sealed), sealed
+    code, err = _finished(_store_run(s3, data, url, tmp_path / "fifth", epochs=2))
+    assert code == 0, err[-3000:]
+    again = json.loads((_copy(tmp_path / "fifth", s3, "flow") / "summary.json").read_text())
+    assert computed(again) == ALWAYS_RUN  # every kept output came down whole and checked
 
 
 @pytest.mark.slow
