@@ -94,7 +94,11 @@ def fetch_output(layout: Layout, folder: Path) -> bool:
             wanted[name] = (rows, digest)
             wanted[_pack_index(Path(name)).as_posix()] = (_pack_index(rows), "")
             packs.append((rows, final))
-        store.get_many({remote: local for remote, (local, _) in wanted.items()})
+        try:
+            store.get_many({remote: local for remote, (local, _) in wanted.items()})
+        except FileNotFoundError:  # a record whose files are gone (a prune cut short)
+            store.delete(f"{relative}/{RECORD_FILE}")  # sealed again by the run that needs it
+            return False
         for local, digest in wanted.values():
             if digest and sha256_file_uncached(local) != digest:
                 store.delete(f"{relative}/{RECORD_FILE}")  # damaged: sealed again by a run

@@ -15,9 +15,11 @@ folder is in progress (its marker in `.prefect/running/` names a live process).
 
 With an object store (`--artifacts s3://...`) the store's run summaries decide, and the same
 rules hold in the store and in this machine's copy of it. A stage output leaves the store record
-first, so that no host fetches half of one; a host that wanted it computes it again. Runs in
-progress on other hosts cannot be seen from here: what they write is newer than the newest
-finished run, so it stays.
+first, then its pieces, so that no host fetches half of one. Runs in progress on other hosts
+cannot be seen from here: what they write after the newest finished run stays, but an older
+output they reuse may go under them, so only `cache prune` prunes the store; a run's own
+pruning (`--keep-runs`) prunes this machine's copy. Working folders of lost hosts in the store
+(a training's checkpoints, `.partial`) are not pruned.
 
 Never touched: production's current files, run reports and their `summary.json`, files whose
 names are not stage keys, anything outside the artifacts folder (symbolic links are never
@@ -56,6 +58,7 @@ from catdog.pieces import INDEX_SUFFIX, ROWS_SUFFIX, WORKING_PREFIX
 from catdog.processes import runs_in_progress
 from catdog.registry import RegistryError
 from catdog.registry import read as read_registry
+from catdog.store import ObjectStore, StoreConflict, StoredObject
 
 DEFAULT_KEEP = RUN.keep_runs
 LEFTOVER_AGE_SECONDS = 24 * 3600.0
@@ -84,7 +87,8 @@ class Removal:
     # "stage", "cache", "pieces", "leftover" or "archive" (an earlier production model)
     kind: str
     size: int  # bytes
-    stored: tuple[str, ...] = ()  # in the store: its objects, in the order they go
+    # In the store: its objects, in batches removed one after the other.
+    stored: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass
@@ -363,48 +367,91 @@ def _stored_stage_folder(parts: list[str], bases: set[str]) -> str | None:
 
 
 def _store_plan(layout: Layout, keys: set[str], keep: int, report: PruneReport) -> None:
-    """Add what goes from the store to `report`: the rules of `plan`, over its objects."""
+    """Add what goes from the store to `report`: the rules of `plan`, over its objects, in the
+    order they go (every stage record before any piece it names; a pack's index before it)."""
     store = layout.store
     assert store is not None
     objects = store.listing()
-    runs = [
-        found.modified
-        for name, found in objects.items()
-        if name.startswith(f"{RUNS_DIR}/") and name.endswith(f"/{SUMMARY_FILE}")
+    newest_run = max(
+        (
+            found.modified
+            for name, found in objects.items()
+            if name.startswith(f"{RUNS_DIR}/") and name.endswith(f"/{SUMMARY_FILE}")
+        ),
+        default=0.0,
+    )
+
+    def recent(names: list[str]) -> bool:
+        # A time the store did not give counts as recent: nothing goes on a guess.
+        times = [objects[name].modified for name in names]
+        return not newest_run or any(not time or time >= newest_run for time in times)
+
+    groups = _stored_groups(layout, objects, keep)
+    staying = [
+        folder
+        for (kind, folder), names in groups.items()
+        if kind == "stage" and (folder.rsplit("/", 1)[1] in keys or recent(names))
     ]
-    newest_run = max(runs, default=0.0)
-    bases = set(STAGE_DIRS.values())
+    used_pieces = _pieces_named(store, staying)
+    for kind in ("stage", "pieces", "archive"):
+        for (found, folder), names in sorted(groups.items()):
+            if found != kind or (kind == "stage" and folder in staying):
+                continue
+            if kind == "pieces" and (used_pieces is None or folder in used_pieces):
+                continue
+            if kind == "pieces" and recent(names):
+                report.skipped_recent.append(layout.root / folder)
+                continue
+            trusted_by = TRUSTED_BY.get(kind)
+            first = [name for name in names if trusted_by and name.endswith(trusted_by)]
+            rest = [name for name in names if name not in first]
+            size = sum(objects[name].size for name in names)
+            batches = tuple(batch for batch in (tuple(first), tuple(rest)) if batch)
+            report.removals.append(Removal(layout.root / folder, kind, size, batches))
+    report.skipped_recent += [
+        layout.root / folder for folder in staying if folder.rsplit("/", 1)[1] not in keys
+    ]
+
+
+def _stored_groups(
+    layout: Layout, objects: dict[str, StoredObject], keep: int
+) -> dict[tuple[str, str], list[str]]:
+    """The store's objects that pruning may remove, by (kind, folder): stage folders, piece
+    folders, and archived production models numbered below the oldest one kept (an archive
+    another host made after the registry was read is newer than any of those)."""
+    bases = set(STAGE_DIRS.values()) - set(NEVER)
     pieces_root = layout.relative(layout.pieces_dir)
     archives_root = f"{PRODUCTION_DIR}/models"
     kept_archives = _kept_archives(layout, keep)
-    groups: dict[tuple[str, str], list[str]] = {}  # (kind, folder) -> its objects
+    oldest_kept = min((name[:4] for name in kept_archives), default="")
+    groups: dict[tuple[str, str], list[str]] = {}
     for name in objects:
         parts = name.split("/")
         if name.startswith(f"{pieces_root}/") and len(parts) > 3:
             groups.setdefault(("pieces", "/".join(parts[:3])), []).append(name)
-        elif name.startswith(f"{archives_root}/") and _old_archive(parts[2], kept_archives):
-            groups.setdefault(("archive", "/".join(parts[:3])), []).append(name)
+        elif name.startswith(f"{archives_root}/") and len(parts) > 2:
+            if _old_archive(parts[2], kept_archives) and parts[2][:4] < oldest_kept:
+                groups.setdefault(("archive", "/".join(parts[:3])), []).append(name)
         elif (folder := _stored_stage_folder(parts, bases)) is not None:
             groups.setdefault(("stage", folder), []).append(name)
-    used_pieces: set[str] = set()
-    for kind, folder in groups:
-        if kind == "stage" and folder.rsplit("/", 1)[1] in keys:
+    return groups
+
+
+def _pieces_named(store: ObjectStore, folders: list[str]) -> set[str] | None:
+    """The piece folders that the records of these stored stage folders name; None when one
+    cannot be read (then no piece folder goes)."""
+    named: set[str] = set()
+    for folder in folders:
+        try:
             found = store.read_json(f"{folder}/{RECORD_FILE}")
-            if found is not None and isinstance(found[0], dict):
-                used_pieces.update(str(piece) for piece in found[0].get("pieces", []))
-    for (kind, folder), names in sorted(groups.items()):
-        if (kind == "stage" and folder.rsplit("/", 1)[1] in keys) or (
-            kind == "pieces" and folder in used_pieces
-        ):
-            continue
-        if kind != "archive" and max(objects[name].modified for name in names) > newest_run:
-            report.skipped_recent.append(layout.root / folder)
-            continue
-        # What makes the rest trusted goes first: a stage's record, a pack's index.
-        if kind in TRUSTED_BY:
-            names.sort(key=lambda name: not name.endswith(TRUSTED_BY[kind]))
-        size = sum(objects[name].size for name in names)
-        report.removals.append(Removal(layout.root / folder, kind, size, tuple(names)))
+        except (ValueError, StoreConflict):
+            return None
+        if found is not None:
+            pieces = found[0].get("pieces", []) if isinstance(found[0], dict) else None
+            if not isinstance(pieces, list):
+                return None
+            named.update(str(piece) for piece in pieces)
+    return named
 
 
 def plan(
@@ -412,6 +459,7 @@ def plan(
     keep: int = DEFAULT_KEEP,
     now: float | None = None,
     this_run: str | None = None,
+    in_store: bool = True,
 ) -> PruneReport:
     """Decide what to remove, without removing anything.
 
@@ -421,6 +469,7 @@ def plan(
             and how many production models to keep the archives of.
         now: the current time (seconds since the epoch), for the age of leftovers.
         this_run: the id of the run pruning, whose own in-progress marker does not count.
+        in_store: with a store, prune the store too (else this machine's copy alone).
 
     Raises:
         ValueError: `keep` is below 1.
@@ -468,7 +517,7 @@ def plan(
             report.removals.append(Removal(path, "leftover", size_on_disk(path)))
     for path in production_archives(layout, keep):
         report.removals.append(Removal(path, "archive", size_on_disk(path)))
-    if layout.store is not None:
+    if layout.store is not None and in_store:
         _store_plan(layout, keys, keep, report)
     return report
 
@@ -479,6 +528,7 @@ def prune(
     dry_run: bool = False,
     now: float | None = None,
     this_run: str | None = None,
+    in_store: bool = True,
 ) -> PruneReport:
     """Remove what the last `keep` runs do not use; with `dry_run`, only say what would go.
 
@@ -488,6 +538,7 @@ def prune(
         dry_run: report only; delete nothing.
         now: the current time (seconds since the epoch), for the age of leftovers.
         this_run: the id of the run pruning, whose own in-progress marker does not count.
+        in_store: with a store, prune the store too (else this machine's copy alone).
 
     Returns:
         What was (or would be) removed, and how many bytes that frees.
@@ -497,17 +548,19 @@ def prune(
             list what it uses.
     """
     layout = check_artifacts(root)
-    report = plan(layout, keep=keep, now=now, this_run=this_run)  # refusals touch nothing
+    # Refusals touch nothing.
+    report = plan(layout, keep=keep, now=now, this_run=this_run, in_store=in_store)
     report.dry_run = dry_run
     if dry_run or not report.removals:
         return report
     # The gate's lock: no promotion or rollback changes the registry while archives go.
     with exclusive_lock(layout.gate_lock) if layout.production_dir.is_dir() else nullcontext():
-        report = plan(layout, keep=keep, now=now, this_run=this_run)
+        report = plan(layout, keep=keep, now=now, this_run=this_run, in_store=in_store)
         for removal in report.removals:
             if removal.stored:
                 assert layout.store is not None
-                layout.store.delete_objects(removal.stored)
+                for batch in removal.stored:
+                    layout.store.delete_objects(batch)
                 log.info("removed %s from the store", removal.path)
                 continue
             archived = removal.kind == "archive"

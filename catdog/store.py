@@ -320,12 +320,9 @@ class ObjectStore:
             self.fs.rm([self.key(name) for name in names])
 
     def delete_objects(self, names: tuple[str, ...]) -> None:
-        """Remove objects by relative name: the first alone and first (what makes the others
-        trusted, such as a record), then the rest."""
+        """Remove objects by relative name (at once: callers order what must go first)."""
         if names:
-            self.delete(names[0])
-        if names[1:]:
-            self.fs.rm([self.key(name) for name in names[1:]])
+            self.fs.rm([self.key(name) for name in names])
 
     def delete(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):

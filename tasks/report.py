@@ -83,13 +83,16 @@ def _publish(summary: RunSummary, promotion: PromotionRecord, report: str) -> No
 
 def _prune(layout: Layout, keep: int) -> None:
     """`cache prune --keep N`, unless another run on the folder is in progress (what it uses
-    is on no finished run's list yet). The run's work is done: a failure here is a warning."""
+    is on no finished run's list yet). With a store, this machine's copy only: runs on other
+    hosts may still reuse what the store holds. The run's work is done: a failure here is a
+    warning."""
     from catdog.io import human_bytes
     from catdog.prune import prune
 
     logger = get_run_logger()
     try:
-        report = prune(layout.location, keep=keep, this_run=str(flow_run.get_id() or "local"))
+        this_run = str(flow_run.get_id() or "local")
+        report = prune(layout.location, keep=keep, this_run=this_run, in_store=False)
     except Exception as error:  # the next run, or `cache prune`, tries again
         logger.warning("not pruning %s: %s", layout.location, error)
         return

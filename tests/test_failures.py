@@ -281,9 +281,9 @@ def test_a_failure_at_every_stage_ends_in_one_line_and_a_rerun_resumes(tmp_path)
     _fail_at_every_stage_in_turn(tmp_path)
 
 
-# A running cluster fails at every other stage; the run's own cluster, which starts and stops
-# with each run (the slowest to run again), at every fourth of the others, the last included:
-# the rerun after it computes nothing but what every run does.
+# A running cluster fails at every other stage (the second, fourth, ...); the run's own cluster,
+# which starts and stops with each run (the slowest to run again), at the third, seventh,
+# eleventh and fifteenth, the last: the rerun after it computes nothing but what every run does.
 def test_the_same_on_the_runs_own_dask_cluster(tmp_path):
     _fail_at_every_stage_in_turn(
         tmp_path, "--runner", "dask", "--workers", "2", every=slice(2, None, 4)
