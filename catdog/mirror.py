@@ -283,11 +283,11 @@ def pull_run_summaries(layout: Layout) -> None:
     depth = RUNS_DIR.count("/") + 2  # <runs>/<run>/summary.json
     listed = store.listing(RUNS_DIR)
     wanted = {
-        name: layout.resolve(name)
+        name: local
         for name in listed
         if name.endswith(f"/{SUMMARY_FILE}") and name.count("/") == depth
+        if not (local := layout.resolve(name)).is_file()
     }
-    wanted = {name: local for name, local in wanted.items() if not local.is_file()}
     store.get_many(wanted)
     for name, local in wanted.items():
         if listed[name].modified:

@@ -393,24 +393,29 @@ def _store_plan(layout: Layout, keys: set[str], keep: int, report: PruneReport) 
         if kind == "stage" and (folder.rsplit("/", 1)[1] in keys or recent(names))
     ]
     used_pieces = _pieces_named(store, staying)
-    for kind in ("stage", "pieces", "archive"):
-        for (found, folder), names in sorted(groups.items()):
-            if found != kind or (kind == "stage" and folder in staying):
-                continue
-            if kind == "pieces" and (used_pieces is None or folder in used_pieces):
-                continue
-            if kind == "pieces" and recent(names):
-                report.skipped_recent.append(layout.root / folder)
-                continue
-            trusted_by = TRUSTED_BY.get(kind)
-            first = [name for name in names if trusted_by and name.endswith(trusted_by)]
-            rest = [name for name in names if name not in first]
-            size = sum(objects[name].size for name in names)
-            batches = tuple(batch for batch in (tuple(first), tuple(rest)) if batch)
-            report.removals.append(Removal(layout.root / folder, kind, size, batches))
+    for (kind, folder), names in sorted(groups.items(), key=_removal_order):
+        if kind == "stage" and folder in staying:
+            continue
+        if kind == "pieces" and (used_pieces is None or folder in used_pieces):
+            continue
+        if kind == "pieces" and recent(names):
+            report.skipped_recent.append(layout.root / folder)
+            continue
+        trusted_by = TRUSTED_BY.get(kind)
+        first = [name for name in names if trusted_by and name.endswith(trusted_by)]
+        rest = [name for name in names if name not in first]
+        size = sum(objects[name].size for name in names)
+        batches = tuple(batch for batch in (tuple(first), tuple(rest)) if batch)
+        report.removals.append(Removal(layout.root / folder, kind, size, batches))
     report.skipped_recent += [
         layout.root / folder for folder in staying if folder.rsplit("/", 1)[1] not in keys
     ]
+
+
+def _removal_order(group: tuple[tuple[str, str], list[str]]) -> tuple[int, str]:
+    """Stage folders first (their records name the pieces), then pieces, then archives."""
+    (kind, folder), _names = group
+    return ("stage", "pieces", "archive").index(kind), folder
 
 
 def _stored_groups(

@@ -315,9 +315,7 @@ class ObjectStore:
 
     def delete_tree(self, relative: str) -> None:
         """Remove every object under `relative`."""
-        names = self.list(relative)
-        if names:
-            self.fs.rm([self.key(name) for name in names])
+        self.delete_objects(tuple(self.list(relative)))
 
     def delete_objects(self, names: tuple[str, ...]) -> None:
         """Remove objects by relative name (at once: callers order what must go first)."""
