@@ -234,6 +234,34 @@ def predict_logits(model: Any, images: Rows, batch_size: int = 64) -> np.ndarray
     return np.concatenate(outputs) if outputs else np.empty((0, classes), np.float32)
 
 
+# The base features of this many validation images, read from the feature cache, must match
+# those the saved model's own base computes before its cache is used to score it.
+BASE_CHECK_IMAGES = 8
+
+
+def same_base(extractor: Any, images: Rows, cached: Rows) -> bool:
+    """Whether a saved model's base (`extractor`, catdog.models.feature_extractor) computes
+    the cached features `cached` of the first `images`: the cache was made by another copy
+    of the base, and features of other weights would score the model wrongly."""
+    count = min(BASE_CHECK_IMAGES, len(images), len(cached))
+    if count == 0:
+        return False
+    computed = np.asarray(extractor.predict_on_batch(images[:count].astype(np.float32)))
+    expected = np.asarray(cached[:count])
+    # Relative to the features' own scale: a randomly initialised base gives tiny ones.
+    return bool(np.abs(computed - expected).max() <= 1e-4 * np.abs(expected).max())
+
+
+def logits_on_features(classifier: Any, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """A frozen-base model's logits from its base's features (catdog.models.classifier)."""
+    outputs = [
+        np.asarray(classifier.predict_on_batch(features[start : start + batch_size]))
+        for start in range(0, len(features), batch_size)
+    ]
+    classes = int(classifier.output_shape[-1])
+    return np.concatenate(outputs) if outputs else np.empty((0, classes), np.float32)
+
+
 def score_model(model: Any, images: Rows, labels: ArrayLike, class_names: Sequence[str]) -> Scores:
     """Predict `images` (uint8, at the model's input size) with a Keras model and `score` it."""
     return score(predict_logits(model, images), labels, class_names)

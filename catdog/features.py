@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from catdog.arrays import NpyRows, NpyWriter, Rows
 from catdog.hashing import sha256_json
-from catdog.pieces import PieceStore, Reuse
+from catdog.pieces import PieceRows, PieceStore, Reuse
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def extract_features(
     extractor: Any = None
     augment: Any = None
 
-    def embed(rows: np.ndarray, keys: Sequence[str], view: int) -> np.ndarray:
+    def embed(rows: np.ndarray, keys: Sequence[str], *, view: int) -> np.ndarray:
         nonlocal extractor, augment
         if extractor is None:  # only when some piece is missing: a reuse builds no model
             extractor, augment = _extractor(x_train, model_name, num_classes, weights, seed)
@@ -137,31 +138,18 @@ def extract_features(
     reuse = Reuse()
     located: list[dict[str, tuple[Path, int]]] = []
     for view in range(views):
-        store = pieces(view)
-        found = store.locate()
         sides = [(x_train, train_keys)] + ([(x_val, val_keys)] if view == 0 else [])
-        missing = [
-            (images, [row for row, key in enumerate(keys) if key not in found], keys)
-            for images, keys in sides
-        ]
-        count = sum(len(rows) for _images, rows, _keys in missing)
-        with store.adding_rows(
-            (BASE_FEATURE_DIM,), np.float32, count, purpose, pack_rows=8192
-        ) as packer:
-            for images, rows, all_keys in missing:
-                for start in range(0, len(rows), batch_size):
-                    part = rows[start : start + batch_size]
-                    keys = [all_keys[row] for row in part]
-                    packer.add(keys, embed(images[np.asarray(part)], keys, view))
-        total = sum(len(keys) for _images, keys in sides)
-        reuse += Reuse(count, total - count)
-        located.append(store.locate() if count else found)
+        found, counted = _add_missing(
+            pieces(view), sides, partial(embed, view=view), purpose, batch_size
+        )
+        reuse += counted
+        located.append(found)
         logger.info(
             "features: view %d of %d, %d computed, %d reused",
             view + 1,
             views,
-            count,
-            total - count,
+            counted.computed,
+            counted.reused,
         )
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,6 +169,52 @@ def extract_features(
     np.save(folder / TRAIN_LABELS_FILE, np.asarray(y_train, dtype=np.int32))
     np.save(folder / VAL_LABELS_FILE, np.asarray(y_val, dtype=np.int32))
     return FeatureSet.load(folder, num_classes), reuse
+
+
+def _add_missing(
+    store: PieceStore,
+    sides: Sequence[tuple[Rows, Sequence[str]]],
+    embed: Callable[[np.ndarray, Sequence[str]], np.ndarray],
+    purpose: str,
+    batch_size: int = 64,
+) -> tuple[dict[str, tuple[Path, int]], Reuse]:
+    """Seal into `store` the features (`embed`) of every image of `sides` (images and their
+    content keys) that it lacks, a batch at a time; where each piece now lies, and how many
+    were computed and reused."""
+    found = store.locate()
+    missing = [
+        (images, [row for row, key in enumerate(keys) if key not in found], keys)
+        for images, keys in sides
+    ]
+    count = sum(len(rows) for _images, rows, _keys in missing)
+    with store.adding_rows(
+        (BASE_FEATURE_DIM,), np.float32, count, purpose, pack_rows=8192
+    ) as packer:
+        for images, rows, all_keys in missing:
+            for start in range(0, len(rows), batch_size):
+                part = rows[start : start + batch_size]
+                keys = [all_keys[row] for row in part]
+                packer.add(keys, embed(images[np.asarray(part)], keys))
+    total = sum(len(keys) for _images, keys in sides)
+    return (store.locate() if count else found), Reuse(count, total - count)
+
+
+def features_of(
+    images: Rows, keys: Sequence[str], extractor: Any, store: PieceStore, purpose: str
+) -> tuple[np.ndarray, Reuse]:
+    """The unaugmented features of `images` (their content `keys`, in row order) by a frozen
+    base's `extractor`, in memory: those `store` holds are read from it, the rest computed
+    and sealed there, so that a later run computes only images no run has seen."""
+
+    def embed(rows: np.ndarray, _keys: Sequence[str]) -> np.ndarray:
+        return np.asarray(extractor.predict_on_batch(rows.astype(np.float32)), np.float32)
+
+    located, reuse = _add_missing(store, [(images, keys)], embed, purpose)
+    rows = PieceRows(keys, located, (BASE_FEATURE_DIM,), np.float32)
+    try:
+        return rows.load(), reuse
+    finally:
+        rows.close()
 
 
 def _extractor(

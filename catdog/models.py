@@ -478,6 +478,17 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, model.get_layer("pool").output, name="feature_extractor")
 
 
+def classifier(model: keras.Model) -> keras.Model:
+    """The layers of a model4 / model4_finetune model after its pooled base features: a
+    model mapping `feature_extractor`'s output to the model's logits, sharing its weights.
+
+    Raises:
+        ModelError: `model` has no MobileNetV2 base.
+    """
+    get_base(model)
+    return keras.Model(model.get_layer("pool").output, model.output, name="classifier")
+
+
 def make_head(
     feature_dim: int, num_classes: int, *, dropout: float = TRAIN.dropout, seed: int | None = None
 ) -> keras.Model:

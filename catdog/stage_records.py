@@ -193,6 +193,10 @@ class EvaluationRecord(Record):
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)
     confusion_matrix: list[list[int]] = field(default_factory=list)
     predictions: list[int] = field(default_factory=list)  # class per test image, split order
+    # A frozen-base model is scored on its base's cached features of the test images:
+    # {"computed", "reused"} test images, and the feature pieces it read and added to.
+    per_image: dict[str, int] = field(default_factory=dict)
+    pieces: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,8 @@ STAGES: tuple[Stage, ...] = (
         "evaluate",
         "evaluate_model",
         "04_evaluations",
-        ("catdog.evaluation", "catdog.plots"),
+        # A frozen-base model is scored on its base's features, computed as for training.
+        ("catdog.evaluation", "catdog.plots", "catdog.features", "catdog.models", "catdog.layers"),
         EvaluationRecord,
         label="evaluate_model[{model}]",
         per_model=True,

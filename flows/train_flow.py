@@ -206,7 +206,12 @@ def train_flow(
                 warm=warm.get(name),
             )
             evaluated[name] = run.submit(
-                "evaluate", model=name, trained=trained[name], arrays=arrays[name], counts=counts
+                "evaluate",
+                model=name,
+                trained=trained[name],
+                arrays=arrays[name],
+                counts=counts,
+                features=features.get(name),
             )
         run.settle()  # every stage so far; the first failure is raised here
 

@@ -247,6 +247,31 @@ def train_model(
     return out.record
 
 
+def _logits_on_cached_features(
+    layout: Layout, arrays: ArraysRecord, features: FeaturesRecord, model: Any, purpose: str
+) -> tuple[Any, dict[str, Any]] | None:
+    """A frozen-base model's logits on the test split from its base's features, computed only
+    for test images no run has embedded (the same pieces as the training features'), and the
+    facts that say so; None when the saved model's base does not compute the cached features."""
+    from catdog.data.images import split_keys
+    from catdog.evaluation import logits_on_features, same_base
+    from catdog.features import FeatureSet, features_of
+    from catdog.models import classifier, feature_extractor
+    from catdog.pieces import PieceStore
+
+    extractor = feature_extractor(model)
+    x_val, _ = load_arrays(layout, arrays, "validation")
+    cached = FeatureSet.load(layout.resolve(features.dir), len(arrays.classes)).val
+    if not features.pieces or not same_base(extractor, x_val, cached):
+        return None
+    store = PieceStore(layout.resolve(features.pieces[0]), HashMemo(layout.hash_memo))
+    x_test, _ = load_arrays(layout, arrays, "test")
+    keys = split_keys(layout.resolve(arrays.dir), "test")
+    test_features, reuse = features_of(x_test, keys, extractor, store, purpose)
+    facts = {"per_image": reuse.to_json(), "pieces": [layout.relative(store.folder)]}
+    return logits_on_features(classifier(model), test_features), facts
+
+
 @stage_task("evaluate")
 def evaluate_model(
     model: str,
@@ -254,18 +279,37 @@ def evaluate_model(
     arrays: ArraysRecord,
     counts: CountsRecord,
     artifacts: str,
+    features: FeaturesRecord | None = None,
 ) -> EvaluationRecord:
-    """Score a trained model on the test split: accuracy, loss, confusion matrix, errors."""
+    """Score a trained model on the test split: accuracy, loss, confusion matrix, errors. A
+    model whose head trained on cached `features` is scored on its base's cached features of
+    the test images, so that a rerun embeds only the test images it has not seen."""
     import numpy as np
 
     from catdog.evaluation import load_model, predict_logits, score, softmax
     from catdog.plots import evaluation_figures, save_figure
 
     layout = Layout.at(artifacts)
+    logger = get_run_logger()
     with stage_output(layout, model) as out:
         classes = list(arrays.classes)
         x_test, y_test = load_arrays(layout, arrays, "test")
-        logits = predict_logits(load_model(layout.resolve(trained.dir) / MODEL_FILE), x_test)
+        loaded = load_model(layout.resolve(trained.dir) / MODEL_FILE)
+        on_features = None
+        if features is not None:
+            purpose = f"evaluate_model ({model})"
+            on_features = _logits_on_cached_features(layout, arrays, features, loaded, purpose)
+            if on_features is None:
+                logger.warning(
+                    "%s: its base does not compute the cached features; scoring it on the "
+                    "test images instead",
+                    model,
+                )
+        if on_features is not None:
+            logits, facts = on_features
+            out.facts.update(facts)
+        else:
+            logits = predict_logits(loaded, x_test)
         metrics = score(logits, y_test, classes)
         # What its exports must reproduce, image by image, before it can ship.
         np.save(out.folder / PROBABILITIES_FILE, softmax(logits).astype(np.float32))
@@ -281,7 +325,7 @@ def evaluate_model(
             model=model,
             **{field: metrics[field] for field in EVALUATION_FIELDS},
         )
-    get_run_logger().info(
+    logger.info(
         "%s: test accuracy %.3f, test loss %.3f", model, metrics["accuracy"], metrics["loss"]
     )
     return out.record

@@ -19,7 +19,13 @@ from tests.conftest import ALWAYS_RUN, SMALL, make_dataset, run_flow, write_imag
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
-PER_IMAGE = ("build_manifest", "inspect_images", "decode_images[48]", "extract_features[model4]")
+PER_IMAGE = (
+    "build_manifest",
+    "inspect_images",
+    "decode_images[48]",
+    "extract_features[model4]",
+    "evaluate_model[model4]",  # scored on its base's features of the test images
+)
 
 
 def run(data: Path, artifacts: Path) -> dict:
@@ -47,6 +53,15 @@ def test_new_images_cost_only_themselves_a_relabel_no_pixels_and_a_rerun_nothing
     assert first["increment"]["images"] is None  # nothing to compare with
     assert cost(first)["build_manifest"] == (images, 0)
     assert cost(first)["decode_images[48]"] == (images, 0)
+    tested = len_of(first, "test")
+    assert cost(first)["evaluate_model[model4]"] == (tested, 0)
+    # Scored on cached features, it scores as the saved model does on the test images.
+    evaluated = Path(artifacts, first_dir(first, "04_evaluations/model4"))
+    assert np.allclose(
+        np.load(evaluated / "probabilities.npy"),
+        saved_model_probabilities(artifacts, first),
+        atol=1e-5,
+    )
 
     for number in range(2):  # two new training images of cats
         write_image(data / "train" / "cats" / f"new.{number}.jpg", 90_000 + number)
@@ -57,6 +72,7 @@ def test_new_images_cost_only_themselves_a_relabel_no_pixels_and_a_rerun_nothing
         "inspect_images": (2, images),
         "decode_images[48]": (2, images),
         "extract_features[model4]": (2, len_of(second, "train") + len_of(second, "validation") - 2),
+        "evaluate_model[model4]": (0, tested),  # a new model, on test images embedded before
     }
     # The sample figures are redrawn only when a new image ranks among those they show.
     shown = [sample_keys(artifacts, summary) for summary in (first, second)]
@@ -95,6 +111,20 @@ def sample_keys(artifacts: Path, summary: dict) -> dict[str, list[str]]:
 
 def len_of(summary: dict, split: str) -> int:
     return sum(summary["data"]["counts"][split].values())
+
+
+def first_dir(summary: dict, prefix: str) -> str:
+    (found,) = [d for d in summary["artifacts_used"] if d.startswith(f"{prefix}/")]
+    return found
+
+
+def saved_model_probabilities(artifacts: Path, summary: dict) -> np.ndarray:
+    """What the saved model4 gives the decoded test images, run whole on their pixels."""
+    from catdog.evaluation import load_model, predict_logits, softmax
+
+    model = load_model(Path(artifacts, first_dir(summary, "04_models/model4"), "model.keras"))
+    images = np.load(Path(artifacts, stage_dir(summary, "arrays"), "test_x.npy"))
+    return softmax(predict_logits(model, images))
 
 
 def stage_dir(summary: dict, stage_folder: str) -> str:

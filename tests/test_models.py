@@ -16,7 +16,7 @@ import keras
 
 from catdog import catalog, layers, models
 from catdog.errors import ModelError, WeightsError
-from catdog.evaluation import load_model
+from catdog.evaluation import load_model, logits_on_features, same_base
 from tests.conftest import REAL_WEIGHTS
 
 pytestmark = pytest.mark.slow  # trains with TensorFlow
@@ -164,6 +164,26 @@ def test_head_trained_on_features_transplants_into_model4():
         models.transplant_head(models.make_head(MOBILENET_NO_TOP_FEATURES, 3), model)
     with pytest.raises(ModelError, match="augmentation"):
         models.get_augmentation(models.build_model("model1", SHAPE, CLASSES))
+
+
+def test_a_frozen_base_model_is_scored_on_features_of_its_own_base_only(built):
+    # evaluate_model scores model4 on cached base features: the classifier on them gives
+    # the whole model's logits, and features of another base are refused.
+    model = built["model4"]
+    other = models.build_model("model4", SHAPE, CLASSES, seed=1)  # random, other weights
+    x, _ = random_images(8, seed=3)
+    features = models.feature_extractor(model).predict_on_batch(x)
+    np.testing.assert_allclose(
+        logits_on_features(models.classifier(model), np.asarray(features)),
+        model.predict_on_batch(x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert same_base(models.feature_extractor(model), x, features)
+    assert not same_base(models.feature_extractor(other), x, features)
+    assert not same_base(models.feature_extractor(model), x[:0], features)
+    with pytest.raises(ModelError, match="no 'mobilenetv2_base'"):
+        models.classifier(built["model1"])
 
 
 @pytest.mark.parametrize("name", catalog.MODEL_NAMES)
