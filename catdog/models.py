@@ -613,7 +613,11 @@ def build_model(
 
 
 def compile_model(
-    model: keras.Model, learning_rate: float = 1e-3, *, decay_steps: int | None = None
+    model: keras.Model,
+    learning_rate: float = 1e-3,
+    *,
+    decay_steps: int | None = None,
+    steps_per_execution: int = 1,
 ) -> keras.Model:
     """Compile as the blog: Adam, sparse categorical cross-entropy on logits, accuracy.
 
@@ -622,6 +626,8 @@ def compile_model(
         learning_rate: Adam's learning rate.
         decay_steps: When given, the rate follows a cosine from `learning_rate` down to zero
             over this many steps, instead of staying constant.
+        steps_per_execution: Training steps run per call into TensorFlow: the same updates,
+            with Keras's per-step overhead paid once per call.
 
     Returns:
         The same model, compiled.
@@ -633,5 +639,6 @@ def compile_model(
         optimizer=keras.optimizers.Adam(learning_rate=rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
     return model

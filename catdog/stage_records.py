@@ -44,6 +44,7 @@ HOW_IT_WAS_MADE = (
     "pieces",
     "piece_files",
     "near_duplicates_compared",
+    "cross_validated",
 )
 
 
@@ -128,6 +129,10 @@ class SuspectsRecord(Record):
     # {"path", "label", "probability"}, lowest probability first
     suspects: list[dict[str, str | float]] = field(default_factory=list)
     features: str = ""  # what computed the features: model, image size, weights
+    # {"computed", "reused"}: images scored now, and those whose probabilities were kept
+    per_image: dict[str, int] = field(default_factory=dict)
+    cross_validated: bool = True  # every fold fitted now, not an earlier run's probe
+    pieces: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ STAGES: tuple[Stage, ...] = (
         "03_splits/suspects",
         (
             "catdog.data.quality",
+            "catdog.data.probe",
             "catdog.data.suspects",
             "catdog.data.reference",
             "catdog.data.figures",

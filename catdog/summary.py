@@ -312,7 +312,7 @@ def increment(
     stages: dict[str, JsonObject] = {}
     per_image = [records.manifest, records.inspection]
     per_image += [*records.arrays.values(), *records.features.values()]
-    per_image += records.evaluated.values()
+    per_image += [*records.evaluated.values(), *([records.suspects] if records.suspects else [])]
     by_dir = {outcome.dir: (label, outcome.state) for label, outcome in tasks.items()}
     for record in per_image:
         label, state = by_dir.get(record.dir, (None, None))

@@ -384,6 +384,12 @@ def train_end_to_end(
     return replace(_result(model, rows), warm_start=started)
 
 
+# A step of the head is one small matmul, and Keras's overhead per step was most of its time:
+# 32 steps per call gave the same history, bit for bit, with epochs of 0.7 s against 1.7 s
+# (28,500 feature rows, batch 32, 2-core Xeon).
+HEAD_STEPS_PER_CALL = 32
+
+
 def train_head_on_features(
     name: str,
     features: FeatureSet,
@@ -405,7 +411,7 @@ def train_head_on_features(
     keras.utils.set_random_seed(seed)
     head = models.make_head(features.dim, features.num_classes, dropout=config.dropout, seed=seed)
     started = start_warm(name, head, warm, head_only=True) if warm else None
-    models.compile_model(head, config.learning_rate)
+    models.compile_model(head, config.learning_rate, steps_per_execution=HEAD_STEPS_PER_CALL)
     train, val = feature_dataset(features, config.batch_size, seed=seed)
     rows = fit_resumable(
         head,

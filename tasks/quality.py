@@ -25,7 +25,7 @@ from catdog.data.reference import (
     write_features_sample,
     write_reference,
 )
-from catdog.data.suspects import rank_suspects
+from catdog.data.suspects import label_probabilities, rank_suspects
 from catdog.errors import DataCheckFailed
 from catdog.features import unaugmented_train_features
 from catdog.hashing import HashMemo
@@ -132,7 +132,8 @@ def find_suspect_labels(
 ) -> SuspectsRecord:
     """Training images whose label a cross-validated linear probe on the cached features
     disagrees with most, lowest probability of their own label first; and a sample of the
-    features, kept as a reference when a model trained on them is promoted."""
+    features, kept as a reference when a model trained on them is promoted. Images an earlier
+    run scored keep their probabilities (catdog.data.suspects)."""
     layout = Layout.at(artifacts)
     with stage_output(layout) as out:
         manifest = split_manifest_of(layout, split)
@@ -140,10 +141,26 @@ def find_suspect_labels(
         write_features_sample(out.folder, rows, about, seed)
         # The features' rows follow the training split's order (decode_splits_to).
         train = manifest.in_split("train")
-        suspects = rank_suspects(rows, labels, train, len(manifest.classes), seed=seed)
+        scores = label_probabilities(
+            rows,
+            labels,
+            [entry.sha256 for entry in train],
+            len(manifest.classes),
+            seed=seed,
+            pieces=layout.pieces_dir,
+            features_made_by=features.pieces[:1] or features.key,
+            memo=HashMemo(layout.hash_memo),
+        )
+        suspects = rank_suspects(scores.own, train) if scores else []
         if suspects:
             save_suspects_figure(out.folder, Path(manifest.root), suspects)
         out.facts.update(suspects=suspects, features=about)
+        if scores:
+            out.facts.update(
+                per_image=scores.reuse.to_json(),
+                cross_validated=scores.cross_validated,
+                pieces=[layout.relative(folder) for folder in scores.folders],
+            )
     return out.record
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catdog.data import quality
+from catdog.data import probe, quality
 from catdog.data.records import SPLITS, ImageEntry, Manifest
 from catdog.data.split import split_manifest
 from tests.conftest import REAL_WEIGHTS, REPO, api_env, make_dataset, run_flow, zip_folder
@@ -210,7 +210,7 @@ def test_the_probe_puts_moved_labels_at_the_top():
     moved = rng.choice(np.flatnonzero(labels == 0), 40, replace=False)  # a fifth of one class
     given = labels.copy()
     given[moved] = 1
-    probability = quality.out_of_fold_label_probability(features, given, 2, seed=0)
+    probability = probe.out_of_fold_label_probability(features, given, 2, seed=0)
     top = np.argsort(probability)[: len(moved)]
     assert len(set(top) & set(moved)) >= 0.8 * len(moved)
 

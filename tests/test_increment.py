@@ -25,6 +25,7 @@ PER_IMAGE = (
     "decode_images[48]",
     "extract_features[model4]",
     "evaluate_model[model4]",  # scored on its base's features of the test images
+    "find_suspect_labels",  # training images scored by a probe that never saw them
 )
 
 
@@ -55,6 +56,7 @@ def test_new_images_cost_only_themselves_a_relabel_no_pixels_and_a_rerun_nothing
     assert cost(first)["decode_images[48]"] == (images, 0)
     tested = len_of(first, "test")
     assert cost(first)["evaluate_model[model4]"] == (tested, 0)
+    assert cost(first)["find_suspect_labels"] == (len_of(first, "train"), 0)
     # Scored on cached features, it scores as the saved model does on the test images.
     evaluated = Path(artifacts, first_dir(first, "04_evaluations/model4"))
     assert np.allclose(
@@ -73,6 +75,7 @@ def test_new_images_cost_only_themselves_a_relabel_no_pixels_and_a_rerun_nothing
         "decode_images[48]": (2, images),
         "extract_features[model4]": (2, len_of(second, "train") + len_of(second, "validation") - 2),
         "evaluate_model[model4]": (0, tested),  # a new model, on test images embedded before
+        "find_suspect_labels": (2, len_of(second, "train") - 2),
     }
     # The sample figures are redrawn only when a new image ranks among those they show.
     shown = [sample_keys(artifacts, summary) for summary in (first, second)]

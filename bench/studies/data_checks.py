@@ -39,7 +39,7 @@ from bench.common import (
     table,
     write_section,
 )
-from catdog.data import quality
+from catdog.data import probe, quality
 
 SEEDS = 20
 SIZE = 224
@@ -136,7 +136,7 @@ def main() -> int:
 
     train = np.flatnonzero([entry.source_split == "train" for entry in manifest.images])
     started = time.perf_counter()
-    probability = quality.out_of_fold_label_probability(features[train], labels[train], 2)
+    probability = probe.out_of_fold_label_probability(features[train], labels[train], 2)
     probe_seconds = time.perf_counter() - started
     order = np.argsort(probability)
     suspects = [
@@ -152,7 +152,7 @@ def main() -> int:
     moved = rng.choice(cats, len(cats) // 5, replace=False)
     given = labels[train].copy()
     given[moved] = 1
-    moved_probability = quality.out_of_fold_label_probability(features[train], given, 2)
+    moved_probability = probe.out_of_fold_label_probability(features[train], given, 2)
     ranked = np.argsort(moved_probability)
     found = {k: len(set(ranked[:k]) & set(moved)) for k in (len(moved), 2 * len(moved))}
 

@@ -7,8 +7,6 @@
 - `profile`: per split and class, the count and the distribution of every property.
 - `class_balance`, `property_drift`, `embedding_drift`: this run's training data against the
   data that trained production, each with its statistic, threshold and verdict.
-- `out_of_fold_label_probability`: a cross-validated linear probe on cached features, for
-  images whose label the rest of the data disagrees with.
 """
 
 from __future__ import annotations
@@ -483,52 +481,3 @@ def embedding_drift(
         f"{p_value:.3g} ({permutations} permutations; fails above the null's "
         f"{1 - EMBEDDING_SIGNIFICANCE:.0%} quantile)",
     )
-
-
-def out_of_fold_label_probability(
-    features: np.ndarray,
-    labels: np.ndarray,
-    num_classes: int,
-    *,
-    folds: int = 5,
-    components: int = 128,
-    steps: int = 300,
-    l2: float = 1e-2,
-    seed: int = 0,
-) -> np.ndarray:
-    """Each image's probability of its own label from a softmax regression that never saw it.
-
-    The features are projected onto their first `components` principal axes (unsupervised,
-    so no label leaks across folds) and scaled so the first has unit variance; each fold is
-    then scored by a probe trained on the others by full-batch gradient descent: about a
-    second for a few thousand images. Not whitened: equalising every axis let the probe fit
-    the mislabelled images along noise axes (23 of 40 moved labels found in the top 40 of
-    tests/test_data_checks.py's case, against 40 of 40 without).
-    """
-    x = np.asarray(features, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.int64)
-    x = x - x.mean(axis=0)
-    _, singular, axes = np.linalg.svd(x, full_matrices=False)
-    keep = max(1, min(components, int((singular > 1e-8 * singular[0]).sum())))
-    x = x @ axes[:keep].T / (singular[0] / math.sqrt(len(x)))
-    x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-    order = np.random.default_rng(seed).permutation(len(x))
-    fold_of = np.empty(len(x), dtype=np.int64)
-    fold_of[order] = np.arange(len(x)) % max(2, folds)
-    onehot = np.eye(num_classes)[y]
-    own = np.empty(len(x))
-    for fold in range(max(2, folds)):
-        held, fit = fold_of == fold, fold_of != fold
-        weights = np.zeros((x.shape[1], num_classes))
-        for _ in range(steps):
-            logits = x[fit] @ weights
-            logits -= logits.max(axis=1, keepdims=True)
-            p = np.exp(logits)
-            p /= p.sum(axis=1, keepdims=True)
-            weights -= 0.5 * (x[fit].T @ (p - onehot[fit]) / fit.sum() + l2 * weights)
-        logits = x[held] @ weights
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(axis=1, keepdims=True)
-        own[held] = p[np.arange(held.sum()), y[held]]
-    return own
