@@ -99,6 +99,12 @@ class Layout:
         return self.prefect_dir / "file-hashes.json"
 
     @property
+    def image_hashes(self) -> Path:
+        """The source images' hashes by stamp, apart from `hash_memo`: only the manifest
+        reads them, and every stage would otherwise load tens of thousands of them."""
+        return self.prefect_dir / "image-hashes.json"
+
+    @property
     def sources_memo(self) -> Path:
         """The last good download of each dataset URL (see catdog.data.freshness)."""
         return self.prefect_dir / "sources.json"

@@ -582,11 +582,11 @@ def prune(
 
 def _forget_missing_hashes(layout: Layout) -> None:
     """Drop remembered file hashes of files that no longer exist."""
-    memo = layout.hash_memo
-    try:
-        entries = json.loads(memo.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    kept = {path: entry for path, entry in entries.items() if Path(path).exists()}
-    if len(kept) != len(entries):
-        atomic_write_json(memo, kept)
+    for memo in (layout.hash_memo, layout.image_hashes):
+        try:
+            entries = json.loads(memo.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        kept = {path: entry for path, entry in entries.items() if Path(path).exists()}
+        if len(kept) != len(entries):
+            atomic_write_json(memo, kept)

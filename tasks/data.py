@@ -156,9 +156,10 @@ def build_manifest(images: ImagesRecord, artifacts: str) -> ManifestRecord:
 
     logger = get_run_logger()
     layout = Layout.at(artifacts)
-    memo = HashMemo(layout.hash_memo)
-    verdicts = validation_pieces(layout.pieces_dir, memo)
-    known = KnownImages(memo=memo, verdicts=verdicts.values(), keep=verdicts.add_values)
+    verdicts = validation_pieces(layout.pieces_dir, HashMemo(layout.hash_memo))
+    known = KnownImages(
+        memo=HashMemo(layout.image_hashes), verdicts=verdicts.values(), keep=verdicts.add_values
+    )
     with stage_output(layout) as out:
         manifest = scan(layout.resolve(images.root), known=known)
         manifest.save(out.folder / MANIFEST_FILE)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,17 @@ class Manifest:
         return replace(self, images=tuple(images), **changes)
 
     def to_json(self) -> dict[str, Any]:  # the manifest file's JSON
-        data = asdict(self)
-        data["format"] = MANIFEST_FORMAT
-        return data
+        # Entry by entry, not `asdict`, whose deep copies took most of the time of a manifest
+        # of 30,000 images (about 0.15 s of every stage that writes or hashes one).
+        return {
+            "root": self.root,
+            "layout": self.layout,
+            "classes": list(self.classes),
+            "images": [dict(vars(entry)) for entry in self.images],
+            "skipped": [dict(vars(entry)) for entry in self.skipped],
+            "split_settings": copy.deepcopy(self.split_settings),
+            "format": MANIFEST_FORMAT,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
