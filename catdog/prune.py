@@ -19,7 +19,8 @@ first, then its pieces, so that no host fetches half of one. Runs in progress on
 cannot be seen from here: what they write after the newest finished run stays, but an older
 output they reuse may go under them, so only `cache prune` prunes the store; a run's own
 pruning (`--keep-runs`) prunes this machine's copy. Working folders of lost hosts in the store
-(a training's checkpoints, `.partial`) are not pruned.
+(a training's checkpoints, `.partial`) and the leases of entries they were computing
+(`.prefect/locks/*.lease`) go once nothing in them has changed for a day.
 
 Never touched: production's current files, run reports and their `summary.json`, files whose
 names are not stage keys, anything outside the artifacts folder (symbolic links are never
@@ -53,6 +54,7 @@ from catdog.layout import (
     Layout,
     size_on_disk,
 )
+from catdog.leases import STORE_LEASES
 from catdog.mirror import pull_production, pull_run_summaries
 from catdog.pieces import INDEX_SUFFIX, ROWS_SUFFIX, WORKING_PREFIX
 from catdog.processes import runs_in_progress
@@ -366,7 +368,7 @@ def _stored_stage_folder(parts: list[str], bases: set[str]) -> str | None:
     return None
 
 
-def _store_plan(layout: Layout, keys: set[str], keep: int, report: PruneReport) -> None:
+def _store_plan(layout: Layout, keys: set[str], keep: int, report: PruneReport, now: float) -> None:
     """Add what goes from the store to `report`: the rules of `plan`, over its objects, in the
     order they go (every stage record before any piece it names; a pack's index before it)."""
     store = layout.store
@@ -401,6 +403,11 @@ def _store_plan(layout: Layout, keys: set[str], keep: int, report: PruneReport) 
         if kind == "pieces" and recent(names):
             report.skipped_recent.append(layout.root / folder)
             continue
+        if kind == "leftover" and not all(
+            objects[name].modified and now - objects[name].modified > LEFTOVER_AGE_SECONDS
+            for name in names
+        ):
+            continue
         trusted_by = TRUSTED_BY.get(kind)
         first = [name for name in names if trusted_by and name.endswith(trusted_by)]
         rest = [name for name in names if name not in first]
@@ -413,17 +420,19 @@ def _store_plan(layout: Layout, keys: set[str], keep: int, report: PruneReport) 
 
 
 def _removal_order(group: tuple[tuple[str, str], list[str]]) -> tuple[int, str]:
-    """Stage folders first (their records name the pieces), then pieces, then archives."""
+    """Stage folders first (their records name the pieces), then pieces, then archives and
+    leftovers."""
     (kind, folder), _names = group
-    return ("stage", "pieces", "archive").index(kind), folder
+    return ("stage", "pieces", "archive", "leftover").index(kind), folder
 
 
 def _stored_groups(
     layout: Layout, objects: dict[str, StoredObject], keep: int
 ) -> dict[tuple[str, str], list[str]]:
     """The store's objects that pruning may remove, by (kind, folder): stage folders, piece
-    folders, and archived production models numbered below the oldest one kept (an archive
-    another host made after the registry was read is newer than any of those)."""
+    folders, archived production models numbered below the oldest one kept (an archive
+    another host made after the registry was read is newer than any of those), and leftovers
+    (working folders and leases of hosts that were lost), whatever their age."""
     bases = set(STAGE_DIRS.values()) - set(NEVER)
     pieces_root = layout.relative(layout.pieces_dir)
     archives_root = f"{PRODUCTION_DIR}/models"
@@ -439,7 +448,22 @@ def _stored_groups(
                 groups.setdefault(("archive", "/".join(parts[:3])), []).append(name)
         elif (folder := _stored_stage_folder(parts, bases)) is not None:
             groups.setdefault(("stage", folder), []).append(name)
+        elif (folder := _stored_leftover(name, parts, bases)) is not None:
+            groups.setdefault(("leftover", folder), []).append(name)
     return groups
+
+
+def _stored_leftover(name: str, parts: list[str], bases: set[str]) -> str | None:
+    """The working folder (`.<key>.partial` of a stage base) or lease that a stored object
+    is, or is in."""
+    if name.startswith(f"{STORE_LEASES}/") and name.endswith(".lease"):
+        return name
+    for index, part in enumerate(parts[:-1]):
+        if LEFTOVER.match(part) and any(
+            "/".join(parts[:cut]) in bases for cut in (index, index - 1) if cut > 0
+        ):
+            return "/".join(parts[: index + 1])
+    return None
 
 
 def _pieces_named(store: ObjectStore, folders: list[str]) -> set[str] | None:
@@ -523,7 +547,7 @@ def plan(
     for path in production_archives(layout, keep):
         report.removals.append(Removal(path, "archive", size_on_disk(path)))
     if layout.store is not None and in_store:
-        _store_plan(layout, keys, keep, report)
+        _store_plan(layout, keys, keep, report, now)
     return report
 
 

@@ -151,7 +151,18 @@ class ObjectStore:
                 does not exist.
         """
         try:
-            self.fs.ls(self.bucket, refresh=True)
+            if self.scheme == "s3":
+                # The prefix, not the bucket: credentials scoped to the prefix (an IAM policy
+                # with an `s3:prefix` condition) may not list the bucket's root.
+                prefix = self.base.partition("/")[2]
+                self.fs.call_s3(
+                    "list_objects_v2",
+                    Bucket=self.bucket,
+                    Prefix=f"{prefix}/" if prefix else "",
+                    MaxKeys=1,
+                )
+            else:
+                self.fs.ls(self.bucket, refresh=True)
             if write:
                 self.fs.pipe_file(self.key(CHECK_OBJECT), b"catdog\n")
         except StoreError as error:  # (a StoreFault: this is before any work)
@@ -227,9 +238,10 @@ class ObjectStore:
             raise
         return json.loads(data), etag
 
-    def write_json(self, relative: str, value: Any, *, if_match: str | None) -> None:
+    def write_json(self, relative: str, value: Any, *, if_match: str | None) -> str:
         """Write JSON only if the object is still as read: `if_match` its ETag then, or None
-        when it did not exist (S3's `If-Match` / `If-None-Match: *`).
+        when it did not exist (S3's `If-Match` / `If-None-Match: *`). Returns the ETag of
+        what it wrote.
 
         Raises:
             StoreConflict: Another writer changed it first.
@@ -237,13 +249,14 @@ class ObjectStore:
         data = json_bytes(value)
         try:
             if if_match is None:
-                self.fs.pipe_file(self.key(relative), data, mode="create")
+                written = self.fs.pipe_file(self.key(relative), data, mode="create")
             else:
-                self.fs.pipe_file(self.key(relative), data, IfMatch=if_match)
+                written = self.fs.pipe_file(self.key(relative), data, IfMatch=if_match)
         except OSError as error:
             if _lost_a_condition(error) or isinstance(error, FileNotFoundError):
                 raise StoreConflict(f"{self.key(relative)} changed meanwhile") from error
             raise
+        return str((written or {}).get("ETag", ""))
 
     def put_many(self, root: Path, paths: list[Path]) -> None:
         """Upload local files under `root` to the same relative names, concurrently."""

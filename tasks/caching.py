@@ -15,6 +15,7 @@ import ast
 import importlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import textwrap
@@ -46,7 +47,9 @@ from catdog.mirror import (
 )
 from catdog.stage_records import Record
 from catdog.stages import Stage, stage, stage_of_task
-from tasks.locks import ArtifactsLockManager
+from tasks.locks import ArtifactsLockManager, StoreLockManager
+
+log = logging.getLogger(__name__)
 
 NOT_KEYED = ("artifacts",)  # where results live does not change what they are
 
@@ -103,8 +106,9 @@ class ContentAddressed(CachePolicy):
         key = f"{entry.name}-{sha256_json(parts)[:32]}"
         name = inputs.get("model") if entry.per_model else None
         folder = layout.output_dir(entry.name, key, name)
-        # Another run computing this key holds its lock: what it commits is not stale.
-        if self.lock_manager is not None and self.lock_manager.is_locked(key):
+        # Another run on this host computing this key holds its lock: what it commits is
+        # not stale. (A run on another host: this one waits for the lease, then adopts.)
+        if isinstance(self.lock_manager, ArtifactsLockManager) and self.lock_manager.held_here(key):
             return key
         try:
             if layout.store is None:
@@ -113,6 +117,8 @@ class ContentAddressed(CachePolicy):
             elif not self._found(layout, entry, key, folder):
                 # The task runs here: what it reads, this host may not have computed.
                 fetch_inputs(layout, inputs.values())
+                # Another host may seal it while this one waits for the entry's lock.
+                _AWAITED[key] = (layout, entry, folder)
         except Exception as error:  # Prefect would log it and run the task without a key
             _STORE_FAILURES[task_ctx.task_run.id] = error
         return key
@@ -136,6 +142,27 @@ class ContentAddressed(CachePolicy):
             return True
         evict(layout, key)
         return False
+
+
+# Entries of a store that this process found nowhere, by key: once it holds an entry's lock,
+# another host may have sealed it meanwhile (see `adopt_if_sealed`).
+_AWAITED: dict[str, tuple[Layout, Stage, Path]] = {}
+
+
+def adopt_if_sealed(key: str) -> None:
+    """Run once this process holds the lock of a store's entry, before Prefect looks for its
+    cache record: if another host sealed the entry while this one waited, fetch it, so that
+    the task is `Cached` instead of computing it again."""
+    awaited = _AWAITED.pop(key, None)
+    if awaited is None:
+        return
+    layout, entry, folder = awaited
+    try:
+        sealed = outputs_intact(layout, folder) or fetch_output(layout, folder)
+        if sealed and not (layout.cache_keys_dir / key).is_file():
+            remember(layout, entry, key, folder)
+    except Exception as error:  # computing it again is always right; the store's failure
+        log.warning("%s: could not look for it in the store (%s); computing it", key, error)
 
 
 # A task run whose cache key could not be computed (an input that is nowhere, the store failing):
@@ -402,10 +429,13 @@ def bind_to_artifacts(task: Task, layout: Layout, *, refresh: bool = False, **op
     policy = task.cache_policy
     if not isinstance(policy, ContentAddressed):
         return task.with_options(**options)
+    locks = (
+        StoreLockManager(layout.locks_dir, layout.location, adopt_if_sealed)
+        if layout.store is not None
+        else ArtifactsLockManager(layout.locks_dir)
+    )
     policy = policy.configure(
-        key_storage=layout.cache_keys_dir,
-        lock_manager=ArtifactsLockManager(layout.locks_dir),
-        isolation_level="SERIALIZABLE",
+        key_storage=layout.cache_keys_dir, lock_manager=locks, isolation_level="SERIALIZABLE"
     )
     policy.refresh = refresh
     return task.with_options(

@@ -16,12 +16,15 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict
 
 from catdog.io import exclusive_lock
+from catdog.leases import STORE_LEASES, Leases
 from catdog.processes import (  # noqa: F401 - HOLD_TIMEOUT_ENV and Heartbeat: the lock's API
     HEARTBEAT,
     HOLD_TIMEOUT_ENV,
@@ -168,6 +171,10 @@ class ArtifactsLockManager:
     def is_locked(self, key: str) -> bool:
         return not self._clear_if_abandoned(key)
 
+    def held_here(self, key: str) -> bool:
+        """Whether a process of this host holds the lock (its lock file)."""
+        return ArtifactsLockManager.is_locked(self, key)
+
     def is_lock_holder(self, key: str, holder: str) -> bool:
         content = self._read(key)
         if not content or content.get("holder") != holder:
@@ -184,3 +191,100 @@ class ArtifactsLockManager:
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return await asyncio.to_thread(self.wait_for_lock, key, timeout)
+
+
+STORE_POLL_SECONDS = 0.5  # a waiter's look at the store's lease: a request each time
+
+
+class StoreLockManager(ArtifactsLockManager):
+    """Locks of an artifacts store's entries, between processes and between hosts.
+
+    This host's processes take turns through its lock files (`ArtifactsLockManager`, which
+    frees a dead process's lock at once); the holder then takes the entry's lease in the store
+    (`catdog.leases`), for which the hosts take turns. A host that waited finds what the
+    holder sealed: `on_acquired(key)` runs once the lock is held, before Prefect looks for the
+    entry's cache record, and fetches the sealed output if there is one.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        url: str,
+        on_acquired: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(directory)
+        self.url = url
+        self.on_acquired = on_acquired
+        self._leases: Leases | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, StoreLockManager)
+            and other.directory == self.directory
+            and other.url == self.url
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.directory, self.url))
+
+    def __getstate__(self) -> dict[str, object]:
+        # Sent to Dask workers with the task: each process opens the store and its leases.
+        return {**self.__dict__, "_leases": None}
+
+    @property
+    def leases(self) -> Leases:
+        if self._leases is None:
+            self._leases = _leases_of(self.url)
+        return self._leases
+
+    def acquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        if not super().acquire_lock(key, holder, acquire_timeout, hold_timeout):
+            return False
+        try:
+            while not self.leases.try_take(key, holder):
+                if deadline is not None and time.monotonic() >= deadline:
+                    super().release_lock(key, holder)
+                    return False
+                time.sleep(STORE_POLL_SECONDS)
+            if self.on_acquired is not None:
+                self.on_acquired(key)
+        except BaseException:
+            self.leases.release(key, holder)
+            super().release_lock(key, holder)
+            raise
+        return True
+
+    def release_lock(self, key: str, holder: str) -> None:
+        try:
+            self.leases.release(key, holder)
+        finally:
+            super().release_lock(key, holder)
+
+    def is_locked(self, key: str) -> bool:
+        return super().is_locked(key) or self.leases.is_held(key)
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        return super().is_lock_holder(key, holder) and self.leases.holds(key, holder)
+
+
+_LEASES: dict[str, Leases] = {}
+_LEASES_GUARD = threading.Lock()
+
+
+def _leases_of(url: str) -> Leases:
+    """One `Leases` per store per process: the renewal thread serves every lock it holds."""
+    from catdog.layout import Layout
+
+    with _LEASES_GUARD:
+        if url not in _LEASES:
+            store = Layout.at(url).store
+            assert store is not None, f"{url} is not an object store"
+            _LEASES[url] = Leases(store, STORE_LEASES)
+        return _LEASES[url]

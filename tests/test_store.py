@@ -11,10 +11,12 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +24,9 @@ import pytest
 
 from catdog.hashing import sha256_file_uncached
 from catdog.layout import RECORD_FILE, Layout
+from catdog.leases import Leases
 from catdog.mirror import fetch_output, production_turn, push_output
-from catdog.prune import KEY
+from catdog.prune import KEY, LEFTOVER_AGE_SECONDS
 from catdog.stages import stage, stage_of_task
 from catdog.store import CACHE_ENV, ObjectStore, StoreConflict
 from tests.builders import write_image
@@ -124,6 +127,11 @@ def test_pruning_a_store_unseals_first_and_keeps_what_a_run_may_still_use(
     for version in ("v0", "v1"):
         put(f"pieces/pixels/{version}/pack.json")
         put(f"pieces/pixels/{version}/pack.npy", "rows")
+    # What a lost host left: a training's checkpoints and the lease of the entry.
+    partial = "04_models/model1/.train-eeee5555.partial"
+    put(f"{partial}/checkpoint.json")
+    put(f"{partial}/final.keras", "weights")
+    put(".prefect/locks/train-eeee5555.lease", {"holder": "lost"})
     time.sleep(1.1)  # the store dates objects to the second: the run ends after them
     put("05_reports/runs/20260101T000000Z-run/summary.json", {"artifacts_used": [kept, decoded]})
     time.sleep(1.1)
@@ -142,6 +150,12 @@ def test_pruning_a_store_unseals_first_and_keeps_what_a_run_may_still_use(
         recent
     ]
     assert store_env.keys(f"pruning/{stale}/")  # a dry run removes nothing
+    # Leftovers go once nothing in them changed for a day.
+    later = prune(url, keep=1, dry_run=True, now=time.time() + LEFTOVER_AGE_SECONDS + 60)
+    assert [(r.kind, r.path.relative_to(later.root).as_posix()) for r in later.removals][2:] == [
+        ("leftover", ".prefect/locks/train-eeee5555.lease"),
+        ("leftover", partial),
+    ]
 
     prune(url, keep=1)
     left = {key.removeprefix("pruning/") for key in store_env.keys("pruning/")}
@@ -219,6 +233,48 @@ def test_production_changes_between_hosts_are_compare_and_swap(
         store.write_json("production/registry.json", rival, if_match=etag)
     registry, _ = store.read_json("production/registry.json") or ({}, "")
     assert [entry["model"] for entry in registry["history"]] == ["model1", "model2", "model3"]
+
+
+def test_an_entry_s_lease_takes_turns_between_hosts_and_passes_on_when_abandoned(
+    store_env: S3Server,
+) -> None:
+    """The lock of an entry being computed, between hosts that share only the store: a lease
+    its holder renews is never taken, however long others wait; a released one is taken at
+    once; one whose holder stopped renewing goes, after its expiry, to exactly one waiter;
+    one whose holder was a process of this machine that ended, at once."""
+    store = ObjectStore.at(f"s3://{store_env.bucket}/leases")
+    expiry = 1.2
+    a, b, c = (Leases(store, "locks", expiry) for _ in range(3))  # three hosts' views
+    assert a.try_take("stage-1", "run-a") and a.try_take("stage-1", "run-a")
+    deadline = time.monotonic() + 3 * expiry
+    while time.monotonic() < deadline:  # a renews it every expiry / 4
+        assert not b.try_take("stage-1", "run-b") and b.is_held("stage-1")
+        time.sleep(0.1)
+    a.release("stage-1", "run-a")
+    assert not b.is_held("stage-1") and b.try_take("stage-1", "run-b")
+    b.release("stage-1", "run-b")
+
+    # A lost host's lease: nobody renews it.
+    lost = {"holder": "run-x", "process": "elsewhere:4242:1"}
+    store.write_json("locks/stage-2.lease", lost, if_match=None)
+    assert not b.try_take("stage-2", "run-b") and not c.try_take("stage-2", "run-c")
+    time.sleep(expiry + 0.2)
+    with ThreadPoolExecutor(2) as pool:
+        won = list(pool.map(lambda waiter: waiter[0].try_take("stage-2", waiter[1]),
+                            [(b, "run-b"), (c, "run-c")]))  # fmt: skip
+    assert sorted(won) == [False, True], won
+    winner = b if won[0] else c
+    assert (store.read_json("locks/stage-2.lease") or ({},))[0]["holder"] in ("run-b", "run-c")
+    winner.release("stage-2", "run-b" if won[0] else "run-c")
+    assert store.read_json("locks/stage-2.lease") is None
+
+    # A process of this machine that has ended holds nothing.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    gone = {"holder": "run-y", "process": f"{socket.gethostname()}:{ended.pid}:1"}
+    store.write_json("locks/stage-3.lease", gone, if_match=None)
+    assert c.try_take("stage-3", "run-c")
+    c.release("stage-3", "run-c")
 
 
 # ----------------------------------------------------------------------------- through the flow
@@ -412,17 +468,15 @@ def test_a_store_that_stops_mid_run_ends_it_in_one_line_and_later_runs_resume(
     trained = [
         summary for summary, stages in zip(summaries, recomputed, strict=True) if "train" in stages
     ]
-    # Both hosts may train model1 side by side: the first to start goes on from the store's
-    # checkpoint, the other from that one or a later one the first has sent by then.
-    pulled = [
-        int(epoch)
-        for summary in trained
-        for epoch in re.findall(
-            r"going on from epoch (\d+), checkpointed by another host",
-            task_run_logs(summary["run"]["id"], "train_model[model1]"),
-        )
-    ]
-    assert pulled and min(pulled) == checkpoint, (pulled, checkpoint)
+    # The hosts took turns at each entry (its lease in the store): one computed it, the other
+    # waited and took what it sealed; model1 went on from the store's checkpoint.
+    assert not recomputed[0] & recomputed[1], recomputed
+    assert len(trained) == 1
+    pulled = re.findall(
+        r"going on from epoch (\d+), checkpointed by another host",
+        task_run_logs(trained[0]["run"]["id"], "train_model[model1]"),
+    )
+    assert pulled == [str(checkpoint)], (pulled, checkpoint)
     for summary in summaries:
         assert summary["models"]["model1"]["history"] == trained[0]["models"]["model1"]["history"]
         assert len(summary["models"]["model1"]["history"]["val_accuracy"]) == epochs
