@@ -11,12 +11,11 @@ holder is a process of this machine that has ended is taken over at once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from catdog.processes import HEARTBEAT_SECONDS, process_is_gone, this_process
@@ -30,6 +29,7 @@ class _Held:
     relative: str
     content: dict[str, Any]
     etag: str
+    writing: threading.Lock = field(default_factory=threading.Lock)  # renewal or release
 
 
 # Seconds a lease stays unrenewed before another host takes it over. Short: a lease taken
@@ -119,13 +119,15 @@ class Leases:
             held = self._held.get(name)
             if held is None or held.content.get("holder") != holder:
                 return
-            del self._held[name]
-        try:
-            current = self.store.read_json(held.relative)
-            if current is not None and current[1] == held.etag:  # still ours, as renewed
-                self.store.delete(held.relative)
-        except Exception as error:  # unrenewed, it expires: the failure is the store's to tell
-            log.warning("could not release the lease on %s: %s", name, error)
+        with held.writing:  # not while a renewal is changing its version
+            with self._guard:
+                self._held.pop(name, None)
+            try:
+                current = self.store.read_json(held.relative)
+                if current is not None and current[1] == held.etag:  # still ours
+                    self.store.delete(held.relative)
+            except Exception as error:  # unrenewed, it expires; the store's failure is told
+                log.warning("could not release the lease on %s: %s", name, error)
 
     def _renew(self) -> None:
         while True:
@@ -133,19 +135,22 @@ class Leases:
             with self._guard:
                 held = list(self._held.items())
             for name, lease in held:
-                # A new version each time (an object's ETag is its content's hash): a waiter
-                # must see it change.
-                content = {**lease.content, "beat": int(lease.content.get("beat", 0)) + 1}
-                try:
-                    etag = self.store.write_json(lease.relative, content, if_match=lease.etag)
-                except StoreConflict:
-                    log.warning("the lease on %s was taken over; this host computes it too", name)
-                    with self._guard:
-                        self._held.pop(name, None)
-                    continue
-                except Exception as error:  # the store is failing: the next beat tries again
-                    log.warning("could not renew the lease on %s: %s", name, error)
-                    continue
-                with self._guard, contextlib.suppress(KeyError):
-                    if self._held[name] is lease:
-                        lease.content, lease.etag = content, etag
+                with lease.writing:
+                    self._renew_one(name, lease)
+
+    def _renew_one(self, name: str, lease: _Held) -> None:
+        with self._guard:
+            if self._held.get(name) is not lease:
+                return  # released meanwhile
+        # A new version each time (an object's ETag is its content's hash): a waiter must see
+        # it change.
+        content = {**lease.content, "beat": int(lease.content.get("beat", 0)) + 1}
+        try:
+            lease.etag = self.store.write_json(lease.relative, content, if_match=lease.etag)
+            lease.content = content
+        except StoreConflict:
+            log.warning("the lease on %s was taken over; this host computes it too", name)
+            with self._guard:
+                self._held.pop(name, None)
+        except Exception as error:  # the store is failing: the next beat tries again
+            log.warning("could not renew the lease on %s: %s", name, error)

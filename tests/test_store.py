@@ -276,6 +276,14 @@ def test_an_entry_s_lease_takes_turns_between_hosts_and_passes_on_when_abandoned
     assert c.try_take("stage-3", "run-c")
     c.release("stage-3", "run-c")
 
+    # Renewals racing releases (one every 0.05 s here): every release removes the lease.
+    quick = Leases(store, "locks", 0.2)
+    for round_ in range(40):
+        assert quick.try_take("stage-4", "run-q")
+        time.sleep(0.025 * (round_ % 3))
+        quick.release("stage-4", "run-q")
+        assert store.read_json("locks/stage-4.lease") is None, round_
+
 
 # ----------------------------------------------------------------------------- through the flow
 
