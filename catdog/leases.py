@@ -11,6 +11,7 @@ holder is a process of this machine that has ended is taken over at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -38,6 +39,7 @@ class _Held:
 # wait long for another.
 LEASE_EXPIRY = 60.0
 STORE_LEASES = ".prefect/locks"  # the folder of the artifacts' leases, in their store
+READ_ATTEMPTS = 5
 
 
 class Leases:
@@ -56,6 +58,14 @@ class Leases:
     def _relative(self, name: str) -> str:
         return f"{self.prefix}/{name}.lease"
 
+    def _read(self, relative: str) -> tuple[Any, str] | None:
+        """The lease as it is now: read again when it changed between the look at its
+        version and the read of its body (a renewal in between)."""
+        for _ in range(READ_ATTEMPTS - 1):
+            with contextlib.suppress(StoreConflict):
+                return self.store.read_json(relative)
+        return self.store.read_json(relative)
+
     def try_take(self, name: str, holder: str) -> bool:
         """Take the lease `name` for `holder` if it is free, held by `holder` already, or
         abandoned; False while another holder keeps it."""
@@ -64,7 +74,7 @@ class Leases:
         try:
             etag = self.store.write_json(relative, content, if_match=None)
         except StoreConflict:
-            current = self.store.read_json(relative)
+            current = self._read(relative)
             if current is None:
                 return False  # released meanwhile: the caller tries again
             value, etag_now = current
@@ -106,7 +116,7 @@ class Leases:
         """Whether some holder keeps the lease (renewing it, as far as this process saw)."""
         if name in self._held:
             return True
-        current = self.store.read_json(self._relative(name))
+        current = self._read(self._relative(name))
         return current is not None and not self._abandoned(name, *current)
 
     def holds(self, name: str, holder: str) -> bool:
@@ -122,8 +132,10 @@ class Leases:
         with held.writing:  # not while a renewal is changing its version
             with self._guard:
                 self._held.pop(name, None)
+            if not self.store.answering():
+                return  # unrenewed, it expires; each try would wait out the store's retries
             try:
-                current = self.store.read_json(held.relative)
+                current = self._read(held.relative)
                 if current is not None and current[1] == held.etag:  # still ours
                     self.store.delete(held.relative)
             except Exception as error:  # unrenewed, it expires; the store's failure is told
@@ -142,6 +154,8 @@ class Leases:
         with self._guard:
             if self._held.get(name) is not lease:
                 return  # released meanwhile
+        if not self.store.answering():
+            return  # the next beat tries again
         # A new version each time (an object's ETag is its content's hash): a waiter must see
         # it change.
         content = {**lease.content, "beat": int(lease.content.get("beat", 0)) + 1}

@@ -478,3 +478,41 @@ def forget_checkpoints(layout: Layout, folder: Path) -> None:
     """Remove a finished training's checkpoints from the store: its output is sealed."""
     if layout.store is not None:
         layout.store.delete_tree(layout.relative(folder))
+
+
+# A run's stop request, for its stages on hosts that share only the store ---------------------
+
+
+def send_stop_request(layout: Layout, request: Path, reason: str) -> None:
+    """Put a run's stop request (see `Layout.stop_request`) in the store too, so that its
+    stages on other hosts stop; best effort: a store that fails is the run's to report."""
+    if layout.store is None or not layout.store.answering():
+        return
+    try:
+        layout.store.pipe(layout.relative(request), {"reason": reason})
+    except Exception as error:
+        log.warning("could not ask the run's stages on other hosts to stop (%s)", error)
+
+
+def stored_stop_request(layout: Layout, request: Path) -> str | None:
+    """The reason of a run's stop request in the store; None when there is none, or when the
+    store cannot say (a stage then goes on: stopping is an economy, not a safeguard)."""
+    if layout.store is None or not layout.store.answering():
+        return None
+    try:
+        found = layout.store.read_json(layout.relative(request))
+    except Exception:
+        return None
+    if found is None or not isinstance(found[0], dict):
+        return None
+    return str(found[0].get("reason", "the run is stopping"))
+
+
+def withdraw_stop_request(layout: Layout, request: Path) -> None:
+    """Remove a finished run's stop request from the store (best effort)."""
+    if layout.store is None or not layout.store.answering():
+        return
+    try:
+        layout.store.delete(layout.relative(request))
+    except Exception as error:
+        log.warning("could not remove the run's stop request from the store (%s)", error)

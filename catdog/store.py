@@ -21,6 +21,7 @@ import contextlib
 import functools
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,7 +136,14 @@ class ObjectStore:
                 f"--artifacts {self.url}: no filesystem for {self.scheme}:// is installed "
                 f"({error}); for S3 install s3fs (pip install 'catdog[s3]')"
             ) from error
-        return _Explained(filesystem, self._explain)
+        return _Explained(filesystem, self._explain, self.url)
+
+    def answering(self) -> bool:
+        """False for `FAULT_MEMORY_SECONDS` after a call of this process found the store not
+        answering: what is only an economy (a lease, a stop request) is not tried meanwhile,
+        when each try would wait out the store's retries."""
+        last = _LAST_FAULT.get(self.url)
+        return last is None or time.monotonic() - last > FAULT_MEMORY_SECONDS
 
     def key(self, relative: str) -> str:
         return f"{self.base}/{relative}"
@@ -343,13 +351,21 @@ class ObjectStore:
 OBJECT_SCHEMES = ("s3", "gs", "gcs", "az", "abfs")  # where `--data` may name an object
 
 
+# When a call of this process last found each store (by URL) not answering.
+_LAST_FAULT: dict[str, float] = {}
+FAULT_MEMORY_SECONDS = 60.0
+
+
 class _Explained:
     """A filesystem whose calls raise StoreFault, in `explain`'s words, when the store did
     not answer."""
 
-    def __init__(self, filesystem: Any, explain: Callable[[BaseException], StoreError]) -> None:
+    def __init__(
+        self, filesystem: Any, explain: Callable[[BaseException], StoreError], url: str
+    ) -> None:
         self._filesystem = filesystem
         self._explain = explain
+        self._url = url
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._filesystem, name)
@@ -361,6 +377,7 @@ class _Explained:
             try:
                 return value(*args, **kwargs)
             except _no_answer_errors() as error:
+                _LAST_FAULT[self._url] = time.monotonic()
                 raise StoreFault(str(self._explain(error))) from error
 
         return call

@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 import tasks
 from catdog.errors import CatdogError, RunStopped, StageFailed, StageInputError
 from catdog.layout import Layout
+from catdog.mirror import send_stop_request, withdraw_stop_request
 from catdog.processes import mark_running, unmark_running
 from catdog.stage_records import Record
 from catdog.stages import BY_TASK, STAGE_NAMES, STAGES, refreshed, stage
@@ -210,11 +211,13 @@ class Pipeline:
 
     def _stop(self, label: str) -> None:
         request = self._stop_request()
+        reason = f"the run stopped after {label} failed"
         try:
             request.parent.mkdir(parents=True, exist_ok=True)
-            request.write_text(f"the run stopped after {label} failed\n", encoding="utf-8")
+            request.write_text(f"{reason}\n", encoding="utf-8")
         except OSError as error:  # the disk that failed the stage may be full: still report it
             log.warning("could not ask the run's other stages to stop (%s)", error)
+        send_stop_request(self.layout, request, reason)
 
     def __enter__(self) -> Pipeline:
         # Pruning (by any run or `cache prune`) waits while this marker says the run is on.
@@ -223,6 +226,8 @@ class Pipeline:
 
     def __exit__(self, *exc_info: object) -> None:
         # Every task has ended by now (settle waits for all), so none still needs to see it.
+        if self._stop_request().is_file():
+            withdraw_stop_request(self.layout, self._stop_request())
         self._stop_request().unlink(missing_ok=True)
         if self._marker is not None:
             unmark_running(self._marker)

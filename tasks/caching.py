@@ -44,6 +44,7 @@ from catdog.mirror import (
     forget_checkpoints,
     push_output,
     read_record,
+    stored_stop_request,
 )
 from catdog.stage_records import Record
 from catdog.stages import Stage, stage, stage_of_task
@@ -295,6 +296,9 @@ def check_not_stopped(layout: Layout) -> None:
     request = layout.stop_request(str(run_id))
     if request.is_file():
         raise RunStopped(f"stopped: {request.read_text(encoding='utf-8').strip()}")
+    # On a host that shares only the store with the run's other stages.
+    if (reason := stored_stop_request(layout, request)) is not None:
+        raise RunStopped(f"stopped: {reason}")
 
 
 @dataclass

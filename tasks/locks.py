@@ -32,6 +32,7 @@ from catdog.processes import (  # noqa: F401 - HOLD_TIMEOUT_ENV and Heartbeat: t
     process_is_gone,
     this_process,
 )
+from catdog.store import StoreFault
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ class StoreLockManager(ArtifactsLockManager):
         self.url = url
         self.on_acquired = on_acquired
         self._leases: Leases | None = None
+        self._unleased: set[tuple[str, str]] = set()  # held here without a lease: see below
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -229,7 +231,7 @@ class StoreLockManager(ArtifactsLockManager):
 
     def __getstate__(self) -> dict[str, object]:
         # Sent to Dask workers with the task: each process opens the store and its leases.
-        return {**self.__dict__, "_leases": None}
+        return {**self.__dict__, "_leases": None, "_unleased": set()}
 
     @property
     def leases(self) -> Leases:
@@ -248,30 +250,47 @@ class StoreLockManager(ArtifactsLockManager):
         if not super().acquire_lock(key, holder, acquire_timeout, hold_timeout):
             return False
         try:
+            if not self.leases.store.answering():  # each try would wait out its retries
+                raise StoreFault("it did not answer a moment ago")
             while not self.leases.try_take(key, holder):
                 if deadline is not None and time.monotonic() >= deadline:
                     super().release_lock(key, holder)
                     return False
                 time.sleep(STORE_POLL_SECONDS)
-            if self.on_acquired is not None:
-                self.on_acquired(key)
+        except StoreFault as error:
+            # The lease is an economy (an output is sealed once, whoever computes it): the
+            # stage goes on under this host's lock, and meets the store's failure if it lasts.
+            log.warning("%s: no lease in the store (%s); computing it all the same", key, error)
+            self._unleased.add((key, holder))
+            return True
         except BaseException:
-            self.leases.release(key, holder)
             super().release_lock(key, holder)
             raise
+        if self.on_acquired is not None:
+            self.on_acquired(key)
         return True
 
     def release_lock(self, key: str, holder: str) -> None:
         try:
-            self.leases.release(key, holder)
+            if (key, holder) in self._unleased:
+                self._unleased.discard((key, holder))
+            else:
+                self.leases.release(key, holder)
         finally:
             super().release_lock(key, holder)
 
     def is_locked(self, key: str) -> bool:
-        return super().is_locked(key) or self.leases.is_held(key)
+        if super().is_locked(key):
+            return True
+        try:
+            return self.leases.store.answering() and self.leases.is_held(key)
+        except StoreFault:
+            return False
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
-        return super().is_lock_holder(key, holder) and self.leases.holds(key, holder)
+        if not super().is_lock_holder(key, holder):
+            return False
+        return (key, holder) in self._unleased or self.leases.holds(key, holder)
 
 
 _LEASES: dict[str, Leases] = {}

@@ -285,6 +285,30 @@ def test_an_entry_s_lease_takes_turns_between_hosts_and_passes_on_when_abandoned
         assert store.read_json("locks/stage-4.lease") is None, round_
 
 
+def test_a_run_s_stop_request_reaches_its_stages_on_other_hosts(
+    store_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose stage failed asks its other stages to stop: a stage on a host that shares
+    only the store sees the request at its next look (each epoch, each stage's start), and
+    not once the run has ended and withdrawn it."""
+    from catdog.errors import RunStopped
+    from catdog.mirror import send_stop_request, withdraw_stop_request
+    from tasks.caching import check_not_stopped
+
+    url, run_id = f"s3://{store_env.bucket}/stops", "0b0e0f00-0000-4000-8000-000000000001"
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", run_id)  # the run the stages belong to
+    run_host = _layout(url, tmp_path / "run-host", monkeypatch)
+    worker = _layout(url, tmp_path / "worker", monkeypatch)
+    check_not_stopped(worker)
+    reason = "the run stopped after train_model[model1] failed"
+    send_stop_request(run_host, run_host.stop_request(run_id), reason)
+    with pytest.raises(RunStopped, match=re.escape(reason)):
+        check_not_stopped(worker)
+    assert not worker.stop_request(run_id).exists()  # it came through the store alone
+    withdraw_stop_request(run_host, run_host.stop_request(run_id))
+    check_not_stopped(worker)
+
+
 # ----------------------------------------------------------------------------- through the flow
 
 
