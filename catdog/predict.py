@@ -19,8 +19,8 @@ import numpy as np
 from catdog.config import RUN
 from catdog.data.extract import IMAGE_SUFFIXES
 from catdog.errors import ModelError
-from catdog.layout import Layout
-from catdog.mirror import pull_production
+from catdog.layout import MODEL_FILE, RECORD_FILE, STAGE_DIRS, SUMMARY_FILE, Layout
+from catdog.mirror import fetch_output, pull_production
 from catdog.registry import Production, archive_path
 from catdog.registry import read as read_registry
 from catdog.serving import SERVING_FILE, ServingSpec
@@ -64,6 +64,8 @@ def choose_model(
     pull_production(layout)
     summary = layout.summary
     production = read_registry(layout).production
+    if layout.store is not None and production is None and model is None:
+        layout.store.download(SUMMARY_FILE, summary)  # the last run's, from whichever host
     export: Path | None = None
     if model is not None:
         if not model.exists():
@@ -84,6 +86,8 @@ def choose_model(
         if not best:
             raise ModelError(f"{summary} names no best model; train one first or pass --model")
         chosen = Path(data["models"][best]["path"])
+        if layout.store is not None:  # that path is the running host's: this host's copy
+            chosen = _fetched_model(layout, data, best)
         origin = f"no production model in {layout.production_dir} yet, so the last run's best"
     else:
         raise ModelError(
@@ -104,6 +108,24 @@ def choose_model(
     if not known:
         raise ModelError("cannot tell the class names; pass --classes cats,dogs")
     return ModelChoice(chosen, known, origin, "keras")
+
+
+def _fetched_model(layout: Layout, summary: dict[str, Any], name: str) -> Path:
+    """Model `name` of the run `summary` describes, in this host's copy of the store (its
+    training output fetched, checked, where this host lacks it)."""
+    prefix = f"{STAGE_DIRS['train']}/{name}/"
+    trained = next(
+        (used for used in summary.get("artifacts_used", []) if used.startswith(prefix)), None
+    )
+    if trained is None:
+        raise ModelError(f"the last run's summary names no training output of {name}")
+    folder = layout.root / trained
+    if not (folder / RECORD_FILE).is_file() and not fetch_output(layout, folder):
+        raise ModelError(
+            f"{name}'s training output {trained} is not in the store {layout.location}; "
+            "train again or pass --model"
+        )
+    return folder / MODEL_FILE
 
 
 def _classes_on_record(layout: Layout, production: Production | None) -> list[str] | None:

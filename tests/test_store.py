@@ -309,6 +309,36 @@ def test_a_run_s_stop_request_reaches_its_stages_on_other_hosts(
     check_not_stopped(worker)
 
 
+def test_with_no_production_a_new_machine_uses_the_last_run_s_best_from_the_store(
+    store_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`predict` and `export` without a production model take the last run's best model: on a
+    machine with an empty cache, its training output comes from the store, checked."""
+    from catdog.predict import choose_model
+
+    url = f"s3://{store_env.bucket}/no-production"
+    run_host = _layout(url, tmp_path / "run-host", monkeypatch)
+    trained = run_host.output_dir("train", "train-0123abcd", "model4")
+    trained.mkdir(parents=True)
+    (trained / "model.keras").write_bytes(b"weights of the best epoch")
+    files = {"model.keras": sha256_file_uncached(trained / "model.keras")}
+    (trained / RECORD_FILE).write_text(json.dumps({"stage": "train", "files": files}))
+    assert push_output(run_host, trained)
+    summary = {
+        "best_model": "model4",
+        "models": {"model4": {"path": str(trained / "model.keras")}},  # the run host's path
+        "artifacts_used": [run_host.relative(trained)],
+        "data": {"classes": ["cats", "dogs"]},
+    }
+    run_host.store.pipe("summary.json", summary)
+
+    elsewhere = _layout(url, tmp_path / "elsewhere", monkeypatch)
+    choice = choose_model(url, None, None, runtime="keras")
+    assert choice.path == elsewhere.root / run_host.relative(trained) / "model.keras"
+    assert choice.path.read_bytes() == b"weights of the best epoch"
+    assert choice.classes == ["cats", "dogs"] and "last run's best" in choice.origin
+
+
 # ----------------------------------------------------------------------------- through the flow
 
 
