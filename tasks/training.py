@@ -9,15 +9,16 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger
 
 from catdog import catalog
-from catdog.errors import RunStopped
-from catdog.hashing import HashMemo, code_fingerprint, sha256_file
+from catdog.errors import ModelError, RunStopped
+from catdog.hashing import HashMemo, code_fingerprint, sha256_file, sha256_file_uncached
 from catdog.layout import MODEL_FILE, PROBABILITIES_FILE, Layout
-from catdog.mirror import Checkpoints, pull_checkpoint
+from catdog.mirror import Checkpoints, pull_checkpoint, pull_files
 from catdog.stage_records import (
     ArraysRecord,
     CountsRecord,
@@ -55,6 +56,21 @@ def _training_fingerprint(inputs: dict[str, Any]) -> list[str | None]:
     """The model's, and the content of the production model a warm start begins from."""
     warm: WarmStart | None = inputs.get("warm")
     return [*_model_fingerprint(inputs), warm.sha256 if warm else None]
+
+
+def _warm_file(layout: Layout, warm: WarmStart) -> Path:
+    """The production model a warm start begins from, in this host's copy: fetched from the
+    store on a host that lacks it (a worker that shares only the store), and checked."""
+    path = layout.resolve(warm.model_file)
+    if layout.store is not None and not path.is_file():
+        pull_files(layout, [path])
+        if not path.is_file() or sha256_file_uncached(path) != warm.sha256:
+            path.unlink(missing_ok=True)
+            raise ModelError(
+                f"--warm-start production: {warm.model_file} is not in the store "
+                f"{layout.location} as production named it; run without --warm-start"
+            )
+    return path
 
 
 def retry_unless_stopped(task: Any, task_run: Any, state: Any) -> bool:
@@ -206,7 +222,7 @@ def train_model(
         if (pulled := pull_checkpoint(layout, out.folder)) is not None:
             logger.info("%s: going on from epoch %d, checkpointed by another host", model, pulled)
         checkpoints = Checkpoints(layout, out.folder)
-        warm_from = replace(warm, model_file=str(layout.resolve(warm.model_file))) if warm else None
+        warm_from = replace(warm, model_file=str(_warm_file(layout, warm))) if warm else None
 
         def on_epoch(epoch: int, total: int, row: dict[str, float]) -> None:
             logger.info("%s", training.describe_epoch(model, epoch, total, row))

@@ -6,6 +6,7 @@ outputs going up whole and coming down checked, a run from a second machine's em
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -337,6 +338,28 @@ def test_with_no_production_a_new_machine_uses_the_last_run_s_best_from_the_stor
     assert choice.path == elsewhere.root / run_host.relative(trained) / "model.keras"
     assert choice.path.read_bytes() == b"weights of the best epoch"
     assert choice.classes == ["cats", "dogs"] and "last run's best" in choice.origin
+
+
+def test_a_warm_start_on_a_host_without_production_fetches_it_checked(
+    store_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--warm-start production` on a worker that shares only the store: the production model
+    it starts from comes from the store, and only as production named it (its hash)."""
+    from catdog.errors import ModelError
+    from catdog.warm import WarmStart
+    from tasks.training import _warm_file
+
+    url = f"s3://{store_env.bucket}/warm"
+    store_env.client().put_object(
+        Bucket=store_env.bucket, Key="warm/production/models/0000-model4.keras", Body=b"weights"
+    )
+    worker = _layout(url, tmp_path / "worker", monkeypatch)
+    digest = hashlib.sha256(b"weights").hexdigest()
+    start = WarmStart("production/models/0000-model4.keras", digest, "production (model4)")
+    assert _warm_file(worker, start).read_bytes() == b"weights"
+    other = _layout(url, tmp_path / "other-worker", monkeypatch)
+    with pytest.raises(ModelError, match="not in the store"):
+        _warm_file(other, WarmStart(start.model_file, "0" * 64, start.about))
 
 
 # ----------------------------------------------------------------------------- through the flow
