@@ -248,8 +248,10 @@ def same_base(extractor: Any, images: Rows, cached: Rows) -> bool:
         return False
     computed = np.asarray(extractor.predict_on_batch(images[:count].astype(np.float32)))
     expected = np.asarray(cached[:count])
-    # Relative to the features' own scale: a randomly initialised base gives tiny ones.
-    return bool(np.abs(computed - expected).max() <= 1e-4 * np.abs(expected).max())
+    # Relative to the features' own scale (a randomly initialised base gives tiny ones), and
+    # loose enough for TF32 and batch-size effects on a GPU (about 1e-3): another base's
+    # features differ by their whole size.
+    return bool(np.abs(computed - expected).max() <= 1e-2 * np.abs(expected).max())
 
 
 def logits_on_features(classifier: Any, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:

@@ -11,11 +11,11 @@ holder is a process of this machine that has ended is taken over at once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,39 +58,58 @@ class Leases:
     def _relative(self, name: str) -> str:
         return f"{self.prefix}/{name}.lease"
 
-    def _read(self, relative: str) -> tuple[Any, str] | None:
-        """The lease as it is now: read again when it changed between the look at its
-        version and the read of its body (a renewal in between)."""
-        for _ in range(READ_ATTEMPTS - 1):
-            with contextlib.suppress(StoreConflict):
-                return self.store.read_json(relative)
-        return self.store.read_json(relative)
+    def _read(self, relative: str) -> tuple[dict[str, Any], str] | None:
+        """The lease as it is now ({} for a body that is not a lease's): read again when it
+        changed between the look at its version and the read of its body (a renewal)."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                found = self.store.read_json(relative)
+                break
+            except StoreConflict:
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+        if found is None:
+            return None
+        value, etag = found
+        return (value if isinstance(value, dict) else {}), etag
+
+    def _write(self, relative: str, content: dict[str, Any], if_match: str | None) -> str | None:
+        """Write the lease only over version `if_match` (None: only if absent); its new
+        version, or None when another writer came first. A write whose reply was lost, and
+        that the store's client then tried again and saw refused, is recognised as this
+        one's by its content."""
+        try:
+            return self.store.write_json(relative, content, if_match=if_match)
+        except StoreConflict:
+            current = self._read(relative)
+            if current is not None and current[0] == content:
+                return current[1]
+            return None
 
     def try_take(self, name: str, holder: str) -> bool:
         """Take the lease `name` for `holder` if it is free, held by `holder` already, or
-        abandoned; False while another holder keeps it."""
-        content = {"holder": holder, "process": this_process()}
+        abandoned; False while another holder keeps it (one read, for a waiter)."""
+        # A token of this take: no two takes write the same content.
+        content = {"holder": holder, "process": this_process(), "token": uuid.uuid4().hex}
         relative = self._relative(name)
-        try:
-            etag = self.store.write_json(relative, content, if_match=None)
-        except StoreConflict:
-            current = self._read(relative)
-            if current is None:
-                return False  # released meanwhile: the caller tries again
+        current = self._read(relative)
+        if current is None:
+            etag = self._write(relative, content, None)
+        else:
             value, etag_now = current
             if value.get("holder") == holder and name in self._held:
                 return True
             if not self._abandoned(name, value, etag_now):
                 return False
-            try:
-                etag = self.store.write_json(relative, content, if_match=etag_now)
-            except StoreConflict:
-                return False  # renewed, released or taken by another waiter first
-            log.warning(
-                "took over the lease on %s from %s, which stopped renewing it",
-                name,
-                value.get("process"),
-            )
+            etag = self._write(relative, content, etag_now)
+            if etag is not None:
+                log.warning(
+                    "took over the lease on %s from %s, which stopped renewing it",
+                    name,
+                    value.get("process"),
+                )
+        if etag is None:
+            return False  # taken, renewed or released by another first: the caller tries again
         with self._guard:
             self._held[name] = _Held(relative, content, etag)
             self._seen.pop(name, None)
@@ -154,17 +173,17 @@ class Leases:
         with self._guard:
             if self._held.get(name) is not lease:
                 return  # released meanwhile
-        if not self.store.answering():
-            return  # the next beat tries again
         # A new version each time (an object's ETag is its content's hash): a waiter must see
-        # it change.
+        # it change. Tried even while the store fails: a lease left unrenewed is taken over.
         content = {**lease.content, "beat": int(lease.content.get("beat", 0)) + 1}
         try:
-            lease.etag = self.store.write_json(lease.relative, content, if_match=lease.etag)
-            lease.content = content
-        except StoreConflict:
+            etag = self._write(lease.relative, content, lease.etag)
+        except Exception as error:  # the store is failing: the next beat tries again
+            log.warning("could not renew the lease on %s: %s", name, error)
+            return
+        if etag is None:
             log.warning("the lease on %s was taken over; this host computes it too", name)
             with self._guard:
                 self._held.pop(name, None)
-        except Exception as error:  # the store is failing: the next beat tries again
-            log.warning("could not renew the lease on %s: %s", name, error)
+            return
+        lease.etag, lease.content = etag, content

@@ -381,6 +381,11 @@ def make_model4(
     """
     input_shape = tuple(input_shape)
     _check_mobilenet_shape(input_shape)
+    if resolve_weights(weights) is None and seed is not None:
+        # A random base is drawn from the seed, not from whatever the process drew before
+        # (Prefect's threads draw too): the base that computed the cached features and the
+        # one saved with the head trained on them must be one.
+        keras.utils.set_random_seed(seed)
     base = _mobilenet_base(input_shape, weights)
     base.trainable = False
 

@@ -226,8 +226,7 @@ class Pipeline:
 
     def __exit__(self, *exc_info: object) -> None:
         # Every task has ended by now (settle waits for all), so none still needs to see it.
-        if self._stop_request().is_file():
-            withdraw_stop_request(self.layout, self._stop_request())
+        withdraw_stop_request(self.layout, self._stop_request())
         self._stop_request().unlink(missing_ok=True)
         if self._marker is not None:
             unmark_running(self._marker)

@@ -118,8 +118,8 @@ class ContentAddressed(CachePolicy):
             elif not self._found(layout, entry, key, folder):
                 # The task runs here: what it reads, this host may not have computed.
                 fetch_inputs(layout, inputs.values())
-                # Another host may seal it while this one waits for the entry's lock.
-                _AWAITED[key] = (layout, entry, folder)
+                if not self.refresh:  # another host may seal it while this one waits
+                    _AWAITED[key] = (layout, entry, folder)
         except Exception as error:  # Prefect would log it and run the task without a key
             _STORE_FAILURES[task_ctx.task_run.id] = error
         return key
@@ -433,9 +433,10 @@ def bind_to_artifacts(task: Task, layout: Layout, *, refresh: bool = False, **op
     policy = task.cache_policy
     if not isinstance(policy, ContentAddressed):
         return task.with_options(**options)
+    # Leases need a store that gives each version an ETag and honours If-Match: S3's.
     locks = (
         StoreLockManager(layout.locks_dir, layout.location, adopt_if_sealed)
-        if layout.store is not None
+        if layout.store is not None and layout.store.scheme == "s3"
         else ArtifactsLockManager(layout.locks_dir)
     )
     policy = policy.configure(

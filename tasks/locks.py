@@ -218,6 +218,7 @@ class StoreLockManager(ArtifactsLockManager):
         self.on_acquired = on_acquired
         self._leases: Leases | None = None
         self._unleased: set[tuple[str, str]] = set()  # held here without a lease: see below
+        self._holding: set[tuple[str, str]] = set()
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -231,7 +232,7 @@ class StoreLockManager(ArtifactsLockManager):
 
     def __getstate__(self) -> dict[str, object]:
         # Sent to Dask workers with the task: each process opens the store and its leases.
-        return {**self.__dict__, "_leases": None, "_unleased": set()}
+        return {**self.__dict__, "_leases": None, "_unleased": set(), "_holding": set()}
 
     @property
     def leases(self) -> Leases:
@@ -257,20 +258,23 @@ class StoreLockManager(ArtifactsLockManager):
                     super().release_lock(key, holder)
                     return False
                 time.sleep(STORE_POLL_SECONDS)
-        except StoreFault as error:
+        except Exception as error:
             # The lease is an economy (an output is sealed once, whoever computes it): the
             # stage goes on under this host's lock, and meets the store's failure if it lasts.
             log.warning("%s: no lease in the store (%s); computing it all the same", key, error)
             self._unleased.add((key, holder))
-            return True
         except BaseException:
             super().release_lock(key, holder)
             raise
-        if self.on_acquired is not None:
-            self.on_acquired(key)
+        else:
+            if self.on_acquired is not None:
+                self.on_acquired(key)
+        # The holder until it releases, whether or not its lease outlives a long stall.
+        self._holding.add((key, holder))
         return True
 
     def release_lock(self, key: str, holder: str) -> None:
+        self._holding.discard((key, holder))
         try:
             if (key, holder) in self._unleased:
                 self._unleased.discard((key, holder))
@@ -284,13 +288,19 @@ class StoreLockManager(ArtifactsLockManager):
             return True
         try:
             return self.leases.store.answering() and self.leases.is_held(key)
-        except StoreFault:
+        except Exception:  # what the store cannot say, a waiter does not wait for
             return False
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
-        if not super().is_lock_holder(key, holder):
-            return False
-        return (key, holder) in self._unleased or self.leases.holds(key, holder)
+        return super().is_lock_holder(key, holder) and (key, holder) in self._holding
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):  # a look at the store each time: not too often
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(STORE_POLL_SECONDS)
+        return True
 
 
 _LEASES: dict[str, Leases] = {}

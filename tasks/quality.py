@@ -148,7 +148,11 @@ def find_suspect_labels(
             len(manifest.classes),
             seed=seed,
             pieces=layout.pieces_dir,
-            features_made_by=features.pieces[:1] or features.key,
+            # The classes by name: a probability kept for one class is not another's.
+            features_made_by={
+                "features": features.pieces[:1] or features.key,
+                "classes": list(manifest.classes),
+            },
             memo=HashMemo(layout.hash_memo),
         )
         suspects = rank_suspects(scores.own, train) if scores else []

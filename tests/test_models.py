@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from pathlib import Path
@@ -184,6 +185,20 @@ def test_a_frozen_base_model_is_scored_on_features_of_its_own_base_only(built):
     assert not same_base(models.feature_extractor(model), x[:0], features)
     with pytest.raises(ModelError, match="no 'mobilenetv2_base'"):
         models.classifier(built["model1"])
+
+
+def test_a_random_base_is_drawn_from_the_seed_alone():
+    # Other draws in the process (Prefect's threads make some) must not change it: the base
+    # that computed model4's cached features is rebuilt to save the head trained on them.
+    first = models.build_model("model4", SHAPE, CLASSES, weights=None, seed=3)
+    random.random()
+    np.random.default_rng().random()
+    keras.random.uniform((4,))
+    second = models.build_model("model4", SHAPE, CLASSES, weights=None, seed=3)
+    pairs = zip(
+        models.get_base(first).get_weights(), models.get_base(second).get_weights(), strict=True
+    )
+    assert all(np.array_equal(a, b) for a, b in pairs)
 
 
 @pytest.mark.parametrize("name", catalog.MODEL_NAMES)

@@ -30,7 +30,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.common import BENCH, command_line, environment_markdown, log, table, write_section
+from bench.common import (
+    BENCH,
+    bf16_flags,
+    command_line,
+    environment_markdown,
+    log,
+    table,
+    write_section,
+)
 
 TITLE = "catdog benchmark results"
 
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             "## Locks between hosts: leases in the store against Redis",
             "",
-            environment_markdown({"command": f"`{command_line()}`"}),
+            environment_markdown({"CPU flags": bf16_flags(), "command": f"`{command_line()}`"}),
             "",
             f"{args.rounds} rounds each, client and server on 127.0.0.1. *Lock and release*: "
             "an uncontended acquire and release, what each computed stage pays. *Handover*: "
