@@ -224,8 +224,9 @@ def load_model(path: str | os.PathLike[str]) -> Any:
 
 
 def predict_logits(model: Any, images: Rows, batch_size: int = 64) -> np.ndarray:
-    """A Keras model's logits on `images` (uint8, at its input size), a batch at a time, so
-    that a split on disk is never whole in memory."""
+    """A Keras model's logits on `images` (rows of its input: uint8 pixels at its input size,
+    or base features for `catdog.models.classifier`), a batch at a time, so that a split on
+    disk is never whole in memory."""
     outputs = [
         np.asarray(model.predict_on_batch(images[start : start + batch_size].astype(np.float32)))
         for start in range(0, len(images), batch_size)
@@ -252,16 +253,6 @@ def same_base(extractor: Any, images: Rows, cached: Rows) -> bool:
     # loose enough for TF32 and batch-size effects on a GPU (about 1e-3): another base's
     # features differ by their whole size.
     return bool(np.abs(computed - expected).max() <= 1e-2 * np.abs(expected).max())
-
-
-def logits_on_features(classifier: Any, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """A frozen-base model's logits from its base's features (catdog.models.classifier)."""
-    outputs = [
-        np.asarray(classifier.predict_on_batch(features[start : start + batch_size]))
-        for start in range(0, len(features), batch_size)
-    ]
-    classes = int(classifier.output_shape[-1])
-    return np.concatenate(outputs) if outputs else np.empty((0, classes), np.float32)
 
 
 def score_model(model: Any, images: Rows, labels: ArrayLike, class_names: Sequence[str]) -> Scores:

@@ -359,12 +359,16 @@ def production_archives(layout: Layout, keep: int) -> list[Path]:
     ]
 
 
+def _below_a_base(parts: list[str], index: int, bases: set[str]) -> bool:
+    """Whether name part `index` lies in a stage base, or in a model's folder of one."""
+    return any("/".join(parts[:cut]) in bases for cut in (index, index - 1) if cut > 0)
+
+
 def _stored_stage_folder(parts: list[str], bases: set[str]) -> str | None:
     """The `<base>/[<name>/]<stage>-<hash>` folder that a stored object's name is under."""
     for index, part in enumerate(parts[:-1]):
         if KEY.match(part):
-            above = ("/".join(parts[:index]), "/".join(parts[: index - 1]) if index > 1 else "")
-            return "/".join(parts[: index + 1]) if bases.intersection(above) else None
+            return "/".join(parts[: index + 1]) if _below_a_base(parts, index, bases) else None
     return None
 
 
@@ -459,9 +463,7 @@ def _stored_leftover(name: str, parts: list[str], bases: set[str]) -> str | None
     if name.startswith(f"{STORE_LEASES}/") and name.endswith(".lease"):
         return name
     for index, part in enumerate(parts[:-1]):
-        if LEFTOVER.match(part) and any(
-            "/".join(parts[:cut]) in bases for cut in (index, index - 1) if cut > 0
-        ):
+        if LEFTOVER.match(part) and _below_a_base(parts, index, bases):
             return "/".join(parts[: index + 1])
     return None
 

@@ -56,6 +56,8 @@ class ArtifactsLockManager:
     for, when the hold expires.
     """
 
+    wait_poll_seconds = POLL_SECONDS  # between a waiter's looks at the lock
+
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
 
@@ -170,11 +172,11 @@ class ArtifactsLockManager:
         path.unlink(missing_ok=True)
 
     def is_locked(self, key: str) -> bool:
-        return not self._clear_if_abandoned(key)
+        return self.held_here(key)
 
     def held_here(self, key: str) -> bool:
         """Whether a process of this host holds the lock (its lock file)."""
-        return ArtifactsLockManager.is_locked(self, key)
+        return not self._clear_if_abandoned(key)
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         content = self._read(key)
@@ -187,7 +189,7 @@ class ArtifactsLockManager:
         while self.is_locked(key):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            time.sleep(POLL_SECONDS)
+            time.sleep(self.wait_poll_seconds)
         return True
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
@@ -207,6 +209,8 @@ class StoreLockManager(ArtifactsLockManager):
     entry's cache record, and fetches the sealed output if there is one.
     """
 
+    wait_poll_seconds = STORE_POLL_SECONDS  # each look reads the lease in the store
+
     def __init__(
         self,
         directory: str | os.PathLike[str],
@@ -217,8 +221,6 @@ class StoreLockManager(ArtifactsLockManager):
         self.url = url
         self.on_acquired = on_acquired
         self._leases: Leases | None = None
-        self._unleased: set[tuple[str, str]] = set()  # held here without a lease: see below
-        self._holding: set[tuple[str, str]] = set()
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -232,7 +234,7 @@ class StoreLockManager(ArtifactsLockManager):
 
     def __getstate__(self) -> dict[str, object]:
         # Sent to Dask workers with the task: each process opens the store and its leases.
-        return {**self.__dict__, "_leases": None, "_unleased": set(), "_holding": set()}
+        return {**self.__dict__, "_leases": None}
 
     @property
     def leases(self) -> Leases:
@@ -262,24 +264,19 @@ class StoreLockManager(ArtifactsLockManager):
             # The lease is an economy (an output is sealed once, whoever computes it): the
             # stage goes on under this host's lock, and meets the store's failure if it lasts.
             log.warning("%s: no lease in the store (%s); computing it all the same", key, error)
-            self._unleased.add((key, holder))
         except BaseException:
             super().release_lock(key, holder)
             raise
         else:
             if self.on_acquired is not None:
                 self.on_acquired(key)
-        # The holder until it releases, whether or not its lease outlives a long stall.
-        self._holding.add((key, holder))
+        # The holder is the one its lock file names (`is_lock_holder`), whether or not its
+        # lease outlives a long stall: a lost lease costs a computation done twice.
         return True
 
     def release_lock(self, key: str, holder: str) -> None:
-        self._holding.discard((key, holder))
         try:
-            if (key, holder) in self._unleased:
-                self._unleased.discard((key, holder))
-            else:
-                self.leases.release(key, holder)
+            self.leases.release(key, holder)  # nothing to do for a lock without a lease
         finally:
             super().release_lock(key, holder)
 
@@ -290,17 +287,6 @@ class StoreLockManager(ArtifactsLockManager):
             return self.leases.store.answering() and self.leases.is_held(key)
         except Exception:  # what the store cannot say, a waiter does not wait for
             return False
-
-    def is_lock_holder(self, key: str, holder: str) -> bool:
-        return super().is_lock_holder(key, holder) and (key, holder) in self._holding
-
-    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_locked(key):  # a look at the store each time: not too often
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(STORE_POLL_SECONDS)
-        return True
 
 
 _LEASES: dict[str, Leases] = {}

@@ -264,28 +264,35 @@ def train_model(
 
 
 def _logits_on_cached_features(
-    layout: Layout, arrays: ArraysRecord, features: FeaturesRecord, model: Any, purpose: str
+    layout: Layout,
+    arrays: ArraysRecord,
+    features: FeaturesRecord,
+    model: Any,
+    x_test: Any,
+    purpose: str,
 ) -> tuple[Any, dict[str, Any]] | None:
-    """A frozen-base model's logits on the test split from its base's features, computed only
-    for test images no run has embedded (the same pieces as the training features'), and the
-    facts that say so; None when the saved model's base does not compute the cached features."""
+    """A frozen-base model's logits on the test images `x_test` from its base's features,
+    computed only for test images no run has embedded (the same pieces as the training
+    features'), and the facts that say so; None when the saved model's base does not compute
+    the cached features."""
     from catdog.data.images import split_keys
-    from catdog.evaluation import logits_on_features, same_base
+    from catdog.evaluation import predict_logits, same_base
     from catdog.features import FeatureSet, features_of
     from catdog.models import classifier, feature_extractor
     from catdog.pieces import PieceStore
 
+    if not features.pieces:
+        return None
     extractor = feature_extractor(model)
     x_val, _ = load_arrays(layout, arrays, "validation")
     cached = FeatureSet.load(layout.resolve(features.dir), len(arrays.classes)).val
-    if not features.pieces or not same_base(extractor, x_val, cached):
+    if not same_base(extractor, x_val, cached):
         return None
     store = PieceStore(layout.resolve(features.pieces[0]), HashMemo(layout.hash_memo))
-    x_test, _ = load_arrays(layout, arrays, "test")
     keys = split_keys(layout.resolve(arrays.dir), "test")
     test_features, reuse = features_of(x_test, keys, extractor, store, purpose)
     facts = {"per_image": reuse.to_json(), "pieces": [layout.relative(store.folder)]}
-    return logits_on_features(classifier(model), test_features), facts
+    return predict_logits(classifier(model), test_features, batch_size=1024), facts
 
 
 @stage_task("evaluate")
@@ -314,7 +321,9 @@ def evaluate_model(
         on_features = None
         if features is not None:
             purpose = f"evaluate_model ({model})"
-            on_features = _logits_on_cached_features(layout, arrays, features, loaded, purpose)
+            on_features = _logits_on_cached_features(
+                layout, arrays, features, loaded, x_test, purpose
+            )
             if on_features is None:
                 logger.warning(
                     "%s: its base does not compute the cached features; scoring it on the "

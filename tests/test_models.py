@@ -17,7 +17,7 @@ import keras
 
 from catdog import catalog, layers, models
 from catdog.errors import ModelError, WeightsError
-from catdog.evaluation import load_model, logits_on_features, same_base
+from catdog.evaluation import load_model, predict_logits, same_base
 from tests.conftest import REAL_WEIGHTS
 
 pytestmark = pytest.mark.slow  # trains with TensorFlow
@@ -175,7 +175,7 @@ def test_a_frozen_base_model_is_scored_on_features_of_its_own_base_only(built):
     x, _ = random_images(8, seed=3)
     features = models.feature_extractor(model).predict_on_batch(x)
     np.testing.assert_allclose(
-        logits_on_features(models.classifier(model), np.asarray(features)),
+        predict_logits(models.classifier(model), np.asarray(features)),
         model.predict_on_batch(x),
         rtol=1e-5,
         atol=1e-5,
