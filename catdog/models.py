@@ -347,6 +347,23 @@ def _mobilenet_base(input_shape: tuple[int, int, int], weights: str | None) -> k
     return base
 
 
+def _draw_kernels(base: keras.Model, seeds: SeedStream) -> None:
+    """Draws a random base's kernels again, each from the next seed of `seeds`, in build order.
+
+    The base that computed model4's cached features and the one saved with the head trained
+    on them must be one, so a random base is drawn from the seed alone. Seeding the process's
+    global streams first is not enough: another thread (Prefect's, a Dask worker's) may draw
+    from them while the base is built.
+    """
+    for layer in base.layers:
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
+            continue
+        initializer = getattr(layer, "depthwise_initializer", None) or layer.kernel_initializer
+        seeded = type(initializer).from_config({**initializer.get_config(), "seed": seeds.draw()})
+        kernel.assign(seeded(kernel.shape, dtype=kernel.dtype))
+
+
 def make_model4(
     input_shape: tuple[int, int, int],
     num_classes: int,
@@ -381,12 +398,9 @@ def make_model4(
     """
     input_shape = tuple(input_shape)
     _check_mobilenet_shape(input_shape)
-    if resolve_weights(weights) is None and seed is not None:
-        # A random base is drawn from the seed, not from whatever the process drew before
-        # (Prefect's threads draw too): the base that computed the cached features and the
-        # one saved with the head trained on them must be one.
-        keras.utils.set_random_seed(seed)
     base = _mobilenet_base(input_shape, weights)
+    if resolve_weights(weights) is None and seed is not None:
+        _draw_kernels(base, SeedStream(seed))
     base.trainable = False
 
     inputs = _input(input_shape)

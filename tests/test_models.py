@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -194,7 +195,20 @@ def test_a_random_base_is_drawn_from_the_seed_alone():
     random.random()
     np.random.default_rng().random()
     keras.random.uniform((4,))
-    second = models.build_model("model4", SHAPE, CLASSES, weights=None, seed=3)
+    stop = threading.Event()
+
+    def draw_meanwhile() -> None:
+        while not stop.is_set():
+            random.random()
+            keras.random.uniform((1,))
+
+    drawer = threading.Thread(target=draw_meanwhile)
+    drawer.start()
+    try:
+        second = models.build_model("model4", SHAPE, CLASSES, weights=None, seed=3)
+    finally:
+        stop.set()
+        drawer.join()
     pairs = zip(
         models.get_base(first).get_weights(), models.get_base(second).get_weights(), strict=True
     )
