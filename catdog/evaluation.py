@@ -227,8 +227,10 @@ def predict_logits(model: Any, images: Rows, batch_size: int = 64) -> np.ndarray
     """A Keras model's logits on `images` (rows of its input: uint8 pixels at its input size,
     or base features for `catdog.models.classifier`), a batch at a time, so that a split on
     disk is never whole in memory."""
+    from catdog.models import predict_batch
+
     outputs = [
-        np.asarray(model.predict_on_batch(images[start : start + batch_size].astype(np.float32)))
+        predict_batch(model, images[start : start + batch_size])
         for start in range(0, len(images), batch_size)
     ]
     classes = int(model.output_shape[-1])
@@ -247,7 +249,9 @@ def same_base(extractor: Any, images: Rows, cached: Rows) -> bool:
     count = min(BASE_CHECK_IMAGES, len(images), len(cached))
     if count == 0:
         return False
-    computed = np.asarray(extractor.predict_on_batch(images[:count].astype(np.float32)))
+    from catdog.models import predict_batch
+
+    computed = predict_batch(extractor, images[:count])
     expected = np.asarray(cached[:count])
     # Relative to the features' own scale (a randomly initialised base gives tiny ones), and
     # loose enough for TF32 and batch-size effects on a GPU (about 1e-3): another base's

@@ -78,9 +78,12 @@ class HashMemo:
             except (OSError, ValueError):
                 self._entries = {}
 
-    def _canonical(self, path: Path) -> str:
-        # Resolving each folder once, not each file, matters: a record lists thousands of images.
-        folder, name = os.path.split(os.path.abspath(path))
+    def _canonical(self, path: str | Path) -> str:
+        # Resolving each folder once, not each file, matters: a record lists thousands of images
+        # (and a manifest 30,000, where normalising each path took a tenth of a second).
+        folder, name = os.path.split(os.fspath(path))
+        if not os.path.isabs(folder) or name in ("", ".", ".."):
+            folder, name = os.path.split(os.path.abspath(path))
         real = self._real_dirs.get(folder)
         if real is None:
             real = self._real_dirs[folder] = os.path.realpath(folder)
@@ -100,7 +103,7 @@ class HashMemo:
             self._dirty = True
         return digest
 
-    def known(self, path: Path) -> str | None:
+    def known(self, path: str | Path) -> str | None:
         """The hash `note` remembered for `path` as it is now, without reading it: the same
         file (inode), size, modification and change times; None when it is new or changed."""
         key = self._canonical(path)
@@ -114,7 +117,7 @@ class HashMemo:
             return str(known[2])
         return None
 
-    def note(self, path: Path, digest: str, stat: os.stat_result) -> None:
+    def note(self, path: str | Path, digest: str, stat: os.stat_result) -> None:
         """Remember `digest` for `path` as `stat` (taken before its bytes were read) saw it."""
         size, mtime, inode, ctime = _stamp(stat)
         with self._lock:
@@ -132,7 +135,7 @@ class HashMemo:
                 except (OSError, ValueError):
                     on_disk = {}
                 self._entries = {**on_disk, **self._entries}
-                atomic_write_json(self._store, self._entries)
+                atomic_write_json(self._store, self._entries, compact=True)
                 self._dirty = False
 
 

@@ -22,11 +22,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import importlib
 import random
 import socket
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import keras
+import numpy as np
 
 from catdog import catalog
 from catdog.config import MIN_MOBILENET_SIZE, TRAIN
@@ -474,6 +477,30 @@ def get_augmentation(model: keras.Model) -> keras.layers.Layer:
         return model.get_layer(AUGMENTATION_LAYER_NAME)
     except ValueError as exc:
         raise ModelError(f"model {model.name!r} has no {AUGMENTATION_LAYER_NAME!r} layer") from exc
+
+
+_TRACED: weakref.WeakKeyDictionary[keras.Model, Callable[[Any], Any]] = weakref.WeakKeyDictionary()
+_TRACING = threading.Lock()
+
+
+def predict_batch(model: keras.Model, batch: np.ndarray) -> np.ndarray:
+    """`model`'s outputs (float32) on one batch of its inputs, in inference mode.
+
+    Traced once per model for batches of every size. `predict_on_batch` traces again for the
+    first batch of another size: for MobileNetV2, a second or more of a stage that embeds a
+    few new images in batches of 64 and then the rest, or checks 8 images first.
+    """
+    import tensorflow as tf
+
+    with _TRACING:
+        call = _TRACED.get(model)
+        if call is None:
+            spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+            held = weakref.ref(model)  # the cache must not keep the model alive
+            call = _TRACED[model] = tf.function(
+                lambda inputs: held()(inputs, training=False), input_signature=[spec]
+            )
+    return np.asarray(call(tf.convert_to_tensor(batch, tf.float32)), dtype=np.float32)
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

@@ -178,7 +178,9 @@ class PieceStore:
         if keys:
             pack = self._new_pack()
             atomic_write_json(
-                self.folder / f"{pack}{INDEX_SUFFIX}", {"keys": keys, "values": values}
+                self.folder / f"{pack}{INDEX_SUFFIX}",
+                {"keys": keys, "values": values},
+                compact=True,
             )
 
     # Notes: what a whole run found about the store's images, beside its pieces -------------
@@ -265,6 +267,7 @@ class RowPacker:
         atomic_write_json(
             self.store.folder / f"{self._pack}{INDEX_SUFFIX}",
             {"keys": self._keys, "sha256": digest},
+            compact=True,
         )
         self.store.memo.save()
         self.remaining -= len(self._keys)

@@ -615,4 +615,4 @@ def _forget_missing_hashes(layout: Layout) -> None:
             continue
         kept = {path: entry for path, entry in entries.items() if Path(path).exists()}
         if len(kept) != len(entries):
-            atomic_write_json(memo, kept)
+            atomic_write_json(memo, kept, compact=True)

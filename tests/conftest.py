@@ -26,6 +26,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # As flows/train_flow.py: library lines logged outside a flow run stay in the terminal.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
+# Prefect configures its logging when `prefect.main` is first imported, and its console handler
+# keeps the sys.stderr of that moment. Imported first inside a test that captures stderr
+# (capsys), it would write to that test's closed stream in every later test of the process.
+import prefect.main  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL_ZIP = SHARED / "data" / "cats_and_dogs_filtered.zip"

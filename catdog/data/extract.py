@@ -339,9 +339,11 @@ def _has_direct_images(folder: Folder) -> bool:
 
 
 def _has_images(folder: Folder) -> bool:
+    if _has_direct_images(folder):  # first: listing sub-folders looks at every file
+        return True
     # Linked folders are not followed (a link to a parent would never end).
     below = [sub for sub in _subdirs(folder) if not getattr(sub, "is_symlink", bool)()]
-    return _has_direct_images(folder) or any(_has_images(sub) for sub in below)
+    return any(_has_images(sub) for sub in below)
 
 
 def _check_classes_have_images(folders: list[Folder]) -> None:

@@ -190,7 +190,9 @@ def decode_splits_to(
         split_purpose = f"decode_images ({split} split at {size}x{size})"
         with NpyWriter(y_path, (len(keys),), np.int32, split_purpose) as labels:
             labels.write(np.asarray([entry.label for entry in in_split], dtype=np.int32))
-        atomic_write_json(split_keys_file(folder, split), {"shape": [size, size, 3], "keys": keys})
+        atomic_write_json(
+            split_keys_file(folder, split), {"shape": [size, size, 3], "keys": keys}, compact=True
+        )
         if split in MATERIALIZED:
             x_path = split_files(folder, split)[0]
             with NpyWriter(x_path, (len(keys), size, size, 3), np.uint8, split_purpose) as out:

@@ -32,7 +32,7 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 @dataclass(frozen=True)
 class _Candidate:
-    path: Path
+    path: str  # a string until read: a folder may hold 100,000 images
     rel: str
     class_name: str
     source_split: str | None
@@ -115,9 +115,9 @@ def _recall(candidate: _Candidate, known: KnownImages) -> _Checked | None:
 
 def _check(candidate: _Candidate, known: KnownImages) -> _Checked:
     try:
-        stat = candidate.path.stat()
+        stat = os.stat(candidate.path)
         # Read once, then hash and decode the same bytes: half the I/O of hashing separately.
-        data = candidate.path.read_bytes()
+        data = Path(candidate.path).read_bytes()
     except OSError as exc:
         logger.warning("cannot read %s: %s", candidate.path, exc)
         return _Checked(candidate, None, f"cannot read file: {exc.strerror or exc}")
@@ -171,7 +171,7 @@ def _list_class_folder(
         for name in sorted(filenames):
             if is_litter(name):
                 continue
-            path = Path(dirpath, name)
+            path = os.path.join(dirpath, name)
             rel = prefix + name
             suffix = os.path.splitext(name)[1].lower()
             if suffix not in IMAGE_SUFFIXES:

@@ -81,7 +81,7 @@ class Manifest:
         return sha256_json(data)
 
     def save(self, path: Path) -> Path:
-        return atomic_write_json(path, self.to_json())
+        return atomic_write_json(path, self.to_json(), compact=True)
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
