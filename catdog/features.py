@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,6 +128,7 @@ def extract_features(
         nonlocal extractor, augment
         if extractor is None:  # only when some piece is missing: a reuse builds no model
             extractor, augment = _extractor(x_train, model_name, num_classes, weights, seed)
+            _remember(extractor, pieces(0))
         batch = rows.astype(np.float32)
         if view == 1:
             batch = batch[:, :, ::-1, :]
@@ -219,6 +221,49 @@ def features_of(
         return rows.load(), reuse
     finally:
         rows.close()
+
+
+# What a piece store's note of kind BASE_NOTE holds: the digest of the base that computed its
+# pieces (`base_digest`), so that a saved model whose base has those weights is known to compute
+# them without running it.
+BASE_NOTE = "base"
+
+# The last frozen-base extractor this process built, by its base's digest: a later stage of the
+# same run (the evaluation) embeds the few test images the store lacks with it, instead of
+# tracing the saved model's copy of the same base again (a second or two).
+_BUILT: dict[str, Any] = {}
+
+
+def base_digest(extractor: Any) -> str:
+    """SHA-256 of a frozen base's weights: their shapes, dtypes and bytes, in layer order."""
+    from catdog.models import get_base
+
+    digest = hashlib.sha256()
+    for array in get_base(extractor).get_weights():
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def base_of_pieces(store: PieceStore) -> str | None:
+    """The digest of the base that computed `store`'s pieces, as noted there; None if unknown."""
+    for note in store.notes(BASE_NOTE):
+        return str(note.get("weights")) if note.get("weights") else None
+    return None
+
+
+def built_extractor(digest: str) -> Any | None:
+    """This process's extractor of the base whose digest is `digest`, if it built one."""
+    return _BUILT.get(digest)
+
+
+def _remember(extractor: Any, store: PieceStore) -> None:
+    digest = base_digest(extractor)
+    _BUILT.clear()  # one base at a time: a MobileNetV2 holds 14 MB of weights
+    _BUILT[digest] = extractor
+    if base_of_pieces(store) != digest:
+        store.add_note(BASE_NOTE, {"weights": digest})
 
 
 def _extractor(

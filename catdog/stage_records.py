@@ -202,6 +202,9 @@ class EvaluationRecord(Record):
     # {"computed", "reused"} test images, and the feature pieces it read and added to.
     per_image: dict[str, int] = field(default_factory=dict)
     pieces: list[str] = field(default_factory=list)
+    # How its base was known to compute the cached features: "weights" (those of the base that
+    # computed them) or "features" (its features of a few validation images matched).
+    base_check: str = ""
 
 
 @dataclass(frozen=True)

@@ -277,21 +277,39 @@ def _logits_on_cached_features(
     the cached features."""
     from catdog.data.images import split_keys
     from catdog.evaluation import predict_logits, same_base
-    from catdog.features import FeatureSet, features_of
+    from catdog.features import (
+        FeatureSet,
+        base_digest,
+        base_of_pieces,
+        built_extractor,
+        features_of,
+    )
     from catdog.models import classifier, feature_extractor
     from catdog.pieces import PieceStore
 
     if not features.pieces:
         return None
     extractor = feature_extractor(model)
-    x_val, _ = load_arrays(layout, arrays, "validation")
-    cached = FeatureSet.load(layout.resolve(features.dir), len(arrays.classes)).val
-    if not same_base(extractor, x_val, cached):
-        return None
     store = PieceStore(layout.resolve(features.pieces[0]), HashMemo(layout.hash_memo))
+    digest = base_digest(extractor)
+    # A base with the weights of the one that computed the pieces computes them: no need to
+    # run it to check (which traces it, a second or two). Otherwise its features of a few
+    # images are compared with the cached ones.
+    base_check = "weights"
+    if digest != base_of_pieces(store):
+        base_check = "features"
+        x_val, _ = load_arrays(layout, arrays, "validation")
+        cached = FeatureSet.load(layout.resolve(features.dir), len(arrays.classes)).val
+        if not same_base(extractor, x_val, cached):
+            return None
     keys = split_keys(layout.resolve(arrays.dir), "test")
-    test_features, reuse = features_of(x_test, keys, extractor, store, purpose)
-    facts = {"per_image": reuse.to_json(), "pieces": [layout.relative(store.folder)]}
+    embedder = built_extractor(digest) or extractor  # this run's, already traced, if built
+    test_features, reuse = features_of(x_test, keys, embedder, store, purpose)
+    facts = {
+        "per_image": reuse.to_json(),
+        "pieces": [layout.relative(store.folder)],
+        "base_check": base_check,
+    }
     return predict_logits(classifier(model), test_features, batch_size=1024), facts
 
 

@@ -59,6 +59,8 @@ def test_new_images_cost_only_themselves_a_relabel_no_pixels_and_a_rerun_nothing
     assert cost(first)["find_suspect_labels"] == (len_of(first, "train"), 0)
     # Scored on cached features, it scores as the saved model does on the test images.
     evaluated = Path(artifacts, first_dir(first, "04_evaluations/model4"))
+    # Its base has the weights of the one that computed the features: it is not run to check.
+    assert json.loads((evaluated / "record.json").read_text())["base_check"] == "weights"
     assert np.allclose(
         np.load(evaluated / "probabilities.npy"),
         saved_model_probabilities(artifacts, first),

@@ -19,6 +19,7 @@ import keras
 from catdog import catalog, layers, models
 from catdog.errors import ModelError, WeightsError
 from catdog.evaluation import load_model, predict_logits, same_base
+from catdog.features import base_digest
 from tests.conftest import REAL_WEIGHTS
 
 pytestmark = pytest.mark.slow  # trains with TensorFlow
@@ -183,6 +184,9 @@ def test_a_frozen_base_model_is_scored_on_features_of_its_own_base_only(built):
     )
     assert same_base(models.feature_extractor(model), x, features)
     assert not same_base(models.feature_extractor(other), x, features)
+    # Without running them: the digests of their weights.
+    assert base_digest(models.feature_extractor(model)) == base_digest(model)
+    assert base_digest(other) != base_digest(model)
     assert not same_base(models.feature_extractor(model), x[:0], features)
     with pytest.raises(ModelError, match="no 'mobilenetv2_base'"):
         models.classifier(built["model1"])
