@@ -74,8 +74,6 @@ def _mosaic(
     title_inches = 0.4 if title else 0.0
     fig = Figure(figsize=(ncols * panel_inches, nrows * panel_inches + title_inches))
     ax = fig.add_axes((0.0, 0.0, 1.0, nrows * panel_inches / fig.get_figheight()))
-    ax.set_xlim(0, ncols)
-    ax.set_ylim(nrows, 0)
     ax.axis("off")
     # A cell's caption takes its top, lines of `fontsize` points each; the image the rest.
     margin = 0.04
