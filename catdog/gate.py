@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -234,6 +235,31 @@ def propose(
 Ship = Callable[[Candidate, Path], ExportCheck]  # exports the candidate into a folder, checked
 
 
+class _ShippedOnce:
+    """A candidate's exports, made and checked once for every turn of its promotion.
+
+    A turn that lost production to another host (StoreConflict) decides again on the new
+    registry; the candidate's exports do not depend on it, and making and checking them again
+    in fresh processes would cost seconds. The first passing exports are copied into `keep`,
+    and a later turn gets that copy and the same check.
+    """
+
+    def __init__(self, ship: Ship, keep: Path) -> None:
+        self.ship = ship
+        self.keep = keep
+        self.check: ExportCheck | None = None
+
+    def __call__(self, candidate: Candidate, staged: Path) -> ExportCheck:
+        if self.check is None:
+            check = self.ship(candidate, staged)
+            if check.passed:
+                shutil.copytree(staged, self.keep)
+            self.check = check
+        elif self.check.passed:
+            shutil.copytree(self.keep, staged, dirs_exist_ok=True)
+        return self.check
+
+
 def promote(
     layout: Layout,
     candidate: Candidate,
@@ -267,10 +293,17 @@ def promote(
     Returns:
         The decision and its evidence, for summary.json and the report.
     """
-    for _ in range(TURNS - 1):
-        with contextlib.suppress(StoreConflict):  # another host changed production first
-            return _promote(layout, candidate, split, policy, run, ship, approval, hold, reference)
-    return _promote(layout, candidate, split, policy, run, ship, approval, hold, reference)
+    keep = layout.production_dir / "models" / f".{candidate.name}.{uuid4().hex}.shipped.tmp"
+    once = _ShippedOnce(ship, keep) if ship is not None else None
+    try:
+        for _ in range(TURNS - 1):
+            with contextlib.suppress(StoreConflict):  # another host changed production first
+                return _promote(
+                    layout, candidate, split, policy, run, once, approval, hold, reference
+                )
+        return _promote(layout, candidate, split, policy, run, once, approval, hold, reference)
+    finally:
+        shutil.rmtree(keep, ignore_errors=True)
 
 
 def _promote(

@@ -10,6 +10,7 @@ pulled before they are read. Every function does nothing for a local artifacts f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -209,6 +210,7 @@ def production_turn(layout: Layout) -> Iterator[None]:
         archives = layout.production_dir / "models"
         _match_archives(layout, archives)
         before = set(_files_under(archives))
+        uploaded: list[str] = []
         try:
             yield
             decided = _read_json_file(layout.registry)
@@ -218,11 +220,15 @@ def production_turn(layout: Layout) -> Iterator[None]:
             for path in new:
                 if not store.upload(path, layout.relative(path), create=True):
                     raise StoreConflict(f"{store.key(layout.relative(path))} exists already")
+                uploaded.append(layout.relative(path))
             store.write_json(registry_name, decided, if_match=etag)
         except BaseException:
             decided = _read_json_file(layout.registry)
             changed = decided is not None and decided != pulled
             _forget_turn(layout, sorted(set(_files_under(archives)) - before), changed)
+            # The turn's archives have names of its own, which no registry will name.
+            with contextlib.suppress(Exception):
+                store.delete_objects(tuple(uploaded))
             raise
         current = [
             path

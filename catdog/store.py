@@ -308,11 +308,12 @@ class ObjectStore:
     def list(self, relative: str) -> list[str]:
         """The objects at or under `relative`, by relative name ([] if none)."""
         try:
-            found = self.fs.find(self.key(relative), refresh=True)
+            found = self.fs.find(self.key(relative), refresh=True, detail=True)
         except FileNotFoundError:
             return []
         start = len(self.base) + 1
-        return [name[start:] for name in found]
+        # A folder whose last object was deleted may still be listed, as a directory.
+        return [name[start:] for name, info in found.items() if info.get("type") != "directory"]
 
     def listing(self, relative: str = "") -> dict[str, StoredObject]:
         """Every object at or under `relative` (all of the artifacts by default), by relative

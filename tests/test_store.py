@@ -236,6 +236,55 @@ def test_production_changes_between_hosts_are_compare_and_swap(
     assert [entry["model"] for entry in registry["history"]] == ["model1", "model2", "model3"]
 
 
+def test_a_turn_that_lost_production_to_another_host_does_not_export_again(
+    store_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate's exports are made and checked once: a turn whose registry write lost to a
+    rival host decides again on the rival's registry, with the exports the first turn made."""
+    from catdog.candidates import Candidate, SplitFacts
+    from catdog.export import ExportCheck, RuntimeCheck
+    from catdog.gate import promote
+    from catdog.stage_records import Policy
+
+    url = f"s3://{store_env.bucket}/reship"
+    host = _layout(url, tmp_path / "host", monkeypatch)
+    assert host.store is not None
+    labels = [0, 1] * 5
+    model = tmp_path / "model2.keras"
+    model.write_bytes(b"model2")
+    candidate = Candidate("model2", str(model), 3, 0.7, 1.0, labels, 32, "code")
+    split = SplitFacts(
+        split_hash="s1",
+        data_hash="d1",
+        classes=["cats", "dogs"],
+        test_labels=labels,
+        test_hashes=[f"t{i}" for i in range(len(labels))],
+        seen_hashes=["a"],
+        test_images=lambda side: None,
+    )
+    shipped: list[str] = []
+
+    def ship(chosen: Candidate, staged: Path) -> ExportCheck:
+        shipped.append(chosen.name)
+        if len(shipped) == 1:  # meanwhile another host records a decision of its own
+            rival = {"history": [{"run_id": "rival", "action": "keep"}]}
+            host.store.write_json("production/registry.json", rival, if_match=None)
+        staged.mkdir(parents=True)
+        (staged / "model.tflite").write_bytes(b"exported once")
+        passed = RuntimeCheck("litert", True, max_difference=0.0, other_class=0)
+        return ExportCheck(images=len(labels), tolerance=1e-3, runtimes=[passed])
+
+    record = promote(host, candidate, split, Policy(0.0), {"id": "run-1"}, ship=ship)
+    assert record.promoted and shipped == ["model2"]
+    registry, _ = host.store.read_json("production/registry.json") or ({}, "")
+    assert [entry["run_id"] for entry in registry["history"]] == ["rival", "run-1"]
+    # The lost turn's archives went with it: only the winning turn's are in the store.
+    archived = [key for key in store_env.keys("reship/production/models/")]
+    assert archived and all("/0001-model2-" in key for key in archived), archived
+    assert store_env.keys("reship/production/export/") == ["reship/production/export/model.tflite"]
+    assert not list(host.production_dir.rglob("*.tmp"))
+
+
 def test_an_entry_s_lease_takes_turns_between_hosts_and_passes_on_when_abandoned(
     store_env: S3Server,
 ) -> None:
