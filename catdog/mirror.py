@@ -226,9 +226,8 @@ def production_turn(layout: Layout) -> Iterator[None]:
             decided = _read_json_file(layout.registry)
             changed = decided is not None and decided != pulled
             _forget_turn(layout, sorted(set(_files_under(archives)) - before), changed)
-            # The turn's archives have names of its own, which no registry will name.
-            with contextlib.suppress(Exception):
-                store.delete_objects(tuple(uploaded))
+            with contextlib.suppress(Exception):  # what stays is garbage, never a wrong result
+                _drop_uploads(store, registry_name, uploaded, decided)
             raise
         current = [
             path
@@ -238,6 +237,18 @@ def production_turn(layout: Layout) -> Iterator[None]:
         push_files(layout, sorted(current))
         if not layout.production_export.exists():  # a model without exports: none may stay
             store.delete_tree(layout.relative(layout.production_export))
+
+
+def _drop_uploads(store: ObjectStore, registry: str, uploaded: list[str], decided: Any) -> None:
+    """Remove the archives a turn that did not commit uploaded: their names are the turn's
+    own, which only its decision names. Unless that decision is the store's registry after
+    all (a write that landed but whose reply was lost)."""
+    if not uploaded:
+        return
+    found = store.read_json(registry)
+    if found is not None and found[0] == decided:
+        return
+    store.delete_objects(tuple(uploaded))
 
 
 def _read_json_file(path: Path) -> Any:
