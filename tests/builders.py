@@ -1,4 +1,5 @@
-"""The suite's one set of builders: real image files, image-folder datasets and their zips."""
+"""The suite's one set of builders: real image files, image-folder datasets and their zips,
+and the facts of a test split that the promotion gate judges on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from catdog.candidates import SplitFacts
 
 # Which split folders each layout has; "val" shows the validation alias.
 LAYOUT_SPLITS: dict[str, tuple[str | None, ...]] = {
@@ -96,3 +99,17 @@ def zip_folder(
             else:
                 handle.write(path, name)
     return archive
+
+
+def split_facts(labels: list[int], hashes: str = "t") -> SplitFacts:
+    """A test split of `labels` whose images are `<hashes><i>`, and on which production's
+    predictions are on file (its images are never decoded)."""
+    return SplitFacts(
+        split_hash="s1",
+        data_hash="d1",
+        classes=["cats", "dogs"],
+        test_labels=labels,
+        test_hashes=[f"{hashes}{i}" for i in range(len(labels))],
+        seen_hashes=["a"],
+        test_images=lambda side: None,
+    )

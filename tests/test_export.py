@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from catdog import catalog, models
-from catdog.candidates import Candidate, SplitFacts
+from catdog.candidates import Candidate
 from catdog.evaluation import softmax
 from catdog.export import TOLERANCE, check_export, export_checked, export_model, serving_model
 from catdog.gate import promote
@@ -25,6 +25,7 @@ from catdog.registry import rollback
 from catdog.serving import LITERT_FILE, SAVED_MODEL_DIR, SERVING_FILE, ServingSpec
 from catdog.stage_records import Policy
 from catdog.training import dtype_policy
+from tests.builders import split_facts
 
 pytestmark = [pytest.mark.slow]
 
@@ -156,18 +157,6 @@ def test_a_corrupted_export_fails_its_check(tmp_path):
 LABELS = [0, 1] * 6
 
 
-def _split(hashes: str) -> SplitFacts:
-    return SplitFacts(
-        split_hash="s1",
-        data_hash="d1",
-        classes=["cats", "dogs"],
-        test_labels=LABELS,
-        test_hashes=[f"{hashes}{i}" for i in range(len(LABELS))],
-        seen_hashes=["a"],
-        test_images=lambda side: None,  # production's predictions are on file
-    )
-
-
 def test_the_gate_ships_only_checked_exports_and_rollback_brings_them_back(tmp_path):
     """The gate on real models and real exports: a candidate whose exports fail their check
     is not promoted, and production keeps its model and its exports."""
@@ -197,13 +186,13 @@ def test_the_gate_ships_only_checked_exports_and_rollback_brings_them_back(tmp_p
 
     first, first_model = candidate("first", 1, 6)
     assert promote(
-        layout, first, _split("t"), Policy(0.0), run, ship=shipping(first_model)
+        layout, first, split_facts(LABELS), Policy(0.0), run, ship=shipping(first_model)
     ).promoted
     shipped = (layout.production_export / LITERT_FILE).read_bytes()
 
     better, better_model = candidate("better", 2, 9)
     decision = promote(
-        layout, better, _split("t"), Policy(0.0), run, ship=shipping(better_model, True)
+        layout, better, split_facts(LABELS), Policy(0.0), run, ship=shipping(better_model, True)
     )
     assert not decision.promoted and "exports failed their check" in decision.reason
     assert decision.export_check.passed is False
@@ -217,13 +206,13 @@ def test_the_gate_ships_only_checked_exports_and_rollback_brings_them_back(tmp_p
         (folder / "half-written").write_bytes(b"x")
         raise OSError(28, "No space left on device")
 
-    decision = promote(layout, better, _split("t"), Policy(0.0), run, ship=no_space)
+    decision = promote(layout, better, split_facts(LABELS), Policy(0.0), run, ship=no_space)
     assert not decision.promoted and "No space left on device" in decision.reason
     assert read_registry(layout).production.model == "first"
     assert not list(layout.production_dir.glob("models/.*"))
 
     assert promote(
-        layout, better, _split("t"), Policy(0.0), run, ship=shipping(better_model)
+        layout, better, split_facts(LABELS), Policy(0.0), run, ship=shipping(better_model)
     ).promoted
     assert (layout.production_export / LITERT_FILE).read_bytes() != shipped
     rollback(layout)

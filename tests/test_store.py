@@ -30,7 +30,7 @@ from catdog.mirror import fetch_output, production_turn, push_output
 from catdog.prune import KEY, LEFTOVER_AGE_SECONDS
 from catdog.stages import stage, stage_of_task
 from catdog.store import CACHE_ENV, ObjectStore, StoreConflict
-from tests.builders import write_image
+from tests.builders import split_facts, write_image
 from tests.conftest import (
     ALWAYS_RUN,
     ONE_TF_THREAD,
@@ -241,7 +241,7 @@ def test_a_turn_that_lost_production_to_another_host_does_not_export_again(
 ) -> None:
     """The gate's exports are made and checked once: a turn whose registry write lost to a
     rival host decides again on the rival's registry, with the exports the first turn made."""
-    from catdog.candidates import Candidate, SplitFacts
+    from catdog.candidates import Candidate
     from catdog.export import ExportCheck, RuntimeCheck
     from catdog.gate import promote
     from catdog.stage_records import Policy
@@ -253,15 +253,7 @@ def test_a_turn_that_lost_production_to_another_host_does_not_export_again(
     model = tmp_path / "model2.keras"
     model.write_bytes(b"model2")
     candidate = Candidate("model2", str(model), 3, 0.7, 1.0, labels, 32, "code")
-    split = SplitFacts(
-        split_hash="s1",
-        data_hash="d1",
-        classes=["cats", "dogs"],
-        test_labels=labels,
-        test_hashes=[f"t{i}" for i in range(len(labels))],
-        seen_hashes=["a"],
-        test_images=lambda side: None,
-    )
+    split = split_facts(labels)
     shipped: list[str] = []
 
     def ship(chosen: Candidate, staged: Path) -> ExportCheck:
