@@ -50,18 +50,12 @@ def _as_uint8(image: np.ndarray) -> np.ndarray:
     return array
 
 
-def _show(ax: Axes, image: np.ndarray, title: str) -> None:
-    array = _as_uint8(image)
-    ax.imshow(array, cmap="gray" if array.ndim == 2 else None, vmin=0, vmax=255)
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-
-
 def _mosaic(
     rows: Sequence[Sequence[tuple[np.ndarray, str]]],
     title: str = "",
     fontsize: float = 9,
     panel_inches: float = _PANEL_INCHES,
+    ncols: int = 1,
 ) -> Figure:
     """Rows of captioned images drawn in one Axes, each in a square cell of `panel_inches`.
 
@@ -70,7 +64,7 @@ def _mosaic(
     the stage that draws it.
     """
     nrows = max(1, len(rows))
-    ncols = max((len(row) for row in rows), default=1) or 1
+    ncols = max([ncols, *(len(row) for row in rows)])  # short rows leave blank cells
     title_inches = 0.4 if title else 0.0
     fig = Figure(figsize=(ncols * panel_inches, nrows * panel_inches + title_inches))
     ax = fig.add_axes((0.0, 0.0, 1.0, nrows * panel_inches / fig.get_figheight()))
@@ -102,12 +96,6 @@ def _mosaic(
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.08 * title_inches / fig.get_figheight())
     return fig
-
-
-def _grid(nrows: int, ncols: int) -> tuple[Figure, np.ndarray]:
-    fig = Figure(figsize=(ncols * _PANEL_INCHES, nrows * _PANEL_INCHES), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 100) -> Path:
@@ -153,15 +141,9 @@ def sample_grid(images_by_class: Mapping[str, Sequence[np.ndarray]], ncols: int 
     """
     if not images_by_class or ncols < 1:
         raise ValueError("sample_grid needs at least one class and ncols >= 1")
-    fig, axes = _grid(len(images_by_class), ncols)
-    for row, (name, images) in enumerate(images_by_class.items()):
-        for col in range(ncols):
-            ax = axes[row, col]
-            if col < len(images):
-                _show(ax, images[col], name)
-            else:
-                ax.axis("off")  # a class with fewer images leaves a blank panel
-    return fig
+    # A class with fewer images leaves blank cells.
+    rows = [[(image, name) for image in images[:ncols]] for name, images in images_by_class.items()]
+    return _mosaic(rows, ncols=ncols)
 
 
 def augmentation_preview(image: np.ndarray, views: Sequence[np.ndarray]) -> Figure:
@@ -176,13 +158,7 @@ def augmentation_preview(image: np.ndarray, views: Sequence[np.ndarray]) -> Figu
     """
     panels = [(image, "original")] + [(v, f"augmented {i + 1}") for i, v in enumerate(views)]
     ncols = min(4, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = _grid(nrows, ncols)
-    for ax in axes.flat[len(panels) :]:
-        ax.axis("off")
-    for ax, (panel, title) in zip(axes.flat, panels, strict=False):
-        _show(ax, panel, title)
-    return fig
+    return _mosaic([panels[start : start + ncols] for start in range(0, len(panels), ncols)])
 
 
 def _epochs(values: Sequence[float]) -> list[int]:
