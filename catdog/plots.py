@@ -40,6 +40,17 @@ _PANEL_INCHES = 2.4  # width and height of one image panel
 _CURVE_SIZE = (11.0, 4.2)  # two side-by-side metric panels
 
 
+def _two_panels() -> tuple[Figure, tuple[Axes, Axes]]:
+    """A figure of two side-by-side metric panels under a title."""
+    # Spacing set by hand: the panels, their labels and the title are always alike, and a
+    # layout engine measuring them took 40% of the figure's time (each model's evaluation, and
+    # the report, draws one).
+    fig = Figure(figsize=_CURVE_SIZE)
+    ax_left, ax_right = fig.subplots(1, 2)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.13, wspace=0.22)
+    return fig, (ax_left, ax_right)
+
+
 def _as_uint8(image: np.ndarray) -> np.ndarray:
     # Model inputs are float32 0..255; imshow reads floats as 0..1, so convert explicitly.
     array = np.asarray(image)
@@ -184,8 +195,7 @@ def training_curves(
     Returns:
         The figure.
     """
-    fig = Figure(figsize=_CURVE_SIZE, layout="constrained")
-    ax_acc, ax_loss = fig.subplots(1, 2)
+    fig, (ax_acc, ax_loss) = _two_panels()
     for ax, metric, label in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Loss")):
         for key, name in ((metric, "training"), (f"val_{metric}", "validation")):
             values = history.get(key)
@@ -216,8 +226,7 @@ def compare_models(
     Returns:
         The figure.
     """
-    fig = Figure(figsize=_CURVE_SIZE, layout="constrained")
-    ax_acc, ax_loss = fig.subplots(1, 2)
+    fig, (ax_acc, ax_loss) = _two_panels()
     for name, history in histories.items():
         for ax, key in ((ax_acc, "val_accuracy"), (ax_loss, "val_loss")):
             values = history.get(key)

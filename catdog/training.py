@@ -26,6 +26,7 @@ from catdog import catalog, models
 from catdog.arrays import Rows
 from catdog.config import TrainConfig
 from catdog.errors import ModelError
+from catdog.evaluation import remember_saved
 from catdog.features import FeatureSet
 from catdog.layout import FINAL_MODEL_FILE, HISTORY_ROWS_FILE, MODEL_FILE
 from catdog.warm import WarmStart
@@ -436,6 +437,7 @@ def train_head_on_features(
     best_head = keras.models.load_model(work_dir / BEST_HEAD_FILE, safe_mode=True)
     models.transplant_head(best_head, model)
     model.save(work_dir / MODEL_FILE)
+    remember_saved(model, work_dir / MODEL_FILE)
     (work_dir / BEST_HEAD_FILE).unlink()
     return replace(_result(model, rows), warm_start=started)
 

@@ -107,3 +107,31 @@ def test_score_from_logits():
     assert result["per_class"]["dogs"]["recall"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="shape"):
         score(np.zeros((3, 3)), [0, 1, 1], ["cats", "dogs"])
+
+
+def test_a_model_this_process_saved_is_taken_as_it_is_and_only_for_its_bytes(tmp_path):
+    """`load_model` of the file a model was just saved to gives that model; the same path
+    rewritten by another model gives the other model, read from the file."""
+    import keras
+
+    from catdog.evaluation import load_model, remember_saved
+
+    def small(seed: int) -> keras.Model:
+        inputs = keras.Input((4,))
+        outputs = keras.layers.Dense(2, kernel_initializer=keras.initializers.GlorotUniform(seed))(
+            inputs
+        )
+        return keras.Model(inputs, outputs)
+
+    path = tmp_path / "model.keras"
+    trained = small(1)
+    trained.save(path)
+    remember_saved(trained, path)
+    assert load_model(path) is trained
+
+    other = small(2)
+    other.save(path)
+    loaded = load_model(path)
+    assert loaded is not trained and loaded is not other
+    for got, want in zip(loaded.get_weights(), other.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -39,6 +39,40 @@ def test_two_memos_saving_one_store_keep_both_entries(tmp_path):
     assert {Path(key).name for key in entries} == {"a", "b"}
 
 
+def test_a_memo_saved_twice_keeps_what_another_saved_in_between(tmp_path):
+    """Saving again skips reading the store only while nobody else has written it."""
+    store = tmp_path / "file-hashes.json"
+    for name in "abc":
+        (tmp_path / name).write_bytes(name.encode())
+    first = HashMemo(store)
+    first.sha256(tmp_path / "a")
+    first.save()
+    other = HashMemo(store)
+    other.sha256(tmp_path / "b")
+    other.save()
+    first.sha256(tmp_path / "c")
+    first.save()
+    assert {Path(key).name for key in HashMemo(store)._entries} == {"a", "b", "c"}
+
+
+def test_known_all_answers_as_known_does_for_each_path(tmp_path):
+    """The manifest's bulk lookup: a remembered file as it was, a changed one, a new one and
+    a missing one."""
+    import time
+
+    memo = HashMemo(tmp_path / "memo.json")
+    for name in ("same", "changed"):
+        path = tmp_path / name
+        path.write_bytes(name.encode())
+        memo.note(path, hashlib.sha256(path.read_bytes()).hexdigest(), path.stat())
+    time.sleep(0.01)
+    (tmp_path / "changed").write_bytes(b"changed again")
+    (tmp_path / "new").write_bytes(b"new")
+    paths = [str(tmp_path / name) for name in ("same", "changed", "new", "missing")]
+    assert memo.known_all(paths) == [memo.known(path) for path in paths]
+    assert memo.known_all(paths) == [hashlib.sha256(b"same").hexdigest(), None, None, None]
+
+
 def test_memo_trusts_size_and_mtime_so_unchanged_files_are_not_read(tmp_path):
     image = tmp_path / "a.jpg"
     image.write_bytes(b"original")

@@ -103,14 +103,19 @@ def _check_image(data: bytes) -> str | None:
     return None
 
 
-def _recall(candidate: _Candidate, known: KnownImages) -> _Checked | None:
-    """The verdict of a file whose stamp and content are both known, without reading it."""
+def _recall(candidates: Sequence[_Candidate], known: KnownImages) -> list[_Checked | None]:
+    """The verdict of each file whose stamp and content are both known, without reading it;
+    None for the others."""
     if known.memo is None:
-        return None
-    digest = known.memo.known(candidate.path)
-    if digest is None or digest not in known.verdicts:
-        return None
-    return _Checked(candidate, digest, known.verdicts[digest], validated=False, read=False)
+        return [None] * len(candidates)
+    digests = known.memo.known_all([candidate.path for candidate in candidates])
+    verdicts = known.verdicts
+    return [
+        _Checked(candidate, digest, verdicts[digest], validated=False, read=False)
+        if digest is not None and digest in verdicts
+        else None
+        for candidate, digest in zip(candidates, digests, strict=True)
+    ]
 
 
 def _check(candidate: _Candidate, known: KnownImages) -> _Checked:
@@ -136,7 +141,7 @@ def _check_all(
 ) -> list[_Checked]:
     """Check every candidate: those known without reading them here, the others read and
     decoded in a thread pool, their new verdicts sealed by batches."""
-    checked = [_recall(candidate, known) for candidate in candidates]
+    checked = _recall(candidates, known)
     unknown = [i for i, found in enumerate(checked) if found is None]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(unknown), VALIDATION_BATCH):
