@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from catdog import catalog
 from catdog.data import sources
 from catdog.data.extract import find_dataset_root
+from catdog.data.store_source import locate_dataset
+from catdog.store import StoreError, StoreFault
 from catdog.weights import resolve_weights
 
 
@@ -18,6 +20,11 @@ def check_data_source(data: str) -> None:
         sources.check_zip(source.path, data)
     elif source.kind == "folder":
         find_dataset_root(source.path)
+    elif source.kind == "store":
+        try:
+            locate_dataset(source.location)
+        except StoreFault as error:  # before any work: the user's setting, not a fault
+            raise StoreError(str(error)) from None
 
 
 def weights_for(models: Sequence[str], weights: str, transfer_image_size: int) -> str | None:

@@ -29,7 +29,7 @@ from typing import Any
 from catdog.hashing import sha256_file_uncached
 from catdog.io import atomic_write_json, exclusive_lock, replace_directory
 from catdog.layout import RECORD_FILE, RUNS_DIR, SUMMARY_FILE, Layout
-from catdog.store import ObjectStore, StoreConflict, StoreError
+from catdog.store import ObjectStore, StoreConflict, StoreError, is_store_url
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,8 @@ def _here_or_fetched(layout: Layout, named: str) -> bool:
 
 def _named_outputs(values: list[Any]) -> Iterator[str]:
     """The artifacts-relative folders that records in `values` name: their `dir`, and a
-    relative `root` (the extracted images a manifest is relative to)."""
+    relative `root` (the extracted images a manifest is relative to; not a folder used in
+    place, nor a folder in another store, which `catdog.data.store_source` mirrors)."""
     pending = list(values)
     while pending:
         value = pending.pop()
@@ -379,7 +380,7 @@ def _named_outputs(values: list[Any]) -> Iterator[str]:
             for entry in dataclasses.fields(value):
                 found = getattr(value, entry.name)
                 if entry.name in ("dir", "root") and isinstance(found, str):
-                    if found and not Path(found).is_absolute():
+                    if found and not Path(found).is_absolute() and not is_store_url(found):
                         yield found
                 elif not isinstance(found, str | int | float | bool | type(None)):
                     pending.append(found)

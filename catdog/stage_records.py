@@ -45,6 +45,7 @@ HOW_IT_WAS_MADE = (
     "piece_files",
     "near_duplicates_compared",
     "cross_validated",
+    "objects_fetched",
 )
 
 
@@ -52,9 +53,9 @@ HOW_IT_WAS_MADE = (
 class ArchiveRecord(Record):
     """The dataset as downloaded: `archive.zip` in its folder, or a folder used in place."""
 
-    kind: str = "zip"  # "url", "zip" or "folder"
+    kind: str = "zip"  # "url", "zip", "folder" or "store" (a folder in an object store)
     content: str = ""  # "sha256:<hash>" of the archive, or a folder's listing fingerprint
-    root: str | None = None  # a folder source's absolute path
+    root: str | None = None  # a folder source's absolute path, or a store folder's URL
     source: str = ""  # where it came from, as given (for messages; not part of its identity)
 
     def identity(self) -> Any:
@@ -80,6 +81,8 @@ class ManifestRecord(Record):
     per_image: dict[str, int] = field(default_factory=dict)
     files_read: int = 0  # files read: new, or changed since a run last looked
     pieces: list[str] = field(default_factory=list)  # the per-image pieces it used (folders)
+    # A folder in an object store: the objects this host fetched into its mirror for it.
+    objects_fetched: int | None = None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -98,6 +98,7 @@ class ObjectStore:
     """The artifacts at `url` (`scheme://bucket/prefix`), read and written by relative path."""
 
     url: str
+    flag: str = field(default="--artifacts", compare=False)  # the option that named it
 
     @classmethod
     def at(cls, url: str) -> ObjectStore:
@@ -133,10 +134,10 @@ class ObjectStore:
             filesystem = _filesystem(self.scheme, _settings_in_environment())
         except (ImportError, ValueError) as error:
             raise StoreError(
-                f"--artifacts {self.url}: no filesystem for {self.scheme}:// is installed "
+                f"{self.flag} {self.url}: no filesystem for {self.scheme}:// is installed "
                 f"({error}); for S3 install s3fs (pip install 'catdog[s3]')"
             ) from error
-        return _Explained(filesystem, self._explain, self.url)
+        return _Explained(filesystem, self.explain, self.url)
 
     def answering(self) -> bool:
         """False for `FAULT_MEMORY_SECONDS` after a call of this process found the store not
@@ -176,11 +177,11 @@ class ObjectStore:
         except StoreError as error:  # (a StoreFault: this is before any work)
             raise StoreError(str(error)) from None
         except Exception as error:
-            raise self._explain(error) from None
+            raise self.explain(error) from None
 
-    def _explain(self, error: BaseException) -> StoreError:
+    def explain(self, error: BaseException) -> StoreError:
         endpoint = os.environ.get("AWS_ENDPOINT_URL") if self.scheme == "s3" else None
-        where = f"--artifacts {self.url}" + (f" (endpoint {endpoint})" if endpoint else "")
+        where = f"{self.flag} {self.url}" + (f" (endpoint {endpoint})" if endpoint else "")
         if isinstance(error, FileNotFoundError):
             return StoreError(
                 f"{where}: the bucket {self.bucket!r} does not exist; create it or fix the URL"
@@ -328,6 +329,20 @@ class ObjectStore:
             name[start:]: StoredObject(int(info.get("size") or 0), _modified(info))
             for name, info in found.items()
             if info.get("type") != "directory"
+        }
+
+    def details(self) -> dict[str, dict[str, Any]]:
+        """Every object under the store's root, by relative name, with what the store says of
+        it (for S3: `ETag`, `size`, `LastModified`)."""
+        try:
+            found = self.fs.find(self.base, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        start = len(self.base) + 1
+        return {
+            name[start:]: info
+            for name, info in found.items()
+            if info.get("type") != "directory" and len(name) > start
         }
 
     def pipe(self, relative: str, value: Any) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import replace
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,17 @@ from prefect.tasks import exponential_backoff
 
 from catdog.config import RUN
 from catdog.data import sources
-from catdog.data.records import SPLITS, Manifest
+from catdog.data.records import SPLITS, ImageEntry, Manifest
+from catdog.data.store_source import (
+    LISTING_FILE,
+    SourceMirror,
+    is_store_folder,
+    listing_fingerprint,
+    locate_dataset,
+)
 from catdog.errors import TransientDownloadError
 from catdog.hashing import HashMemo
+from catdog.io import atomic_write_json, read_json
 from catdog.layout import MANIFEST_FILE, NEAR_DUPLICATES_FILE, SPLIT_FILE, Layout
 from catdog.pieces import Reuse
 from catdog.stage_records import (
@@ -53,10 +63,27 @@ def _portable(layout: Layout, path: Path) -> str:
     return layout.relative(path) if path.resolve().is_relative_to(layout.root) else str(path)
 
 
+def images_folder(layout: Layout, root: str) -> Path:
+    """Where the images of a record's `root` are on this host: under the artifacts, a folder
+    used in place, or this host's mirror of a folder in an object store."""
+    return SourceMirror(root).folder if is_store_folder(root) else layout.resolve(root)
+
+
+def fetch_images(
+    layout: Layout, record: ManifestRecord | SplitRecord, entries: Iterable[ImageEntry]
+) -> None:
+    """The images of `entries`, present on this host before a stage reads them: for a folder
+    in an object store, those its mirror lacks are fetched (checked against their hashes);
+    others are local files already."""
+    if is_store_folder(record.root):
+        wanted = [(entry.path, entry.sha256) for entry in entries]
+        SourceMirror(record.root).ensure(wanted, HashMemo(layout.image_hashes))
+
+
 def _manifest(layout: Layout, record: ManifestRecord | SplitRecord, name: str) -> Manifest:
-    """Load a manifest, its images root resolved against the current artifacts folder."""
+    """Load a manifest, its images root resolved on this host (`images_folder`)."""
     manifest = Manifest.load(layout.resolve(record.dir) / name)
-    return replace(manifest, root=str(layout.resolve(record.root)))
+    return replace(manifest, root=str(images_folder(layout, record.root)))
 
 
 def manifest_of(layout: Layout, manifest: ManifestRecord) -> Manifest:
@@ -93,7 +120,14 @@ def download_dataset(data: str, sha256: str | None, revision: str, artifacts: st
     source = sources.parse_source(data)
     with stage_output(layout) as out:
         out.facts.update(kind=source.kind, source=data)
-        if source.kind == "folder":
+        if source.kind == "store":
+            # The listing only: each host that reads the images mirrors them (catdog.data.
+            # store_source), fetching only the objects whose ETag it has not fetched.
+            root, listing = locate_dataset(source.location)
+            atomic_write_json(out.folder / LISTING_FILE, listing, compact=True)
+            out.facts.update(root=root, content=f"listing:{listing_fingerprint(listing)}")
+            logger.info("%s: %d images listed", root, len(listing))
+        elif source.kind == "folder":
             # What identifies the data downstream: the folder and its listing.
             out.facts.update(
                 root=source.location,
@@ -133,7 +167,10 @@ def extract_dataset(archive: ArchiveRecord, artifacts: str) -> ImagesRecord:
 
     layout = Layout.at(artifacts)
     with stage_output(layout) as out:
-        if archive.kind == "folder":
+        if archive.kind == "store":
+            shutil.copy(layout.resolve(archive.dir) / LISTING_FILE, out.folder / LISTING_FILE)
+            out.facts["root"] = archive.root
+        elif archive.kind == "folder":
             out.facts["root"] = archive.root
         else:
             extract_archive(
@@ -161,10 +198,15 @@ def build_manifest(images: ImagesRecord, artifacts: str) -> ManifestRecord:
         memo=HashMemo(layout.image_hashes), verdicts=verdicts.values(), keep=verdicts.add_values
     )
     with stage_output(layout) as out:
-        manifest = scan(layout.resolve(images.root), known=known)
+        fetched = None
+        if is_store_folder(images.root):
+            listing = read_json(layout.resolve(images.dir) / LISTING_FILE)
+            fetched = SourceMirror(images.root).sync(listing)
+        manifest = scan(images_folder(layout, images.root), known=known)
         manifest.save(out.folder / MANIFEST_FILE)
         out.facts.update(
-            root=_portable(layout, Path(manifest.root)),
+            root=images.root if fetched is not None else _portable(layout, Path(manifest.root)),
+            objects_fetched=fetched,
             layout=manifest.layout,
             classes=list(manifest.classes),
             images=len(manifest.images),
@@ -264,12 +306,15 @@ def plot_samples(
         SAMPLES_FIGURE,
         augmentation_views,
         pick_samples,
+        sample_entries,
     )
     from catdog.plots import augmentation_preview, sample_grid, save_figure
 
     layout = Layout.at(artifacts)
     with stage_output(layout) as out:
         manifest = split_manifest_of(layout, split)
+        shown = sample_entries(manifest, per_class=per_class, seed=seed)
+        fetch_images(layout, split, chain(*shown.values()))
         samples = pick_samples(manifest, per_class=per_class, seed=seed, size=image_size)
         first = next(iter(samples.values()))[0]
         save_figure(sample_grid(samples), out.folder / SAMPLES_FIGURE)
@@ -301,6 +346,10 @@ def decode_images(split: SplitRecord, image_size: int, artifacts: str) -> Arrays
     pixels = pixel_pieces(layout.pieces_dir, image_size, HashMemo(layout.hash_memo))
     with stage_output(layout) as out:
         manifest = split_manifest_of(layout, split)
+        if is_store_folder(split.root):
+            located = pixels.locate()
+            missing = [e for e in manifest.images if e.split and e.sha256 not in located]
+            fetch_images(layout, split, missing)
         decoded = decode_splits_to(manifest, image_size, out.folder, pixels)
         out.facts.update(
             image_size=image_size,

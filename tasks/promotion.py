@@ -20,7 +20,7 @@ from catdog.stage_records import Approval, Policy, PromotionRecord
 from catdog.stages import TRAIN_CODE
 from catdog.summary import RunRecords
 from tasks.caching import stage_task
-from tasks.data import split_manifest_of
+from tasks.data import fetch_images, split_manifest_of
 from tasks.events import emit_run_event
 
 
@@ -31,7 +31,10 @@ def _candidate(layout: Layout, records: RunRecords) -> Candidate:
 
 
 def _split(layout: Layout, records: RunRecords) -> SplitFacts:
-    return split_facts(split_manifest_of(layout, records.split), records.split, records.manifest)
+    manifest = split_manifest_of(layout, records.split)
+    # Production's model may take another input size: it reads the test images themselves.
+    fetch_images(layout, records.split, manifest.in_split("test"))
+    return split_facts(manifest, records.split, records.manifest)
 
 
 def _hold(records: RunRecords) -> str | None:

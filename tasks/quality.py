@@ -9,7 +9,13 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from catdog.data import quality
-from catdog.data.figures import save_profile_figures, save_suspects_figure
+from catdog.data.figures import (
+    profile_figure_paths,
+    save_profile_figures,
+    save_suspects_figure,
+    shown_entries,
+    suspects_figure_paths,
+)
 from catdog.data.profile import (
     near_duplicate_counts,
     place_near_duplicates,
@@ -45,7 +51,7 @@ from catdog.stage_records import (
 )
 from tasks import ui
 from tasks.caching import stage_output, stage_task
-from tasks.data import manifest_of, near_duplicates_of, split_manifest_of
+from tasks.data import fetch_images, manifest_of, near_duplicates_of, split_manifest_of
 from tasks.events import emit_run_event
 
 # The near-duplicate links a run found, kept beside the inspection's pieces: a later run
@@ -62,6 +68,7 @@ def inspect_images(manifest: ManifestRecord, artifacts: str) -> InspectionRecord
     known = store.values()
     with stage_output(layout) as out:
         images = manifest_of(layout, manifest)
+        fetch_images(layout, manifest, [e for e in images.images if e.sha256 not in known])
         paths = [entry.path for entry in images.images]
         keys = [entry.sha256 for entry in images.images]
         inspection = quality.inspect_images(
@@ -116,6 +123,7 @@ def profile_data(split: SplitRecord, inspection: InspectionRecord, artifacts: st
         (out.folder / "profile.json").write_text(json.dumps(profile, indent=1))
         write_reference(out.folder, facts, manifest)
         groups = place_near_duplicates(manifest, near_duplicates_of(layout, inspection))
+        fetch_images(layout, split, shown_entries(manifest, profile_figure_paths(groups)))
         save_profile_figures(out.folder, facts, manifest, groups)
         out.facts.update(near_duplicates=near_duplicate_counts(groups), groups=groups[:50])
     ui.publish_table(
@@ -157,6 +165,7 @@ def find_suspect_labels(
         )
         suspects = rank_suspects(scores.own, train) if scores else []
         if suspects:
+            fetch_images(layout, split, shown_entries(manifest, suspects_figure_paths(suspects)))
             save_suspects_figure(out.folder, Path(manifest.root), suspects)
         out.facts.update(suspects=suspects, features=about)
         if scores:

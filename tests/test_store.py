@@ -40,7 +40,6 @@ from tests.conftest import (
     free_port,
     task_run_logs,
 )
-from tests.http_site import serving as serving_site
 from tests.s3_server import BUCKET, SECRET_KEY, S3Server, serving
 
 
@@ -528,13 +527,23 @@ def test_a_store_the_run_cannot_use_stops_it_before_any_work(
             s3, dataset_zip, f"s3://{s3.bucket}/x", tmp_path / "endpoint",
             AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
         ),
+        # The data in a store it cannot read: named as --data, the artifacts a local folder.
+        "the bucket 'no-such-bucket' does not exist": (
+            _store_run(s3, "s3://no-such-bucket/photos/", str(tmp_path / "local"),
+                       tmp_path / "data-bucket")
+        ),
+        f"--data s3://{s3.bucket}/empty: no images under this prefix": _store_run(
+            s3, f"s3://{s3.bucket}/empty/", str(tmp_path / "local"), tmp_path / "data-empty"
+        ),
     }  # fmt: skip
     for expected, process in runs.items():
         code, err = _finished(process)
         assert code == 2, err[-2000:]
-        assert len(err.strip().splitlines()) == 1 and err.startswith("error: --artifacts s3://")
+        option = "--artifacts" if process.args[-1].startswith("s3://") else "--data"
+        assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {option} s3://")
         assert expected in err
-    for cache in ("creds", "bucket", "endpoint"):
+    assert not (tmp_path / "local").exists()
+    for cache in ("creds", "bucket", "endpoint", "data-bucket", "data-empty"):
         assert not list((tmp_path / cache).rglob(RECORD_FILE))
     assert not [key for key in s3.keys("x/") if not key.endswith("store-check")]
 
@@ -726,33 +735,43 @@ def hosts_sharing_nothing(
 def test_workers_that_share_only_the_store_run_the_flow_and_a_new_client_finds_it_cached(
     store_env: S3Server, hosts_sharing_nothing: Hosts, dataset_zip: Path, tmp_path: Path
 ) -> None:
-    """The flow on workers that share only the store: model1 and model2 start on a worker each,
-    the worker training model1 is killed once a checkpoint is in the store and the other goes
-    on from it; then a client with an empty cache finds every stage `Cached`."""
+    """The flow on workers that share only the store, the data a folder of class folders in it
+    too: model1 and model2 start on a worker each, the worker training model1 is killed once
+    a checkpoint is in the store and the other goes on from it; then a client with an empty
+    cache finds every stage `Cached`."""
     s3, hosts = store_env, hosts_sharing_nothing
     environment = {**flow_env(tmp_path / "client-home"), CACHE_ENV: str(hosts.cache)}
     epochs = 30
     runs = []
-    with serving_site(tmp_path / "site") as site:  # the data by URL: the workers cannot see files
-        shutil.copy(dataset_zip, tmp_path / "site" / "data.zip")
-        url = f"s3://{s3.bucket}/cluster"
-        command = [
-            *flow_command(site.url(), url, epochs=epochs, models="model1,model2"),  # type: ignore[arg-type]
-            *("--train-retries", "1", "--dask-address", hosts.address),
-        ]
-        shutil.rmtree(hosts.cache, ignore_errors=True)
-        run = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        killed, epoch = _kill_the_host_training(s3, "cluster/04_models/model1/", hosts, run)
-        output = run.communicate(timeout=600)[0]
-        assert run.returncode == 0, output[-3000:]
-        runs.append(json.loads((_copy(hosts.cache, s3, "cluster") / "summary.json").read_text()))
+    source = tmp_path / "src"  # what dataset_zip holds, as files in the bucket
+    for path in sorted(source.rglob("*.jpg")):
+        name = path.relative_to(source).as_posix()
+        s3.client().upload_file(str(path), s3.bucket, f"cluster-data/tiny_filtered/{name}")
+    url = f"s3://{s3.bucket}/cluster"
+    command = [
+        *flow_command(f"s3://{s3.bucket}/cluster-data/", url, epochs=epochs,  # type: ignore[arg-type]
+                      models="model1,model2"),
+        *("--train-retries", "1", "--dask-address", hosts.address),
+    ]  # fmt: skip
+    shutil.rmtree(hosts.cache, ignore_errors=True)
+    run = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    killed, epoch = _kill_the_host_training(s3, "cluster/04_models/model1/", hosts, run)
+    output = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, output[-3000:]
+    runs.append(json.loads((_copy(hosts.cache, s3, "cluster") / "summary.json").read_text()))
 
-        shutil.rmtree(hosts.cache, ignore_errors=True)  # a new client: its cache empty
-        ran = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-        assert ran.returncode == 0, ran.stderr[-3000:]
-        runs.append(json.loads((_copy(hosts.cache, s3, "cluster") / "summary.json").read_text()))
+    shutil.rmtree(hosts.cache, ignore_errors=True)  # a new client: its cache empty
+    ran = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    runs.append(json.loads((_copy(hosts.cache, s3, "cluster") / "summary.json").read_text()))
     first, second = runs
+    images = len(list(source.rglob("*.jpg")))
+    assert first["data"]["images"] == images
+    # Whichever host built the manifest fetched every image once, from the data's prefix.
+    manifest = next(d for d in first["artifacts_used"] if "/manifests/" in f"/{d}/")
+    record, _ = ObjectStore.at(url).read_json(f"{manifest}/{RECORD_FILE}") or ({}, "")
+    assert record["objects_fetched"] == images
     model1, model2 = (first["models"][name] for name in ("model1", "model2"))
     assert killed != model2["worker"]["pid"]  # they started side by side
     assert model1["worker"]["pid"] == model2["worker"]["pid"]  # the survivor finished model1
@@ -776,3 +795,98 @@ def _kill_the_host_training(
     assert pid in hosts.worker_pids
     os.kill(pid, signal.SIGKILL)
     return pid, checkpoint["epoch"]
+
+
+def _manifest_record(artifacts: Path, summary: dict) -> dict:
+    folder = next(d for d in summary["artifacts_used"] if "/manifests/" in f"/{d}/")
+    return json.loads((artifacts / folder / RECORD_FILE).read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_a_folder_in_the_store_is_mirrored_and_a_run_fetches_only_what_changed(
+    store_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--data s3://bucket/photos/`: class folders in a bucket, one folder down as in the real
+    archive. The first run fetches every image (and nothing else); an unchanged one fetches
+    nothing and is all `Cached`; after two new images, one changed and one removed, a run
+    fetches those three objects and counts the change. A host that did not build the
+    manifest fetches only the images it reads, checked against their hashes."""
+    from catdog.data.store_source import SourceMirror
+    from catdog.errors import ImageChangedError
+    from catdog.hashing import HashMemo
+    from tests.builders import make_dataset
+    from tests.conftest import run_flow
+
+    s3 = store_env
+    client = s3.client()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    source = make_dataset(tmp_path / "src", train=8, validation=6)
+    images = sorted(path.relative_to(source).as_posix() for path in source.rglob("*.jpg"))
+    for name in images:
+        client.upload_file(str(source / name), s3.bucket, f"photos/tiny_filtered/{name}")
+    client.put_object(Bucket=s3.bucket, Key="photos/tiny_filtered/README.txt", Body=b"notes")
+    client.put_object(Bucket=s3.bucket, Key="photos/tiny_filtered/train/.DS_Store", Body=b"x")
+    data, artifacts = f"s3://{s3.bucket}/photos/", tmp_path / "artifacts"
+    mirror = SourceMirror(f"s3://{s3.bucket}/photos/tiny_filtered")
+
+    first = run_flow(data, artifacts)
+    record = _manifest_record(artifacts, first)
+    assert (record["root"], record["images"]) == (mirror.url, len(images))
+    assert record["objects_fetched"] == len(images)
+    mirrored = sorted(p.relative_to(mirror.folder).as_posix() for p in mirror.folder.rglob("*.*"))
+    assert [name for name in mirrored if not name.startswith(".")] == images
+
+    again = run_flow(data, artifacts)
+    assert computed(again) == ALWAYS_RUN
+
+    write_image(tmp_path / "new-1.jpg", 901)
+    write_image(tmp_path / "new-2.jpg", 902, bright=True)
+    write_image(tmp_path / "changed.jpg", 903)
+    for local, name in (
+        ("new-1.jpg", "train/cats/cat.100.jpg"),
+        ("new-2.jpg", "train/dogs/dog.100.jpg"),
+        ("changed.jpg", images[0]),
+    ):
+        client.upload_file(str(tmp_path / local), s3.bucket, f"photos/tiny_filtered/{name}")
+    client.delete_object(Bucket=s3.bucket, Key=f"photos/tiny_filtered/{images[-1]}")
+    third = run_flow(data, artifacts)
+    assert third["increment"]["images"] == {"new": 2, "changed": 1, "moved": 0, "removed": 1}
+    assert _manifest_record(artifacts, third)["objects_fetched"] == 3
+    assert not (mirror.folder / images[-1]).exists()
+    assert (mirror.folder / images[0]).read_bytes() == (tmp_path / "changed.jpg").read_bytes()
+
+    # Another host (an empty cache): only the images asked for come, checked.
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "worker-cache"))
+    worker = SourceMirror(mirror.url)
+    wanted = [(name, sha256_file_uncached(mirror.folder / name)) for name in images[1:3]]
+    memo = HashMemo(tmp_path / "worker-memo.json")
+    assert (worker.ensure(wanted, memo), worker.ensure(wanted, memo)) == (2, 0)
+    assert sorted(p.name for p in worker.folder.rglob("*.jpg")) == sorted(
+        Path(name).name for name in images[1:3]
+    )
+    client.upload_file(str(tmp_path / "new-1.jpg"), s3.bucket, f"photos/tiny_filtered/{images[3]}")
+    with pytest.raises(ImageChangedError, match="changed in the store"):
+        worker.ensure([(images[3], sha256_file_uncached(mirror.folder / images[3]))], memo)
+
+
+def test_a_watch_sees_a_folder_in_the_store_change_by_its_listing(
+    store_env: S3Server, tmp_path: Path
+) -> None:
+    """`catdog watch --data s3://bucket/photos/` looks at the listing alone (ETags and sizes):
+    the same twice, then the images added, removed and changed."""
+    from catdog.data.watch import compare, snapshot
+
+    client = store_env.client()
+    for seed, name in enumerate(("cats/a.jpg", "cats/b.jpg", "dogs/c.jpg", "dogs/d.jpg")):
+        write_image(tmp_path / "image.jpg", seed, bright=name.startswith("dogs"))
+        client.upload_file(str(tmp_path / "image.jpg"), store_env.bucket, f"watched/{name}")
+    data = f"s3://{store_env.bucket}/watched/"
+    first = snapshot(data)
+    assert snapshot(data) == first and len(first.files or {}) == 4
+    write_image(tmp_path / "image.jpg", 10)
+    client.upload_file(str(tmp_path / "image.jpg"), store_env.bucket, "watched/cats/a.jpg")
+    client.upload_file(str(tmp_path / "image.jpg"), store_env.bucket, "watched/cats/e.jpg")
+    client.delete_object(Bucket=store_env.bucket, Key="watched/dogs/d.jpg")
+    change = compare(first, snapshot(data))
+    assert (change.added, change.removed, change.changed) == (1, 1, 1)

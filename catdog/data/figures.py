@@ -11,7 +11,7 @@ from PIL import Image
 
 from catdog.data import quality
 from catdog.data.findings import GroupMember, Suspect
-from catdog.data.records import SPLITS, Manifest
+from catdog.data.records import SPLITS, ImageEntry, Manifest
 
 PROFILE_FIGURE = "profile.png"
 NEAR_DUPLICATES_FIGURE = "near_duplicates.png"
@@ -32,6 +32,22 @@ def thumbnail(root: Path, path: str) -> np.ndarray:
         image = image.convert("RGB")
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
         return np.asarray(image)
+
+
+def profile_figure_paths(groups: Sequence[Sequence[GroupMember]]) -> list[str]:
+    """The images `save_profile_figures` shows (paths relative to the manifest's root)."""
+    return [member["path"] for group in groups[:SHOWN_GROUPS] for member in group[:SHOWN_IN_GROUP]]
+
+
+def suspects_figure_paths(suspects: Sequence[Suspect]) -> list[str]:
+    """The images `save_suspects_figure` shows (paths relative to its root)."""
+    return [suspect["path"] for suspect in suspects[:SHOWN_SUSPECTS]]
+
+
+def shown_entries(manifest: Manifest, paths: Sequence[str]) -> list[ImageEntry]:
+    """The manifest's entries of `paths`."""
+    wanted = set(paths)
+    return [entry for entry in manifest.images if entry.path in wanted]
 
 
 def save_profile_figures(

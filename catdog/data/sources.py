@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from catdog.data.extract import find_dataset_root
+from catdog.data.store_source import is_store_folder, listing_fingerprint, locate_dataset
 from catdog.errors import DataError
 from catdog.hashing import HashMemo, folder_fingerprint, sha256_file
 from catdog.store import is_object_url
@@ -15,7 +16,7 @@ from catdog.store import is_object_url
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "url", "zip" or "folder"
+    kind: str  # "url", "zip", "folder" or "store" (a folder in an object store)
     location: str  # the URL, or an absolute path
 
     @property
@@ -37,7 +38,10 @@ def is_url(value: str) -> bool:
 
 
 def parse_source(value: str) -> Source:
-    """Classify `--data`: an http(s) URL, a file:// URL or path to a .zip, or a folder."""
+    """Classify `--data`: an http(s) URL or an archive in a store, a folder of class folders in
+    a store (`s3://bucket/photos/`), a file:// URL or path to a .zip, or a folder."""
+    if is_store_folder(value):
+        return Source("store", value.rstrip("/"))
     if is_url(value):
         return Source("url", value)
     parsed = urlparse(value)
@@ -59,6 +63,9 @@ def fingerprint(source: Source, memo: HashMemo | None = None) -> str:
         return source.location
     if source.kind == "zip":
         return sha256_file(source.path, memo)
+    if source.kind == "store":  # one listing: no object is fetched
+        located, listing = locate_dataset(source.location)
+        return f"{located}:{listing_fingerprint(listing)}"
     return f"{source.location}:{folder_fingerprint(source.path)}"
 
 

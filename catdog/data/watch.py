@@ -23,9 +23,11 @@ from typing import TypedDict
 from catdog.data.extract import IMAGE_SUFFIXES, is_litter
 from catdog.data.freshness import SourceUnavailable, is_unvalidated, probe
 from catdog.data.sources import parse_source
+from catdog.data.store_source import list_images
 from catdog.errors import DataError
 from catdog.hashing import sha256_bytes
 from catdog.io import atomic_write_json, read_json
+from catdog.store import StoreError, StoreFault
 
 EVENT = "catdog.data.changed"
 EXAMPLES = 10  # file names an announcement lists of each kind of change
@@ -77,7 +79,7 @@ def source_resource(name: str) -> dict[str, str]:
 
 
 def snapshot(data: str) -> Snapshot:
-    """Look at `data` (a URL, a zip or a folder) once.
+    """Look at `data` (a URL, a zip, a folder, or a folder in an object store) once.
 
     Raises:
         DataError: A local source that is not there or cannot be read, or a URL whose server
@@ -94,6 +96,15 @@ def snapshot(data: str) -> Snapshot:
                 "schedule instead (`catdog serve --cron`)"
             )
         return Snapshot(source.location, revision)
+    if source.kind == "store":  # one listing: each image's ETag and size, no object fetched
+        try:
+            listing = list_images(source.location)
+        except StoreFault as error:
+            raise SourceUnavailable(str(error)) from error
+        except StoreError as error:
+            raise DataError(str(error)) from error
+        files = {name: f"{etag}:{size}" for name, (etag, size) in listing.items()}
+        return Snapshot(source.location, _revision(files), files)
     try:
         files = _zip_listing(source.path) if source.kind == "zip" else _folder_listing(source.path)
     except OSError as error:
