@@ -890,3 +890,28 @@ def test_a_watch_sees_a_folder_in_the_store_change_by_its_listing(
     client.delete_object(Bucket=store_env.bucket, Key="watched/dogs/d.jpg")
     change = compare(first, snapshot(data))
     assert (change.added, change.removed, change.changed) == (1, 1, 1)
+
+
+def test_a_folder_in_the_store_without_a_dataset_layout_is_refused_by_name(
+    store_env: S3Server, tmp_path: Path
+) -> None:
+    """The layout is judged from the listing, as on disk, before anything is fetched."""
+    from catdog.checks import check_data_source
+    from catdog.errors import DataError
+
+    client = store_env.client()
+    write_image(tmp_path / "image.jpg", 1)
+    for name in (
+        "flat/a.jpg",
+        "flat/b.jpg",
+        "two/x/cats/a.jpg",
+        "two/x/dogs/b.jpg",
+        "two/y/cats/c.jpg",
+        "two/y/dogs/d.jpg",
+    ):
+        client.upload_file(str(tmp_path / "image.jpg"), store_env.bucket, name)
+    url = f"s3://{store_env.bucket}"
+    with pytest.raises(DataError, match=f"^--data {re.escape(url)}/flat/ has no class folders"):
+        check_data_source(f"{url}/flat/")
+    with pytest.raises(DataError, match=f"^--data {re.escape(url)}/two/ holds several datasets"):
+        check_data_source(f"{url}/two/")

@@ -101,10 +101,12 @@ def locate_dataset(url: str) -> tuple[str, Listing]:
     with zipfile.ZipFile(names, "w") as index:
         for name in listing:
             index.writestr(name, b"")
+    archive = zipfile.ZipFile(names)
+    archive.filename = url.rstrip("/")  # what find_dataset_root's messages name
     try:
-        root, _layout, _classes = find_dataset_root(zipfile.Path(zipfile.ZipFile(names)))
+        root, _layout, _classes = find_dataset_root(zipfile.Path(archive))
     except DataError as error:
-        raise DataError(f"--data {url}: {error}") from None
+        raise DataError(f"--data {error}") from None
     inner = root.at.rstrip("/")
     if not inner:
         return url.rstrip("/"), listing
