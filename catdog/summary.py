@@ -343,13 +343,31 @@ def disk_bytes(layout: Layout, folders: list[str]) -> dict[str, int]:
     all; `python -m catdog cache prune` frees them once no recent run uses them."""
     by_stage: dict[str, int] = {}
     for folder in sorted(set(folders)):
-        path = layout.resolve(folder)
+        found = _output_size(layout, folder)
+        if found is not None:
+            stage, size = found
+            by_stage[stage] = by_stage.get(stage, 0) + size
+    return {**by_stage, "total": sum(by_stage.values())}
+
+
+def _output_size(layout: Layout, folder: str) -> tuple[str, int] | None:
+    """A stage output's stage and bytes: on this host, or in the store when this host never
+    fetched it (a cluster's report is written where its last task ran); None if neither."""
+    path = layout.resolve(folder)
+    if path.is_dir():
         try:
             stage = read_json(path / RECORD_FILE).get("stage", "other")
         except (OSError, ValueError):
             stage = "other"
-        by_stage[stage] = by_stage.get(stage, 0) + size_on_disk(path)
-    return {**by_stage, "total": sum(by_stage.values())}
+        return str(stage), size_on_disk(path)
+    if layout.store is None:
+        return None
+    objects = layout.store.listing(folder)
+    if not objects:
+        return None
+    record = layout.store.read_json(f"{folder}/{RECORD_FILE}")
+    stage = record[0].get("stage", "other") if record and isinstance(record[0], dict) else "other"
+    return str(stage), sum(item.size for item in objects.values())
 
 
 def figure_paths(

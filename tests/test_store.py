@@ -197,6 +197,25 @@ def test_a_sealed_output_comes_down_whole_and_checked(
     assert f"roundtrip/{first.relative(folder)}/{RECORD_FILE}" not in store_env.keys("roundtrip/")
 
 
+def test_a_host_that_never_fetched_an_output_sizes_it_from_the_store(
+    store_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's disk use, in its summary, counted on the host that writes the report: an
+    output another worker sealed (the download, say) is sized from the store, not fetched."""
+    from catdog.summary import disk_bytes
+
+    url = f"s3://{store_env.bucket}/sizes"
+    first = _layout(url, tmp_path / "first", monkeypatch)
+    folder = _sealed_output(first)
+    push_output(first, folder)
+    relative = first.relative(folder)
+    here = disk_bytes(first, [relative])
+    elsewhere = _layout(url, tmp_path / "elsewhere", monkeypatch)
+    assert disk_bytes(elsewhere, [relative]) == here and here["total"] > 0
+    assert not elsewhere.resolve(relative).exists()  # nothing fetched to count it
+    assert disk_bytes(elsewhere, ["02_images/extract-0000"]) == {"total": 0}
+
+
 def test_production_changes_between_hosts_are_compare_and_swap(
     store_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

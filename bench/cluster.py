@@ -1,0 +1,330 @@
+"""Cluster: the default models on workers that share nothing but an object store, against a
+local folder, in one run of this script.
+
+    python bench/cluster.py [--max-images-per-class 250] [--epochs 20]
+
+An S3 server (SeaweedFS, as the tests start it) and a Prefect server on 127.0.0.1; the real
+dataset's images uploaded to the store as a folder of class folders (`s3://catdog/real/`); a
+Dask scheduler and two workers of one TensorFlow thread each, every worker in a mount namespace
+of its own with an empty tmpfs over this benchmark's folder (it sees the store, the Prefect API,
+the project and the weights, not the client's files). Each flow in its own process:
+
+1. `local`: cold on a local folder, from the real archive, with one TensorFlow thread (as a
+   worker has), the default (sequential) runner.
+2. `cluster`: cold, `--data s3://catdog/real/ --artifacts s3://catdog/cluster --dask-address
+   <scheduler>`, from an empty local cache: every stage on the workers.
+3. `new machine`: the same command from another empty local cache.
+
+The targets: the cluster's histories identical to the local run's (same data, seed and thread
+count), and the new machine's run all `Cached` but the checks, the gate and the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    BENCH,
+    RawLog,
+    add_from_json_argument,
+    add_input_arguments,
+    bf16_flags,
+    catdog_env,
+    command_line,
+    environment_markdown,
+    flow_script,
+    fmt_gib,
+    keep_logs,
+    log,
+    measure_catdog,
+    now,
+    ratio,
+    resolve_inputs,
+    snapshot_facts,
+    snapshot_sources,
+    table,
+    verdict,
+    write_section,
+)
+from bench.scale import real_images
+from bench.soak import _wait_healthy
+
+TITLE = "catdog benchmark results"
+DATA_URL = "s3://catdog/real/"
+ARTIFACTS_URL = "s3://catdog/cluster"
+ONE_TF_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+BY_DESIGN = ("check_data", "promote_model", "write_report")  # uncached: checks, gate, report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python bench/cluster.py", description=__doc__.splitlines()[0]
+    )
+    add_input_arguments(parser)
+    parser.add_argument("--max-images-per-class", type=int, default=250)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
+    parser.add_argument("--section", default="cluster")
+    parser.add_argument("--timeout", type=float, default=3600)
+    add_from_json_argument(parser)
+    return parser.parse_args(argv)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _upload(s3: Any, root: Path, prefix: str) -> int:
+    """Every image under `root` to `prefix/` in the bucket, under its relative path."""
+    client = s3.client()
+    paths = sorted(p for p in root.rglob("*.jpg"))
+
+    def put(path: Path) -> None:
+        client.upload_file(str(path), s3.bucket, f"{prefix}/{path.relative_to(root).as_posix()}")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(put, paths))
+    return len(paths)
+
+
+def _on_a_host_of_its_own(command: list[str], hidden: Path, home: Path) -> list[str]:
+    """`command` in a mount namespace of its own, an empty tmpfs over `hidden`."""
+    script = f'mount -t tmpfs tmpfs "{hidden}" && mkdir -p "{home}" && cd "{home}" && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
+
+
+def flow_run(
+    args: argparse.Namespace,
+    label: str,
+    data: str,
+    artifacts: str,
+    copy: Path,
+    env: dict[str, str],
+    work: Path,
+    source: Path,
+    *extra: str,
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        str(flow_script(source)),
+        "--data",
+        data,
+        "--weights",
+        str(args.weights),
+        "--epochs",
+        str(args.epochs),
+        "--max-images-per-class",
+        str(args.max_images_per_class),
+        "--seed",
+        str(args.seed),
+        "--no-export",
+        "--artifacts",
+        artifacts,
+        *extra,
+    ]
+    log(f"{label}: {' '.join(command[1:])}")
+    run, summary = measure_catdog(
+        command, work / "logs" / f"{label}.log", copy, timeout=args.timeout, env=env
+    )
+    keep_logs(work, label)
+    entry: dict[str, Any] = {"label": label, "run": run.to_json()}
+    if summary:
+        entry.update(
+            tasks=summary["tasks"],
+            histories={name: model["history"] for name, model in summary["models"].items()},
+            workers={name: model.get("worker") for name, model in summary["models"].items()},
+            images=summary["data"]["images"],
+        )
+    return entry
+
+
+def render(data: dict[str, Any]) -> str:
+    runs = {entry["label"]: entry for entry in data["runs"]}
+    lines = [
+        f"## Cluster: two workers sharing only an S3 store, against a local folder "
+        f"({data['started']})",
+        "",
+        environment_markdown({**data["environment"], "command": f"`{data['command']}`"}),
+        "",
+        f"The default models, {data['epochs']} epochs, `--no-export`, the real MobileNetV2 "
+        f"weights, on the real dataset cut to {data['max_images_per_class']} images per class "
+        "and split (`--max-images-per-class`). `local`: cold on a folder from the real archive, "
+        "the sequential runner, one TensorFlow thread. `cluster`: the images uploaded to "
+        f"SeaweedFS on 127.0.0.1 as a folder of class folders (`--data {DATA_URL}`), the "
+        f"artifacts there too (`--artifacts {ARTIFACTS_URL}`), a Dask scheduler and two workers "
+        "of one TensorFlow thread each, every worker in a mount namespace of its own with an "
+        "empty tmpfs over the benchmark's folder, from an empty local cache. `new machine`: the "
+        "same command from another empty local cache.",
+        "",
+    ]
+    missing = [k for k in ("local", "cluster", "new machine") if "tasks" not in runs.get(k, {})]
+    if missing:
+        failed = {k: runs.get(k, {}).get("run", {}).get("error") for k in missing}
+        return "\n".join([*lines, f"Runs without a summary: {failed}"])
+    local, cluster, again = (runs[k] for k in ("local", "cluster", "new machine"))
+    rows = [
+        [
+            label,
+            f"{run['run']['wall_seconds']:.1f} s",
+            fmt_gib(run["run"]["peak_bytes"]),
+            f"{run['images']:,}",
+            ", ".join(
+                f"{name} {(worker or {}).get('pid', '?')}"
+                for name, worker in sorted(run["workers"].items())
+            ),
+        ]
+        for label, run in (("local", local), ("cluster", cluster), ("new machine", again))
+    ]
+    same = cluster["histories"] == local["histories"]
+    differ = sorted(
+        name
+        for name, history in local["histories"].items()
+        if cluster["histories"].get(name) != history
+    )
+    not_cached = sorted(t for t, s in again["tasks"].items() if s != "Cached")
+    wall = ratio(cluster["run"]["wall_seconds"], local["run"]["wall_seconds"])
+    checks = [
+        [
+            "the cluster's histories identical to the local run's",
+            "identical, every model" if same else f"they differ: {', '.join(differ)}",
+            verdict(same),
+        ],
+        [
+            "new machine: all `Cached` but the checks, the gate and the report",
+            f"{again['run']['wall_seconds']:.1f} s; not cached: {', '.join(not_cached)}",
+            verdict(all(task.startswith(BY_DESIGN) for task in not_cached)),
+        ],
+    ]
+    lines += [
+        table(["run", "wall", "client's peak memory", "images", "trained by (pid)"], rows),
+        "",
+        f"The cluster's wall is {wall:.2f}x the local run's (two workers of one thread against "
+        "one process of one thread; each worker's first look at the data fetches it from the "
+        f"store). The data prefix held {data.get('uploaded', 0):,} images.",
+        "",
+        "### Targets",
+        "",
+        table(["target", "measured", "verdict"], checks),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tests.s3_server import serving
+
+    args = parse_args(argv)
+    if args.from_json:
+        write_section(args.out, args.section, render(json.loads(args.from_json.read_text())), TITLE)
+        return 0
+    resolve_inputs(args)
+    work = (args.workdir or Path(tempfile.gettempdir()) / "catdog-cluster").resolve()
+    for name in ("local", "cache-cluster", "cache-new-machine", "seaweedfs", "prefect", "host"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    sources = Path(tempfile.mkdtemp(prefix="catdog-cluster-src-"))
+    snapshot = snapshot_sources(sources / "now")
+    source = Path(snapshot["path"])
+    raw = RawLog(args.out.with_suffix(f".{args.section}.json"))
+    raw.data.update(
+        started=now(),
+        epochs=args.epochs,
+        max_images_per_class=args.max_images_per_class,
+        command=command_line(),
+        environment={**snapshot_facts(snapshot), "CPU flags": bf16_flags()},
+        runs=[],
+    )
+    port = _free_port()
+    api = {
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    server_env = {**catdog_env(source, work / "prefect"), **api}
+    processes: list[subprocess.Popen] = []
+    try:
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--port", str(port)],
+                env=server_env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        _wait_healthy(api["PREFECT_API_URL"])
+        with serving(work / "seaweedfs", volume_size_mb=1024) as s3:
+            images = real_images(args.data, work)
+            prefix = DATA_URL.removeprefix(f"s3://{s3.bucket}/").rstrip("/")
+            raw.data["uploaded"] = _upload(s3, images, prefix)
+            address = f"tcp://127.0.0.1:{_free_port()}"
+            base = {**catdog_env(source, work / "prefect-client"), **api, **s3.env, **ONE_TF_THREAD}
+            dask = [sys.executable, "-m", "dask"]
+            scheduler_port = address.rsplit(":", 1)[1]
+            scheduler = [*dask, "scheduler", "--host", "127.0.0.1", "--port", scheduler_port]
+            processes.append(
+                subprocess.Popen(
+                    [*scheduler, "--no-dashboard"],
+                    env={**base, "DASK_DISTRIBUTED__SCHEDULER__UNKNOWN_TASK_DURATION": "60s"},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            home = work / "host"
+            for i in range(2):
+                worker = [*dask, "worker", address, "--nthreads", "1", "--no-nanny",
+                          "--no-dashboard", "--name", f"host-{i}"]  # fmt: skip
+                worker_env = {**base, "CATDOG_CACHE_DIR": str(home / "cache"),
+                              "PREFECT_HOME": str(home)}  # fmt: skip
+                processes.append(
+                    subprocess.Popen(
+                        _on_a_host_of_its_own(worker, work, home),
+                        env=worker_env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=(work / f"host-{i}.log").open("w"),
+                    )
+                )
+            copy = Path("stores/s3/catdog/cluster")
+            plan = [
+                ("local", str(args.data), str(work / "local"), work / "local", None, ()),
+                ("cluster", DATA_URL, ARTIFACTS_URL, work / "cache-cluster" / copy,
+                 work / "cache-cluster", ("--dask-address", address)),
+                ("new machine", DATA_URL, ARTIFACTS_URL, work / "cache-new-machine" / copy,
+                 work / "cache-new-machine", ("--dask-address", address)),
+            ]  # fmt: skip
+            for label, data, artifacts, summary_folder, cache, extra in plan:
+                env = dict(base)
+                if cache is not None:
+                    env["CATDOG_CACHE_DIR"] = str(cache)
+                entry = flow_run(
+                    args, label, data, artifacts, summary_folder, env, work, source, *extra
+                )
+                raw.data["runs"].append(entry)
+                raw.save()
+    finally:
+        for process in reversed(processes):
+            process.kill()
+            process.wait()
+    write_section(args.out, args.section, render(raw.data), TITLE)
+    shutil.rmtree(sources, ignore_errors=True)
+    os.sync()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
