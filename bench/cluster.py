@@ -170,8 +170,9 @@ def render(data: dict[str, Any]) -> str:
         f"SeaweedFS on 127.0.0.1 as a folder of class folders (`--data {DATA_URL}`), the "
         f"artifacts there too (`--artifacts {ARTIFACTS_URL}`), a Dask scheduler and two workers "
         "of one TensorFlow thread each, every worker in a mount namespace of its own with an "
-        "empty tmpfs over the benchmark's folder, from an empty local cache. `new machine`: the "
-        "same command from another empty local cache.",
+        "empty tmpfs over the benchmark's folder, from an empty local cache (at the path the "
+        "workers' caches have, as the README asks). `new machine`: the same command from an "
+        "empty local cache again.",
         "",
     ]
     missing = [k for k in ("local", "cluster", "new machine") if "tasks" not in runs.get(k, {})]
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     resolve_inputs(args)
     work = (args.workdir or Path(tempfile.gettempdir()) / "catdog-cluster").resolve()
-    for name in ("local", "cache-cluster", "cache-new-machine", "seaweedfs", "prefect", "host"):
+    for name in ("local", "seaweedfs", "prefect", "host"):
         shutil.rmtree(work / name, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     sources = Path(tempfile.mkdtemp(prefix="catdog-cluster-src-"))
@@ -299,17 +300,19 @@ def main(argv: list[str] | None = None) -> int:
                         stderr=(work / f"host-{i}.log").open("w"),
                     )
                 )
-            copy = Path("stores/s3/catdog/cluster")
+            # The client's cache at the workers' path, as the README asks of every host
+            # (Prefect's cache records name it); emptied before each run: a new client.
+            cache = home / "cache"
+            copy = cache / "stores/s3/catdog/cluster"
             plan = [
-                ("local", str(args.data), str(work / "local"), work / "local", None, ()),
-                ("cluster", DATA_URL, ARTIFACTS_URL, work / "cache-cluster" / copy,
-                 work / "cache-cluster", ("--dask-address", address)),
-                ("new machine", DATA_URL, ARTIFACTS_URL, work / "cache-new-machine" / copy,
-                 work / "cache-new-machine", ("--dask-address", address)),
-            ]  # fmt: skip
-            for label, data, artifacts, summary_folder, cache, extra in plan:
+                ("local", str(args.data), str(work / "local"), work / "local", ()),
+                ("cluster", DATA_URL, ARTIFACTS_URL, copy, ("--dask-address", address)),
+                ("new machine", DATA_URL, ARTIFACTS_URL, copy, ("--dask-address", address)),
+            ]
+            for label, data, artifacts, summary_folder, extra in plan:
                 env = dict(base)
-                if cache is not None:
+                if artifacts == ARTIFACTS_URL:
+                    shutil.rmtree(cache, ignore_errors=True)
                     env["CATDOG_CACHE_DIR"] = str(cache)
                 entry = flow_run(
                     args, label, data, artifacts, summary_folder, env, work, source, *extra

@@ -20,6 +20,7 @@ from typing import TypedDict
 import httpx
 
 from catdog.data.sources import is_url
+from catdog.data.store_source import is_store_folder
 from catdog.errors import DataError
 from catdog.io import atomic_write_json, read_json
 from catdog.store import is_object_url, object_filesystem
@@ -122,8 +123,9 @@ def is_unvalidated(revision: str) -> bool:
 
 
 def check_source(data: str, memo: Path, *, offline: bool) -> SourceCheck:
-    """`check_url` for a URL; a local zip or folder is identified by its content instead."""
-    if is_url(data):
+    """`check_url` for a URL; a local zip or folder, or a folder in a store, is identified by
+    its content instead (a folder in a store: its listing's ETags)."""
+    if is_url(data) and not is_store_folder(data):
         return check_url(data, memo, offline=offline)
     return SourceCheck("", fresh=True)
 
