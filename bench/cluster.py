@@ -104,12 +104,6 @@ def _upload(s3: Any, root: Path, prefix: str) -> int:
     return len(paths)
 
 
-def _on_a_host_of_its_own(command: list[str], hidden: Path, home: Path) -> list[str]:
-    """`command` in a mount namespace of its own, an empty tmpfs over `hidden`."""
-    script = f'mount -t tmpfs tmpfs "{hidden}" && mkdir -p "{home}" && cd "{home}" && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
-
-
 def flow_run(
     args: argparse.Namespace,
     label: str,
@@ -228,6 +222,7 @@ def render(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tests.hosts import on_a_host_of_its_own
     from tests.s3_server import serving
 
     args = parse_args(argv)
@@ -294,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                               "PREFECT_HOME": str(home)}  # fmt: skip
                 processes.append(
                     subprocess.Popen(
-                        _on_a_host_of_its_own(worker, work, home),
+                        on_a_host_of_its_own(worker, work, home),
                         env=worker_env,
                         stdout=subprocess.DEVNULL,
                         stderr=(work / f"host-{i}.log").open("w"),

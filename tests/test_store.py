@@ -40,6 +40,7 @@ from tests.conftest import (
     free_port,
     task_run_logs,
 )
+from tests.hosts import namespaces_refused, on_a_host_of_its_own
 from tests.s3_server import BUCKET, SECRET_KEY, S3Server, serving
 
 
@@ -664,23 +665,6 @@ def _stored_checkpoint(s3: S3Server, prefix: str) -> dict | None:
 # ----------------------------------------------------------------------------- a cluster of hosts
 
 
-def _namespaces() -> str | None:
-    """Why workers cannot get mount namespaces of their own here (None: they can)."""
-    probe = ["unshare", "--mount", "--propagation", "private", "true"]
-    try:
-        result = subprocess.run(probe, capture_output=True, text=True, timeout=30)
-    except OSError as error:
-        return f"unshare: {error}"
-    return None if result.returncode == 0 else f"unshare --mount: {result.stderr.strip()}"
-
-
-def _on_a_host_of_its_own(command: list[str], hidden: Path, home: Path) -> list[str]:
-    """`command` in a mount namespace of its own, with an empty tmpfs over `hidden` (every
-    file the tests wrote, the client's included) and `home` made in it."""
-    script = f'mount -t tmpfs tmpfs "{hidden}" && mkdir -p "{home}" && cd "{home}" && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
-
-
 @dataclass(frozen=True)
 class Hosts:
     address: str  # the Dask scheduler's
@@ -701,7 +685,7 @@ def hosts_sharing_nothing(
     Prefect API and the installed project."""
     from distributed import Client
 
-    reason = _namespaces()
+    reason = namespaces_refused()
     if reason is not None:
         if os.environ.get("CATDOG_REQUIRE_NAMESPACES"):
             pytest.fail(f"mount namespaces are required here (CI) but: {reason}")
@@ -731,7 +715,7 @@ def hosts_sharing_nothing(
                           "--no-dashboard", "--name", f"host-{i}"]  # fmt: skip
                 hosts.workers.append(
                     subprocess.Popen(
-                        _on_a_host_of_its_own(worker, hidden, home),
+                        on_a_host_of_its_own(worker, hidden, home),
                         env=worker_env,
                         stdout=subprocess.DEVNULL,
                         stderr=files.enter_context((logs / f"host-{i}.log").open("w")),
