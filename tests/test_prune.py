@@ -163,8 +163,11 @@ def _promotions(root: Path, count: int) -> list[str]:
         installed = _production(
             f"production/models/{stem}.keras", exports=f"production/models/{stem}.export"
         )
-        history.append({**installed.facts(), "action": "promote", "replaced": replaced})
-        history.append({"action": "keep", "candidate": "model1", "replaced": len(history) - 1})
+        time = f"2026-01-0{number + 1}T00:00:00+00:00"
+        promoted = {"time": time, "action": "promote", "reason": "better", "replaced": replaced}
+        history.append({**installed.facts(), **promoted})
+        kept = {"time": time, "action": "keep", "reason": "not better", "candidate": "model1"}
+        history.append({**kept, "replaced": len(history) - 1})
         stems.append(stem)
     current = {**history[-2], "entry": len(history) - 2, "source": "elsewhere"}
     (root / "production" / "registry.json").write_text(json.dumps({**current, "history": history}))

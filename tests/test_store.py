@@ -918,3 +918,38 @@ def test_a_folder_in_the_store_without_a_dataset_layout_is_refused_by_name(
         check_data_source(f"{url}/flat/")
     with pytest.raises(DataError, match=f"^--data {re.escape(url)}/two/ holds several datasets"):
         check_data_source(f"{url}/two/")
+
+
+@pytest.mark.slow
+def test_a_third_machine_rolls_production_back_in_the_store(
+    store_env: S3Server, tmp_path: Path
+) -> None:
+    """`catdog registry rollback --artifacts s3://...` from a process whose cache is empty:
+    the store's registry records the rollback and production is the model before, for the
+    next machine that looks."""
+    from tests.test_prune import _promotions
+
+    folder = tmp_path / "made-elsewhere"
+    stems = _promotions(folder, 2)
+    client = store_env.client()
+    for path in sorted((folder / "production").rglob("*")):
+        if path.is_file():
+            key = f"rollback/{path.relative_to(folder).as_posix()}"
+            client.upload_file(str(path), store_env.bucket, key)
+    url = f"s3://{store_env.bucket}/rollback"
+    catdog = [str(Path(sys.executable).with_name("catdog"))]
+
+    def third(name: str, *args: str) -> subprocess.CompletedProcess:
+        env = {**flow_env(tmp_path / f"{name}-home"), **store_env.env}
+        env[CACHE_ENV] = str(tmp_path / name)
+        return subprocess.run([*catdog, "registry", *args, "--artifacts", url], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    rolled = third("third", "rollback")
+    assert rolled.returncode == 0, rolled.stderr[-2000:]
+    assert "rolled back from model1 (entry 2) to model1 (entry 0)" in rolled.stdout
+    registry, _ = ObjectStore.at(url).read_json("production/registry.json") or ({}, "")
+    assert [entry["action"] for entry in registry["history"]][-1] == "rollback"
+    assert registry["archive"] == f"production/models/{stems[0]}.keras"
+    listed = third("fourth", "list")
+    assert listed.returncode == 0 and "rollback" in listed.stdout, listed.stderr[-2000:]
