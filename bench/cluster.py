@@ -14,9 +14,12 @@ the project and the weights, not the client's files). Each flow in its own proce
 2. `cluster`: cold, `--data s3://catdog/real/ --artifacts s3://catdog/cluster --dask-address
    <scheduler>`, from an empty local cache: every stage on the workers.
 3. `new machine`: the same command from another empty local cache.
+4. `two at once`: two clients, each on a host of its own, the same command with the next seed
+   (new splits and trainings), started together.
 
 The targets: the cluster's histories identical to the local run's (same data, seed and thread
-count), and the new machine's run all `Cached` but the checks, the gate and the report.
+count), the new machine's run all `Cached` but the checks, the gate and the report, and the two
+runs at once both complete with the registry's history whole and in order.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,7 @@ from bench.common import (
 )
 from bench.scale import real_images
 from bench.soak import _wait_healthy
+from tests.hosts import on_a_host_of_its_own
 
 TITLE = "catdog benchmark results"
 DATA_URL = "s3://catdog/real/"
@@ -104,18 +109,10 @@ def _upload(s3: Any, root: Path, prefix: str) -> int:
     return len(paths)
 
 
-def flow_run(
-    args: argparse.Namespace,
-    label: str,
-    data: str,
-    artifacts: str,
-    copy: Path,
-    env: dict[str, str],
-    work: Path,
-    source: Path,
-    *extra: str,
-) -> dict[str, Any]:
-    command = [
+def flow_command(
+    args: argparse.Namespace, source: Path, data: str, artifacts: str, *extra: str, seed: int
+) -> list[str]:
+    return [
         sys.executable,
         str(flow_script(source)),
         "--data",
@@ -127,12 +124,26 @@ def flow_run(
         "--max-images-per-class",
         str(args.max_images_per_class),
         "--seed",
-        str(args.seed),
+        str(seed),
         "--no-export",
         "--artifacts",
         artifacts,
         *extra,
     ]
+
+
+def flow_run(
+    args: argparse.Namespace,
+    label: str,
+    data: str,
+    artifacts: str,
+    copy: Path,
+    env: dict[str, str],
+    work: Path,
+    source: Path,
+    *extra: str,
+) -> dict[str, Any]:
+    command = flow_command(args, source, data, artifacts, *extra, seed=args.seed)
     log(f"{label}: {' '.join(command[1:])}")
     run, summary = measure_catdog(
         command, work / "logs" / f"{label}.log", copy, timeout=args.timeout, env=env
@@ -147,6 +158,54 @@ def flow_run(
             images=summary["data"]["images"],
         )
     return entry
+
+
+def two_at_once(
+    args: argparse.Namespace, s3: Any, address: str, env: dict[str, str], work: Path, source: Path
+) -> dict[str, Any]:
+    """Two clients, each on a host of its own, start the same command (the next seed: new
+    splits and trainings) at the same moment; what each ended with and what the store's
+    registry recorded."""
+
+    def registry() -> dict[str, Any]:
+        key = f"{ARTIFACTS_URL.removeprefix(f's3://{s3.bucket}/')}/production/registry.json"
+        body = s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+        return dict(json.loads(body))
+
+    home = work / "host"
+    before = registry()["history"]
+    command = flow_command(
+        args, source, DATA_URL, ARTIFACTS_URL, "--dask-address", address, seed=args.seed + 1
+    )
+    log(f"two at once: {' '.join(command[1:])}")
+    started = time.monotonic()
+    logs = [(work / "logs" / f"two-at-once-{i}.log").open("w") for i in range(2)]
+    clients = [
+        subprocess.Popen(
+            on_a_host_of_its_own(command, work, home),
+            env={**env, "CATDOG_CACHE_DIR": str(home / "cache"), "PREFECT_HOME": str(home)},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+        for handle in logs
+    ]
+    ended = []
+    for client in clients:
+        code = client.wait(timeout=args.timeout)
+        ended.append({"returncode": code, "wall_seconds": time.monotonic() - started})
+    for handle in logs:
+        handle.close()
+    after = registry()["history"]
+    return {
+        "label": "two at once",
+        "clients": ended,
+        "history_before": len(before),
+        "kept_whole": after[: len(before)] == before,
+        "decisions": [
+            {"action": entry.get("action"), "run_id": entry.get("run_id")}
+            for entry in after[len(before) :]
+        ],
+    }
 
 
 def render(data: dict[str, Any]) -> str:
@@ -207,6 +266,25 @@ def render(data: dict[str, Any]) -> str:
             verdict(all(task.startswith(BY_DESIGN) for task in not_cached)),
         ],
     ]
+    at_once = data.get("at_once")
+    if at_once:
+        codes = [client["returncode"] for client in at_once["clients"]]
+        runs = {decision["run_id"] for decision in at_once["decisions"]}
+        whole = at_once["kept_whole"] and len(at_once["decisions"]) == 2 and len(runs) == 2
+        checks.append(
+            [
+                "two runs at once (the next seed), each client on a host of its own: both "
+                "complete, the registry whole and in order",
+                f"exit codes {codes}, in "
+                + ", ".join(f"{client['wall_seconds']:.0f} s" for client in at_once["clients"])
+                + f"; the {at_once['history_before']} earlier decisions "
+                + ("kept" if at_once["kept_whole"] else "changed")
+                + ", then "
+                + ", ".join(decision["action"] for decision in at_once["decisions"])
+                + f" by {len(runs)} runs",
+                verdict(codes == [0, 0] and whole),
+            ]
+        )
     lines += [
         table(["run", "wall", "client's peak memory", "images", "trained by (pid)"], rows),
         "",
@@ -222,7 +300,6 @@ def render(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.hosts import on_a_host_of_its_own
     from tests.s3_server import serving
 
     args = parse_args(argv)
@@ -314,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 raw.data["runs"].append(entry)
                 raw.save()
+            raw.data["at_once"] = two_at_once(args, s3, address, base, work, source)
+            raw.save()
     finally:
         for process in reversed(processes):
             process.kill()
