@@ -125,7 +125,8 @@ def download_dataset(data: str, sha256: str | None, revision: str, artifacts: st
             # store_source), fetching only the objects whose ETag it has not fetched.
             root, listing = locate_dataset(source.location)
             atomic_write_json(out.folder / LISTING_FILE, listing, compact=True)
-            out.facts.update(root=root, content=f"listing:{listing_fingerprint(listing)}")
+            # Used in place, as a local folder is: where it is belongs to what it is.
+            out.facts.update(root=root, content=f"{root}:{listing_fingerprint(listing)}")
             logger.info("%s: %d images listed", root, len(listing))
         elif source.kind == "folder":
             # What identifies the data downstream: the folder and its listing.
