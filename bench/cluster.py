@@ -62,7 +62,7 @@ from bench.common import (
     write_section,
 )
 from bench.scale import real_images
-from bench.soak import _wait_healthy
+from bench.soak import _wait_healthy, free_port
 from tests.hosts import on_a_host_of_its_own
 
 TITLE = "catdog benchmark results"
@@ -86,14 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600)
     add_from_json_argument(parser)
     return parser.parse_args(argv)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _upload(s3: Any, root: Path, prefix: str) -> int:
@@ -323,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         environment={**snapshot_facts(snapshot), "CPU flags": bf16_flags()},
         runs=[],
     )
-    port = _free_port()
+    port = free_port()
     api = {
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -345,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             images = real_images(args.data, work)
             prefix = DATA_URL.removeprefix(f"s3://{s3.bucket}/").rstrip("/")
             raw.data["uploaded"] = _upload(s3, images, prefix)
-            address = f"tcp://127.0.0.1:{_free_port()}"
+            address = f"tcp://127.0.0.1:{free_port()}"
             base = {**catdog_env(source, work / "prefect-client"), **api, **s3.env, **ONE_TF_THREAD}
             dask = [sys.executable, "-m", "dask"]
             scheduler_port = address.rsplit(":", 1)[1]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from catdog.arrays import Rows
+from catdog.hashing import sha256_file_uncached
 
 
 class ClassScores(TypedDict):
@@ -222,24 +224,17 @@ def score(logits: ArrayLike, y_true: ArrayLike, class_names: Sequence[str]) -> S
 _SAVED: dict[str, Any] = {}
 
 
-def _file_sha256(path: str | os.PathLike[str]) -> str:
-    import hashlib
-
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def remember_saved(model: Any, path: str | os.PathLike[str]) -> None:
     """Keep `model`, just saved to `path` and not to be changed after, for `load_model` of
     the same bytes in this process (one model at a time)."""
     _SAVED.clear()
-    _SAVED[_file_sha256(path)] = model
+    _SAVED[sha256_file_uncached(Path(path))] = model
 
 
 def load_model(path: str | os.PathLike[str]) -> Any:
     """A saved `.keras` model, loaded in safe mode (no Lambda layers, no arbitrary code); the
     model itself when this process saved these bytes (`remember_saved`)."""
-    if _SAVED and (saved := _SAVED.get(_file_sha256(path))) is not None:
+    if _SAVED and (saved := _SAVED.get(sha256_file_uncached(Path(path)))) is not None:
         return saved
     import keras  # here, so that the metrics above stay importable without TensorFlow
 

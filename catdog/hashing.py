@@ -121,44 +121,25 @@ class HashMemo:
     def known(self, path: str | Path) -> str | None:
         """The hash `note` remembered for `path` as it is now, without reading it: the same
         file (inode), size, modification and change times; None when it is new or changed."""
-        key = self._canonical(path)
-        try:
-            stat = os.stat(key)
-        except OSError:
-            return None
-        with self._lock:
-            known = self._entries.get(key)
-        if known and len(known) == 5 and known[:2] + known[3:] == _stamp(stat):
-            return str(known[2])
-        return None
+        return self.known_all([path])[0]
 
-    def known_all(self, paths: Sequence[str]) -> list[str | None]:
+    def known_all(self, paths: Sequence[str | Path]) -> list[str | None]:
         """`known` of each of `paths`, in order. A manifest asks about every image of the
-        dataset on every run: one call keeps the per-file cost to a stat and a lookup."""
-        with self._lock:
-            entries = dict(self._entries)
+        dataset on every run: one call keeps the per-file cost to a lookup and a stat."""
+        entries = self._entries  # looked up, never iterated: no lock, no copy
         found: list[str | None] = []
-        append = found.append
-        canonical = self._canonical
-        stat_of = os.stat
         for path in paths:
-            key = canonical(path)
+            key = self._canonical(path)
             known = entries.get(key)
-            if not known or len(known) != 5:
-                append(None)
+            if not known or len(known) != 5:  # none, or only `sha256`'s (size, mtime)
+                found.append(None)
                 continue
             try:
-                stat = stat_of(key)
+                stamp = _stamp(os.stat(key))
             except OSError:
-                append(None)
+                found.append(None)
                 continue
-            same = (
-                known[0] == stat.st_size
-                and known[1] == stat.st_mtime_ns
-                and known[3] == stat.st_ino
-                and known[4] == stat.st_ctime_ns
-            )
-            append(str(known[2]) if same else None)
+            found.append(str(known[2]) if known[:2] + known[3:] == stamp else None)
         return found
 
     def note(self, path: str | Path, digest: str, stat: os.stat_result) -> None:

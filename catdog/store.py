@@ -306,43 +306,32 @@ class ObjectStore:
             for path in staged.values():
                 path.unlink(missing_ok=True)
 
-    def list(self, relative: str) -> list[str]:
-        """The objects at or under `relative`, by relative name ([] if none)."""
-        try:
-            found = self.fs.find(self.key(relative), refresh=True, detail=True)
-        except FileNotFoundError:
-            return []
-        start = len(self.base) + 1
-        # A folder whose last object was deleted may still be listed, as a directory.
-        return [name[start:] for name, info in found.items() if info.get("type") != "directory"]
-
-    def listing(self, relative: str = "") -> dict[str, StoredObject]:
+    def details(self, relative: str = "") -> dict[str, dict[str, Any]]:
         """Every object at or under `relative` (all of the artifacts by default), by relative
-        name, with its size and when it was written."""
+        name, with what the store says of it (for S3: `ETag`, `size`, `LastModified`)."""
         try:
             found = self.fs.find(self.key(relative) if relative else self.base, detail=True,
                                  refresh=True)  # fmt: skip
         except FileNotFoundError:
             return {}
         start = len(self.base) + 1
-        return {
-            name[start:]: StoredObject(int(info.get("size") or 0), _modified(info))
-            for name, info in found.items()
-            if info.get("type") != "directory"
-        }
-
-    def details(self) -> dict[str, dict[str, Any]]:
-        """Every object under the store's root, by relative name, with what the store says of
-        it (for S3: `ETag`, `size`, `LastModified`)."""
-        try:
-            found = self.fs.find(self.base, detail=True, refresh=True)
-        except FileNotFoundError:
-            return {}
-        start = len(self.base) + 1
+        # A folder whose last object was deleted may still be listed, as a directory.
         return {
             name[start:]: info
             for name, info in found.items()
             if info.get("type") != "directory" and len(name) > start
+        }
+
+    def list(self, relative: str) -> list[str]:
+        """The objects at or under `relative`, by relative name ([] if none)."""
+        return [*self.details(relative)]
+
+    def listing(self, relative: str = "") -> dict[str, StoredObject]:
+        """Every object at or under `relative` (all of the artifacts by default), by relative
+        name, with its size and when it was written."""
+        return {
+            name: StoredObject(int(info.get("size") or 0), _modified(info))
+            for name, info in self.details(relative).items()
         }
 
     def pipe(self, relative: str, value: Any) -> None:

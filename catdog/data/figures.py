@@ -34,9 +34,13 @@ def thumbnail(root: Path, path: str) -> np.ndarray:
         return np.asarray(image)
 
 
+def _shown_groups(groups: Sequence[Sequence[GroupMember]]) -> list[Sequence[GroupMember]]:
+    return [group[:SHOWN_IN_GROUP] for group in groups[:SHOWN_GROUPS]]
+
+
 def profile_figure_paths(groups: Sequence[Sequence[GroupMember]]) -> list[str]:
     """The images `save_profile_figures` shows (paths relative to the manifest's root)."""
-    return [member["path"] for group in groups[:SHOWN_GROUPS] for member in group[:SHOWN_IN_GROUP]]
+    return [member["path"] for group in _shown_groups(groups) for member in group]
 
 
 def suspects_figure_paths(suspects: Sequence[Suspect]) -> list[str]:
@@ -68,9 +72,9 @@ def save_profile_figures(
     rows = [
         [
             (thumbnail(root, member["path"]), f"{member['path']}\n({member['split']})")
-            for member in group[:SHOWN_IN_GROUP]
+            for member in group
         ]
-        for group in groups[:SHOWN_GROUPS]
+        for group in _shown_groups(groups)
     ]
     save_figure(
         thumbnail_rows(rows, "Near-duplicate groups: each row is one group"),
