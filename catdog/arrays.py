@@ -46,6 +46,28 @@ class Rows(Protocol):
     def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray: ...
 
 
+class RowsAt:
+    """The rows of `rows` at `indexes`, in that order: a `Rows` itself."""
+
+    def __init__(self, rows: Rows, indexes: Sequence[int]) -> None:
+        self.rows = rows
+        self.indexes = np.asarray(indexes, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.indexes), *self.rows.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.rows.dtype
+
+    def __len__(self) -> int:
+        return len(self.indexes)
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray:
+        return self.rows[self.indexes[index]]
+
+
 def require_space(folder: Path, needed: int, stage: str) -> None:
     """Refuse to start `stage` when `folder`'s file system has less than `needed` bytes free.
 

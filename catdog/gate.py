@@ -156,8 +156,11 @@ def _judge(
             "the split changed), so this split cannot score it fairly; kept production",
             "not_comparable",
         )
-    production = registry.production_predictions(layout, current, split)
-    evidence = paired_evidence(candidate.predictions, production, split.test_labels)
+    production, computed = registry.production_predictions(layout, current, split)
+    evidence = replace(
+        paired_evidence(candidate.predictions, production, split.test_labels),
+        production_computed=computed,
+    )
     decision = decide(
         evidence.candidate_accuracy,
         evidence.production_accuracy,

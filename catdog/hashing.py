@@ -39,10 +39,14 @@ def read_checked(path: Path, sha256: str) -> bytes:
     return data
 
 
+def canonical_json(value: Any) -> bytes:
+    """The bytes `sha256_json` hashes: compact JSON, keys sorted."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+
+
 def sha256_json(value: Any) -> str:
     """Hash a JSON-able value independently of dict ordering."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return sha256_bytes(text.encode("utf-8"))
+    return sha256_bytes(canonical_json(value))
 
 
 def code_digest(code: str | ast.AST) -> str:
@@ -128,8 +132,15 @@ class HashMemo:
         dataset on every run: one call keeps the per-file cost to a lookup and a stat."""
         entries = self._entries  # looked up, never iterated: no lock, no copy
         found: list[str | None] = []
+        folders: dict[str, str] = {}  # a folder as given: its canonical form
         for path in paths:
-            key = self._canonical(path)
+            # Images come a folder at a time: each folder is made canonical once, not each path.
+            folder, sep, name = os.fspath(path).rpartition(os.sep)
+            folder = folder or sep  # "/name": the root folder
+            real = folders.get(folder)
+            if real is None:
+                real = folders[folder] = self._canonical(os.path.join(folder, "_"))[:-1]
+            key = real + name if name not in ("", ".", "..") else self._canonical(path)
             known = entries.get(key)
             if not known or len(known) != 5:  # none, or only `sha256`'s (size, mtime)
                 found.append(None)

@@ -249,6 +249,9 @@ class Evidence:
     candidate_only: int  # right by the candidate only
     production_only: int  # right by production only
     p_value: float  # exact two-sided McNemar test on the disagreements
+    # Test images whose production prediction this run computed; the others' were kept from
+    # earlier runs, by the image's content (catdog.registry.production_predictions).
+    production_computed: int = 0
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,7 @@ class PromotionRecord:
     evidence: Evidence | None
     export_check: ExportCheck | None  # None: no exports made
     approval: Approval | None  # None: no person was asked
+    seconds: float = 0.0  # time the gate took (production's predictions, the export check)
 
     def to_json(self) -> JsonObject:
         """As summary.json, the events and (in part) the registry hold it."""

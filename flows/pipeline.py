@@ -10,6 +10,7 @@ its current epoch) instead of running to the end.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib
 import logging
 import pkgutil
@@ -24,6 +25,7 @@ from prefect.runtime import flow_run
 
 import tasks
 from catdog.errors import CatdogError, RunStopped, StageFailed, StageInputError
+from catdog.heap import run_heap
 from catdog.layout import Layout
 from catdog.mirror import send_stop_request, withdraw_stop_request
 from catdog.processes import mark_running, unmark_running
@@ -163,6 +165,7 @@ class Pipeline:
         self.futures: dict[str, PrefectFuture[Any]] = {}
         self.outcomes: dict[str, TaskOutcome] = {}
         self._marker: Path | None = None
+        self._heap = contextlib.ExitStack()
 
     def submit(self, name: str, **inputs: Any) -> PrefectFuture[Any]:
         """Submit stage `name`'s task; what it returns is its future, which later stages take
@@ -189,7 +192,8 @@ class Pipeline:
             record = end.result if isinstance(end.result, Record) else None
             self.outcomes[label] = TaskOutcome(
                 end.state,
-                seconds=record.seconds if record else None,
+                # Stages' records and the gate's say how long they took.
+                seconds=getattr(end.result, "seconds", None),
                 dir=record.dir if record else None,
             )
 
@@ -222,6 +226,7 @@ class Pipeline:
     def __enter__(self) -> Pipeline:
         # Pruning (by any run or `cache prune`) waits while this marker says the run is on.
         self._marker = mark_running(self.layout.running_dir, str(flow_run.get_id() or "local"))
+        self._heap.enter_context(run_heap())  # each stage settles it as it starts (stage_output)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -230,3 +235,4 @@ class Pipeline:
         self._stop_request().unlink(missing_ok=True)
         if self._marker is not None:
             unmark_running(self._marker)
+        self._heap.close()

@@ -35,6 +35,7 @@ from prefect.transactions import get_transaction
 
 from catdog.errors import RunStopped
 from catdog.hashing import HashMemo, code_digest, code_fingerprint, sha256_json
+from catdog.heap import settle as settle_heap
 from catdog.io import atomic_directory, atomic_write_json, replace_directory
 from catdog.layout import RECORD_FILE, Layout
 from catdog.mirror import (
@@ -360,6 +361,7 @@ def stage_output(
     on failure. A run that is stopping (another stage failed) stops here, before any work.
     """
     started = time.perf_counter()
+    settle_heap()  # what earlier stages left alive is walked once, not at every collection
     context = TaskRunContext.get()
     if context is not None and (failure := _STORE_FAILURES.pop(context.task_run.id, None)):
         raise failure

@@ -16,7 +16,7 @@ from prefect.tasks import exponential_backoff
 
 from catdog.config import RUN
 from catdog.data import sources
-from catdog.data.records import SPLITS, ImageEntry, Manifest
+from catdog.data.records import SPLITS, ImageEntry, Manifest, load_manifest
 from catdog.data.store_source import (
     LISTING_FILE,
     SourceMirror,
@@ -82,7 +82,7 @@ def fetch_images(
 
 def _manifest(layout: Layout, record: ManifestRecord | SplitRecord, name: str) -> Manifest:
     """Load a manifest, its images root resolved on this host (`images_folder`)."""
-    manifest = Manifest.load(layout.resolve(record.dir) / name)
+    manifest = load_manifest(layout.resolve(record.dir) / name)
     return replace(manifest, root=str(images_folder(layout, record.root)))
 
 
@@ -204,7 +204,7 @@ def build_manifest(images: ImagesRecord, artifacts: str) -> ManifestRecord:
             listing = read_json(layout.resolve(images.dir) / LISTING_FILE)
             fetched = SourceMirror(images.root).sync(listing)
         manifest = scan(images_folder(layout, images.root), known=known)
-        manifest.save(out.folder / MANIFEST_FILE)
+        manifest_hash = manifest.save(out.folder / MANIFEST_FILE)
         out.facts.update(
             root=images.root if fetched is not None else _portable(layout, Path(manifest.root)),
             objects_fetched=fetched,
@@ -212,7 +212,7 @@ def build_manifest(images: ImagesRecord, artifacts: str) -> ManifestRecord:
             classes=list(manifest.classes),
             images=len(manifest.images),
             skipped=len(manifest.skipped),
-            manifest_hash=manifest.content_hash(),
+            manifest_hash=manifest_hash,
             per_image=Reuse(known.validated, known.reused).to_json(),
             files_read=known.read,
             pieces=[layout.relative(verdicts.folder)],
@@ -261,12 +261,12 @@ def split_dataset(
             flat_fractions=tuple(flat_fractions),
             max_images_per_class=max_images_per_class,
         )
-        split.save(out.folder / SPLIT_FILE)
+        split_hash = split.save(out.folder / SPLIT_FILE)
         out.facts.update(
             root=manifest.root,
             classes=list(split.classes),
             sizes={name: len(split.in_split(name)) for name in SPLITS},
-            split_hash=split.content_hash(),
+            split_hash=split_hash,
             skipped=[{"path": s.path, "reason": s.reason} for s in split.skipped],
         )
     return out.record

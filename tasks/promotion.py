@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +96,7 @@ def promote_model(
     """Score the run's best model against production on the same test images; promote it only
     if it meets the policy, its exports pass their check and, when a person was asked, they
     approved."""
+    started = time.perf_counter()
     layout = Layout.at(artifacts)
     fetch_inputs(layout, [records])
     candidate = _candidate(layout, records)
@@ -109,6 +112,7 @@ def promote_model(
         hold=_hold(records),
         reference=_reference(layout, records),
     )
+    decision = replace(decision, seconds=time.perf_counter() - started)
     logger = get_run_logger()
     logger.info(
         "best model by the validation accuracy of its saved epoch: %s (epoch %d); %s",

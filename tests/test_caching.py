@@ -165,14 +165,14 @@ def test_production_is_remeasured_at_its_own_input_size_on_new_data(tmp_path):
 
     folder = make_dataset(tmp_path / "photos")
     artifacts = tmp_path / "artifacts"
-    run_flow(folder, artifacts)  # production: model1 on 32x32 images
+    first = run_flow(folder, artifacts)  # production: model1 on 32x32 images
     # New images join every split; the images production trained on keep theirs, so the new
     # test split holds none of them and the gate can score production on it.
-    for split in ("train", "validation"):
+    for number, split in enumerate(("train", "validation")):
         for index, name in enumerate(("cats", "dogs")):
-            for i in range(6):
+            for i in range(12):  # enough that validation's test share grows
                 path = folder / split / name / f"new.{i}.jpg"
-                write_image(path, 900 + 10 * index + i, bright=index == 1)
+                write_image(path, 900 + 100 * number + 20 * index + i, bright=index == 1)
     summary = run_flow(folder, artifacts, image_size=40, promote_margin=1.0)
     assert summary["models"]["model1"]["image_size"] == 40
     assert summary["promotion"]["promoted"] is False
@@ -185,6 +185,14 @@ def test_production_is_remeasured_at_its_own_input_size_on_new_data(tmp_path):
     images = load_images(manifest.paths(test), 32).astype(np.float32)
     expected = score(production.predict(images, verbose=0), [e.label for e in test], ["c", "d"])
     assert summary["promotion"]["production_accuracy"] == pytest.approx(expected["accuracy"])
+    # Production's predictions are kept per image: it predicted only the images that are new
+    # to the test split.
+    first_dir = next(d for d in first["artifacts_used"] if d.startswith(STAGE_DIRS["split"]))
+    earlier = Manifest.load(artifacts / first_dir / "split.json")
+    before = {entry.sha256 for entry in earlier.in_split("test")}
+    new_in_test = [entry for entry in test if entry.sha256 not in before]
+    assert 0 < len(new_in_test) < len(test)
+    assert summary["promotion"]["evidence"]["production_computed"] == len(new_in_test)
 
 
 def _flow_subprocess(

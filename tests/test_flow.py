@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def test_first_run_computes_second_reuses_and_epochs_rerun_only_training(dataset
     assert Path(model["path"]).is_file() and model["path"].endswith(".keras")
     assert set(first["tasks"].values()) == {"Completed"}
     assert first["best_model"] == "model1"
+    assert gc.get_freeze_count() == 0  # what the run froze (catdog.heap) is handed back
     # Prefect's results are JSON in the artifacts folder, never pickles.
     results = [p for p in (artifacts / ".prefect").rglob("*") if p.is_file()]
     results = [p for p in results if "locks" not in p.parts and p.name != "file-hashes.json"]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import functools
+import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from catdog.hashing import sha256_json
-from catdog.io import atomic_write_json, read_json
+from catdog.hashing import canonical_json, sha256_bytes
+from catdog.io import atomic_write_bytes, read_json
 
 SPLITS = ("train", "validation", "test")
 MANIFEST_FORMAT = 1
@@ -74,15 +77,44 @@ class Manifest:
             split_settings=dict(data.get("split_settings", {})),
         )
 
-    def content_hash(self) -> str:
-        """Identity of the manifest's content, independent of where the images are stored."""
+    def _content(self) -> bytes:
         data = self.to_json()
         del data["root"]
-        return sha256_json(data)
+        return canonical_json(data)
 
-    def save(self, path: Path) -> Path:
-        return atomic_write_json(path, self.to_json(), compact=True)
+    def content_hash(self) -> str:
+        """Identity of the manifest's content, independent of where the images are stored."""
+        return sha256_bytes(self._content())
+
+    def save(self, path: Path) -> str:
+        """Write the manifest's file (compact JSON); returns its `content_hash`.
+
+        The file is the content's canonical JSON with the root added as its first member:
+        a manifest of 30,000 images is serialised once for both, not twice (0.07 s each).
+        """
+        content = self._content()
+        root = json.dumps(self.root).encode("utf-8")
+        atomic_write_bytes(Path(path), b'{"root":' + root + b"," + content[1:] + b"\n")
+        return sha256_bytes(content)
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
         return cls.from_json(read_json(path))
+
+
+def load_manifest(path: Path) -> Manifest:
+    """`Manifest.load`, shared by the stages of one process.
+
+    The stages of a run read the same split manifest one after another: at 30,000 images each
+    read costs 0.2 s. The copy kept is the file's as it is now (its inode, size and times): a
+    file written anew is read anew.
+    """
+    stat = os.stat(path)
+    return _load_as_of(
+        os.fspath(path), (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    )
+
+
+@functools.lru_cache(maxsize=2)  # a manifest and its split: 15 MB each at 30,000 images
+def _load_as_of(path: str, _stamp: tuple[int, int, int, int]) -> Manifest:
+    return Manifest.load(Path(path))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from PIL import ImageFile
 
 from catdog.data.manifest import IMAGE_SUFFIXES, build_manifest
-from catdog.data.records import Manifest
+from catdog.data.records import Manifest, load_manifest
 from catdog.errors import DataError
 
 
@@ -206,3 +207,20 @@ def test_no_dataset(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty has no class folders"):
         build_manifest(tmp_path / "empty")
+
+
+def test_a_saved_manifest_reads_back_equal_and_its_hash_is_its_content(
+    dataset_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    manifest = build_manifest(dataset_factory(n=3).parent)
+    path = tmp_path / "manifest.json"
+    assert manifest.save(path) == manifest.content_hash()
+    assert Manifest.load(path) == manifest
+    moved = replace(manifest, root="/elsewhere")
+    assert moved.save(tmp_path / "moved.json") == manifest.content_hash()  # not where, what
+
+    shared = load_manifest(path)
+    assert shared == manifest and load_manifest(path) is shared  # one read per process
+    fewer = manifest.with_images(manifest.images[1:])
+    fewer.save(path)  # written anew: read anew
+    assert load_manifest(path) == fewer
