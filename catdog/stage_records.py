@@ -252,6 +252,9 @@ class Evidence:
     # Test images whose production prediction this run computed; the others' were kept from
     # earlier runs, by the image's content (catdog.registry.production_predictions).
     production_computed: int = 0
+    # This run's test images that production trained or was selected on: left out of the
+    # comparison (a dataset that grew moves a few validation images into the test split).
+    left_out: int = 0
 
 
 @dataclass(frozen=True)

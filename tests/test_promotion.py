@@ -130,14 +130,33 @@ def test_better_by_the_margin_is_promoted_equal_or_worse_is_not(tmp_path):
     ]
 
 
-def test_production_that_saw_a_test_image_is_not_compared(tmp_path):
+def test_production_that_saw_most_test_images_is_not_compared(tmp_path):
+    layout = Layout.at(tmp_path / "artifacts")
+    run = {"id": "r1"}
+    seen = ("t0", "t1", "t2")  # 3 of the 20, more than a tenth: a changed seed or split
+    promote(layout, candidate(tmp_path, "model1", 10), split(seen=seen), Policy(0.0), run)
+    decision = promote(layout, candidate(tmp_path, "model2", 20), split("s2"), Policy(0.0), run)
+    assert decision.promoted is False and decision.evidence is None
+    assert "trained or was selected on 3 of this run's 20 test images" in decision.reason
+    assert read_registry(layout).production.model == "model1"
+
+
+def test_production_that_saw_a_few_test_images_is_compared_on_the_others(tmp_path):
+    # A dataset that grew moves a few validation images into the test split.
     layout = Layout.at(tmp_path / "artifacts")
     run = {"id": "r1"}
     promote(layout, candidate(tmp_path, "model1", 10), split(seen=("t3", "x")), Policy(0.0), run)
     decision = promote(layout, candidate(tmp_path, "model2", 20), split("s2"), Policy(0.0), run)
-    assert decision.promoted is False and decision.evidence is None
-    assert "trained or was selected on 1 of this run's 20 test images" in decision.reason
-    assert read_registry(layout).production.model == "model1"
+    # On the 19 others: production right on the first 10 but t3, the candidate on all 19.
+    assert decision.promoted is True
+    assert decision.evidence.left_out == 1
+    assert decision.evidence.production_accuracy == pytest.approx(9 / 19)
+    assert decision.evidence.candidate_accuracy == 1.0
+    assert decision.evidence.production_computed == 0  # kept by image since its promotion
+    assert "disagree on 10 of 19 test images (the 1 that production trained or was" in (
+        decision.reason
+    )
+    assert read_registry(layout).production.model == "model2"
 
 
 def test_rollback_restores_what_production_replaced_then_what_that_replaced(tmp_path):
