@@ -182,7 +182,7 @@ def _judge(
         candidate_name=candidate.name,
     )
     left_out = (
-        f" (the {len(seen)} that production trained or was selected on left out)" if seen else ""
+        f", leaving out the {len(seen)} that production trained or was selected on" if seen else ""
     )
     detail = (
         f"; they disagree on {evidence.disagreements} of {len(rows)} test images{left_out} "
