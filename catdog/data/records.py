@@ -115,6 +115,6 @@ def load_manifest(path: Path) -> Manifest:
     )
 
 
-@functools.lru_cache(maxsize=2)  # a manifest and its split: 15 MB each at 30,000 images
+@functools.lru_cache(maxsize=2)  # a manifest and its split: 14 MiB each at 30,000 images
 def _load_as_of(path: str, _stamp: tuple[int, int, int, int]) -> Manifest:
     return Manifest.load(Path(path))
