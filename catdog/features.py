@@ -270,11 +270,10 @@ def _extractor(
     images: Rows, model_name: str, num_classes: int, weights: str | None, seed: int
 ) -> tuple[Any, Any]:
     """The frozen base's feature extractor of model `model_name`, and its augmentation."""
-    import keras
 
     from catdog import models
 
-    keras.utils.set_random_seed(seed)
+    models.seed_everything(seed)
     model = models.build_model(
         model_name, tuple(images.shape[1:]), num_classes, weights=weights, seed=seed
     )

@@ -356,7 +356,7 @@ def train_end_to_end(
     Writes `model.keras` (the epoch with the best validation accuracy) and `final.keras`
     (the last epoch).
     """
-    keras.utils.set_random_seed(seed)
+    models.seed_everything(seed)
     with dtype_policy(config.precision, name) as policy:
         model = models.build_model(
             name, data.x_train.shape[1:], data.num_classes, weights=weights, seed=seed
@@ -409,7 +409,7 @@ def train_head_on_features(
     head sees augmentation as it would through the frozen base, at a fraction of the cost. A
     warm start starts the head from `warm`'s head (the base is the same frozen one).
     """
-    keras.utils.set_random_seed(seed)
+    models.seed_everything(seed)
     head = models.make_head(features.dim, features.num_classes, dropout=config.dropout, seed=seed)
     started = start_warm(name, head, warm, head_only=True) if warm else None
     models.compile_model(head, config.learning_rate, steps_per_execution=HEAD_STEPS_PER_CALL)
@@ -460,7 +460,7 @@ def fine_tune(
     model itself when no fine-tuning epoch beats it; either way `best_epoch` names that epoch
     in the continued history.
     """
-    keras.utils.set_random_seed(seed)
+    models.seed_everything(seed)
     trained = keras.models.load_model(start_model, safe_mode=True)
     best_path = work_dir / MODEL_FILE
     if not best_path.exists():  # a resumed run keeps what it saved before

@@ -247,6 +247,55 @@ def test_head_on_cached_features_then_fine_tune(data, tmp_path):
     assert (tuned_dir / "final.keras").read_bytes() != (head_dir / "model.keras").read_bytes()
 
 
+def test_a_head_trains_alike_whether_its_seed_was_set_before_or_not(data, tmp_path):
+    """Training seeds without resetting an unchanged TensorFlow seed (which would clear the
+    process's kernels); the epochs, views and dropout drawn are those of a fresh seeding."""
+    import random
+
+    import keras
+    import tensorflow as tf
+
+    config = TrainConfig(epochs=3, batch_size=8, feature_views=3, dropout=0.5)
+    features, _ = extract_features(
+        data.x_train,
+        data.y_train,
+        data.x_val,
+        data.y_val,
+        tmp_path / "features",
+        model_name="model4",
+        num_classes=2,
+        weights=None,
+        views=3,
+        seed=3,
+        **pieces_for(data, tmp_path),
+    )
+
+    def head_history(name: str) -> dict:
+        folder = tmp_path / name
+        folder.mkdir()
+        result = train(
+            "model4",
+            folder,
+            config=config,
+            seed=3,
+            weights=None,
+            input_shape=(32, 32, 3),
+            images=lambda: data,
+            features=lambda: features,
+        )
+        return result.history
+
+    keras.utils.set_random_seed(11)  # another seed: training sets all of them afresh
+    fresh = head_history("fresh")
+    # Its own seed already set, and every stream drawn from since.
+    keras.utils.set_random_seed(3)
+    random.random(), np.random.rand(), tf.random.uniform(()), keras.random.uniform(())
+    list(tf.data.Dataset.range(8).shuffle(8).map(lambda i: tf.random.uniform(())).take(2))
+    again = head_history("again")
+    assert again == fresh
+    assert len(set(fresh["accuracy"])) > 1 or len(set(fresh["loss"])) > 1
+
+
 MIRRORED_RUN = """
 import json, sys
 import numpy as np
