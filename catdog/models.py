@@ -19,6 +19,7 @@ import os
 # Set before TensorFlow is first imported, which happens through keras below.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import gc
 import importlib
 import random
 import socket
@@ -132,17 +133,33 @@ def _download_reason(exc: BaseException) -> str:
 # --- building blocks -------------------------------------------------------------------------
 
 
+def clear_keras_session() -> None:
+    """`keras.backend.clear_session()`, less its clearing of TensorFlow's kernel cache.
+
+    Keras forgets the models built before (their layer names, its global settings) and the
+    garbage is collected, so a process that trains several models (a Dask worker does) builds
+    each as a fresh process would. TensorFlow frees the instantiated graphs of a deleted model
+    by itself; clearing its whole cache dropped those of models still in use too, so the next
+    call of one instantiated its graph again: 0.2 s of one thread for MobileNetV2, which the
+    evaluation paid to embed a few new test images with the base the features stage traced.
+    """
+    import tensorflow as tf
+    from keras.src.backend.common import global_state
+
+    global_state.GLOBAL_STATE_TRACKER = threading.local()
+    global_state.GLOBAL_SETTINGS_TRACKER = threading.local()
+    tf.compat.v1.reset_default_graph()
+    gc.collect()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy, Keras and TensorFlow as `keras.utils.set_random_seed(seed)` does,
     but leave TensorFlow's global seed alone when it is `seed` already.
 
-    Setting TensorFlow's seed clears every kernel the process has instantiated, so the next
-    call of a model traced before instantiates its graph again: 0.2 s of one thread for
-    MobileNetV2, which the evaluation paid to embed a few new test images with the base the
-    features stage had traced, after the training stage seeded again. What setting it again
-    would reset is nothing a stage here draws from: Keras layers and initializers draw with
-    seeds of their own (stateless ops), and tf.data's random ops take the global seed when
-    their pipeline is traced.
+    Setting TensorFlow's seed clears every kernel the process has instantiated (see
+    `clear_keras_session`). What setting it again would reset is nothing a stage here draws
+    from: Keras layers and initializers draw with seeds of their own (stateless ops), and
+    tf.data's random ops take the global seed when their pipeline is traced.
     """
     from keras.src.backend.common import global_state
     from keras.src.random import seed_generator

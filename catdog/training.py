@@ -583,7 +583,7 @@ def train(
     """
     # A process may train several models (a Dask worker does, after other tasks): drop what
     # Keras holds of the earlier ones (memory, layer names) before the next.
-    keras.backend.clear_session()
+    models.clear_keras_session()
     strategy = distribution_strategy(config.strategy)
     with strategy.scope():
         entry = catalog.spec(name)

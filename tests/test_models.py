@@ -370,3 +370,24 @@ def test_a_seeded_build_is_the_same_whatever_other_threads_draw():
         stop.set()
         drawing.join()
     assert all(np.array_equal(a, b) for a, b in zip(quiet, noisy, strict=True))
+
+
+def test_clearing_the_keras_session_keeps_the_kernels_of_what_is_still_in_use():
+    """Keras forgets earlier layers' names and its global settings, as
+    `keras.backend.clear_session()` does, but TensorFlow's instantiated kernels stay: a
+    stateful random op's stream goes on, where clearing them would restart it."""
+    import tensorflow as tf
+
+    tf.random.set_seed(5)
+    first = float(tf.random.uniform((), seed=1))
+    keras.layers.Dense(1), keras.layers.Dense(1)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        models.clear_keras_session()
+        assert keras.layers.Dense(1).name == "dense"
+        assert keras.config.dtype_policy().name == "float32"
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert float(tf.random.uniform((), seed=1)) != first
+    keras.backend.clear_session()  # what it replaces restarts the stream
+    assert float(tf.random.uniform((), seed=1)) == first

@@ -164,9 +164,9 @@ def pieces_for(data, tmp_path: Path) -> dict:
     }
 
 
-def test_head_on_cached_features_then_fine_tune(data, tmp_path):
-    config = TrainConfig(epochs=2, batch_size=8, finetune_epochs=1, feature_views=3)
-    features, reuse = extract_features(
+def three_view_features(data, tmp_path: Path):
+    """model4's base features (random weights) of the test images, three views each."""
+    return extract_features(
         data.x_train,
         data.y_train,
         data.x_val,
@@ -179,6 +179,11 @@ def test_head_on_cached_features_then_fine_tune(data, tmp_path):
         seed=3,
         **pieces_for(data, tmp_path),
     )
+
+
+def test_head_on_cached_features_then_fine_tune(data, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=8, finetune_epochs=1, feature_views=3)
+    features, reuse = three_view_features(data, tmp_path)
     assert reuse.to_json() == {"computed": 3 * 24 + len(data.y_val), "reused": 0}
     on_disk = np.load(tmp_path / "features" / TRAIN_FILE)
     assert on_disk.shape == (3, 24, 1280)
@@ -256,19 +261,7 @@ def test_a_head_trains_alike_whether_its_seed_was_set_before_or_not(data, tmp_pa
     import tensorflow as tf
 
     config = TrainConfig(epochs=3, batch_size=8, feature_views=3, dropout=0.5)
-    features, _ = extract_features(
-        data.x_train,
-        data.y_train,
-        data.x_val,
-        data.y_val,
-        tmp_path / "features",
-        model_name="model4",
-        num_classes=2,
-        weights=None,
-        views=3,
-        seed=3,
-        **pieces_for(data, tmp_path),
-    )
+    features, _ = three_view_features(data, tmp_path)
 
     def head_history(name: str) -> dict:
         folder = tmp_path / name
