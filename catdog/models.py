@@ -144,8 +144,12 @@ def clear_keras_session() -> None:
     evaluation paid to embed a few new test images with the base the features stage traced.
     """
     import tensorflow as tf
-    from keras.src.backend.common import global_state
 
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # a Keras laid out otherwise: its own clear, kernels and all
+        keras.backend.clear_session()
+        return
     global_state.GLOBAL_STATE_TRACKER = threading.local()
     global_state.GLOBAL_SETTINGS_TRACKER = threading.local()
     tf.compat.v1.reset_default_graph()
@@ -161,11 +165,14 @@ def seed_everything(seed: int) -> None:
     from: Keras layers and initializers draw with seeds of their own (stateless ops), and
     tf.data's random ops take the global seed when their pipeline is traced.
     """
-    from keras.src.backend.common import global_state
-    from keras.src.random import seed_generator
-    from keras.src.utils.rng_utils import GLOBAL_RANDOM_SEED
-    from tensorflow.python.eager import context
-
+    try:
+        from keras.src.backend.common import global_state
+        from keras.src.random import seed_generator
+        from keras.src.utils.rng_utils import GLOBAL_RANDOM_SEED
+        from tensorflow.python.eager import context
+    except ImportError:  # a Keras or TensorFlow laid out otherwise: seed as Keras does
+        keras.utils.set_random_seed(seed)
+        return
     if context.global_seed() != seed:
         keras.utils.set_random_seed(seed)
         return
