@@ -391,3 +391,27 @@ def test_clearing_the_keras_session_keeps_the_kernels_of_what_is_still_in_use():
     assert float(tf.random.uniform((), seed=1)) != first
     keras.backend.clear_session()  # what it replaces restarts the stream
     assert float(tf.random.uniform((), seed=1)) == first
+
+
+def test_without_kerass_internals_clearing_and_seeding_are_kerass_own(monkeypatch):
+    """A Keras laid out otherwise (no `keras.src.utils.rng_utils`, no `keras.src.backend.common`):
+    seeding and clearing do what Keras's own functions do, kernels and all."""
+    import sys
+
+    import tensorflow as tf
+
+    monkeypatch.setitem(sys.modules, "keras.src.utils.rng_utils", None)
+    monkeypatch.setitem(sys.modules, "keras.src.backend.common", None)
+    tf.random.set_seed(5)
+    first = float(tf.random.uniform((), seed=1))
+    models.seed_everything(5)  # the same seed, set again: the stream restarts
+    assert float(tf.random.uniform((), seed=1)) == first
+    float(tf.random.uniform((), seed=1))
+    models.clear_keras_session()
+    assert float(tf.random.uniform((), seed=1)) == first
+    random.seed(0), np.random.seed(0)
+    models.seed_everything(9)
+    assert (random.random(), np.random.rand()) == (
+        random.Random(9).random(),
+        np.random.RandomState(9).rand(),
+    )
